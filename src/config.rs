@@ -1,0 +1,207 @@
+//! Configuration: defaults, overridden by an optional TOML file, then by
+//! environment variables and flags (see `crate::cli`). Unknown keys are an
+//! error, and `validate` checks every limit at start with a precise message.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// HTTP listen address (`--listen`, `ORDERFLOW_LISTEN`).
+    pub listen: SocketAddr,
+    /// Where the embedded log and state live (`--data-dir`, `ORDERFLOW_DATA_DIR`).
+    pub data_dir: PathBuf,
+    /// Partitions of the `orders` topic.
+    pub partitions: u32,
+    /// Partitions of the `order-status` topic.
+    pub status_partitions: u32,
+    pub log: LogConfig,
+    pub checkpoint: CheckpointConfig,
+    pub gateway: GatewayConfig,
+    pub http: HttpConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A segment file is closed and a new one started past this size.
+    pub segment_size_bytes: u64,
+    /// Per partition: whole segments beyond this size are deleted once
+    /// every reader has checkpointed past them.
+    pub retention_bytes: u64,
+    /// Largest record (key + value) accepted.
+    pub max_record_bytes: usize,
+    /// Append batches waiting per partition before appends are refused
+    /// with `LogError::Full` (HTTP 429).
+    pub append_queue_depth: usize,
+    /// Most records written between two fsyncs (group commit).
+    pub max_batch_records: usize,
+    /// fsync before acknowledging. Only benchmarks of the CPU path turn it off.
+    pub fsync: bool,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Checkpoint a partition after this many messages ...
+    pub every_messages: u64,
+    /// ... or this long after the last checkpoint, whichever comes first.
+    pub every_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Simulated latency of each gateway call.
+    pub latency_ms: u64,
+    /// Probability (0 to 1) that a simulated call fails as unavailable.
+    pub failure_rate: f64,
+    /// Effects (gateway calls) in flight at once, over all partitions.
+    pub max_inflight: usize,
+    /// Attempts per effect before an authorization ends `payment_failed`.
+    pub max_attempts: u32,
+    /// First retry delay; doubles each attempt, with jitter.
+    pub retry_base_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Larger request bodies answer 413.
+    pub body_limit_bytes: usize,
+    /// Seconds a client is told to wait (`Retry-After`) when intake is full.
+    pub retry_after_s: u32,
+    /// Most SSE streams open at once.
+    pub max_sse_streams: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".parse().expect("valid default address"),
+            data_dir: PathBuf::from("data"),
+            partitions: 8,
+            status_partitions: 8,
+            log: LogConfig::default(),
+            checkpoint: CheckpointConfig::default(),
+            gateway: GatewayConfig::default(),
+            http: HttpConfig::default(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            segment_size_bytes: 64 * 1024 * 1024,
+            retention_bytes: 1024 * 1024 * 1024,
+            max_record_bytes: 1024 * 1024,
+            append_queue_depth: 4096,
+            max_batch_records: 8192,
+            fsync: true,
+        }
+    }
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig { every_messages: 20_000, every_ms: 1_000 }
+    }
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig { latency_ms: 0, failure_rate: 0.0, max_inflight: 10_000, max_attempts: 4, retry_base_ms: 20 }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { body_limit_bytes: 64 * 1024, retry_after_s: 1, max_sse_streams: 10_000 }
+    }
+}
+
+#[derive(thiserror::Error, Debug)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Defaults overridden by the TOML file at `path`.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.display().to_string(), message },
+            other => other,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: "<inline>".into(), message: e.to_string() })
+    }
+
+    /// Checks every limit; the message names the key and the allowed range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn range<T: PartialOrd + std::fmt::Display>(key: &str, v: T, lo: T, hi: T) -> Result<(), ConfigError> {
+            if v < lo || v > hi {
+                return Err(ConfigError::Invalid(format!("`{key}` = {v} is out of range [{lo}, {hi}]")));
+            }
+            Ok(())
+        }
+        range("partitions", self.partitions, 1, 1024)?;
+        range("status_partitions", self.status_partitions, 1, 1024)?;
+        range("log.segment_size_bytes", self.log.segment_size_bytes, 4096, 1 << 40)?;
+        range("log.retention_bytes", self.log.retention_bytes, self.log.segment_size_bytes, u64::MAX)?;
+        range("log.max_record_bytes", self.log.max_record_bytes, 1024, 64 * 1024 * 1024)?;
+        if self.log.max_record_bytes as u64 > self.log.segment_size_bytes {
+            return Err(ConfigError::Invalid("`log.max_record_bytes` must not exceed `log.segment_size_bytes`".into()));
+        }
+        range("log.append_queue_depth", self.log.append_queue_depth, 1, 1 << 20)?;
+        range("log.max_batch_records", self.log.max_batch_records, 1, 1 << 20)?;
+        range("checkpoint.every_messages", self.checkpoint.every_messages, 1, 1 << 32)?;
+        range("checkpoint.every_ms", self.checkpoint.every_ms, 1, 3_600_000)?;
+        range("gateway.latency_ms", self.gateway.latency_ms, 0, 60_000)?;
+        range("gateway.failure_rate", self.gateway.failure_rate, 0.0, 1.0)?;
+        range("gateway.max_inflight", self.gateway.max_inflight, 1, 1 << 20)?;
+        range("gateway.max_attempts", self.gateway.max_attempts, 1, 100)?;
+        range("gateway.retry_base_ms", self.gateway.retry_base_ms, 1, 60_000)?;
+        range("http.body_limit_bytes", self.http.body_limit_bytes, 256, 16 * 1024 * 1024)?;
+        range("http.retry_after_s", self.http.retry_after_s, 1, 3600)?;
+        range("http.max_sse_streams", self.http.max_sse_streams, 1, 1 << 20)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Defaults are valid; a partial file overrides only what it names.
+    #[test]
+    fn defaults_and_partial_file() {
+        Config::default().validate().unwrap();
+        let c = Config::from_toml("partitions = 4\n[log]\nfsync = false\n").unwrap();
+        assert_eq!(c.partitions, 4);
+        assert!(!c.log.fsync);
+        assert_eq!(c.log.segment_size_bytes, LogConfig::default().segment_size_bytes);
+    }
+
+    /// Unknown keys and out-of-range values are precise errors.
+    #[test]
+    fn errors() {
+        let e = Config::from_toml("partitons = 4").unwrap_err().to_string();
+        assert!(e.contains("partitons"), "{e}");
+        let mut c = Config::default();
+        c.partitions = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("`partitions` = 0"));
+    }
+}

@@ -1,0 +1,12 @@
+//! The domain model: orders, statuses, log messages and the card-number
+//! detector. It imports nothing else of orderflow, so every other layer can
+//! depend on it and it on nothing.
+
+pub mod message;
+pub mod order;
+pub mod pan;
+pub mod status;
+
+pub use message::{Effect, EffectKind, Envelope, Message, MsgId, PaymentOutcome};
+pub use order::{Order, OrderLine, Rejection, RejectReason};
+pub use status::{Status, StatusEvent};
