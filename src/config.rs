@@ -205,3 +205,57 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("`partitions` = 0"));
     }
 }
+
+/// A secret from the environment (admin token, API keys). Its `Debug` and
+/// `Display` never show it, and comparison takes constant time.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// `None` for an absent or empty value.
+    pub fn from_env(var: &str) -> Option<Secret> {
+        std::env::var(var).ok().filter(|v| !v.is_empty()).map(Secret)
+    }
+
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// Constant-time comparison with a presented value.
+    pub fn matches(&self, presented: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        // Hash both sides so neither length nor content leaks through timing.
+        use sha2::{Digest, Sha256};
+        let a = Sha256::digest(self.0.as_bytes());
+        let b = Sha256::digest(presented.as_bytes());
+        a.ct_eq(&b).into()
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Environment variable holding the admin token.
+pub const ADMIN_TOKEN_ENV: &str = "ORDERFLOW_ADMIN_TOKEN";
+
+#[cfg(test)]
+mod secret_tests {
+    use super::*;
+
+    /// A secret never prints and compares only equal to itself.
+    #[test]
+    fn redacted_and_constant_time() {
+        let s = Secret::new("hunter2-admin");
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert!(s.matches("hunter2-admin"));
+        assert!(!s.matches("hunter2-admiN"));
+        assert!(!s.matches(""));
+    }
+}

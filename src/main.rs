@@ -1,1 +1,5 @@
-fn main(){}
+//! The `orderflow` binary: see `orderflow::cli`.
+
+fn main() -> std::process::ExitCode {
+    orderflow::cli::main()
+}

@@ -1,1 +1,248 @@
-//! CLI (in progress)
+//! The `orderflow` command line (clap). `run` starts an instance; the
+//! client commands (`produce`, `stock`, `status`) talk to a running one
+//! over HTTP with the admin token from `ORDERFLOW_ADMIN_TOKEN`.
+//!
+//! Exit codes: 0 ok, 1 failure, 2 usage or configuration error.
+//! Logs go to stderr: `RUST_LOG` filters (default `info`),
+//! `ORDERFLOW_LOG_FORMAT=json` switches to JSON lines.
+
+mod client;
+mod produce;
+mod stock;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{ADMIN_TOKEN_ENV, Config, Secret};
+
+pub const LISTEN_ENV: &str = "ORDERFLOW_LISTEN";
+pub const DATA_DIR_ENV: &str = "ORDERFLOW_DATA_DIR";
+pub const SERVER_ENV: &str = "ORDERFLOW_SERVER";
+pub const LOG_FORMAT_ENV: &str = "ORDERFLOW_LOG_FORMAT";
+
+#[derive(Parser, Debug)]
+#[command(name = "orderflow", version, about = "Order-processing stream processor")]
+pub struct Cli {
+    /// TOML configuration file (defaults apply to what it leaves out).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run an instance: the embedded log and store, processors, HTTP API.
+    Run(RunArgs),
+    /// Write NDJSON orders (a file, or - for stdin) to the log of a running
+    /// instance. Prints one result line per input line.
+    Produce {
+        /// NDJSON file of orders, or `-` for standard input.
+        #[arg(value_name = "FILE|-")]
+        input: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Set or read stock levels.
+    Stock {
+        #[command(subcommand)]
+        command: StockCommand,
+    },
+    /// Print an order's status and history (as an operator).
+    Status {
+        /// The order id.
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StockCommand {
+    /// Set available stock from a JSON object `{"SKU": N, ...}` or NDJSON
+    /// lines `{"sku": "SKU", "available": N}`.
+    Load {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print a SKU's counters: available, reserved, sold.
+    Get {
+        sku: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// HTTP listen address [default: 127.0.0.1:8080].
+    #[arg(long, env = LISTEN_ENV, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Directory of the embedded log and state store [default: data].
+    #[arg(long, env = DATA_DIR_ENV, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Partitions of the `orders` topic [default: 8].
+    #[arg(long, env = "ORDERFLOW_PARTITIONS", value_name = "N")]
+    pub partitions: Option<u32>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// Base URL of a running instance [default: http:// + the listen address].
+    #[arg(long, env = SERVER_ENV, value_name = "URL")]
+    pub server: Option<String>,
+}
+
+/// A command's failure: `Usage` exits 2, `Failed` exits 1.
+#[derive(Debug)]
+pub enum CliError {
+    Usage(String),
+    Failed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for CliError {
+    fn from(e: anyhow::Error) -> Self {
+        CliError::Failed(e)
+    }
+}
+
+impl From<crate::config::ConfigError> for CliError {
+    fn from(e: crate::config::ConfigError) -> Self {
+        CliError::Usage(e.to_string())
+    }
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(CliError::Usage(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(2)
+        }
+        Err(CliError::Failed(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Runs a parsed command; `Ok(false)` is a partial failure (exit 1).
+pub async fn dispatch(cli: Cli) -> Result<bool, CliError> {
+    let file = cli.config.as_deref();
+    match cli.command {
+        Command::Run(args) => {
+            let config = run_config(file, &args)?;
+            let admin_token = Secret::from_env(ADMIN_TOKEN_ENV);
+            if admin_token.is_none() {
+                tracing::warn!("{ADMIN_TOKEN_ENV} is not set: the admin routes (inventory, produce) are disabled");
+            }
+            start_app(config, admin_token).await?;
+            Ok(true)
+        }
+        Command::Produce { input, client } => {
+            let c = client::Client::new(file, &client)?;
+            Ok(produce::run(&c, &input).await?)
+        }
+        Command::Stock { command: StockCommand::Load { file: path, client } } => {
+            let c = client::Client::new(file, &client)?;
+            Ok(stock::load(&c, &path).await?)
+        }
+        Command::Stock { command: StockCommand::Get { sku, client } } => {
+            let c = client::Client::new(file, &client)?;
+            Ok(stock::get(&c, &sku).await?)
+        }
+        Command::Status { id, client } => {
+            let c = client::Client::new(file, &client)?;
+            Ok(client::status(&c, &id).await?)
+        }
+    }
+}
+
+/// The configuration of `run`: defaults ← file ← environment and flags,
+/// then validated.
+pub fn run_config(file: Option<&Path>, args: &RunArgs) -> Result<Config, CliError> {
+    let mut config = base_config(file)?;
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = &args.data_dir {
+        config.data_dir = dir.clone();
+    }
+    if let Some(p) = args.partitions {
+        config.partitions = p;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// Defaults, overridden by the file when one is given.
+pub fn base_config(file: Option<&Path>) -> Result<Config, CliError> {
+    Ok(match file {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    })
+}
+
+/// Starts the instance and runs it until it is told to stop.
+async fn start_app(config: Config, admin_token: Option<Secret>) -> anyhow::Result<()> {
+    crate::app::run(config, admin_token).await
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var(LOG_FORMAT_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A second initialisation (tests) keeps the first subscriber.
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Flags override the file, and invalid values are usage errors.
+    #[test]
+    fn run_config_layers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "partitions = 4\nlisten = \"127.0.0.1:9000\"\n").unwrap();
+        let args = RunArgs { listen: None, data_dir: Some("/tmp/x".into()), partitions: None };
+        let c = run_config(Some(&path), &args).unwrap();
+        assert_eq!((c.partitions, c.listen.port(), c.data_dir.as_path()), (4, 9000, Path::new("/tmp/x")));
+        let args = RunArgs { listen: None, data_dir: None, partitions: Some(0) };
+        assert!(matches!(run_config(Some(&path), &args), Err(CliError::Usage(_))));
+        assert!(matches!(run_config(Some(&dir.path().join("missing.toml")), &args), Err(CliError::Usage(_))));
+    }
+
+    /// The command line parses as documented.
+    #[test]
+    fn parses() {
+        let cli = Cli::try_parse_from(["orderflow", "--config", "c.toml", "stock", "get", "SKU-1", "--server", "http://h:1"]).unwrap();
+        assert!(matches!(cli.command, Command::Stock { command: StockCommand::Get { .. } }));
+        assert!(Cli::try_parse_from(["orderflow", "produce"]).is_err());
+        Cli::try_parse_from(["orderflow", "run", "--listen", "127.0.0.1:0", "--partitions", "2"]).unwrap();
+    }
+}

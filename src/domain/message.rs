@@ -7,6 +7,26 @@
 
 use serde::{Deserialize, Serialize};
 
+/// How a record's value is encoded. On Kafka this is a header; in the
+/// embedded log a flag byte of the record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RecordKind {
+    /// The contract's order JSON, written by intake or an upstream producer.
+    OrderJson = 0,
+    /// An orderflow MessagePack envelope.
+    Internal = 1,
+}
+
+impl RecordKind {
+    pub fn from_flag(flag: u8) -> Option<Self> {
+        match flag {
+            0 => Some(RecordKind::OrderJson),
+            1 => Some(RecordKind::Internal),
+            _ => None,
+        }
+    }
+}
+
 /// Wire version of [`Envelope`]. A reader refuses any other.
 pub const WIRE_VERSION: u8 = 1;
 

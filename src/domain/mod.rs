@@ -5,8 +5,9 @@
 pub mod message;
 pub mod order;
 pub mod pan;
+pub mod partition;
 pub mod status;
 
-pub use message::{Effect, EffectKind, Envelope, Message, MsgId, PaymentOutcome};
+pub use message::{Effect, EffectKind, Envelope, Message, MsgId, PaymentOutcome, RecordKind};
 pub use order::{Order, OrderLine, Rejection, RejectReason};
 pub use status::{Status, StatusEvent};

@@ -1,1 +1,104 @@
-//! HTTP API (in progress)
+//! The HTTP API (axum): routes of the contract, `application/problem+json`
+//! errors with stable codes, Server-Sent Events for live tracking.
+//!
+//! | Route | Auth | Answers |
+//! |---|---|---|
+//! | `POST /v1/orders` | none | 202, 400 `<reason>`, 400 `invalid_idempotency_key`, 413 `payload_too_large`/`record_too_large`, 429 `log_full`, 503 `unavailable`/`shutting_down` |
+//! | `GET /v1/orders/{id}` | tracking or admin token | 200, 404 `order_not_found` (unknown id, missing or wrong token alike), 503 `unavailable` |
+//! | `GET /v1/orders/{id}/events` | tracking or admin token | 200 SSE, 404 `order_not_found`, 503 `too_many_streams`/`unavailable` |
+//! | `PUT /v1/inventory/{sku}` | admin | 200, 400 `invalid_sku`/`invalid_body`, 401 `unauthorized`, 403 `admin_disabled`, 413, 429, 503 `apply_timeout`/`unavailable`/`shutting_down` |
+//! | `GET /v1/inventory/{sku}` | admin | 200 (zeros for an unknown SKU), 400 `invalid_sku`, 401, 403 |
+//! | `POST /v1/admin/produce` | admin | 200 NDJSON (per-line results), 401, 403, 413, 503 `shutting_down` |
+//! | `GET /metrics`, `/healthz`, `/readyz` | none | 200; `/readyz` 503 `not_ready` |
+//! | anything else | | 404 `not_found`, 405 `method_not_allowed` |
+//!
+//! Bodies, tokens and the `Authorization` header are never logged.
+
+pub mod auth;
+pub mod body;
+pub mod problem;
+pub mod routes;
+pub mod sse;
+pub mod tokens;
+pub mod views;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::routing::{get, post};
+use tokio::sync::Semaphore;
+
+use crate::config::{HttpConfig, Secret};
+use crate::pipeline::intake::Intake;
+use crate::pipeline::inventory::Inventory;
+use crate::sinks::metrics::Metrics;
+use crate::sinks::tracking::Tracking;
+
+/// Everything the handlers need. Built by `crate::app`.
+#[derive(Clone)]
+pub struct AppState {
+    pub intake: Arc<Intake>,
+    pub tracking: Arc<Tracking>,
+    pub inventory: Arc<Inventory>,
+    pub metrics: Arc<Metrics>,
+    pub admin_token: Option<Secret>,
+    pub config: HttpConfig,
+    pub health: Arc<Health>,
+}
+
+/// Liveness flags the app flips: `ready` once partitions are recovered
+/// (`/readyz`), `accepting` false once shutdown begins (writes answer 503
+/// `shutting_down`, open SSE streams end).
+#[derive(Debug)]
+pub struct Health {
+    pub ready: AtomicBool,
+    pub accepting: AtomicBool,
+}
+
+impl Health {
+    /// Not ready yet, accepting writes.
+    pub fn new() -> Health {
+        Health { ready: AtomicBool::new(false), accepting: AtomicBool::new(true) }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn is_accepting(&self) -> bool {
+        self.accepting.load(Ordering::Acquire)
+    }
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health::new()
+    }
+}
+
+/// What the handlers see: the app's state plus the router's own limits.
+#[derive(Clone)]
+pub(crate) struct Ctx {
+    pub app: AppState,
+    /// Permits for open SSE streams (`config.max_sse_streams`).
+    pub sse_permits: Arc<Semaphore>,
+}
+
+/// The API router of the contract.
+pub fn router(state: AppState) -> Router {
+    let ctx = Ctx { sse_permits: Arc::new(Semaphore::new(state.config.max_sse_streams)), app: state };
+    Router::new()
+        .route("/v1/orders", post(routes::post_order))
+        .route("/v1/orders/{id}", get(routes::get_order))
+        .route("/v1/orders/{id}/events", get(sse::order_events))
+        .route("/v1/inventory/{sku}", get(routes::get_stock).put(routes::put_stock))
+        .route("/v1/admin/produce", post(routes::admin_produce))
+        .route("/metrics", get(routes::metrics))
+        .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(routes::readyz))
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .route_layer(axum::middleware::from_fn_with_state(ctx.clone(), routes::count_requests))
+        .fallback(routes::not_found)
+        .with_state(ctx)
+}

@@ -1,1 +1,608 @@
-//! (in progress)
+//! Intake: accepts orders. It validates an order, settles its id, appends
+//! the canonical order JSON to `orders` (keyed by the home SKU) and answers
+//! only once the append is durable; then it remembers the answer (an
+//! [`IntakeRecord`]) so the same order id gets the same answer again, also
+//! after a restart, and never a second order.
+//!
+//! HTTP (`POST /v1/orders`, `POST /v1/admin/produce`) and the CLI talk to
+//! intake; intake talks only to the [`Log`] and [`StateStore`] traits.
+//!
+//! Tracking tokens: a random 256-bit token per order, answered once in clear.
+//! The store keeps its SHA-256 (to check a presented token in constant time)
+//! and a sealed copy (see [`seal_token`]) so the first answer can be given
+//! again. Neither an order body nor a token is ever logged.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::sync::Mutex;
+
+use crate::domain::order::{parse_order, valid_id};
+use crate::domain::pan::contains_pan;
+use crate::domain::{RejectReason, Rejection};
+use crate::pipeline::log::{Log, LogError, Record, RecordKind, Topic, murmur2, partition_for_key};
+use crate::pipeline::store::{IntakeRecord, StateStore, StoreError};
+use crate::sinks::metrics::Metrics;
+
+/// Name of the store secret that seals tracking tokens.
+pub const SEAL_SECRET: &str = "tracking-token-seal";
+/// Bytes of randomness in a tracking token (256 bits).
+pub const TOKEN_BYTES: usize = 32;
+/// Stripes of the in-flight guard that serializes submits of one order id.
+const GUARD_STRIPES: usize = 256;
+/// Records per append call when producing a batch of raw lines.
+const PRODUCE_CHUNK: usize = 256;
+/// Longest `Idempotency-Key` accepted (printable ASCII only).
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// The answer to an accepted order (the first answer, when repeated).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub order_id: String,
+    pub tracking_token: String,
+}
+
+impl std::fmt::Debug for Accepted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accepted").field("order_id", &self.order_id).field("tracking_token", &"<redacted>").finish()
+    }
+}
+
+/// Where a raw produced line went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Produced {
+    pub partition: u32,
+    pub offset: u64,
+    /// The line's `order_id`, when it had a plausible one.
+    pub order_id: Option<String>,
+}
+
+/// Why intake refused or could not take an order. Each maps to one HTTP
+/// status (see `crate::http`).
+#[derive(thiserror::Error, Debug)]
+pub enum IntakeError {
+    /// The order breaks a rule (HTTP 400, `code` = the reason's code).
+    #[error("invalid order ({}): {}", .0.reason.code(), .0.detail)]
+    Invalid(Rejection),
+    /// The log's append queue is full: back-pressure (HTTP 429).
+    #[error("the log is full; retry later")]
+    LogFull,
+    /// The log or the store cannot take writes now (HTTP 503).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The record exceeds the log's record limit (HTTP 413).
+    #[error("record of {size_bytes} bytes exceeds the log limit of {max_bytes} bytes")]
+    RecordTooLarge { size_bytes: usize, max_bytes: usize },
+}
+
+impl IntakeError {
+    /// The stable problem code of this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            IntakeError::Invalid(r) => r.reason.code(),
+            IntakeError::LogFull => "log_full",
+            IntakeError::Unavailable(_) => "unavailable",
+            IntakeError::RecordTooLarge { .. } => "record_too_large",
+        }
+    }
+}
+
+impl From<LogError> for IntakeError {
+    fn from(e: LogError) -> Self {
+        match e {
+            LogError::Full { .. } => IntakeError::LogFull,
+            LogError::RecordTooLarge { size_bytes, max_bytes } => IntakeError::RecordTooLarge { size_bytes, max_bytes },
+            other => IntakeError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl From<StoreError> for IntakeError {
+    fn from(e: StoreError) -> Self {
+        IntakeError::Unavailable(e.to_string())
+    }
+}
+
+fn rejection(reason: RejectReason, detail: impl Into<String>) -> Rejection {
+    Rejection { reason, detail: detail.into() }
+}
+
+/// The id an `Idempotency-Key` stands for, for one customer:
+/// `"idem-" + hex(sha256(customer_id + "\n" + key))[..32]`. Deterministic,
+/// so a retry after a restart (or on another instance) finds the same order.
+pub fn idempotency_order_id(customer_id: &str, key: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(customer_id.as_bytes());
+    h.update(b"\n");
+    h.update(key.as_bytes());
+    let hex = hex::encode(h.finalize());
+    format!("idem-{}", &hex[..32])
+}
+
+/// True for an acceptable `Idempotency-Key`: 1 to 255 printable ASCII chars.
+pub fn valid_idempotency_key(key: &str) -> bool {
+    !key.is_empty() && key.len() <= MAX_IDEMPOTENCY_KEY_LEN && key.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
+/// A fresh order id: `"ord-"` + 32 hex chars (128 random bits).
+pub fn random_order_id() -> String {
+    format!("ord-{}", hex::encode(rand::random::<[u8; 16]>()))
+}
+
+/// A fresh tracking token: 256 random bits, base64url without padding.
+fn new_token_bytes() -> [u8; TOKEN_BYTES] {
+    rand::random::<[u8; TOKEN_BYTES]>()
+}
+
+fn encode_token(raw: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(raw)
+}
+
+/// SHA-256 of a token as presented (its text), as kept in the store.
+pub fn token_digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// The one-time pad of an order id: HMAC-SHA256(seal_key, "seal\n" + id).
+fn seal_pad(seal_key: &[u8; 32], order_id: &str) -> [u8; 32] {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(seal_key).expect("HMAC takes any key length");
+    mac.update(b"seal\n");
+    mac.update(order_id.as_bytes());
+    mac.finalize().into_bytes().into()
+}
+
+/// Seals a token's raw bytes for the store: `raw XOR pad(order_id)`.
+///
+/// Why sealing, and why this construction: the contract says the same
+/// order id answers with the first answer, tracking token included, also
+/// after a restart. So the token must be recoverable from the store, yet
+/// the store (a file, a database another team can read, a backup) must not
+/// hold it in clear. Sealing with a key the store keeps as a separate named
+/// secret recovers it; a dump of intake records alone does not. The pad is
+/// an HMAC of the order id under that key, so it is unique per order id,
+/// and each order id gets exactly one stored sealed token (the first
+/// `put_intake` wins and records are never rewritten): the pad is never
+/// reused for two stored tokens, which is what makes XOR with it safe (a
+/// one-time pad). The token is uniformly random, so the sealed bytes say
+/// nothing without the key, and the stored SHA-256 checks the unsealed
+/// result.
+pub fn seal_token(seal_key: &[u8; 32], order_id: &str, raw: &[u8; TOKEN_BYTES]) -> Vec<u8> {
+    let pad = seal_pad(seal_key, order_id);
+    raw.iter().zip(pad.iter()).map(|(a, b)| a ^ b).collect()
+}
+
+/// Reverses [`seal_token`]; `None` if the sealed bytes have the wrong size.
+pub fn unseal_token(seal_key: &[u8; 32], order_id: &str, sealed: &[u8]) -> Option<String> {
+    if sealed.len() != TOKEN_BYTES {
+        return None;
+    }
+    let pad = seal_pad(seal_key, order_id);
+    let raw: Vec<u8> = sealed.iter().zip(pad.iter()).map(|(a, b)| a ^ b).collect();
+    Some(encode_token(&raw))
+}
+
+pub struct Intake {
+    log: Arc<dyn Log>,
+    store: Arc<dyn StateStore>,
+    metrics: Arc<Metrics>,
+    seal_key: [u8; 32],
+    /// Serializes submits that hash to the same stripe, so two identical
+    /// requests at once append once (the second finds the first's record).
+    guards: Vec<Mutex<()>>,
+}
+
+impl Intake {
+    pub async fn new(log: Arc<dyn Log>, store: Arc<dyn StateStore>, metrics: Arc<Metrics>) -> Result<Intake, StoreError> {
+        let seal_key = store.secret(SEAL_SECRET).await?;
+        let guards = (0..GUARD_STRIPES).map(|_| Mutex::new(())).collect();
+        Ok(Intake { log, store, metrics, seal_key, guards })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    fn guard(&self, order_id: &str) -> &Mutex<()> {
+        &self.guards[murmur2(order_id.as_bytes()) as usize % GUARD_STRIPES]
+    }
+
+    fn answer(&self, record: &IntakeRecord) -> Result<Accepted, IntakeError> {
+        let token = unseal_token(&self.seal_key, &record.order_id, &record.sealed_token)
+            .filter(|t| bool::from(token_digest(t).ct_eq(&record.token_sha256)))
+            .ok_or_else(|| {
+                IntakeError::Unavailable(format!(
+                    "the intake record of order {} does not unseal (was the store's `{SEAL_SECRET}` secret replaced?)",
+                    record.order_id
+                ))
+            })?;
+        Ok(Accepted { order_id: record.order_id.clone(), tracking_token: token })
+    }
+
+    /// Accepts an order body. The answer comes only once the order is in
+    /// the durable log; a repeated order id (or idempotency key) answers
+    /// with the first answer and appends nothing.
+    pub async fn submit(&self, body: &[u8], idempotency_key: Option<&str>) -> Result<Accepted, IntakeError> {
+        let parsed = parse_order(body).map_err(IntakeError::Invalid)?;
+        let mut order = parsed.order;
+        if !parsed.had_order_id {
+            order.order_id = match idempotency_key {
+                Some(key) => {
+                    if !valid_idempotency_key(key) {
+                        return Err(IntakeError::Invalid(rejection(
+                            RejectReason::InvalidOrderId,
+                            format!("the Idempotency-Key header must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters"),
+                        )));
+                    }
+                    idempotency_order_id(&order.customer_id, key)
+                }
+                None => random_order_id(),
+            };
+        }
+        let order_id = order.order_id.clone();
+        let _guard = self.guard(&order_id).lock().await;
+        if let Some(existing) = self.store.get_intake(&order_id).await? {
+            return self.answer(&existing);
+        }
+        let raw = new_token_bytes();
+        let token = encode_token(&raw);
+        let record = Record { kind: RecordKind::OrderJson, key: order.home_sku().as_bytes().to_vec(), value: order.to_json() };
+        let partition = partition_for_key(&record.key, self.log.partition_count(Topic::Orders));
+        let offset = self.log.append(Topic::Orders, partition, vec![record]).await?;
+        let mine = IntakeRecord {
+            order_id: order_id.clone(),
+            token_sha256: token_digest(&token),
+            sealed_token: seal_token(&self.seal_key, &order_id, &raw),
+            partition,
+            offset,
+        };
+        let stored = self.store.put_intake(mine.clone()).await?;
+        if stored.token_sha256 == mine.token_sha256 {
+            Ok(Accepted { order_id, tracking_token: token })
+        } else {
+            // Another writer (another instance) stored first: its answer
+            // is the first answer. Our duplicate record in the log is
+            // dropped by the processor, which dedupes by order id.
+            self.answer(&stored)
+        }
+    }
+
+    /// Store errors become `Unavailable`; a missing record is `Ok(false)`.
+    pub async fn check_token(&self, order_id: &str, token: &str) -> Result<bool, IntakeError> {
+        let presented = token_digest(token);
+        Ok(match self.store.get_intake(order_id).await? {
+            Some(record) => presented.ct_eq(&record.token_sha256).into(),
+            None => false,
+        })
+    }
+
+    /// True if `token` is the tracking token of `order_id` (constant-time
+    /// comparison of SHA-256 digests); false when there is no such order.
+    pub async fn verify_token(&self, order_id: &str, token: &str) -> bool {
+        self.check_token(order_id, token).await.unwrap_or(false)
+    }
+
+    /// True if intake accepted `order_id` (an intake record exists).
+    pub async fn exists(&self, order_id: &str) -> Result<bool, IntakeError> {
+        Ok(self.store.get_intake(order_id).await?.is_some())
+    }
+
+    /// Writes one upstream line (`orderflow produce`) to `orders` as is.
+    /// It must be JSON; everything else is the processor's to validate (an
+    /// invalid order ends `rejected`). Keyed like an upstream producer
+    /// would: `lines[0].sku`, else `order_id`, else the empty key.
+    pub async fn produce_raw(&self, line: &[u8]) -> Result<Produced, IntakeError> {
+        let (record, order_id) = raw_record(line)?;
+        let partition = partition_for_key(&record.key, self.log.partition_count(Topic::Orders));
+        let offset = self.log.append(Topic::Orders, partition, vec![record]).await?;
+        Ok(Produced { partition, offset, order_id })
+    }
+
+    /// [`Intake::produce_raw`] for many lines: one append per partition
+    /// (and chunk), partitions in parallel, the lines of one partition in
+    /// input order. The results are in input order.
+    pub async fn produce_raw_batch(&self, lines: &[&[u8]]) -> Vec<Result<Produced, IntakeError>> {
+        let count = self.log.partition_count(Topic::Orders);
+        let mut results: Vec<Option<Result<Produced, IntakeError>>> = (0..lines.len()).map(|_| None).collect();
+        let mut by_partition: BTreeMap<u32, Vec<(usize, Record, Option<String>)>> = BTreeMap::new();
+        for (i, line) in lines.iter().enumerate() {
+            match raw_record(line) {
+                Ok((record, order_id)) => {
+                    let p = partition_for_key(&record.key, count);
+                    by_partition.entry(p).or_default().push((i, record, order_id));
+                }
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        let jobs = by_partition.into_iter().map(|(partition, items)| self.produce_partition(partition, items));
+        for done in futures::future::join_all(jobs).await {
+            for (i, r) in done {
+                results[i] = Some(r);
+            }
+        }
+        results.into_iter().map(|r| r.expect("every line has a result")).collect()
+    }
+
+    async fn produce_partition(
+        &self,
+        partition: u32,
+        items: Vec<(usize, Record, Option<String>)>,
+    ) -> Vec<(usize, Result<Produced, IntakeError>)> {
+        let mut out = Vec::with_capacity(items.len());
+        let mut items = items.into_iter().peekable();
+        while items.peek().is_some() {
+            let chunk: Vec<_> = items.by_ref().take(PRODUCE_CHUNK).collect();
+            let records: Vec<Record> = chunk.iter().map(|(_, r, _)| r.clone()).collect();
+            match self.log.append(Topic::Orders, partition, records).await {
+                Ok(first) => {
+                    for (k, (i, _, order_id)) in chunk.into_iter().enumerate() {
+                        out.push((i, Ok(Produced { partition, offset: first + k as u64, order_id })));
+                    }
+                }
+                // One record too large fails its whole batch: append the
+                // chunk one by one to find it and keep the others.
+                Err(LogError::RecordTooLarge { .. }) => {
+                    for (i, record, order_id) in chunk {
+                        let r = self.log.append(Topic::Orders, partition, vec![record]).await;
+                        out.push((i, r.map(|offset| Produced { partition, offset, order_id }).map_err(IntakeError::from)));
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    let retryable_full = matches!(e, LogError::Full { .. });
+                    for (i, _, _) in chunk {
+                        let err = if retryable_full { IntakeError::LogFull } else { IntakeError::Unavailable(message.clone()) };
+                        out.push((i, Err(err)));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The record of a raw line and its order id, if it has a plausible one
+/// (a valid id that is not a card number: the id is echoed back).
+fn raw_record(line: &[u8]) -> Result<(Record, Option<String>), IntakeError> {
+    let value: Value = serde_json::from_slice(line).map_err(|e| {
+        IntakeError::Invalid(rejection(
+            RejectReason::MalformedJson,
+            format!("line is not valid JSON (column {})", e.column()),
+        ))
+    })?;
+    let str_at = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_owned);
+    let sku = str_at(value.get("lines").and_then(|l| l.get(0)).and_then(|l| l.get("sku")));
+    let order_id = str_at(value.get("order_id"));
+    let key = sku.or_else(|| order_id.clone()).unwrap_or_default().into_bytes();
+    let order_id = order_id.filter(|id| valid_id(id) && !contains_pan(id.as_bytes()));
+    Ok((Record { kind: RecordKind::OrderJson, key, value: line.to_vec() }, order_id))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+    use std::sync::Mutex as StdMutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::domain::StatusEvent;
+    use crate::pipeline::log::LogRecord;
+    use crate::pipeline::store::{CheckpointWrite, PartitionCheckpoint, TrackingView};
+
+    #[derive(Default)]
+    struct MemLog {
+        parts: StdMutex<HashMap<u32, Vec<Record>>>,
+        full: AtomicBool,
+    }
+
+    #[async_trait]
+    impl Log for MemLog {
+        fn partition_count(&self, _: Topic) -> u32 {
+            8
+        }
+        async fn append(&self, _: Topic, partition: u32, records: Vec<Record>) -> Result<u64, LogError> {
+            if self.full.load(Ordering::SeqCst) {
+                return Err(LogError::Full { depth: 1 });
+            }
+            if records.iter().any(|r| r.value.len() > 4096) {
+                return Err(LogError::RecordTooLarge { size_bytes: 4097, max_bytes: 4096 });
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let mut parts = self.parts.lock().unwrap();
+            let p = parts.entry(partition).or_default();
+            let first = p.len() as u64;
+            p.extend(records);
+            Ok(first)
+        }
+        async fn read(&self, _: Topic, _: u32, _: u64, _: usize, _: Duration) -> Result<Vec<LogRecord>, LogError> {
+            Ok(vec![])
+        }
+        fn offsets(&self, _: Topic, _: u32) -> Result<(u64, u64), LogError> {
+            Ok((0, 0))
+        }
+        fn release_before(&self, _: Topic, _: u32, _: u64) {}
+        async fn close(&self) {}
+    }
+
+    impl MemLog {
+        fn total(&self) -> usize {
+            self.parts.lock().unwrap().values().map(Vec::len).sum()
+        }
+    }
+
+    #[derive(Default)]
+    struct MemStore {
+        intake: StdMutex<BTreeMap<String, IntakeRecord>>,
+        secrets: StdMutex<BTreeMap<String, [u8; 32]>>,
+    }
+
+    #[async_trait]
+    impl StateStore for MemStore {
+        async fn load_checkpoint(&self, _: u32) -> Result<Option<PartitionCheckpoint>, StoreError> {
+            Ok(None)
+        }
+        async fn write_checkpoint(&self, _: CheckpointWrite) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn get_intake(&self, order_id: &str) -> Result<Option<IntakeRecord>, StoreError> {
+            Ok(self.intake.lock().unwrap().get(order_id).cloned())
+        }
+        async fn put_intake(&self, record: IntakeRecord) -> Result<IntakeRecord, StoreError> {
+            Ok(self.intake.lock().unwrap().entry(record.order_id.clone()).or_insert(record).clone())
+        }
+        async fn sink_positions(&self, _: &str) -> Result<BTreeMap<u32, u64>, StoreError> {
+            Ok(BTreeMap::new())
+        }
+        async fn apply_tracking(&self, _: &str, _: &[(u32, u64)], _: &[StatusEvent]) -> Result<Vec<StatusEvent>, StoreError> {
+            Ok(vec![])
+        }
+        async fn get_tracking(&self, _: &str) -> Result<Option<TrackingView>, StoreError> {
+            Ok(None)
+        }
+        async fn secret(&self, name: &str) -> Result<[u8; 32], StoreError> {
+            Ok(*self.secrets.lock().unwrap().entry(name.to_owned()).or_insert_with(rand::random))
+        }
+    }
+
+    async fn intake() -> (Arc<MemLog>, Arc<MemStore>, Intake) {
+        let log = Arc::new(MemLog::default());
+        let store = Arc::new(MemStore::default());
+        let i = Intake::new(log.clone(), store.clone(), Arc::new(Metrics::new())).await.unwrap();
+        (log, store, i)
+    }
+
+    fn order(id: Option<&str>) -> String {
+        let id = id.map(|i| format!(r#""order_id":"{i}","#)).unwrap_or_default();
+        format!(r#"{{{id}"customer_id":"c1","currency":"USD","lines":[{{"sku":"S-1","quantity":1,"unit_price":5}}],"payment":{{"token":"tok_visa"}}}}"#)
+    }
+
+    /// Sealing round-trips, and the pad differs per order id.
+    #[test]
+    fn seal_roundtrip() {
+        let key = [7u8; 32];
+        let raw = [9u8; 32];
+        let sealed = seal_token(&key, "a", &raw);
+        assert_ne!(sealed, raw.to_vec());
+        assert_eq!(unseal_token(&key, "a", &sealed).unwrap(), encode_token(&raw));
+        assert_ne!(seal_token(&key, "b", &raw), sealed);
+        assert_ne!(unseal_token(&[8u8; 32], "a", &sealed).unwrap(), encode_token(&raw));
+    }
+
+    /// The same order id answers the same token and appends once.
+    #[tokio::test]
+    async fn idempotent_by_order_id() {
+        let (log, _, i) = intake().await;
+        let a = i.submit(order(Some("o-1")).as_bytes(), None).await.unwrap();
+        let b = i.submit(order(Some("o-1")).as_bytes(), None).await.unwrap();
+        assert_eq!(a, b);
+        assert_eq!(log.total(), 1);
+        assert!(i.verify_token("o-1", &a.tracking_token).await);
+        assert!(!i.verify_token("o-1", "nope").await);
+        assert!(!i.verify_token("o-2", &a.tracking_token).await);
+        assert!(a.tracking_token.len() >= 43);
+    }
+
+    /// An idempotency key derives a stable id; no key gives fresh ids.
+    #[tokio::test]
+    async fn idempotency_key_and_random_ids() {
+        let (log, _, i) = intake().await;
+        let a = i.submit(order(None).as_bytes(), Some("k1")).await.unwrap();
+        let b = i.submit(order(None).as_bytes(), Some("k1")).await.unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.order_id, idempotency_order_id("c1", "k1"));
+        assert_eq!(a.order_id.len(), 5 + 32);
+        let c = i.submit(order(None).as_bytes(), None).await.unwrap();
+        let d = i.submit(order(None).as_bytes(), None).await.unwrap();
+        assert_ne!(c.order_id, d.order_id);
+        assert!(c.order_id.starts_with("ord-") && c.order_id.len() == 36);
+        assert_eq!(log.total(), 3);
+        let bad = i.submit(order(None).as_bytes(), Some("has space")).await.unwrap_err();
+        assert!(matches!(bad, IntakeError::Invalid(_)));
+    }
+
+    /// Two simultaneous identical submits append once.
+    #[tokio::test]
+    async fn concurrent_duplicates_append_once() {
+        let (log, _, i) = intake().await;
+        let i = Arc::new(i);
+        let body = order(Some("o-c"));
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let (i, body) = (i.clone(), body.clone());
+                tokio::spawn(async move { i.submit(body.as_bytes(), None).await.unwrap() })
+            })
+            .collect();
+        let answers: Vec<Accepted> = futures::future::join_all(tasks).await.into_iter().map(Result::unwrap).collect();
+        assert!(answers.windows(2).all(|w| w[0] == w[1]));
+        assert_eq!(log.total(), 1);
+    }
+
+    /// A restart (new Intake on the same store) answers the first token.
+    #[tokio::test]
+    async fn same_answer_after_restart() {
+        let (log, store, i) = intake().await;
+        let a = i.submit(order(Some("o-r")).as_bytes(), None).await.unwrap();
+        let j = Intake::new(log.clone(), store.clone(), Arc::new(Metrics::new())).await.unwrap();
+        assert_eq!(j.submit(order(Some("o-r")).as_bytes(), None).await.unwrap(), a);
+        assert_eq!(log.total(), 1);
+    }
+
+    /// Invalid orders and log errors map to their variants.
+    #[tokio::test]
+    async fn errors() {
+        let (log, _, i) = intake().await;
+        let e = i.submit(b"{", None).await.unwrap_err();
+        assert_eq!(e.code(), "malformed_json");
+        log.full.store(true, Ordering::SeqCst);
+        assert!(matches!(i.submit(order(None).as_bytes(), None).await, Err(IntakeError::LogFull)));
+        assert!(matches!(i.produce_raw(b"{}").await, Err(IntakeError::LogFull)));
+    }
+
+    /// Raw lines are written as is, keyed by SKU, then order id; non-JSON fails.
+    #[tokio::test]
+    async fn produce_raw_lines() {
+        let (log, _, i) = intake().await;
+        let p = i.produce_raw(br#"{"order_id":"x1","lines":[{"sku":"S-1"}]}"#).await.unwrap();
+        assert_eq!(p.order_id.as_deref(), Some("x1"));
+        assert_eq!(p.partition, partition_for_key(b"S-1", 8));
+        let q = i.produce_raw(br#"{"order_id":"x2"}"#).await.unwrap();
+        assert_eq!(q.partition, partition_for_key(b"x2", 8));
+        let r = i.produce_raw(br#"{"order_id":"4242424242424242"}"#).await.unwrap();
+        assert_eq!(r.order_id, None);
+        assert!(matches!(i.produce_raw(b"nope").await, Err(IntakeError::Invalid(_))));
+        assert_eq!(log.total(), 3);
+        let stored = log.parts.lock().unwrap()[&p.partition][p.offset as usize].clone();
+        assert_eq!(stored.value, br#"{"order_id":"x1","lines":[{"sku":"S-1"}]}"#.to_vec());
+        assert_eq!(stored.kind, RecordKind::OrderJson);
+    }
+
+    /// A batch keeps input order per partition and isolates bad lines.
+    #[tokio::test]
+    async fn produce_batch() {
+        let (log, _, i) = intake().await;
+        let big = format!(r#"{{"order_id":"big","pad":"{}"}}"#, "x".repeat(5000));
+        let lines: Vec<&[u8]> = vec![
+            br#"{"order_id":"a","lines":[{"sku":"S"}]}"#,
+            b"not json",
+            br#"{"order_id":"b","lines":[{"sku":"S"}]}"#,
+            big.as_bytes(),
+            br#"{"order_id":"c","lines":[{"sku":"T"}]}"#,
+        ];
+        let r = i.produce_raw_batch(&lines).await;
+        assert_eq!(r.len(), 5);
+        let (a, b) = (r[0].as_ref().unwrap(), r[2].as_ref().unwrap());
+        assert_eq!((a.partition, a.offset + 1), (b.partition, b.offset));
+        assert!(matches!(r[1], Err(IntakeError::Invalid(_))));
+        assert!(matches!(r[3], Err(IntakeError::RecordTooLarge { .. })));
+        assert_eq!(r[4].as_ref().unwrap().order_id.as_deref(), Some("c"));
+        assert_eq!(log.total(), 3);
+    }
+}

@@ -4,6 +4,7 @@
 
 pub mod effects;
 pub mod intake;
+pub mod inventory;
 pub mod log;
 pub mod runner;
 pub mod store;

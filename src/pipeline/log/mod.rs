@@ -3,13 +3,13 @@
 //! and Kafka implement it, and `crate::app` picks one at start-up.
 
 pub mod embedded;
-pub mod partitioner;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 
-pub use partitioner::partition_for_key;
+pub use crate::domain::RecordKind;
+pub use crate::domain::partition::{murmur2, partition_for_key};
 
 /// The two topics of the design.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -27,26 +27,6 @@ impl Topic {
         match self {
             Topic::Orders => "orders",
             Topic::OrderStatus => "order-status",
-        }
-    }
-}
-
-/// How a record's value is encoded. On Kafka this is a header; in the
-/// embedded log a flag byte of the record.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum RecordKind {
-    /// The contract's order JSON, written by intake or an upstream producer.
-    OrderJson = 0,
-    /// An orderflow MessagePack envelope.
-    Internal = 1,
-}
-
-impl RecordKind {
-    pub fn from_flag(flag: u8) -> Option<Self> {
-        match flag {
-            0 => Some(RecordKind::OrderJson),
-            1 => Some(RecordKind::Internal),
-            _ => None,
         }
     }
 }

@@ -1,1 +1,914 @@
-//! (in progress)
+//! The embedded state store: one [redb](https://docs.rs/redb) file in the
+//! data directory.
+//!
+//! Why redb: it is pure Rust (no C toolchain, no system library), fully
+//! ACID on copy-on-write B-trees, and single-writer / multi-reader MVCC,
+//! which matches one process owning its data directory (readers never block
+//! the writer). A commit flips between two checksummed commit slots, so it
+//! is crash-safe with no write-ahead log to replay on start-up. Its file
+//! format is stable and documented, and the crate is well maintained.
+//!
+//! Layout. Every table maps bytes to bytes and this file encodes both sides
+//! itself, so that no stored byte can make a decoder panic (bad bytes give
+//! [`StoreError::Corrupt`]):
+//! - `partition_state`: `partition (u32 BE) ++ row key` → row value; one
+//!   partition is one contiguous key range;
+//! - `partition_meta`: `partition (u32 BE)` → `next_offset (u64 BE) ++ epoch (u64 BE)`;
+//! - `intake`: `order_id` → MessagePack (named fields) of [`IntakeRecord`];
+//! - `tracking`: `order_id` → MessagePack (named fields) of [`TrackingView`];
+//! - `sink_positions`: `len(sink) (u32 BE) ++ sink ++ partition (u32 BE)` → `next offset (u64 BE)`;
+//! - `secrets`: `name` → 32 bytes.
+//!
+//! Every write is one redb write transaction committed with
+//! [`Durability::Immediate`]; blocking redb calls run on tokio's blocking pool.
+
+use std::collections::BTreeMap;
+use std::fmt::Display;
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle,
+    WriteTransaction,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{
+    CheckpointWrite, IntakeRecord, PartitionCheckpoint, StateStore, StoreError, TrackingView,
+};
+use crate::domain::StatusEvent;
+
+type BytesTable = TableDefinition<'static, &'static [u8], &'static [u8]>;
+
+// Table names, also used in error messages.
+const STATE_T: &str = "partition_state";
+const META_T: &str = "partition_meta";
+const INTAKE_T: &str = "intake";
+const TRACKING_T: &str = "tracking";
+const SINK_POSITIONS_T: &str = "sink_positions";
+const SECRETS_T: &str = "secrets";
+
+const STATE: BytesTable = TableDefinition::new(STATE_T);
+const META: BytesTable = TableDefinition::new(META_T);
+const INTAKE: BytesTable = TableDefinition::new(INTAKE_T);
+const TRACKING: BytesTable = TableDefinition::new(TRACKING_T);
+const SINK_POSITIONS: BytesTable = TableDefinition::new(SINK_POSITIONS_T);
+const SECRETS: BytesTable = TableDefinition::new(SECRETS_T);
+
+const ALL_TABLES: [BytesTable; 6] = [STATE, META, INTAKE, TRACKING, SINK_POSITIONS, SECRETS];
+
+/// The [`StateStore`] kept in one redb database file.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore").finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedStore {
+    /// Opens the database file at `path`, creating it (and its tables) if
+    /// absent. The parent directory must exist. Fails with `Unavailable` if
+    /// another `EmbeddedStore` (in this or another process) has it open.
+    pub fn open(path: &Path) -> Result<EmbeddedStore, StoreError> {
+        let at = path.display();
+        let db = Database::create(path).map_err(|e| redb_err(e, format_args!("opening {at}")))?;
+        // Create every table up front, so read transactions can always open them.
+        let txn = begin_write(&db)?;
+        for table in ALL_TABLES {
+            txn.open_table(table)
+                .map_err(|e| redb_err(e, format_args!("creating table {}", table.name())))?;
+        }
+        commit(txn, "creating tables")?;
+        Ok(EmbeddedStore { db: Arc::new(db) })
+    }
+
+    /// Runs `f` with the database on tokio's blocking pool.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("state store task failed: {e}")))?
+    }
+}
+
+#[async_trait]
+impl StateStore for EmbeddedStore {
+    async fn load_checkpoint(
+        &self,
+        partition: u32,
+    ) -> Result<Option<PartitionCheckpoint>, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(|e| redb_err(e, "begin read"))?;
+            let meta = txn
+                .open_table(META)
+                .map_err(|e| redb_err(e, format_args!("opening {META_T}")))?;
+            let prefix = partition.to_be_bytes();
+            let (next_offset, epoch) = {
+                let stored = meta
+                    .get(prefix.as_slice())
+                    .map_err(|e| redb_err(e, format_args!("{META_T}[{partition}]")))?;
+                match stored {
+                    None => return Ok(None),
+                    Some(v) => decode_meta(v.value(), partition)?,
+                }
+            };
+            let state = txn
+                .open_table(STATE)
+                .map_err(|e| redb_err(e, format_args!("opening {STATE_T}")))?;
+            let end = partition.checked_add(1).map(u32::to_be_bytes);
+            let upper = match &end {
+                Some(end) => Bound::Excluded(end.as_slice()),
+                None => Bound::Unbounded,
+            };
+            let range = state
+                .range::<&[u8]>((Bound::Included(prefix.as_slice()), upper))
+                .map_err(|e| {
+                    redb_err(e, format_args!("{STATE_T} scan of partition {partition}"))
+                })?;
+            let mut rows = Vec::new();
+            for entry in range {
+                let (k, v) = entry.map_err(|e| {
+                    redb_err(e, format_args!("{STATE_T} scan of partition {partition}"))
+                })?;
+                let key = k.value().strip_prefix(prefix.as_slice()).ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "{STATE_T}: key {} outside partition {partition}",
+                        hex::encode(k.value())
+                    ))
+                })?;
+                rows.push((key.to_vec(), v.value().to_vec()));
+            }
+            Ok(Some(PartitionCheckpoint {
+                next_offset,
+                epoch,
+                rows,
+            }))
+        })
+        .await
+    }
+
+    /// One transaction: fencing check, puts, then deletes (a key in both
+    /// ends deleted), then the partition's offset and epoch.
+    async fn write_checkpoint(&self, mut write: CheckpointWrite) -> Result<(), StoreError> {
+        self.blocking(move |db| {
+            let partition = write.partition;
+            let prefix = partition.to_be_bytes();
+            // Sorted input touches each B-tree leaf once; the stable sort keeps
+            // the last of repeated puts last. Usually already sorted.
+            if !write.puts.is_sorted_by(|a, b| a.0 <= b.0) {
+                write.puts.sort_by(|a, b| a.0.cmp(&b.0));
+            }
+            if !write.deletes.is_sorted() {
+                write.deletes.sort_unstable();
+            }
+            let txn = begin_write(db)?;
+            {
+                let mut meta = txn
+                    .open_table(META)
+                    .map_err(|e| redb_err(e, format_args!("opening {META_T}")))?;
+                let stored_epoch = {
+                    let stored = meta
+                        .get(prefix.as_slice())
+                        .map_err(|e| redb_err(e, format_args!("{META_T}[{partition}]")))?;
+                    match stored {
+                        None => None,
+                        Some(v) => Some(decode_meta(v.value(), partition)?.1),
+                    }
+                };
+                if let Some(stored_epoch) = stored_epoch
+                    && stored_epoch > write.epoch
+                {
+                    // Dropping the uncommitted transaction aborts it: nothing is written.
+                    return Err(StoreError::Fenced {
+                        partition,
+                        epoch: write.epoch,
+                        stored_epoch,
+                    });
+                }
+                let mut state = txn
+                    .open_table(STATE)
+                    .map_err(|e| redb_err(e, format_args!("opening {STATE_T}")))?;
+                let mut key = Vec::with_capacity(64);
+                for (k, v) in &write.puts {
+                    composite(&mut key, &prefix, k);
+                    state.insert(key.as_slice(), v.as_slice()).map_err(|e| {
+                        redb_err(
+                            e,
+                            format_args!("{STATE_T}[{partition}, {}] put", hex::encode(k)),
+                        )
+                    })?;
+                }
+                for k in &write.deletes {
+                    composite(&mut key, &prefix, k);
+                    state.remove(key.as_slice()).map_err(|e| {
+                        redb_err(
+                            e,
+                            format_args!("{STATE_T}[{partition}, {}] delete", hex::encode(k)),
+                        )
+                    })?;
+                }
+                meta.insert(
+                    prefix.as_slice(),
+                    encode_meta(write.next_offset, write.epoch).as_slice(),
+                )
+                .map_err(|e| redb_err(e, format_args!("{META_T}[{partition}] put")))?;
+            }
+            commit(txn, format_args!("checkpoint of partition {partition}"))
+        })
+        .await
+    }
+
+    async fn get_intake(&self, order_id: &str) -> Result<Option<IntakeRecord>, StoreError> {
+        let order_id = order_id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(|e| redb_err(e, "begin read"))?;
+            let table = txn
+                .open_table(INTAKE)
+                .map_err(|e| redb_err(e, format_args!("opening {INTAKE_T}")))?;
+            let stored = table
+                .get(order_id.as_bytes())
+                .map_err(|e| redb_err(e, format_args!("{INTAKE_T}[{order_id:?}]")))?;
+            stored
+                .map(|v| decode(v.value(), INTAKE_T, &order_id))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn put_intake(&self, record: IntakeRecord) -> Result<IntakeRecord, StoreError> {
+        self.blocking(move |db| {
+            let txn = begin_write(db)?;
+            {
+                let mut table = txn
+                    .open_table(INTAKE)
+                    .map_err(|e| redb_err(e, format_args!("opening {INTAKE_T}")))?;
+                let key = record.order_id.as_bytes();
+                let existing = {
+                    let stored = table.get(key).map_err(|e| {
+                        redb_err(e, format_args!("{INTAKE_T}[{:?}]", record.order_id))
+                    })?;
+                    stored
+                        .map(|v| decode(v.value(), INTAKE_T, &record.order_id))
+                        .transpose()?
+                };
+                if let Some(existing) = existing {
+                    return Ok(existing); // the first one wins; the dropped transaction aborts
+                }
+                let bytes = encode(&record, INTAKE_T, &record.order_id)?;
+                table.insert(key, bytes.as_slice()).map_err(|e| {
+                    redb_err(e, format_args!("{INTAKE_T}[{:?}] put", record.order_id))
+                })?;
+            }
+            commit(txn, format_args!("{INTAKE_T}[{:?}]", record.order_id))?;
+            Ok(record)
+        })
+        .await
+    }
+
+    async fn sink_positions(&self, sink: &str) -> Result<BTreeMap<u32, u64>, StoreError> {
+        let sink = sink.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(|e| redb_err(e, "begin read"))?;
+            let table = txn
+                .open_table(SINK_POSITIONS)
+                .map_err(|e| redb_err(e, format_args!("opening {SINK_POSITIONS_T}")))?;
+            let prefix = sink_prefix(&sink)?;
+            let start = [prefix.as_slice(), &0u32.to_be_bytes()].concat();
+            let end = [prefix.as_slice(), &u32::MAX.to_be_bytes()].concat();
+            let range = table
+                .range::<&[u8]>(start.as_slice()..=end.as_slice())
+                .map_err(|e| {
+                    redb_err(e, format_args!("{SINK_POSITIONS_T} scan of sink {sink:?}"))
+                })?;
+            let mut positions = BTreeMap::new();
+            for entry in range {
+                let (k, v) = entry.map_err(|e| {
+                    redb_err(e, format_args!("{SINK_POSITIONS_T} scan of sink {sink:?}"))
+                })?;
+                let partition = k
+                    .value()
+                    .strip_prefix(prefix.as_slice())
+                    .and_then(|p| <[u8; 4]>::try_from(p).ok())
+                    .map(u32::from_be_bytes)
+                    .ok_or_else(|| {
+                        StoreError::Corrupt(format!(
+                            "{SINK_POSITIONS_T}: bad key {} for sink {sink:?}",
+                            hex::encode(k.value())
+                        ))
+                    })?;
+                positions.insert(
+                    partition,
+                    decode_u64(
+                        v.value(),
+                        SINK_POSITIONS_T,
+                        &format_args!("{sink:?}/{partition}"),
+                    )?,
+                );
+            }
+            Ok(positions)
+        })
+        .await
+    }
+
+    /// One transaction: each event is applied to its order's view unless
+    /// `(order_id, seq)` is not newer than what the view holds; each
+    /// position keeps the larger of the stored and the given offset.
+    async fn apply_tracking(
+        &self,
+        sink: &str,
+        positions: &[(u32, u64)],
+        events: &[StatusEvent],
+    ) -> Result<Vec<StatusEvent>, StoreError> {
+        if positions.is_empty() && events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sink = sink.to_owned();
+        let positions = positions.to_vec();
+        let events = events.to_vec();
+        self.blocking(move |db| {
+            let txn = begin_write(db)?;
+            let mut applied = vec![false; events.len()];
+            {
+                let mut views = txn
+                    .open_table(TRACKING)
+                    .map_err(|e| redb_err(e, format_args!("opening {TRACKING_T}")))?;
+                // Each order's view is read once, updated in memory by all of its
+                // events in the batch, and written once (in key order).
+                let mut touched: BTreeMap<&str, (Option<TrackingView>, bool)> = BTreeMap::new();
+                for (event, applied) in events.iter().zip(applied.iter_mut()) {
+                    let id = event.order_id.as_str();
+                    let (view, dirty) = match touched.entry(id) {
+                        std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+                        std::collections::btree_map::Entry::Vacant(slot) => {
+                            let stored = views
+                                .get(id.as_bytes())
+                                .map_err(|e| redb_err(e, format_args!("{TRACKING_T}[{id:?}]")))?;
+                            let view = stored
+                                .map(|v| decode::<TrackingView>(v.value(), TRACKING_T, id))
+                                .transpose()?;
+                            slot.insert((view, false))
+                        }
+                    };
+                    if TrackingView::apply(view, event) {
+                        *applied = true;
+                        *dirty = true;
+                    }
+                }
+                for (id, (view, dirty)) in &touched {
+                    if let (Some(view), true) = (view, dirty) {
+                        let bytes = encode(view, TRACKING_T, id)?;
+                        views
+                            .insert(id.as_bytes(), bytes.as_slice())
+                            .map_err(|e| redb_err(e, format_args!("{TRACKING_T}[{id:?}] put")))?;
+                    }
+                }
+
+                let mut table = txn
+                    .open_table(SINK_POSITIONS)
+                    .map_err(|e| redb_err(e, format_args!("opening {SINK_POSITIONS_T}")))?;
+                let prefix = sink_prefix(&sink)?;
+                let mut key = Vec::with_capacity(prefix.len() + 4);
+                for &(partition, next) in &positions {
+                    composite(&mut key, &prefix, &partition.to_be_bytes());
+                    let old = {
+                        let stored = table.get(key.as_slice()).map_err(|e| {
+                            redb_err(e, format_args!("{SINK_POSITIONS_T}[{sink:?}/{partition}]"))
+                        })?;
+                        match stored {
+                            None => None,
+                            Some(v) => Some(decode_u64(
+                                v.value(),
+                                SINK_POSITIONS_T,
+                                &format_args!("{sink:?}/{partition}"),
+                            )?),
+                        }
+                    };
+                    if old.is_none_or(|old| next > old) {
+                        table
+                            .insert(key.as_slice(), next.to_be_bytes().as_slice())
+                            .map_err(|e| {
+                                redb_err(
+                                    e,
+                                    format_args!("{SINK_POSITIONS_T}[{sink:?}/{partition}] put"),
+                                )
+                            })?;
+                    }
+                }
+            }
+            commit(txn, format_args!("tracking batch of sink {sink:?}"))?;
+            Ok(events
+                .into_iter()
+                .zip(applied)
+                .filter_map(|(e, new)| new.then_some(e))
+                .collect())
+        })
+        .await
+    }
+
+    async fn get_tracking(&self, order_id: &str) -> Result<Option<TrackingView>, StoreError> {
+        let order_id = order_id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(|e| redb_err(e, "begin read"))?;
+            let table = txn
+                .open_table(TRACKING)
+                .map_err(|e| redb_err(e, format_args!("opening {TRACKING_T}")))?;
+            let stored = table
+                .get(order_id.as_bytes())
+                .map_err(|e| redb_err(e, format_args!("{TRACKING_T}[{order_id:?}]")))?;
+            stored
+                .map(|v| decode(v.value(), TRACKING_T, &order_id))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn secret(&self, name: &str) -> Result<[u8; 32], StoreError> {
+        let name = name.to_owned();
+        self.blocking(move |db| {
+            {
+                let txn = db.begin_read().map_err(|e| redb_err(e, "begin read"))?;
+                let table = txn
+                    .open_table(SECRETS)
+                    .map_err(|e| redb_err(e, format_args!("opening {SECRETS_T}")))?;
+                let stored = table
+                    .get(name.as_bytes())
+                    .map_err(|e| redb_err(e, format_args!("{SECRETS_T}[{name:?}]")))?;
+                if let Some(v) = stored {
+                    return decode_secret(v.value(), &name);
+                }
+            }
+            // Absent: create it, unless another caller did since (read again
+            // inside the write transaction; writers are serialized).
+            let txn = begin_write(db)?;
+            let secret = {
+                let mut table = txn
+                    .open_table(SECRETS)
+                    .map_err(|e| redb_err(e, format_args!("opening {SECRETS_T}")))?;
+                let existing = {
+                    let stored = table
+                        .get(name.as_bytes())
+                        .map_err(|e| redb_err(e, format_args!("{SECRETS_T}[{name:?}]")))?;
+                    stored
+                        .map(|v| decode_secret(v.value(), &name))
+                        .transpose()?
+                };
+                if let Some(existing) = existing {
+                    return Ok(existing);
+                }
+                let secret = rand::random::<[u8; 32]>();
+                table
+                    .insert(name.as_bytes(), secret.as_slice())
+                    .map_err(|e| redb_err(e, format_args!("{SECRETS_T}[{name:?}] put")))?;
+                secret
+            };
+            commit(txn, format_args!("{SECRETS_T}[{name:?}]"))?;
+            Ok(secret)
+        })
+        .await
+    }
+}
+
+fn begin_write(db: &Database) -> Result<WriteTransaction, StoreError> {
+    let mut txn = db.begin_write().map_err(|e| redb_err(e, "begin write"))?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(|e| redb_err(e, "set durability"))?;
+    Ok(txn)
+}
+
+fn commit(txn: WriteTransaction, what: impl Display) -> Result<(), StoreError> {
+    txn.commit()
+        .map_err(|e| redb_err(e, format_args!("commit of {what}")))
+}
+
+/// Maps a redb error: damaged or mismatched data is `Corrupt`, the rest
+/// (I/O, closed database, file locked by another process) `Unavailable`.
+fn redb_err(err: impl Into<redb::Error>, what: impl Display) -> StoreError {
+    match err.into() {
+        redb::Error::Corrupted(msg) => StoreError::Corrupt(format!("{what}: {msg}")),
+        err @ (redb::Error::TableTypeMismatch { .. }
+        | redb::Error::TableIsMultimap(_)
+        | redb::Error::TableIsNotMultimap(_)
+        | redb::Error::TypeDefinitionChanged { .. }
+        | redb::Error::TableDoesNotExist(_)
+        | redb::Error::UpgradeRequired(_)) => StoreError::Corrupt(format!("{what}: {err}")),
+        err => StoreError::Unavailable(format!("{what}: {err}")),
+    }
+}
+
+/// Writes `prefix ++ suffix` into `buf`, reusing its allocation.
+fn composite(buf: &mut Vec<u8>, prefix: &[u8], suffix: &[u8]) {
+    buf.clear();
+    buf.extend_from_slice(prefix);
+    buf.extend_from_slice(suffix);
+}
+
+fn sink_prefix(sink: &str) -> Result<Vec<u8>, StoreError> {
+    let len = u32::try_from(sink.len()).map_err(|_| {
+        StoreError::Unavailable(format!("sink name of {} bytes is too long", sink.len()))
+    })?;
+    Ok([len.to_be_bytes().as_slice(), sink.as_bytes()].concat())
+}
+
+fn encode_meta(next_offset: u64, epoch: u64) -> [u8; 16] {
+    let mut out = [0; 16];
+    out[..8].copy_from_slice(&next_offset.to_be_bytes());
+    out[8..].copy_from_slice(&epoch.to_be_bytes());
+    out
+}
+
+/// `(next_offset, epoch)` from a `partition_meta` value.
+fn decode_meta(bytes: &[u8], partition: u32) -> Result<(u64, u64), StoreError> {
+    let bytes: &[u8; 16] = bytes.try_into().map_err(|_| {
+        StoreError::Corrupt(format!(
+            "{META_T}[{partition}]: expected 16 bytes, found {}",
+            bytes.len()
+        ))
+    })?;
+    let (offset, epoch) = bytes.split_at(8);
+    let word = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap_or_default());
+    Ok((word(offset), word(epoch)))
+}
+
+fn decode_u64(bytes: &[u8], table: &str, key: &dyn Display) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(bytes)
+        .map(u64::from_be_bytes)
+        .map_err(|_| {
+            StoreError::Corrupt(format!(
+                "{table}[{key}]: expected 8 bytes, found {}",
+                bytes.len()
+            ))
+        })
+}
+
+fn decode_secret(bytes: &[u8], name: &str) -> Result<[u8; 32], StoreError> {
+    <[u8; 32]>::try_from(bytes).map_err(|_| {
+        StoreError::Corrupt(format!(
+            "{SECRETS_T}[{name:?}]: expected 32 bytes, found {}",
+            bytes.len()
+        ))
+    })
+}
+
+fn encode<T: Serialize>(value: &T, table: &str, key: &str) -> Result<Vec<u8>, StoreError> {
+    // Encoding our own plain structs cannot fail in practice; report it as
+    // unavailable rather than panic if it ever does.
+    rmp_serde::to_vec_named(value)
+        .map_err(|e| StoreError::Unavailable(format!("encoding {table}[{key:?}]: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8], table: &str, key: &str) -> Result<T, StoreError> {
+    rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{table}[{key:?}]: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Status;
+
+    fn store_in(dir: &tempfile::TempDir) -> EmbeddedStore {
+        EmbeddedStore::open(&dir.path().join("state.redb")).unwrap()
+    }
+
+    fn row(k: &str, v: &str) -> (Vec<u8>, Vec<u8>) {
+        (k.as_bytes().to_vec(), v.as_bytes().to_vec())
+    }
+
+    fn checkpoint(
+        partition: u32,
+        epoch: u64,
+        next_offset: u64,
+        puts: &[(&str, &str)],
+        deletes: &[&str],
+    ) -> CheckpointWrite {
+        CheckpointWrite {
+            partition,
+            epoch,
+            next_offset,
+            puts: puts.iter().map(|(k, v)| row(k, v)).collect(),
+            deletes: deletes.iter().map(|k| k.as_bytes().to_vec()).collect(),
+        }
+    }
+
+    fn intake(order_id: &str, offset: u64) -> IntakeRecord {
+        IntakeRecord {
+            order_id: order_id.to_owned(),
+            token_sha256: [offset as u8; 32],
+            sealed_token: vec![1, 2, 3],
+            partition: 3,
+            offset,
+        }
+    }
+
+    fn event(order_id: &str, seq: u32, status: Status) -> StatusEvent {
+        StatusEvent {
+            order_id: order_id.to_owned(),
+            seq,
+            status,
+            reason: None,
+            at_ms: 1_000 + u64::from(seq),
+        }
+    }
+
+    /// Puts then deletes across two checkpoints load back as the merged rows, in key order.
+    #[tokio::test]
+    async fn checkpoint_roundtrip_puts_then_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_in(&dir);
+        assert_eq!(store.load_checkpoint(0).await.unwrap(), None);
+
+        store
+            .write_checkpoint(checkpoint(
+                0,
+                1,
+                10,
+                &[("b", "2"), ("a", "1"), ("c", "3")],
+                &[],
+            ))
+            .await
+            .unwrap();
+        let first = store.load_checkpoint(0).await.unwrap().unwrap();
+        assert_eq!(
+            first,
+            PartitionCheckpoint {
+                next_offset: 10,
+                epoch: 1,
+                rows: vec![row("a", "1"), row("b", "2"), row("c", "3")]
+            }
+        );
+
+        store
+            .write_checkpoint(checkpoint(
+                0,
+                1,
+                25,
+                &[("b", "20"), ("d", "4")],
+                &["a", "zz-absent"],
+            ))
+            .await
+            .unwrap();
+        let second = store.load_checkpoint(0).await.unwrap().unwrap();
+        assert_eq!(
+            second,
+            PartitionCheckpoint {
+                next_offset: 25,
+                epoch: 1,
+                rows: vec![row("b", "20"), row("c", "3"), row("d", "4")]
+            }
+        );
+    }
+
+    /// Loading a partition returns only its own rows, including at the ends of the u32 range.
+    #[tokio::test]
+    async fn load_checkpoint_reads_only_named_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_in(&dir);
+        for p in [0, 1, 2, u32::MAX] {
+            let key = format!("k{p}");
+            store
+                .write_checkpoint(checkpoint(
+                    p,
+                    1,
+                    u64::from(p) + 1,
+                    &[(&key, "v"), ("", "empty-key")],
+                    &[],
+                ))
+                .await
+                .unwrap();
+        }
+        for p in [0, 1, 2, u32::MAX] {
+            let cp = store.load_checkpoint(p).await.unwrap().unwrap();
+            assert_eq!(cp.next_offset, u64::from(p) + 1);
+            assert_eq!(
+                cp.rows,
+                vec![row("", "empty-key"), row(&format!("k{p}"), "v")]
+            );
+        }
+        assert_eq!(store.load_checkpoint(3).await.unwrap(), None);
+    }
+
+    /// A checkpoint with a lower epoch than the stored one is refused and changes nothing.
+    #[tokio::test]
+    async fn fencing_refuses_lower_epoch_and_leaves_data_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_in(&dir);
+        store
+            .write_checkpoint(checkpoint(7, 5, 100, &[("a", "1"), ("b", "2")], &[]))
+            .await
+            .unwrap();
+        let before = store.load_checkpoint(7).await.unwrap();
+
+        let err = store
+            .write_checkpoint(checkpoint(7, 4, 200, &[("a", "stale"), ("c", "3")], &["b"]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Fenced {
+                    partition: 7,
+                    epoch: 4,
+                    stored_epoch: 5
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(!err.is_retryable());
+        assert_eq!(store.load_checkpoint(7).await.unwrap(), before);
+
+        // The same epoch and a newer one are accepted; the newer epoch is stored.
+        store
+            .write_checkpoint(checkpoint(7, 5, 150, &[], &[]))
+            .await
+            .unwrap();
+        store
+            .write_checkpoint(checkpoint(7, 6, 160, &[], &["a"]))
+            .await
+            .unwrap();
+        let after = store.load_checkpoint(7).await.unwrap().unwrap();
+        assert_eq!(
+            (after.next_offset, after.epoch, after.rows),
+            (160, 6, vec![row("b", "2")])
+        );
+    }
+
+    /// Everything written is still there after the database file is closed and reopened.
+    #[tokio::test]
+    async fn data_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_in(&dir);
+        store
+            .write_checkpoint(checkpoint(2, 3, 42, &[("sku", "stock")], &[]))
+            .await
+            .unwrap();
+        store.put_intake(intake("ord-1", 9)).await.unwrap();
+        store
+            .apply_tracking(
+                "tracking",
+                &[(0, 5)],
+                &[event("ord-1", 1, Status::Accepted)],
+            )
+            .await
+            .unwrap();
+        let cp = store.load_checkpoint(2).await.unwrap();
+        let view = store.get_tracking("ord-1").await.unwrap();
+        drop(store);
+
+        let store = store_in(&dir);
+        assert_eq!(store.load_checkpoint(2).await.unwrap(), cp);
+        assert_eq!(
+            store.get_intake("ord-1").await.unwrap(),
+            Some(intake("ord-1", 9))
+        );
+        assert_eq!(store.get_tracking("ord-1").await.unwrap(), view);
+        assert_eq!(
+            store.sink_positions("tracking").await.unwrap(),
+            BTreeMap::from([(0, 5)])
+        );
+    }
+
+    /// The first intake record for an order id wins; a second put returns it unchanged.
+    #[tokio::test]
+    async fn put_intake_first_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_in(&dir);
+        assert_eq!(store.get_intake("ord-1").await.unwrap(), None);
+        assert_eq!(
+            store.put_intake(intake("ord-1", 1)).await.unwrap(),
+            intake("ord-1", 1)
+        );
+        assert_eq!(
+            store.put_intake(intake("ord-1", 2)).await.unwrap(),
+            intake("ord-1", 1)
+        );
+        assert_eq!(
+            store.get_intake("ord-1").await.unwrap(),
+            Some(intake("ord-1", 1))
+        );
+        assert_eq!(
+            store.put_intake(intake("ord-2", 2)).await.unwrap(),
+            intake("ord-2", 2)
+        );
+    }
+
+    /// A repeated (order_id, seq) is skipped, and sink positions only move forward, per sink.
+    #[tokio::test]
+    async fn apply_tracking_dedupes_and_positions_only_move_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_in(&dir);
+        let batch = [
+            event("a", 1, Status::Accepted),
+            event("b", 1, Status::Accepted),
+            event("a", 2, Status::Reserved),
+        ];
+        let new = store
+            .apply_tracking("tracking", &[(0, 10), (1, 4)], &batch)
+            .await
+            .unwrap();
+        assert_eq!(new, batch.to_vec());
+
+        // Replayed events (also within one batch) are dropped; new ones are returned in input order.
+        let replay = [
+            event("a", 2, Status::Reserved),
+            event("b", 2, Status::OutOfStock),
+            event("a", 1, Status::Accepted),
+            event("b", 2, Status::OutOfStock),
+        ];
+        let new = store
+            .apply_tracking("tracking", &[(0, 7), (1, 9), (2, 1)], &replay)
+            .await
+            .unwrap();
+        assert_eq!(new, vec![event("b", 2, Status::OutOfStock)]);
+
+        let a = store.get_tracking("a").await.unwrap().unwrap();
+        assert_eq!(a.status, Status::Reserved);
+        assert_eq!(
+            a.history.iter().map(|h| h.seq).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        let b = store.get_tracking("b").await.unwrap().unwrap();
+        assert_eq!((b.status, b.history.len()), (Status::OutOfStock, 2));
+        assert_eq!(store.get_tracking("c").await.unwrap(), None);
+
+        assert_eq!(
+            store.sink_positions("tracking").await.unwrap(),
+            BTreeMap::from([(0, 10), (1, 9), (2, 1)])
+        );
+        assert_eq!(
+            store.sink_positions("track").await.unwrap(),
+            BTreeMap::new()
+        );
+        store.apply_tracking("track", &[(0, 1)], &[]).await.unwrap();
+        assert_eq!(
+            store.sink_positions("track").await.unwrap(),
+            BTreeMap::from([(0, 1)])
+        );
+        assert_eq!(store.sink_positions("tracking").await.unwrap()[&0], 10);
+    }
+
+    /// A secret is created once and stays the same across calls and reopening.
+    #[tokio::test]
+    async fn secret_stable_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_in(&dir);
+        let first = store.secret("sealing").await.unwrap();
+        assert_eq!(store.secret("sealing").await.unwrap(), first);
+        assert_ne!(store.secret("other").await.unwrap(), first);
+        drop(store);
+        let store = store_in(&dir);
+        assert_eq!(store.secret("sealing").await.unwrap(), first);
+    }
+
+    /// Undecodable stored bytes give `Corrupt` naming the table and key, never a panic.
+    #[tokio::test]
+    async fn bad_stored_bytes_are_corrupt_not_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_in(&dir);
+        {
+            let txn = store.db.begin_write().unwrap();
+            for (table, key) in [
+                (INTAKE, b"ord-x".as_slice()),
+                (TRACKING, b"ord-x"),
+                (SECRETS, b"s"),
+                (META, &9u32.to_be_bytes()),
+            ] {
+                txn.open_table(table)
+                    .unwrap()
+                    .insert(key, [0xc1u8, 0xff].as_slice())
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let errors = [
+            store.get_intake("ord-x").await.unwrap_err(),
+            store.put_intake(intake("ord-x", 1)).await.unwrap_err(),
+            store.get_tracking("ord-x").await.unwrap_err(),
+            store
+                .apply_tracking("t", &[], &[event("ord-x", 1, Status::Accepted)])
+                .await
+                .unwrap_err(),
+            store.secret("s").await.unwrap_err(),
+            store.load_checkpoint(9).await.unwrap_err(),
+            store
+                .write_checkpoint(checkpoint(9, 1, 1, &[], &[]))
+                .await
+                .unwrap_err(),
+        ];
+        for err in errors {
+            assert!(
+                matches!(&err, StoreError::Corrupt(msg) if msg.contains('[')),
+                "{err:?}"
+            );
+        }
+    }
+}

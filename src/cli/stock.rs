@@ -1,0 +1,101 @@
+//! `orderflow stock load FILE` and `orderflow stock get SKU`.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use super::client::{Client, failure, send};
+
+/// One stock line of the input, or why it is not one.
+type Entry = (String, Result<u64, String>);
+
+/// A JSON object `{"SKU": N, ...}`, else NDJSON `{"sku", "available"}`.
+pub fn parse_stock(text: &str) -> Result<Vec<Entry>, String> {
+    // A single NDJSON line `{"sku", "available"}` is an object too.
+    if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(text)
+        && !(map.len() == 2 && map.contains_key("sku") && map.contains_key("available"))
+    {
+        return Ok(map
+            .into_iter()
+            .map(|(sku, v)| {
+                let n = v.as_u64().ok_or_else(|| "available must be a non-negative integer".to_owned());
+                (sku, n)
+            })
+            .collect());
+    }
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(line).map_err(|e| format!("line {}: not JSON: {e}", i + 1))?;
+        let sku = v
+            .get("sku")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("line {}: expected {{\"sku\": \"...\", \"available\": N}}", i + 1))?;
+        let n = v.get("available").and_then(Value::as_u64).ok_or_else(|| format!("line {}: `available` must be a non-negative integer", i + 1));
+        out.push((sku.to_owned(), n));
+    }
+    Ok(out)
+}
+
+/// Sets every SKU of the file, in order; prints one JSON line per SKU.
+pub async fn load(client: &Client, path: &Path) -> anyhow::Result<bool> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let entries = parse_stock(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut ok = true;
+    for (sku, available) in entries {
+        let line = match available {
+            Err(e) => {
+                ok = false;
+                json!({"sku": sku, "error": e, "code": "invalid_body"})
+            }
+            Ok(n) => {
+                let req = client.request(Method::PUT, &["v1", "inventory", &sku]).json(&json!({ "available": n }));
+                let res = send(client, req).await?;
+                if res.status().is_success() {
+                    res.json::<Value>().await.context("the server's answer is not JSON")?
+                } else {
+                    let f = failure(res).await;
+                    if matches!(f.code.as_str(), "unauthorized" | "admin_disabled") {
+                        anyhow::bail!("{f}");
+                    }
+                    ok = false;
+                    json!({"sku": sku, "error": f.detail, "code": f.code})
+                }
+            }
+        };
+        println!("{line}");
+    }
+    Ok(ok)
+}
+
+/// Prints a SKU's counters.
+pub async fn get(client: &Client, sku: &str) -> anyhow::Result<bool> {
+    let res = send(client, client.request(Method::GET, &["v1", "inventory", sku])).await?;
+    if !res.status().is_success() {
+        eprintln!("error: {}", failure(res).await);
+        return Ok(false);
+    }
+    let v: Value = res.json().await.context("the server's answer is not JSON")?;
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both input shapes parse; bad values are per-entry errors.
+    #[test]
+    fn shapes() {
+        let obj = parse_stock(r#"{"A": 5, "B": -1}"#).unwrap();
+        assert_eq!(obj[0], ("A".to_owned(), Ok(5)));
+        assert!(obj[1].1.is_err());
+        let nd = parse_stock("{\"sku\":\"A\",\"available\":3}\n\n{\"sku\":\"B\",\"available\":4}\n").unwrap();
+        assert_eq!(nd, vec![("A".to_owned(), Ok(3)), ("B".to_owned(), Ok(4))]);
+        assert!(parse_stock("nope").is_err());
+    }
+}

@@ -1,0 +1,279 @@
+//! Handlers of the non-streaming routes.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use super::auth::{TokenQuery, is_admin, presented_token, require_admin};
+use super::body::{BodyError, read_limited};
+use super::problem::Problem;
+use super::views::OrderView;
+use super::{AppState, Ctx};
+use crate::domain::order::{valid_id, valid_sku};
+use crate::pipeline::intake::{IntakeError, valid_idempotency_key};
+use crate::pipeline::inventory::{InventoryError, StockCounts};
+use crate::pipeline::log::LogError;
+
+/// The admin produce route takes this many times the normal body limit.
+pub const PRODUCE_BODY_FACTOR: usize = 64;
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// Counts `orderflow_http_requests_total{route, code}` by route template.
+pub(crate) async fn count_requests(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    let res = next.run(req).await;
+    let route = route.as_deref().unwrap_or("unmatched");
+    ctx.app.metrics.http_requests.with_label_values(&[route, res.status().as_str()]).inc();
+    res
+}
+
+pub(crate) async fn not_found(State(ctx): State<Ctx>) -> Response {
+    ctx.app.metrics.http_requests.with_label_values(&["unmatched", "404"]).inc();
+    Problem::not_found().into_response()
+}
+
+pub(crate) async fn method_not_allowed() -> Problem {
+    Problem::method_not_allowed()
+}
+
+async fn body_or_problem(body: Body, limit: usize) -> Result<axum::body::Bytes, Problem> {
+    read_limited(body, limit).await.map_err(|e| match e {
+        BodyError::TooLarge => Problem::payload_too_large(limit),
+        BodyError::Unreadable => Problem::unreadable_body(),
+    })
+}
+
+fn intake_problem(state: &AppState, e: &IntakeError) -> Problem {
+    if matches!(e, IntakeError::Unavailable(_)) {
+        tracing::warn!(error = %e, "intake unavailable");
+    }
+    Problem::from_intake(e, state.config.retry_after_s)
+}
+
+#[derive(Serialize)]
+struct AcceptedView<'a> {
+    order_id: &'a str,
+    status: &'static str,
+    tracking_url: String,
+    tracking_token: &'a str,
+}
+
+/// `POST /v1/orders`.
+pub(crate) async fn post_order(State(ctx): State<Ctx>, headers: HeaderMap, body: Body) -> Result<Response, Problem> {
+    let state = &ctx.app;
+    if !state.health.is_accepting() {
+        return Err(Problem::shutting_down(state.config.retry_after_s));
+    }
+    let key = match headers.get(IDEMPOTENCY_KEY) {
+        None => None,
+        Some(v) => match v.to_str() {
+            Ok(k) if valid_idempotency_key(k) => Some(k),
+            _ => return Err(Problem::invalid_idempotency_key()),
+        },
+    };
+    let body = body_or_problem(body, state.config.body_limit_bytes).await?;
+    let accepted = state.intake.submit(&body, key).await.map_err(|e| intake_problem(state, &e))?;
+    let url = format!("/v1/orders/{}", accepted.order_id);
+    let view = AcceptedView {
+        order_id: &accepted.order_id,
+        status: "accepted",
+        tracking_url: url.clone(),
+        tracking_token: &accepted.tracking_token,
+    };
+    let mut res = (StatusCode::ACCEPTED, Json(view)).into_response();
+    if let Ok(loc) = HeaderValue::from_str(&url) {
+        res.headers_mut().insert(header::LOCATION, loc);
+    }
+    res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(res)
+}
+
+/// How a tracking request was let in.
+pub(crate) enum Access {
+    /// With the order's tracking token: its intake record exists.
+    Token,
+    /// With the admin token: the order may come from a producer.
+    Admin,
+}
+
+/// Checks the token of a tracking request. Every refusal is the same 404
+/// as an unknown id.
+pub(crate) async fn authorize_order(state: &AppState, id: &str, headers: &HeaderMap, query: &TokenQuery) -> Result<Access, Problem> {
+    if !valid_id(id) {
+        return Err(Problem::order_not_found());
+    }
+    let Some(token) = presented_token(headers, query) else {
+        return Err(Problem::order_not_found());
+    };
+    if is_admin(state, Some(token)) {
+        return Ok(Access::Admin);
+    }
+    match state.intake.check_token(id, token).await {
+        Ok(true) => Ok(Access::Token),
+        Ok(false) => Err(Problem::order_not_found()),
+        Err(e) => Err(intake_problem(state, &e)),
+    }
+}
+
+/// `GET /v1/orders/{id}`.
+pub(crate) async fn get_order(
+    State(ctx): State<Ctx>,
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    query: Result<Query<TokenQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let state = &ctx.app;
+    let Ok(Path(id)) = path else {
+        return Err(Problem::order_not_found());
+    };
+    let query = query.map(|q| q.0).unwrap_or_default();
+    let access = authorize_order(state, &id, &headers, &query).await?;
+    let view = match state.tracking.get(&id).await {
+        Ok(Some(v)) => OrderView::from_tracking(&v),
+        Ok(None) => {
+            let known = match access {
+                Access::Token => true,
+                Access::Admin => state.intake.exists(&id).await.map_err(|e| intake_problem(state, &e))?,
+            };
+            if !known {
+                return Err(Problem::order_not_found());
+            }
+            OrderView::just_accepted(&id)
+        }
+        Err(e) => return Err(intake_problem(state, &IntakeError::from(e))),
+    };
+    let mut res = Json(view).into_response();
+    res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(res)
+}
+
+fn stock_problem(state: &AppState, e: InventoryError) -> Problem {
+    let retry = state.config.retry_after_s;
+    match e {
+        InventoryError::InvalidSku => Problem::invalid_sku(),
+        InventoryError::Log(LogError::Full { .. }) => Problem::log_full(retry),
+        InventoryError::Log(e) => {
+            tracing::warn!(error = %e, "stock change not logged");
+            Problem::unavailable(retry)
+        }
+        InventoryError::Timeout(ms) => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "apply_timeout",
+            "Stock change pending",
+            format!("the stock change was logged but not applied within {ms} ms; it will apply, and repeating it is safe"),
+        )
+        .retry_after(retry),
+    }
+}
+
+/// `GET /v1/inventory/{sku}` (admin).
+pub(crate) async fn get_stock(
+    State(ctx): State<Ctx>,
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    headers: HeaderMap,
+) -> Result<Json<StockCounts>, Problem> {
+    let state = &ctx.app;
+    require_admin(state, &headers)?;
+    let sku = path.map(|p| p.0).unwrap_or_default();
+    if !valid_sku(&sku) {
+        return Err(Problem::invalid_sku());
+    }
+    Ok(Json(state.inventory.get(&sku).unwrap_or(StockCounts { sku, ..StockCounts::default() })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StockBody {
+    available: u64,
+}
+
+/// `PUT /v1/inventory/{sku}` (admin) with `{"available": N}`.
+pub(crate) async fn put_stock(
+    State(ctx): State<Ctx>,
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<StockCounts>, Problem> {
+    let state = &ctx.app;
+    require_admin(state, &headers)?;
+    if !state.health.is_accepting() {
+        return Err(Problem::shutting_down(state.config.retry_after_s));
+    }
+    let sku = path.map(|p| p.0).unwrap_or_default();
+    if !valid_sku(&sku) {
+        return Err(Problem::invalid_sku());
+    }
+    let body = body_or_problem(body, state.config.body_limit_bytes).await?;
+    let StockBody { available } = serde_json::from_slice(&body)
+        .map_err(|_| Problem::invalid_body("expected {\"available\": N} with N a non-negative integer"))?;
+    let counts = state.inventory.set(&sku, available).await.map_err(|e| stock_problem(state, e))?;
+    Ok(Json(counts))
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ProduceLine<'a> {
+    Ok { line: usize, partition: u32, offset: u64, order_id: Option<&'a str> },
+    Err { line: usize, error: String, code: &'static str },
+}
+
+/// `POST /v1/admin/produce` (admin): NDJSON in, one NDJSON result per
+/// non-blank input line out, in input order. Lines are numbered from 1;
+/// blank lines are skipped. A bad line does not stop the others.
+pub(crate) async fn admin_produce(State(ctx): State<Ctx>, headers: HeaderMap, body: Body) -> Result<Response, Problem> {
+    let state = &ctx.app;
+    require_admin(state, &headers)?;
+    if !state.health.is_accepting() {
+        return Err(Problem::shutting_down(state.config.retry_after_s));
+    }
+    let body = body_or_problem(body, state.config.body_limit_bytes.saturating_mul(PRODUCE_BODY_FACTOR)).await?;
+    let mut numbers = Vec::new();
+    let mut lines: Vec<&[u8]> = Vec::new();
+    for (i, line) in body.split(|b| *b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        numbers.push(i + 1);
+        lines.push(line);
+    }
+    let results = state.intake.produce_raw_batch(&lines).await;
+    let mut out = Vec::with_capacity(results.len() * 64);
+    for (line, r) in numbers.into_iter().zip(&results) {
+        let row = match r {
+            Ok(p) => ProduceLine::Ok { line, partition: p.partition, offset: p.offset, order_id: p.order_id.as_deref() },
+            Err(e) => {
+                if matches!(e, IntakeError::Unavailable(_)) {
+                    tracing::warn!(line, error = %e, "produce failed");
+                }
+                let error = match e {
+                    IntakeError::Invalid(r) => r.detail.clone(),
+                    other => other.to_string(),
+                };
+                ProduceLine::Err { line, error, code: e.code() }
+            }
+        };
+        serde_json::to_writer(&mut out, &row).expect("a result always serializes");
+        out.push(b'\n');
+    }
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], out).into_response())
+}
+
+/// `GET /metrics`: Prometheus text exposition format.
+pub(crate) async fn metrics(State(ctx): State<Ctx>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], ctx.app.metrics.render()).into_response()
+}
+
+/// `GET /healthz`: the process is alive.
+pub(crate) async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// `GET /readyz`: 200 once every partition is recovered, else 503.
+pub(crate) async fn readyz(State(ctx): State<Ctx>) -> Result<&'static str, Problem> {
+    if ctx.app.health.is_ready() { Ok("ready") } else { Err(Problem::not_ready()) }
+}

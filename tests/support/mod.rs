@@ -1,0 +1,128 @@
+//! Helpers shared by the tests that run the real `orderflow` binary.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-5b1f";
+
+/// A running `orderflow run` process and everything it printed.
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+    pub output: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+/// Starts the binary on a free port with `data_dir` and waits until
+/// `/readyz` answers 200 (readiness, never a fixed sleep).
+pub fn start_server(data_dir: &Path, extra_env: &[(&str, &str)]) -> Server {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_orderflow"));
+    cmd.args(["run", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env("ORDERFLOW_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn orderflow");
+    let output = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (addr_tx, addr_rx) = mpsc::channel::<String>();
+    for stream in [Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>, Box::new(child.stderr.take().unwrap())] {
+        let (output, addr_tx) = (output.clone(), addr_tx.clone());
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stream);
+            let mut line = Vec::new();
+            while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+                let text = String::from_utf8_lossy(&line);
+                if let Some(i) = text.find("addr=") {
+                    let addr: String = text[i + 5..].chars().take_while(|c| !c.is_whitespace()).collect();
+                    let _ = addr_tx.send(addr);
+                }
+                output.lock().unwrap().extend_from_slice(&line);
+                line.clear();
+            }
+        });
+    }
+    let addr = addr_rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+        let out = String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
+        panic!("orderflow did not report its address; output:\n{out}")
+    });
+    let server = Server { child, base: format!("http://{addr}"), output };
+    wait_until(Duration::from_secs(60), "readiness", || {
+        client().get(format!("{}/readyz", server.base)).send().is_ok_and(|r| r.status() == 200)
+    });
+    server
+}
+
+impl Server {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+        self.child.wait().expect("wait")
+    }
+
+    pub fn output_text(&self) -> String {
+        String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
+}
+
+/// Polls `cond` until it holds; panics naming `what` after `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn set_stock(base: &str, sku: &str, available: u64) {
+    let r = client()
+        .put(format!("{base}/v1/inventory/{sku}"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&serde_json::json!({ "available": available }))
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "set stock: {}", r.status());
+}
+
+pub fn stock(base: &str, sku: &str) -> serde_json::Value {
+    client().get(format!("{base}/v1/inventory/{sku}")).bearer_auth(ADMIN_TOKEN).send().unwrap().json().unwrap()
+}
+
+/// The order's view (admin credentials), or `None` for 404.
+pub fn order_view(base: &str, id: &str) -> Option<serde_json::Value> {
+    let r = client().get(format!("{base}/v1/orders/{id}")).bearer_auth(ADMIN_TOKEN).send().unwrap();
+    (r.status() == 200).then(|| r.json().unwrap())
+}
+
+pub fn is_terminal(status: &str) -> bool {
+    matches!(status, "confirmed" | "rejected" | "out_of_stock" | "payment_declined" | "payment_failed")
+}
+
+pub fn order_body(id: &str, sku: &str, quantity: u32) -> serde_json::Value {
+    serde_json::json!({"order_id": id, "customer_id": "cus-1", "currency": "USD",
+        "lines": [{"sku": sku, "quantity": quantity, "unit_price": 1999}],
+        "payment": {"token": "tok_visa"}, "contact": {"email": "ada@example.com"}})
+}
