@@ -50,7 +50,7 @@ fn sigkill_mid_load_then_restart() {
         t.join().unwrap();
     }
     let acked = acked.lock().unwrap().clone();
-    assert!(!acked.is_empty());
+    assert!(acked.len() < THREADS * ORDERS_PER_THREAD, "the kill came after the load: nothing was tested");
 
     let server = start_server(dir.path(), &[]);
     let mut terminal = std::collections::BTreeMap::new();
@@ -92,5 +92,5 @@ fn sigkill_mid_load_then_restart() {
     assert_eq!(available + reserved + sold, STOCK, "conservation: {s}");
     assert_eq!(sold as usize, confirmed, "confirmed orders = sold: {s}");
     assert!(sold <= STOCK);
-    let _ = sent;
+    eprintln!("sent {} acked {} confirmed {confirmed} stock {s}", sent.load(Ordering::SeqCst), acked.len());
 }

@@ -194,7 +194,8 @@ fn pan_rejection() -> Rejection {
     Rejection::new(RejectReason::PanDetected, "the order contains a card number; pay with a token")
 }
 
-fn value_contains_pan(v: &Value) -> bool {
+/// True if any key or string inside `v` holds a card number (escapes decoded).
+pub fn value_contains_pan(v: &Value) -> bool {
     match v {
         Value::String(s) => contains_pan(s.as_bytes()),
         Value::Array(a) => a.iter().any(value_contains_pan),

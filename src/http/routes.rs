@@ -208,8 +208,13 @@ pub(crate) async fn put_stock(
         return Err(Problem::invalid_sku());
     }
     let body = body_or_problem(body, state.config.body_limit_bytes).await?;
-    let StockBody { available } = serde_json::from_slice(&body)
-        .map_err(|_| Problem::invalid_body("expected {\"available\": N} with N a non-negative integer"))?;
+    let bad = || Problem::invalid_body("expected {\"available\": N} with N a non-negative integer");
+    // An object only (serde would also take `[N]` for the struct).
+    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|_| bad())?;
+    if !value.is_object() {
+        return Err(bad());
+    }
+    let StockBody { available } = serde_json::from_value(value).map_err(|_| bad())?;
     let counts = state.inventory.set(&sku, available).await.map_err(|e| stock_problem(state, e))?;
     Ok(Json(counts))
 }

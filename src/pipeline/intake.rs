@@ -369,12 +369,26 @@ impl Intake {
 /// The record of a raw line and its order id, if it has a plausible one
 /// (a valid id that is not a card number: the id is echoed back).
 fn raw_record(line: &[u8]) -> Result<(Record, Option<String>), IntakeError> {
+    // A line holding a card number is refused here and never written: the
+    // log is durable storage, and card data must not reach it.
+    if contains_pan(line) {
+        return Err(IntakeError::Invalid(rejection(
+            RejectReason::PanDetected,
+            "the line contains a card number; pay with a token".to_owned(),
+        )));
+    }
     let value: Value = serde_json::from_slice(line).map_err(|e| {
         IntakeError::Invalid(rejection(
             RejectReason::MalformedJson,
             format!("line is not valid JSON (column {})", e.column()),
         ))
     })?;
+    if crate::domain::order::value_contains_pan(&value) {
+        return Err(IntakeError::Invalid(rejection(
+            RejectReason::PanDetected,
+            "the line contains a card number; pay with a token".to_owned(),
+        )));
+    }
     let str_at = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_owned);
     let sku = str_at(value.get("lines").and_then(|l| l.get(0)).and_then(|l| l.get("sku")));
     let order_id = str_at(value.get("order_id"));

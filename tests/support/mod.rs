@@ -38,7 +38,7 @@ pub fn start_server(data_dir: &Path, extra_env: &[(&str, &str)]) -> Server {
             let mut reader = BufReader::new(stream);
             let mut line = Vec::new();
             while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
-                let text = String::from_utf8_lossy(&line);
+                let text = strip_ansi(&String::from_utf8_lossy(&line));
                 if let Some(i) = text.find("addr=") {
                     let addr: String = text[i + 5..].chars().take_while(|c| !c.is_whitespace()).collect();
                     let _ = addr_tx.send(addr);
@@ -82,6 +82,24 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Removes terminal colour codes, so log lines parse the same either way.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 pub fn client() -> reqwest::blocking::Client {
