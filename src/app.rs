@@ -70,13 +70,19 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
 }
 
 pub async fn start(config: Config, admin_token: Option<Secret>) -> anyhow::Result<App> {
+    let gateway = Arc::new(Simulator::new(&config.gateway));
+    start_with_gateway(config, admin_token, gateway).await
+}
+
+/// `start` with a given simulator, which tests keep across restarts the way
+/// a real gateway outlives the process.
+pub async fn start_with_gateway(config: Config, admin_token: Option<Secret>, gateway: Arc<Simulator>) -> anyhow::Result<App> {
     config.validate()?;
     let lock = lock_data_dir(&config.data_dir)?;
     let metrics = Arc::new(Metrics::new());
     let topics = [(Topic::Orders, config.partitions), (Topic::OrderStatus, config.status_partitions)];
     let log: Arc<dyn Log> = Arc::new(EmbeddedLog::open(&config.data_dir.join("log"), &topics, &config.log, metrics.clone())?);
     let store: Arc<dyn StateStore> = Arc::new(EmbeddedStore::open(&config.data_dir.join("state.redb"))?);
-    let gateway = Arc::new(Simulator::new(&config.gateway));
     let (effects, executor) =
         effects::spawn(log.clone(), gateway.clone() as Arc<dyn PaymentGateway>, metrics.clone(), config.gateway.clone());
     let inventory = Arc::new(Inventory::new(log.clone()));
@@ -180,6 +186,12 @@ pub async fn start(config: Config, admin_token: Option<Secret>) -> anyhow::Resul
 impl App {
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The log this instance runs on (benchmarks and tools append to it
+    /// directly, as an upstream producer would).
+    pub fn log(&self) -> Arc<dyn Log> {
+        self.log.clone()
     }
 
     /// Stops intake, drains every partition, checkpoints, closes the log.

@@ -581,7 +581,10 @@ async fn admin_produce_mixed_lines() {
     let good = order(Some("prod-1"), "SKU-P", 1, "tok_visa");
     let mut invalid = order(Some("prod-bad"), "SKU-P", 1, "tok_visa");
     invalid["currency"] = json!("usd");
-    let body = format!("{good}\nnot json at all\n\n{invalid}\r\n[1,2]\n{{\"order_id\": \"prod-2\"\n");
+    let mut carded = good.clone();
+    carded["order_id"] = json!("prod-card");
+    carded["note"] = json!("card 4242 4242 4242 4242");
+    let body = format!("{good}\nnot json at all\n\n{invalid}\r\n[1,2]\n{{\"order_id\": \"prod-2\"\n{carded}\n");
     let url = s.url("/v1/admin/produce");
     problem(s.http.post(&url).body(body.clone()).send().await.unwrap(), StatusCode::UNAUTHORIZED, "unauthorized").await;
     let res = s.http.post(&url).bearer_auth(ADMIN).header("content-type", "application/x-ndjson").body(body).send().await.unwrap();
@@ -589,7 +592,7 @@ async fn admin_produce_mixed_lines() {
     assert!(res.headers().get("content-type").unwrap().to_str().unwrap().starts_with("application/x-ndjson"));
     let rows: Vec<Value> = res.text().await.unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let lines: Vec<u64> = rows.iter().map(|r| r["line"].as_u64().unwrap()).collect();
-    assert_eq!(lines, [1, 2, 4, 5, 6], "{rows:?}");
+    assert_eq!(lines, [1, 2, 4, 5, 6, 7], "{rows:?}");
     assert_eq!(rows[0]["order_id"], "prod-1");
     assert!(rows[0]["partition"].is_u64() && rows[0]["offset"].is_u64());
     assert_eq!(rows[1]["code"], "malformed_json");
@@ -597,6 +600,8 @@ async fn admin_produce_mixed_lines() {
     assert_eq!(rows[2]["order_id"], "prod-bad");
     assert!(rows[3]["offset"].is_u64() && rows[3]["order_id"].is_null());
     assert_eq!(rows[4]["code"], "malformed_json");
+    assert_eq!(rows[5]["code"], "pan_detected", "a card number never reaches the log");
+    assert!(!rows[5].to_string().contains("4242"));
 
     let v = s.wait_terminal("prod-1", ADMIN).await;
     assert_eq!(v["status"], "confirmed");

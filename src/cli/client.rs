@@ -128,7 +128,8 @@ pub async fn status(client: &Client, id: &str) -> anyhow::Result<bool> {
         }
         return Ok(false);
     }
-    let view: Value = res.json().await.context("the server's answer is not JSON")?;
-    println!("{}", serde_json::to_string_pretty(&view)?);
+    // As the server wrote it (field order of the contract), one line.
+    let text = res.text().await.context("cannot read the server's answer")?;
+    println!("{}", text.trim_end());
     Ok(true)
 }

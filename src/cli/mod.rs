@@ -27,8 +27,10 @@ pub const LOG_FORMAT_ENV: &str = "ORDERFLOW_LOG_FORMAT";
 #[command(name = "orderflow", version, about = "Order-processing stream processor")]
 pub struct Cli {
     /// TOML configuration file (defaults apply to what it leaves out).
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, global = true, env = "ORDERFLOW_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub client: ClientArgs,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -43,8 +45,6 @@ pub enum Command {
         /// NDJSON file of orders, or `-` for standard input.
         #[arg(value_name = "FILE|-")]
         input: String,
-        #[command(flatten)]
-        client: ClientArgs,
     },
     /// Set or read stock levels.
     Stock {
@@ -55,8 +55,6 @@ pub enum Command {
     Status {
         /// The order id.
         id: String,
-        #[command(flatten)]
-        client: ClientArgs,
     },
 }
 
@@ -67,14 +65,10 @@ pub enum StockCommand {
     Load {
         #[arg(value_name = "FILE")]
         file: PathBuf,
-        #[command(flatten)]
-        client: ClientArgs,
     },
     /// Print a SKU's counters: available, reserved, sold.
     Get {
         sku: String,
-        #[command(flatten)]
-        client: ClientArgs,
     },
 }
 
@@ -93,8 +87,9 @@ pub struct RunArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct ClientArgs {
-    /// Base URL of a running instance [default: http:// + the listen address].
-    #[arg(long, env = SERVER_ENV, value_name = "URL")]
+    /// Client commands: base URL of a running instance
+    /// [default: http:// + the listen address].
+    #[arg(long, global = true, env = SERVER_ENV, value_name = "URL")]
     pub server: Option<String>,
 }
 
@@ -151,6 +146,7 @@ pub fn main() -> ExitCode {
 /// Runs a parsed command; `Ok(false)` is a partial failure (exit 1).
 pub async fn dispatch(cli: Cli) -> Result<bool, CliError> {
     let file = cli.config.as_deref();
+    let client = &cli.client;
     match cli.command {
         Command::Run(args) => {
             let config = run_config(file, &args)?;
@@ -161,20 +157,20 @@ pub async fn dispatch(cli: Cli) -> Result<bool, CliError> {
             start_app(config, admin_token).await?;
             Ok(true)
         }
-        Command::Produce { input, client } => {
-            let c = client::Client::new(file, &client)?;
+        Command::Produce { input } => {
+            let c = client::Client::new(file, client)?;
             Ok(produce::run(&c, &input).await?)
         }
-        Command::Stock { command: StockCommand::Load { file: path, client } } => {
-            let c = client::Client::new(file, &client)?;
+        Command::Stock { command: StockCommand::Load { file: path } } => {
+            let c = client::Client::new(file, client)?;
             Ok(stock::load(&c, &path).await?)
         }
-        Command::Stock { command: StockCommand::Get { sku, client } } => {
-            let c = client::Client::new(file, &client)?;
+        Command::Stock { command: StockCommand::Get { sku } } => {
+            let c = client::Client::new(file, client)?;
             Ok(stock::get(&c, &sku).await?)
         }
-        Command::Status { id, client } => {
-            let c = client::Client::new(file, &client)?;
+        Command::Status { id } => {
+            let c = client::Client::new(file, client)?;
             Ok(client::status(&c, &id).await?)
         }
     }
@@ -241,7 +237,10 @@ mod tests {
     #[test]
     fn parses() {
         let cli = Cli::try_parse_from(["orderflow", "--config", "c.toml", "stock", "get", "SKU-1", "--server", "http://h:1"]).unwrap();
+        assert_eq!(cli.client.server.as_deref(), Some("http://h:1"));
         assert!(matches!(cli.command, Command::Stock { command: StockCommand::Get { .. } }));
+        let cli = Cli::try_parse_from(["orderflow", "--server", "http://h:2", "status", "o-1"]).unwrap();
+        assert_eq!(cli.client.server.as_deref(), Some("http://h:2"));
         assert!(Cli::try_parse_from(["orderflow", "produce"]).is_err());
         Cli::try_parse_from(["orderflow", "run", "--listen", "127.0.0.1:0", "--partitions", "2"]).unwrap();
     }

@@ -1,6 +1,7 @@
 //! `orderflow produce FILE|-`: NDJSON orders to a running instance's log
-//! through `POST /v1/admin/produce`. A line that is not JSON is reported
-//! with its line number and not sent; the others go in chunks. One result
+//! through `POST /v1/admin/produce`. A line that is not JSON (or holds a
+//! card number) is reported with its line number and not sent; the others
+//! go in chunks. One result
 //! line per non-blank input line is printed, in input order:
 //! `{"line","partition","offset","order_id"}` or `{"line","error","code"}`.
 //! Lines the server could not take for now (`log_full`, `unavailable`)
@@ -12,9 +13,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use reqwest::{Method, StatusCode};
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 
 use super::client::{Client, failure, retryable, send};
+use crate::domain::pan::contains_pan;
 
 /// Bytes of order lines per request (the server takes 64× its body limit).
 const CHUNK_BYTES: usize = 1024 * 1024;
@@ -25,8 +27,8 @@ const MAX_ATTEMPTS: u32 = 6;
 type Lines = Vec<(usize, Vec<u8>)>;
 
 enum Slot {
-    /// Not sent: not JSON.
-    Local { line: usize, error: String },
+    /// Not sent: not JSON, or holds a card number.
+    Local { line: usize, error: String, code: &'static str },
     Sent { line: usize },
 }
 
@@ -35,6 +37,33 @@ struct Chunk {
     slots: Vec<Slot>,
     lines: Lines,
     bytes: usize,
+}
+
+/// One printed result, fields in the order of the server's answer.
+#[derive(Serialize, Deserialize, Debug)]
+#[serde(untagged)]
+enum Row {
+    Err { line: usize, error: String, code: String },
+    Ok { line: usize, partition: u32, offset: u64, order_id: Option<String> },
+}
+
+impl Row {
+    fn fail(line: usize, error: impl Into<String>, code: impl Into<String>) -> Row {
+        Row::Err { line, error: error.into(), code: code.into() }
+    }
+
+    fn line_mut(&mut self) -> &mut usize {
+        match self {
+            Row::Err { line, .. } | Row::Ok { line, .. } => line,
+        }
+    }
+
+    fn code(&self) -> Option<&str> {
+        match self {
+            Row::Err { code, .. } => Some(code),
+            Row::Ok { .. } => None,
+        }
+    }
 }
 
 /// Totals over a run.
@@ -63,7 +92,13 @@ pub async fn run(client: &Client, input: &str) -> anyhow::Result<bool> {
             continue;
         }
         if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&line) {
-            chunk.slots.push(Slot::Local { line: number, error: format!("not JSON (column {})", e.column()) });
+            chunk.slots.push(Slot::Local { line: number, error: format!("not JSON (column {})", e.column()), code: "malformed_json" });
+            continue;
+        }
+        // The server refuses these too; card data need not travel at all.
+        if contains_pan(&line) {
+            let error = "the line contains a card number; pay with a token".to_owned();
+            chunk.slots.push(Slot::Local { line: number, error, code: "pan_detected" });
             continue;
         }
         if !chunk.lines.is_empty() && (chunk.bytes + line.len() > CHUNK_BYTES || chunk.lines.len() >= CHUNK_LINES) {
@@ -82,19 +117,19 @@ async fn flush(client: &Client, chunk: Chunk, tally: &mut Tally) -> anyhow::Resu
     let mut results = send_lines(client, chunk.lines).await?;
     let mut out = std::io::stdout().lock();
     for slot in chunk.slots {
-        let v = match slot {
-            Slot::Local { line, error } => json!({"line": line, "error": error, "code": "malformed_json"}),
-            Slot::Sent { line } => results
-                .remove(&line)
-                .unwrap_or_else(|| json!({"line": line, "error": "the server answered no result for this line", "code": "no_result"})),
+        let row = match slot {
+            Slot::Local { line, error, code } => Row::fail(line, error, code),
+            Slot::Sent { line } => {
+                results.remove(&line).unwrap_or_else(|| Row::fail(line, "the server answered no result for this line", "no_result"))
+            }
         };
-        if v.get("error").is_some() {
+        if row.code().is_some() {
             tally.failed += 1;
         } else {
             tally.ok += 1;
         }
         use std::io::Write as _;
-        writeln!(out, "{v}")?;
+        writeln!(out, "{}", serde_json::to_string(&row)?)?;
     }
     Ok(())
 }
@@ -105,7 +140,7 @@ fn backoff(attempt: u32, hint: Option<Duration>) -> Duration {
 }
 
 /// Sends lines, retrying what may succeed later; results by input line.
-async fn send_lines(client: &Client, lines: Lines) -> anyhow::Result<BTreeMap<usize, Value>> {
+async fn send_lines(client: &Client, lines: Lines) -> anyhow::Result<BTreeMap<usize, Row>> {
     let mut out = BTreeMap::new();
     let mut queue: VecDeque<(Lines, u32)> = VecDeque::new();
     if !lines.is_empty() {
@@ -126,14 +161,14 @@ async fn send_lines(client: &Client, lines: Lines) -> anyhow::Result<BTreeMap<us
             let text = res.text().await.context("cannot read the server's answer")?;
             let mut again = Vec::new();
             for row in text.lines().filter(|l| !l.trim().is_empty()) {
-                let mut v: Value = serde_json::from_str(row).context("the server's answer is not NDJSON")?;
-                let Some(k) = v.get("line").and_then(Value::as_u64).filter(|k| (1..=batch.len() as u64).contains(k)) else {
+                let mut v: Row = serde_json::from_str(row).context("the server's answer is not the produce NDJSON")?;
+                let k = *v.line_mut();
+                if !(1..=batch.len()).contains(&k) {
                     anyhow::bail!("the server answered a result for a line it was not sent");
-                };
-                let (number, line) = &batch[k as usize - 1];
-                v["line"] = json!(number);
-                let code = v.get("code").and_then(Value::as_str).unwrap_or("");
-                if matches!(code, "log_full" | "unavailable") && attempt + 1 < MAX_ATTEMPTS {
+                }
+                let (number, line) = &batch[k - 1];
+                *v.line_mut() = *number;
+                if matches!(v.code(), Some("log_full" | "unavailable")) && attempt + 1 < MAX_ATTEMPTS {
                     again.push((*number, line.clone()));
                 } else {
                     out.insert(*number, v);
@@ -162,7 +197,7 @@ async fn send_lines(client: &Client, lines: Lines) -> anyhow::Result<BTreeMap<us
             continue;
         }
         for (number, _) in batch {
-            out.insert(number, json!({"line": number, "error": f.detail, "code": f.code}));
+            out.insert(number, Row::fail(number, f.detail.clone(), f.code.clone()));
         }
     }
     Ok(out)

@@ -8,6 +8,14 @@ use serde_json::{Value, json};
 
 use super::client::{Client, failure, send};
 
+/// A SKU that could not be set.
+#[derive(serde::Serialize)]
+struct StockFailure<'a> {
+    sku: &'a str,
+    error: &'a str,
+    code: &'a str,
+}
+
 /// One stock line of the input, or why it is not one.
 type Entry = (String, Result<u64, String>);
 
@@ -50,20 +58,22 @@ pub async fn load(client: &Client, path: &Path) -> anyhow::Result<bool> {
         let line = match available {
             Err(e) => {
                 ok = false;
-                json!({"sku": sku, "error": e, "code": "invalid_body"})
+                serde_json::to_string(&StockFailure { sku: &sku, error: &e, code: "invalid_body" })?
             }
             Ok(n) => {
                 let req = client.request(Method::PUT, &["v1", "inventory", &sku]).json(&json!({ "available": n }));
                 let res = send(client, req).await?;
                 if res.status().is_success() {
-                    res.json::<Value>().await.context("the server's answer is not JSON")?
+                    let text = res.text().await.context("cannot read the server's answer")?;
+                    println!("{}", text.trim_end());
+                    continue;
                 } else {
                     let f = failure(res).await;
                     if matches!(f.code.as_str(), "unauthorized" | "admin_disabled") {
                         anyhow::bail!("{f}");
                     }
                     ok = false;
-                    json!({"sku": sku, "error": f.detail, "code": f.code})
+                    serde_json::to_string(&StockFailure { sku: &sku, error: &f.detail, code: &f.code })?
                 }
             }
         };
@@ -79,8 +89,8 @@ pub async fn get(client: &Client, sku: &str) -> anyhow::Result<bool> {
         eprintln!("error: {}", failure(res).await);
         return Ok(false);
     }
-    let v: Value = res.json().await.context("the server's answer is not JSON")?;
-    println!("{}", serde_json::to_string_pretty(&v)?);
+    let text = res.text().await.context("cannot read the server's answer")?;
+    println!("{}", text.trim_end());
     Ok(true)
 }
 

@@ -293,8 +293,9 @@ impl Intake {
     }
 
     /// Writes one upstream line (`orderflow produce`) to `orders` as is.
-    /// It must be JSON; everything else is the processor's to validate (an
-    /// invalid order ends `rejected`). Keyed like an upstream producer
+    /// It must be JSON and hold no card number (`pan_detected`: card data
+    /// never reaches the durable log); everything else is the processor's
+    /// to validate (an invalid order ends `rejected`). Keyed like an upstream producer
     /// would: `lines[0].sku`, else `order_id`, else the empty key.
     pub async fn produce_raw(&self, line: &[u8]) -> Result<Produced, IntakeError> {
         let (record, order_id) = raw_record(line)?;
@@ -589,10 +590,11 @@ mod tests {
         assert_eq!(p.partition, partition_for_key(b"S-1", 8));
         let q = i.produce_raw(br#"{"order_id":"x2"}"#).await.unwrap();
         assert_eq!(q.partition, partition_for_key(b"x2", 8));
-        let r = i.produce_raw(br#"{"order_id":"4242424242424242"}"#).await.unwrap();
-        assert_eq!(r.order_id, None);
+        // A card number anywhere refuses the line: it never reaches the log.
+        let r = i.produce_raw(br#"{"order_id":"4242424242424242"}"#).await.unwrap_err();
+        assert_eq!(r.code(), "pan_detected");
         assert!(matches!(i.produce_raw(b"nope").await, Err(IntakeError::Invalid(_))));
-        assert_eq!(log.total(), 3);
+        assert_eq!(log.total(), 2);
         let stored = log.parts.lock().unwrap()[&p.partition][p.offset as usize].clone();
         assert_eq!(stored.value, br#"{"order_id":"x1","lines":[{"sku":"S-1"}]}"#.to_vec());
         assert_eq!(stored.kind, RecordKind::OrderJson);

@@ -85,14 +85,22 @@ pub async fn run(partition: u32, deps: RunnerDeps, mut shutdown: watch::Receiver
     for effect in processor.pending_effects() {
         deps.effects.submit(effect).await.map_err(|_| RunnerError::ExecutorGone { partition })?;
     }
-    tracing::info!(partition, next_offset = next, "partition recovered");
-    deps.recovered.add_permits(1);
+    // Recovered = checkpoint loaded and the tail replayed up to the end of
+    // the log as it was at start; only then is the partition's state current.
+    let (_, catch_up_to) = deps.log.offsets(Topic::Orders, partition).map_err(|source| RunnerError::Log { partition, source })?;
+    let mut recovering = true;
+    tracing::info!(partition, next_offset = next, catch_up_to, "partition checkpoint loaded, replaying the tail");
     let lag = deps.metrics.partition_lag.with_label_values(&["orders", &partition.to_string()]);
     let mut out = Output::default();
     let mut since_checkpoint: u64 = 0;
     let mut last_checkpoint = Instant::now();
     let every = Duration::from_millis(deps.checkpoint.every_ms);
     loop {
+        if recovering && next >= catch_up_to {
+            recovering = false;
+            tracing::info!(partition, next_offset = next, "partition recovered");
+            deps.recovered.add_permits(1);
+        }
         let stopping = *shutdown.borrow();
         let wait = if stopping { Duration::ZERO } else { Duration::from_millis(READ_WAIT_MS) };
         let records = tokio::select! {
