@@ -50,7 +50,8 @@ pub struct App {
 /// Takes an exclusive OS lock on the data directory, so a second process
 /// is refused at once instead of writing beside the first.
 fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create data directory {}", dir.display()))?;
     let path = dir.join("LOCK");
     let file = File::options()
         .create(true)
@@ -65,7 +66,9 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
             dir.display(),
             path.display()
         ),
-        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("cannot lock {}", path.display())),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
     }
 }
 
@@ -76,15 +79,32 @@ pub async fn start(config: Config, admin_token: Option<Secret>) -> anyhow::Resul
 
 /// `start` with a given simulator, which tests keep across restarts the way
 /// a real gateway outlives the process.
-pub async fn start_with_gateway(config: Config, admin_token: Option<Secret>, gateway: Arc<Simulator>) -> anyhow::Result<App> {
+pub async fn start_with_gateway(
+    config: Config,
+    admin_token: Option<Secret>,
+    gateway: Arc<Simulator>,
+) -> anyhow::Result<App> {
     config.validate()?;
     let lock = lock_data_dir(&config.data_dir)?;
     let metrics = Arc::new(Metrics::new());
-    let topics = [(Topic::Orders, config.partitions), (Topic::OrderStatus, config.status_partitions)];
-    let log: Arc<dyn Log> = Arc::new(EmbeddedLog::open(&config.data_dir.join("log"), &topics, &config.log, metrics.clone())?);
-    let store: Arc<dyn StateStore> = Arc::new(EmbeddedStore::open(&config.data_dir.join("state.redb"))?);
-    let (effects, executor) =
-        effects::spawn(log.clone(), gateway.clone() as Arc<dyn PaymentGateway>, metrics.clone(), config.gateway.clone());
+    let topics = [
+        (Topic::Orders, config.partitions),
+        (Topic::OrderStatus, config.status_partitions),
+    ];
+    let log: Arc<dyn Log> = Arc::new(EmbeddedLog::open(
+        &config.data_dir.join("log"),
+        &topics,
+        &config.log,
+        metrics.clone(),
+    )?);
+    let store: Arc<dyn StateStore> =
+        Arc::new(EmbeddedStore::open(&config.data_dir.join("state.redb"))?);
+    let (effects, executor) = effects::spawn(
+        log.clone(),
+        gateway.clone() as Arc<dyn PaymentGateway>,
+        metrics.clone(),
+        config.gateway.clone(),
+    );
     let inventory = Arc::new(Inventory::new(log.clone()));
     let tracking = Arc::new(Tracking::new(store.clone(), metrics.clone()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -119,7 +139,12 @@ pub async fn start_with_gateway(config: Config, admin_token: Option<Secret>, gat
     let mut sinks = Vec::new();
     for partition in 0..config.status_partitions {
         let next = positions.get(&partition).copied().unwrap_or(0);
-        let (t, l, rx, fatal) = (tracking.clone(), log.clone(), shutdown_rx.clone(), fatal_tx.clone());
+        let (t, l, rx, fatal) = (
+            tracking.clone(),
+            log.clone(),
+            shutdown_rx.clone(),
+            fatal_tx.clone(),
+        );
         sinks.push(tokio::spawn(async move {
             let result = tracking::run_sink(t, l, partition, next, rx).await;
             if let Err(e) = &result {

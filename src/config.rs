@@ -108,26 +108,42 @@ impl Default for LogConfig {
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        CheckpointConfig { every_messages: 20_000, every_ms: 1_000 }
+        CheckpointConfig {
+            every_messages: 20_000,
+            every_ms: 1_000,
+        }
     }
 }
 
 impl Default for GatewayConfig {
     fn default() -> Self {
-        GatewayConfig { latency_ms: 0, failure_rate: 0.0, max_inflight: 10_000, max_attempts: 4, retry_base_ms: 20 }
+        GatewayConfig {
+            latency_ms: 0,
+            failure_rate: 0.0,
+            max_inflight: 10_000,
+            max_attempts: 4,
+            retry_base_ms: 20,
+        }
     }
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { body_limit_bytes: 64 * 1024, retry_after_s: 1, max_sse_streams: 10_000 }
+        HttpConfig {
+            body_limit_bytes: 64 * 1024,
+            retry_after_s: 1,
+            max_sse_streams: 10_000,
+        }
     }
 }
 
 #[derive(thiserror::Error, Debug)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("invalid config file {path}: {message}")]
     Parse { path: String, message: String },
     #[error("invalid configuration: {0}")]
@@ -137,46 +153,118 @@ pub enum ConfigError {
 impl Config {
     /// Defaults overridden by the TOML file at `path`.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
         Self::from_toml(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.display().to_string(), message },
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                message,
+            },
             other => other,
         })
     }
 
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse { path: "<inline>".into(), message: e.to_string() })
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<inline>".into(),
+            message: e.to_string(),
+        })
     }
 
     /// Checks every limit; the message names the key and the allowed range.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn range<T: PartialOrd + std::fmt::Display>(key: &str, v: T, lo: T, hi: T) -> Result<(), ConfigError> {
+        fn range<T: PartialOrd + std::fmt::Display>(
+            key: &str,
+            v: T,
+            lo: T,
+            hi: T,
+        ) -> Result<(), ConfigError> {
             if v < lo || v > hi {
-                return Err(ConfigError::Invalid(format!("`{key}` = {v} is out of range [{lo}, {hi}]")));
+                return Err(ConfigError::Invalid(format!(
+                    "`{key}` = {v} is out of range [{lo}, {hi}]"
+                )));
             }
             Ok(())
         }
         range("partitions", self.partitions, 1, 1024)?;
         range("status_partitions", self.status_partitions, 1, 1024)?;
-        range("log.segment_size_bytes", self.log.segment_size_bytes, 4096, 1 << 40)?;
-        range("log.retention_bytes", self.log.retention_bytes, self.log.segment_size_bytes, u64::MAX)?;
-        range("log.max_record_bytes", self.log.max_record_bytes, 1024, 64 * 1024 * 1024)?;
+        range(
+            "log.segment_size_bytes",
+            self.log.segment_size_bytes,
+            4096,
+            1 << 40,
+        )?;
+        range(
+            "log.retention_bytes",
+            self.log.retention_bytes,
+            self.log.segment_size_bytes,
+            u64::MAX,
+        )?;
+        range(
+            "log.max_record_bytes",
+            self.log.max_record_bytes,
+            1024,
+            64 * 1024 * 1024,
+        )?;
         if self.log.max_record_bytes as u64 > self.log.segment_size_bytes {
-            return Err(ConfigError::Invalid("`log.max_record_bytes` must not exceed `log.segment_size_bytes`".into()));
+            return Err(ConfigError::Invalid(
+                "`log.max_record_bytes` must not exceed `log.segment_size_bytes`".into(),
+            ));
         }
-        range("log.append_queue_depth", self.log.append_queue_depth, 1, 1 << 20)?;
-        range("log.max_batch_records", self.log.max_batch_records, 1, 1 << 20)?;
-        range("checkpoint.every_messages", self.checkpoint.every_messages, 1, 1 << 32)?;
-        range("checkpoint.every_ms", self.checkpoint.every_ms, 1, 3_600_000)?;
+        range(
+            "log.append_queue_depth",
+            self.log.append_queue_depth,
+            1,
+            1 << 20,
+        )?;
+        range(
+            "log.max_batch_records",
+            self.log.max_batch_records,
+            1,
+            1 << 20,
+        )?;
+        range(
+            "checkpoint.every_messages",
+            self.checkpoint.every_messages,
+            1,
+            1 << 32,
+        )?;
+        range(
+            "checkpoint.every_ms",
+            self.checkpoint.every_ms,
+            1,
+            3_600_000,
+        )?;
         range("gateway.latency_ms", self.gateway.latency_ms, 0, 60_000)?;
         range("gateway.failure_rate", self.gateway.failure_rate, 0.0, 1.0)?;
-        range("gateway.max_inflight", self.gateway.max_inflight, 1, 1 << 20)?;
+        range(
+            "gateway.max_inflight",
+            self.gateway.max_inflight,
+            1,
+            1 << 20,
+        )?;
         range("gateway.max_attempts", self.gateway.max_attempts, 1, 100)?;
-        range("gateway.retry_base_ms", self.gateway.retry_base_ms, 1, 60_000)?;
-        range("http.body_limit_bytes", self.http.body_limit_bytes, 256, 16 * 1024 * 1024)?;
+        range(
+            "gateway.retry_base_ms",
+            self.gateway.retry_base_ms,
+            1,
+            60_000,
+        )?;
+        range(
+            "http.body_limit_bytes",
+            self.http.body_limit_bytes,
+            256,
+            16 * 1024 * 1024,
+        )?;
         range("http.retry_after_s", self.http.retry_after_s, 1, 3600)?;
-        range("http.max_sse_streams", self.http.max_sse_streams, 1, 1 << 20)?;
+        range(
+            "http.max_sse_streams",
+            self.http.max_sse_streams,
+            1,
+            1 << 20,
+        )?;
         Ok(())
     }
 }
@@ -192,7 +280,10 @@ mod tests {
         let c = Config::from_toml("partitions = 4\n[log]\nfsync = false\n").unwrap();
         assert_eq!(c.partitions, 4);
         assert!(!c.log.fsync);
-        assert_eq!(c.log.segment_size_bytes, LogConfig::default().segment_size_bytes);
+        assert_eq!(
+            c.log.segment_size_bytes,
+            LogConfig::default().segment_size_bytes
+        );
     }
 
     /// Unknown keys and out-of-range values are precise errors.
@@ -200,9 +291,16 @@ mod tests {
     fn errors() {
         let e = Config::from_toml("partitons = 4").unwrap_err().to_string();
         assert!(e.contains("partitons"), "{e}");
-        let mut c = Config::default();
-        c.partitions = 0;
-        assert!(c.validate().unwrap_err().to_string().contains("`partitions` = 0"));
+        let c = Config {
+            partitions: 0,
+            ..Config::default()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("`partitions` = 0")
+        );
     }
 }
 
@@ -214,7 +312,10 @@ pub struct Secret(String);
 impl Secret {
     /// `None` for an absent or empty value.
     pub fn from_env(var: &str) -> Option<Secret> {
-        std::env::var(var).ok().filter(|v| !v.is_empty()).map(Secret)
+        std::env::var(var)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(Secret)
     }
 
     pub fn new(value: impl Into<String>) -> Secret {

@@ -2,23 +2,25 @@
 //!
 //! Layout (dependencies point inward, towards `domain`):
 //!
-//! - `domain/`    orders and validation, PAN detection, statuses, log
-//!                messages with deterministic ids, effects. Imports nothing.
-//! - `stages/`    the pure, deterministic partition processor: validation,
-//!                inventory, payment and the multi-SKU saga. State + message
-//!                → new state + messages to emit + effects. Knows only `domain`.
-//! - `pipeline/`  `log/` (the `Log` trait; embedded segment log), `store/`
-//!                (the `StateStore` trait; embedded redb store), `runner`
-//!                (reads a partition, drives the processor, appends its
-//!                output, checkpoints), `effects` (runs payment calls outside
-//!                the state machine and logs their results), `intake`
-//!                (accepts orders: validate, append durably, remember).
-//! - `gateway/`   the `PaymentGateway` trait and the built-in simulator.
-//! - `sinks/`     consumers of `order-status`: tracking read model + SSE
-//!                fan-out, Prometheus metrics.
-//! - `http/`      axum routes, problem+json errors, SSE.
-//! - `cli/`       clap commands; `app` wires a running instance together.
-//! - `config`     TOML/env/flag configuration with validation.
+//! ```text
+//! domain/     orders and validation, PAN detection, statuses, log messages
+//!             with deterministic ids, effects, the partitioner. Imports nothing.
+//! stages/     the pure, deterministic partition processor: validation,
+//!             inventory, payment and the multi-SKU saga. State + message →
+//!             new state + messages to emit + effects. Knows only `domain`.
+//! pipeline/   log/ (the `Log` trait; embedded segment log), store/ (the
+//!             `StateStore` trait; embedded redb store), runner (reads a
+//!             partition, drives the processor, appends its output,
+//!             checkpoints), effects (runs payment calls outside the state
+//!             machine and logs their results), intake (validate, append
+//!             durably, remember), inventory (stock queries and admin).
+//! gateway/    the `PaymentGateway` trait and the built-in simulator.
+//! sinks/      consumers of `order-status`: tracking read model + SSE
+//!             fan-out, Prometheus metrics.
+//! http/       axum routes, problem+json errors, SSE.
+//! cli/        clap commands; `app` wires a running instance together.
+//! config      TOML/env/flag configuration with validation.
+//! ```
 //!
 //! How an order flows: HTTP (or `orderflow produce`) → intake validates and
 //! appends the order JSON to `orders`, keyed by its first SKU, and answers

@@ -9,7 +9,11 @@ use std::time::Duration;
 use support::*;
 
 /// Stripe's test Visa number in several spellings.
-const PANS: [&str; 3] = ["4242424242424242", "4242 4242 4242 4242", "4000-0566-5566-5556"];
+const PANS: [&str; 3] = [
+    "4242424242424242",
+    "4242 4242 4242 4242",
+    "4000-0566-5566-5556",
+];
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
@@ -30,30 +34,69 @@ fn card_numbers_never_stored_or_logged() {
     let mut bodies = Vec::new();
     for pan in PANS {
         let mut base = order_body("pan-order", "SKU-1", 1);
-        bodies.push({ let mut b = base.clone(); b["payment"]["token"] = pan.into(); b });
-        bodies.push({ let mut b = base.clone(); b["customer_id"] = pan.into(); b });
-        bodies.push({ let mut b = base.clone(); b["contact"]["email"] = format!("{pan}@example.com").into(); b });
-        bodies.push({ let mut b = base.clone(); b["order_id"] = pan.into(); b });
+        bodies.push({
+            let mut b = base.clone();
+            b["payment"]["token"] = pan.into();
+            b
+        });
+        bodies.push({
+            let mut b = base.clone();
+            b["customer_id"] = pan.into();
+            b
+        });
+        bodies.push({
+            let mut b = base.clone();
+            b["contact"]["email"] = format!("{pan}@example.com").into();
+            b
+        });
+        bodies.push({
+            let mut b = base.clone();
+            b["order_id"] = pan.into();
+            b
+        });
         base["lines"][0]["sku"] = pan.into();
         bodies.push(base);
     }
     for body in &bodies {
-        let r = c.post(format!("{}/v1/orders", server.base)).json(body).send().unwrap();
+        let r = c
+            .post(format!("{}/v1/orders", server.base))
+            .json(body)
+            .send()
+            .unwrap();
         assert_eq!(r.status(), 400);
         let problem: serde_json::Value = r.json().unwrap();
         assert_eq!(problem["code"], "pan_detected", "{problem}");
-        assert!(!problem.to_string().contains("4242"), "the answer repeats the card number");
+        assert!(
+            !problem.to_string().contains("4242"),
+            "the answer repeats the card number"
+        );
     }
     // The raw-log path too: an upstream producer writing a PAN to the log.
-    let line = serde_json::to_string(&{ let mut b = order_body("pan-raw", "SKU-1", 1); b["customer_id"] = PANS[0].into(); b }).unwrap();
-    let r = c.post(format!("{}/v1/admin/produce", server.base)).bearer_auth(ADMIN_TOKEN).body(line).send().unwrap();
+    let line = serde_json::to_string(&{
+        let mut b = order_body("pan-raw", "SKU-1", 1);
+        b["customer_id"] = PANS[0].into();
+        b
+    })
+    .unwrap();
+    let r = c
+        .post(format!("{}/v1/admin/produce", server.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .body(line)
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 200);
     // A valid order afterwards still goes through: the server is healthy.
-    let r = c.post(format!("{}/v1/orders", server.base)).json(&order_body("ok-1", "SKU-1", 1)).send().unwrap();
+    let r = c
+        .post(format!("{}/v1/orders", server.base))
+        .json(&order_body("ok-1", "SKU-1", 1))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 202);
-    wait_until(Duration::from_secs(30), "the valid order to confirm", || {
-        order_view(&server.base, "ok-1").is_some_and(|v| v["status"] == "confirmed")
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "the valid order to confirm",
+        || order_view(&server.base, "ok-1").is_some_and(|v| v["status"] == "confirmed"),
+    );
     assert!(server.terminate().success());
     let output = server.output_text();
     let mut files = Vec::new();
@@ -61,16 +104,27 @@ fn card_numbers_never_stored_or_logged() {
     while let Some(d) = stack.pop() {
         for entry in std::fs::read_dir(d).unwrap() {
             let path = entry.unwrap().path();
-            if path.is_dir() { stack.push(path) } else { files.push(path) }
+            if path.is_dir() {
+                stack.push(path)
+            } else {
+                files.push(path)
+            }
         }
     }
-    assert!(files.len() > 2, "the data directory holds the log and the store");
+    assert!(
+        files.len() > 2,
+        "the data directory holds the log and the store"
+    );
     for pan in PANS {
         for needle in [pan.to_owned(), digits(pan)] {
             assert!(!output.contains(&needle), "output holds a card number");
             for f in &files {
                 let bytes = std::fs::read(f).unwrap();
-                assert!(!contains(&bytes, needle.as_bytes()), "{} holds a card number", f.display());
+                assert!(
+                    !contains(&bytes, needle.as_bytes()),
+                    "{} holds a card number",
+                    f.display()
+                );
             }
         }
     }
@@ -91,10 +145,18 @@ fn graceful_shutdown_and_exclusive_data_dir() {
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(err.contains("in use by another orderflow process"), "{err}");
     set_stock(&server.base, "SKU-1", 3);
-    let r = client().post(format!("{}/v1/orders", server.base)).json(&order_body("g-1", "SKU-1", 1)).send().unwrap();
+    let r = client()
+        .post(format!("{}/v1/orders", server.base))
+        .json(&order_body("g-1", "SKU-1", 1))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 202);
     let status = server.terminate();
-    assert!(status.success(), "exit status {status:?}\n{}", server.output_text());
+    assert!(
+        status.success(),
+        "exit status {status:?}\n{}",
+        server.output_text()
+    );
     // Everything acknowledged is there after the restart.
     let server = start_server(dir.path(), &[]);
     wait_until(Duration::from_secs(30), "g-1 to confirm", || {

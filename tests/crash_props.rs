@@ -26,12 +26,20 @@ const SKUS: [&str; 4] = ["SKU-A", "SKU-B", "SKU-C", "SKU-D"];
 const INITIAL: u64 = 15;
 const PARTITIONS: u32 = 8;
 
+/// An order's lines: (SKU index, quantity).
+type Lines = Vec<(usize, u32)>;
+
 #[derive(Clone, Debug)]
 enum Step {
     /// Place orders one after another.
-    Place { orders: Vec<(Vec<(usize, u32)>, bool)> },
+    Place {
+        orders: Vec<(Vec<(usize, u32)>, bool)>,
+    },
     /// SIGKILL after `after` acknowledgements while orders are in flight.
-    KillMidLoad { after: usize, orders: Vec<(Vec<(usize, u32)>, bool)> },
+    KillMidLoad {
+        after: usize,
+        orders: Vec<(Vec<(usize, u32)>, bool)>,
+    },
     /// SIGKILL between requests.
     Kill,
 }
@@ -47,14 +55,26 @@ struct Model {
 }
 
 fn body(id: &str, lines: &[(usize, u32)], decline: bool) -> serde_json::Value {
-    let lines: Vec<_> = lines.iter().map(|(s, q)| serde_json::json!({"sku": SKUS[*s], "quantity": q, "unit_price": 250})).collect();
-    let token = if decline { "tok_chargeDeclined" } else { "tok_visa" };
+    let lines: Vec<_> = lines
+        .iter()
+        .map(|(s, q)| serde_json::json!({"sku": SKUS[*s], "quantity": q, "unit_price": 250}))
+        .collect();
+    let token = if decline {
+        "tok_chargeDeclined"
+    } else {
+        "tok_visa"
+    };
     serde_json::json!({"order_id": id, "customer_id": "cus-7", "currency": "EUR", "lines": lines, "payment": {"token": token}})
 }
 
 /// Posts orders from a thread; returns the acknowledged ids.
-fn place(base: &str, model: &mut Model, orders: &[(Vec<(usize, u32)>, bool)], kill_after: Option<(usize, &mut Server)>) {
-    let acked: Arc<Mutex<Vec<(String, Vec<(usize, u32)>)>>> = Arc::default();
+fn place(
+    base: &str,
+    model: &mut Model,
+    orders: &[(Vec<(usize, u32)>, bool)],
+    kill_after: Option<(usize, &mut Server)>,
+) {
+    let acked: Arc<Mutex<Vec<(String, Lines)>>> = Arc::default();
     let jobs: Vec<_> = orders
         .iter()
         .map(|(lines, decline)| {
@@ -68,7 +88,11 @@ fn place(base: &str, model: &mut Model, orders: &[(Vec<(usize, u32)>, bool)], ki
     let poster = std::thread::spawn(move || {
         let c = client();
         for (id, lines, decline) in jobs {
-            match c.post(format!("{b}/v1/orders")).json(&body(&id, &lines, decline)).send() {
+            match c
+                .post(format!("{b}/v1/orders"))
+                .json(&body(&id, &lines, decline))
+                .send()
+            {
                 Ok(r) if r.status() == 202 => a.lock().unwrap().push((id, lines)),
                 Ok(r) => panic!("unexpected status {}", r.status()),
                 Err(_) => return,
@@ -77,9 +101,11 @@ fn place(base: &str, model: &mut Model, orders: &[(Vec<(usize, u32)>, bool)], ki
     });
     if let Some((after, server)) = kill_after {
         let target = after.min(orders.len());
-        wait_until(Duration::from_secs(60), "acknowledgements before the kill", || {
-            acked.lock().unwrap().len() >= target || poster.is_finished()
-        });
+        wait_until(
+            Duration::from_secs(60),
+            "acknowledgements before the kill",
+            || acked.lock().unwrap().len() >= target || poster.is_finished(),
+        );
         server.kill();
     }
     poster.join().unwrap();
@@ -89,7 +115,9 @@ fn place(base: &str, model: &mut Model, orders: &[(Vec<(usize, u32)>, bool)], ki
 fn check_step(base: &str, model: &Model) {
     for sku in SKUS {
         let s = stock(base, sku);
-        let total = s["available"].as_u64().unwrap() + s["reserved"].as_u64().unwrap() + s["sold"].as_u64().unwrap();
+        let total = s["available"].as_u64().unwrap()
+            + s["reserved"].as_u64().unwrap()
+            + s["sold"].as_u64().unwrap();
         assert_eq!(total, INITIAL, "conservation of {sku}: {s}");
     }
     for id in model.acked.keys() {
@@ -103,7 +131,10 @@ fn check_step(base: &str, model: &Model) {
                 (prev, s),
                 (None, "accepted" | "rejected")
                     | (Some("accepted"), "reserved" | "out_of_stock")
-                    | (Some("reserved"), "paid" | "payment_declined" | "payment_failed")
+                    | (
+                        Some("reserved"),
+                        "paid" | "payment_declined" | "payment_failed"
+                    )
                     | (Some("paid"), "confirmed")
             );
             assert!(ok, "{id}: invalid transition {prev:?} -> {s}: {v}");
@@ -122,7 +153,9 @@ fn check_final(base: &str, model: &Model) {
             done
         })
     });
-    wait_until(Duration::from_secs(60), "no stock reserved", || SKUS.iter().all(|s| stock(base, s)["reserved"] == 0));
+    wait_until(Duration::from_secs(60), "no stock reserved", || {
+        SKUS.iter().all(|s| stock(base, s)["reserved"] == 0)
+    });
     let mut sold = [0u64; SKUS.len()];
     for (id, lines) in &model.attempted {
         let confirmed = match views.get(id) {
@@ -136,12 +169,19 @@ fn check_final(base: &str, model: &Model) {
         }
     }
     for (i, sku) in SKUS.iter().enumerate() {
-        assert_eq!(stock(base, sku)["sold"].as_u64().unwrap(), sold[i], "sold {sku}");
+        assert_eq!(
+            stock(base, sku)["sold"].as_u64().unwrap(),
+            sold[i],
+            "sold {sku}"
+        );
     }
 }
 
 fn lines_strategy() -> impl Strategy<Value = (Vec<(usize, u32)>, bool)> {
-    (prop::collection::vec((0..SKUS.len(), 1u32..4), 1..4), prop::bool::weighted(0.2))
+    (
+        prop::collection::vec((0..SKUS.len(), 1u32..4), 1..4),
+        prop::bool::weighted(0.2),
+    )
 }
 
 fn step_strategy() -> impl Strategy<Value = Step> {
@@ -195,13 +235,26 @@ proptest! {
 fn check_replay(dir: &std::path::Path) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let topics = [(Topic::Orders, PARTITIONS), (Topic::OrderStatus, PARTITIONS)];
-        let log = EmbeddedLog::open(&dir.join("log"), &topics, &LogConfig::default(), Arc::new(Metrics::new())).unwrap();
+        let topics = [
+            (Topic::Orders, PARTITIONS),
+            (Topic::OrderStatus, PARTITIONS),
+        ];
+        let log = EmbeddedLog::open(
+            &dir.join("log"),
+            &topics,
+            &LogConfig::default(),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
         let store = EmbeddedStore::open(&dir.join("state.redb")).unwrap();
         for p in 0..PARTITIONS {
             let (live, next) = load_state(&store, p).await.unwrap();
             let replayed = replay(&log, p, next).await.unwrap();
-            assert_eq!(replayed.hash(), live.hash(), "partition {p}: replay from 0 differs from the live state");
+            assert_eq!(
+                replayed.hash(),
+                live.hash(),
+                "partition {p}: replay from 0 differs from the live state"
+            );
         }
     });
 }

@@ -33,9 +33,17 @@ fn sigkill_mid_load_then_restart() {
             for i in 0..ORDERS_PER_THREAD {
                 let id = format!("crash-{t}-{i}");
                 sent.fetch_add(1, Ordering::SeqCst);
-                match c.post(format!("{base}/v1/orders")).json(&order_body(&id, SKU, 1)).send() {
+                match c
+                    .post(format!("{base}/v1/orders"))
+                    .json(&order_body(&id, SKU, 1))
+                    .send()
+                {
                     Ok(r) if r.status() == 202 => acked.lock().unwrap().push(id),
-                    Ok(r) => assert!(r.status() == 429 || r.status() == 503, "unexpected {}", r.status()),
+                    Ok(r) => assert!(
+                        r.status() == 429 || r.status() == 503,
+                        "unexpected {}",
+                        r.status()
+                    ),
                     Err(_) => return, // the server is gone
                 }
             }
@@ -50,27 +58,39 @@ fn sigkill_mid_load_then_restart() {
         t.join().unwrap();
     }
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() < THREADS * ORDERS_PER_THREAD, "the kill came after the load: nothing was tested");
+    assert!(
+        acked.len() < THREADS * ORDERS_PER_THREAD,
+        "the kill came after the load: nothing was tested"
+    );
 
     let server = start_server(dir.path(), &[]);
     let mut terminal = std::collections::BTreeMap::new();
-    wait_until(Duration::from_secs(120), "every acknowledged order to end", || {
-        acked.iter().all(|id| {
-            if terminal.contains_key(id) {
-                return true;
-            }
-            let Some(v) = order_view(&server.base, id) else { return false };
-            let status = v["status"].as_str().unwrap().to_owned();
-            if is_terminal(&status) {
-                terminal.insert(id.clone(), v);
-            }
-            is_terminal(&status)
-        })
-    });
+    wait_until(
+        Duration::from_secs(120),
+        "every acknowledged order to end",
+        || {
+            acked.iter().all(|id| {
+                if terminal.contains_key(id) {
+                    return true;
+                }
+                let Some(v) = order_view(&server.base, id) else {
+                    return false;
+                };
+                let status = v["status"].as_str().unwrap().to_owned();
+                if is_terminal(&status) {
+                    terminal.insert(id.clone(), v);
+                }
+                is_terminal(&status)
+            })
+        },
+    );
     // Exactly one terminal status, last, with consecutive seqs.
     for (id, v) in &terminal {
         let history = v["history"].as_array().unwrap();
-        let terminals = history.iter().filter(|h| is_terminal(h["status"].as_str().unwrap())).count();
+        let terminals = history
+            .iter()
+            .filter(|h| is_terminal(h["status"].as_str().unwrap()))
+            .count();
         assert_eq!(terminals, 1, "{id}: {v}");
         for (i, h) in history.iter().enumerate() {
             assert_eq!(h["seq"].as_u64().unwrap(), i as u64 + 1, "{id}: {v}");
@@ -86,11 +106,21 @@ fn sigkill_mid_load_then_restart() {
             }
         }
     }
-    wait_until(Duration::from_secs(60), "no stock left reserved", || stock(&server.base, SKU)["reserved"] == 0);
+    wait_until(Duration::from_secs(60), "no stock left reserved", || {
+        stock(&server.base, SKU)["reserved"] == 0
+    });
     let s = stock(&server.base, SKU);
-    let (available, reserved, sold) = (s["available"].as_u64().unwrap(), s["reserved"].as_u64().unwrap(), s["sold"].as_u64().unwrap());
+    let (available, reserved, sold) = (
+        s["available"].as_u64().unwrap(),
+        s["reserved"].as_u64().unwrap(),
+        s["sold"].as_u64().unwrap(),
+    );
     assert_eq!(available + reserved + sold, STOCK, "conservation: {s}");
     assert_eq!(sold as usize, confirmed, "confirmed orders = sold: {s}");
     assert!(sold <= STOCK);
-    eprintln!("sent {} acked {} confirmed {confirmed} stock {s}", sent.load(Ordering::SeqCst), acked.len());
+    eprintln!(
+        "sent {} acked {} confirmed {confirmed} stock {s}",
+        sent.load(Ordering::SeqCst),
+        acked.len()
+    );
 }

@@ -14,10 +14,20 @@ use serde_json::{Value, json};
 const ADMIN: &str = "contract-admin-token";
 const DEADLINE: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(20);
-const TERMINAL: [&str; 5] = ["confirmed", "rejected", "out_of_stock", "payment_declined", "payment_failed"];
+const TERMINAL: [&str; 5] = [
+    "confirmed",
+    "rejected",
+    "out_of_stock",
+    "payment_declined",
+    "payment_failed",
+];
 
 fn config(dir: &Path) -> Config {
-    Config { listen: "127.0.0.1:0".parse().unwrap(), data_dir: dir.to_path_buf(), ..Config::default() }
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_path_buf(),
+        ..Config::default()
+    }
 }
 
 struct Server {
@@ -28,9 +38,18 @@ struct Server {
 
 impl Server {
     async fn start_with(config: Config, admin: Option<&str>) -> Server {
-        let app = start(config, admin.map(Secret::new)).await.expect("the app starts");
+        let app = start(config, admin.map(Secret::new))
+            .await
+            .expect("the app starts");
         let base = format!("http://{}", app.addr());
-        Server { app, base, http: Client::builder().timeout(Duration::from_secs(60)).build().unwrap() }
+        Server {
+            app,
+            base,
+            http: Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
+        }
     }
 
     async fn start(dir: &Path) -> Server {
@@ -46,11 +65,22 @@ impl Server {
     }
 
     async fn post_order(&self, body: &Value) -> Response {
-        self.http.post(self.url("/v1/orders")).json(body).send().await.unwrap()
+        self.http
+            .post(self.url("/v1/orders"))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
     }
 
     async fn post_raw(&self, body: impl Into<reqwest::Body>) -> Response {
-        self.http.post(self.url("/v1/orders")).header("content-type", "application/json").body(body).send().await.unwrap()
+        self.http
+            .post(self.url("/v1/orders"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
     }
 
     async fn accept(&self, body: &Value) -> Value {
@@ -73,13 +103,24 @@ impl Server {
     }
 
     async fn stock(&self, sku: &str) -> Value {
-        let res = self.http.get(self.url(&format!("/v1/inventory/{sku}"))).bearer_auth(ADMIN).send().await.unwrap();
+        let res = self
+            .http
+            .get(self.url(&format!("/v1/inventory/{sku}")))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(res.status(), StatusCode::OK);
         res.json().await.unwrap()
     }
 
     async fn get_order(&self, id: &str, token: &str) -> Response {
-        self.http.get(self.url(&format!("/v1/orders/{id}"))).bearer_auth(token).send().await.unwrap()
+        self.http
+            .get(self.url(&format!("/v1/orders/{id}")))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
     }
 
     /// Polls the order until it has a terminal status (bounded by DEADLINE).
@@ -88,7 +129,8 @@ impl Server {
         loop {
             let res = self.get_order(id, token).await;
             // A produced order is unknown until the read model sees it.
-            if token == ADMIN && res.status() == StatusCode::NOT_FOUND && start.elapsed() < DEADLINE {
+            if token == ADMIN && res.status() == StatusCode::NOT_FOUND && start.elapsed() < DEADLINE
+            {
                 tokio::time::sleep(POLL).await;
                 continue;
             }
@@ -110,7 +152,10 @@ impl Server {
             if pred(&v) {
                 return v;
             }
-            assert!(start.elapsed() < DEADLINE, "stock of {sku} never matched: {v}");
+            assert!(
+                start.elapsed() < DEADLINE,
+                "stock of {sku} never matched: {v}"
+            );
             tokio::time::sleep(POLL).await;
         }
     }
@@ -133,12 +178,21 @@ fn order(id: Option<&str>, sku: &str, quantity: u32, token: &str) -> Value {
 /// Asserts a problem+json answer with `status` and `code`; returns it.
 async fn problem(res: Response, status: StatusCode, code: &str) -> Value {
     assert_eq!(res.status(), status, "expected {status} {code}");
-    let ct = res.headers().get("content-type").unwrap().to_str().unwrap().to_owned();
+    let ct = res
+        .headers()
+        .get("content-type")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(ct, "application/problem+json");
     let v: Value = res.json().await.unwrap();
     assert_eq!(v["code"], code, "{v}");
     assert_eq!(v["status"], status.as_u16());
-    assert!(v["type"].is_string() && v["title"].is_string() && v["detail"].is_string(), "{v}");
+    assert!(
+        v["type"].is_string() && v["title"].is_string() && v["detail"].is_string(),
+        "{v}"
+    );
     v
 }
 
@@ -169,7 +223,11 @@ async fn read_sse(mut res: Response) -> Vec<SseEvent> {
     let start = Instant::now();
     loop {
         let left = DEADLINE.saturating_sub(start.elapsed());
-        match tokio::time::timeout(left, res.chunk()).await.expect("the stream ends in time").unwrap() {
+        match tokio::time::timeout(left, res.chunk())
+            .await
+            .expect("the stream ends in time")
+            .unwrap()
+        {
             Some(bytes) => text.push_str(std::str::from_utf8(&bytes).unwrap()),
             None => break,
         }
@@ -186,7 +244,11 @@ async fn read_sse(mut res: Response) -> Vec<SseEvent> {
                     data.push_str(v.trim());
                 }
             }
-            (!data.is_empty()).then(|| SseEvent { event, id, data: serde_json::from_str(&data).unwrap() })
+            (!data.is_empty()).then(|| SseEvent {
+                event,
+                id,
+                data: serde_json::from_str(&data).unwrap(),
+            })
         })
         .collect()
 }
@@ -197,11 +259,19 @@ async fn order_confirms_and_stock_is_sold() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(dir.path()).await;
     let set = s.set_stock("SKU-1", 5).await;
-    assert_eq!(set, json!({"sku": "SKU-1", "available": 5, "reserved": 0, "sold": 0}));
+    assert_eq!(
+        set,
+        json!({"sku": "SKU-1", "available": 5, "reserved": 0, "sold": 0})
+    );
 
-    let res = s.post_order(&order(Some("ord-1001"), "SKU-1", 2, "tok_visa")).await;
+    let res = s
+        .post_order(&order(Some("ord-1001"), "SKU-1", 2, "tok_visa"))
+        .await;
     assert_eq!(res.status(), StatusCode::ACCEPTED);
-    assert_eq!(res.headers().get("location").unwrap(), "/v1/orders/ord-1001");
+    assert_eq!(
+        res.headers().get("location").unwrap(),
+        "/v1/orders/ord-1001"
+    );
     let a: Value = res.json().await.unwrap();
     assert_eq!(a["order_id"], "ord-1001");
     assert_eq!(a["status"], "accepted");
@@ -214,14 +284,20 @@ async fn order_confirms_and_stock_is_sold() {
     assert_eq!(v["status"], "confirmed");
     assert!(v["reason"].is_null());
     let history = v["history"].as_array().unwrap();
-    let statuses: Vec<&str> = history.iter().map(|h| h["status"].as_str().unwrap()).collect();
+    let statuses: Vec<&str> = history
+        .iter()
+        .map(|h| h["status"].as_str().unwrap())
+        .collect();
     assert_eq!(statuses, ["accepted", "reserved", "paid", "confirmed"]);
     for (i, h) in history.iter().enumerate() {
         assert_eq!(h["seq"], i as u64 + 1);
         assert!(is_rfc3339_utc(h["at"].as_str().unwrap()), "{h}");
     }
     let stock = s.wait_stock("SKU-1", |v| v["sold"] == 2).await;
-    assert_eq!(stock, json!({"sku": "SKU-1", "available": 3, "reserved": 0, "sold": 2}));
+    assert_eq!(
+        stock,
+        json!({"sku": "SKU-1", "available": 3, "reserved": 0, "sold": 2})
+    );
     s.stop().await;
 }
 
@@ -231,14 +307,30 @@ async fn declined_payment_releases_stock() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(dir.path()).await;
     s.set_stock("SKU-D", 5).await;
-    let a = s.accept(&order(Some("ord-declined"), "SKU-D", 2, "tok_chargeDeclined")).await;
-    let v = s.wait_terminal("ord-declined", a["tracking_token"].as_str().unwrap()).await;
+    let a = s
+        .accept(&order(
+            Some("ord-declined"),
+            "SKU-D",
+            2,
+            "tok_chargeDeclined",
+        ))
+        .await;
+    let v = s
+        .wait_terminal("ord-declined", a["tracking_token"].as_str().unwrap())
+        .await;
     assert_eq!(v["status"], "payment_declined", "{v}");
     let stock = s.wait_stock("SKU-D", |v| v["reserved"] == 0).await;
-    assert_eq!(stock, json!({"sku": "SKU-D", "available": 5, "reserved": 0, "sold": 0}));
+    assert_eq!(
+        stock,
+        json!({"sku": "SKU-D", "available": 5, "reserved": 0, "sold": 0})
+    );
     // And an order for a SKU without stock ends out_of_stock.
-    let a = s.accept(&order(Some("ord-nostock"), "SKU-NONE", 1, "tok_visa")).await;
-    let v = s.wait_terminal("ord-nostock", a["tracking_token"].as_str().unwrap()).await;
+    let a = s
+        .accept(&order(Some("ord-nostock"), "SKU-NONE", 1, "tok_visa"))
+        .await;
+    let v = s
+        .wait_terminal("ord-nostock", a["tracking_token"].as_str().unwrap())
+        .await;
     assert_eq!(v["status"], "out_of_stock", "{v}");
     s.stop().await;
 }
@@ -254,7 +346,9 @@ async fn invalid_orders_answer_400_with_codes() {
         f(&mut o);
         o.to_string()
     };
-    let many_lines: Vec<Value> = (0..101).map(|i| json!({"sku": format!("S{i}"), "quantity": 1, "unit_price": 1})).collect();
+    let many_lines: Vec<Value> = (0..101)
+        .map(|i| json!({"sku": format!("S{i}"), "quantity": 1, "unit_price": 1}))
+        .collect();
     let cases: Vec<(String, &str)> = vec![
         ("{".into(), "malformed_json"),
         ("".into(), "malformed_json"),
@@ -262,52 +356,145 @@ async fn invalid_orders_answer_400_with_codes() {
         ("[]".into(), "not_an_object"),
         ("\"an order\"".into(), "not_an_object"),
         (with(&|o| o["note"] = json!("hi")), "unknown_field"),
-        (with(&|o| o["lines"][0]["color"] = json!("red")), "unknown_field"),
-        (with(&|o| o["contact"]["phone"] = json!("1")), "unknown_field"),
-        (with(&|o| drop(o.as_object_mut().unwrap().remove("customer_id"))), "missing_field"),
-        (with(&|o| drop(o.as_object_mut().unwrap().remove("payment"))), "missing_field"),
-        (with(&|o| drop(o["lines"][0].as_object_mut().unwrap().remove("unit_price"))), "missing_field"),
+        (
+            with(&|o| o["lines"][0]["color"] = json!("red")),
+            "unknown_field",
+        ),
+        (
+            with(&|o| o["contact"]["phone"] = json!("1")),
+            "unknown_field",
+        ),
+        (
+            with(&|o| drop(o.as_object_mut().unwrap().remove("customer_id"))),
+            "missing_field",
+        ),
+        (
+            with(&|o| drop(o.as_object_mut().unwrap().remove("payment"))),
+            "missing_field",
+        ),
+        (
+            with(&|o| drop(o["lines"][0].as_object_mut().unwrap().remove("unit_price"))),
+            "missing_field",
+        ),
         (with(&|o| o["customer_id"] = json!(42)), "invalid_type"),
         (with(&|o| o["lines"] = json!({"sku": "A"})), "invalid_type"),
-        (with(&|o| o["order_id"] = json!("bad id!")), "invalid_order_id"),
-        (with(&|o| o["order_id"] = json!("x".repeat(65))), "invalid_order_id"),
-        (with(&|o| o["customer_id"] = json!("")), "invalid_customer_id"),
+        (
+            with(&|o| o["order_id"] = json!("bad id!")),
+            "invalid_order_id",
+        ),
+        (
+            with(&|o| o["order_id"] = json!("x".repeat(65))),
+            "invalid_order_id",
+        ),
+        (
+            with(&|o| o["customer_id"] = json!("")),
+            "invalid_customer_id",
+        ),
         (with(&|o| o["currency"] = json!("usd")), "invalid_currency"),
         (with(&|o| o["currency"] = json!("US")), "invalid_currency"),
         (with(&|o| o["lines"] = json!([])), "no_lines"),
         (with(&|o| o["lines"] = json!(many_lines)), "too_many_lines"),
-        (with(&|o| o["lines"][0]["sku"] = json!("a b")), "invalid_sku"),
-        (with(&|o| o["lines"][0]["sku"] = json!("S".repeat(65))), "invalid_sku"),
-        (with(&|o| o["lines"][0]["quantity"] = json!(0)), "invalid_quantity"),
-        (with(&|o| o["lines"][0]["quantity"] = json!(1001)), "invalid_quantity"),
-        (with(&|o| o["lines"][0]["quantity"] = json!(1.5)), "invalid_quantity"),
-        (with(&|o| o["lines"][0]["unit_price"] = json!(-1)), "invalid_unit_price"),
-        (with(&|o| o["lines"][0]["unit_price"] = json!(1_000_000_001u64)), "invalid_unit_price"),
-        (with(&|o| o["lines"][0]["unit_price"] = json!(19.99)), "invalid_unit_price"),
-        (with(&|o| o["payment"] = json!({"token": "tok_visa", "cvc": "123"})), "payment_token_only"),
-        (with(&|o| o["payment"] = json!({"number": "x", "exp": "12/30"})), "payment_token_only"),
-        (with(&|o| o["payment"]["token"] = json!("tok visa")), "invalid_payment_token"),
-        (with(&|o| o["payment"]["token"] = json!("")), "invalid_payment_token"),
-        (with(&|o| o["contact"]["email"] = json!("not-an-email")), "invalid_email"),
-        (with(&|o| o["contact"]["email"] = json!("4242 4242 4242 4242")), "pan_detected"),
-        (with(&|o| o["customer_id"] = json!("4111111111111111")), "pan_detected"),
+        (
+            with(&|o| o["lines"][0]["sku"] = json!("a b")),
+            "invalid_sku",
+        ),
+        (
+            with(&|o| o["lines"][0]["sku"] = json!("S".repeat(65))),
+            "invalid_sku",
+        ),
+        (
+            with(&|o| o["lines"][0]["quantity"] = json!(0)),
+            "invalid_quantity",
+        ),
+        (
+            with(&|o| o["lines"][0]["quantity"] = json!(1001)),
+            "invalid_quantity",
+        ),
+        (
+            with(&|o| o["lines"][0]["quantity"] = json!(1.5)),
+            "invalid_quantity",
+        ),
+        (
+            with(&|o| o["lines"][0]["unit_price"] = json!(-1)),
+            "invalid_unit_price",
+        ),
+        (
+            with(&|o| o["lines"][0]["unit_price"] = json!(1_000_000_001u64)),
+            "invalid_unit_price",
+        ),
+        (
+            with(&|o| o["lines"][0]["unit_price"] = json!(19.99)),
+            "invalid_unit_price",
+        ),
+        (
+            with(&|o| o["payment"] = json!({"token": "tok_visa", "cvc": "123"})),
+            "payment_token_only",
+        ),
+        (
+            with(&|o| o["payment"] = json!({"number": "x", "exp": "12/30"})),
+            "payment_token_only",
+        ),
+        (
+            with(&|o| o["payment"]["token"] = json!("tok visa")),
+            "invalid_payment_token",
+        ),
+        (
+            with(&|o| o["payment"]["token"] = json!("")),
+            "invalid_payment_token",
+        ),
+        (
+            with(&|o| o["contact"]["email"] = json!("not-an-email")),
+            "invalid_email",
+        ),
+        (
+            with(&|o| o["contact"]["email"] = json!("4242 4242 4242 4242")),
+            "pan_detected",
+        ),
+        (
+            with(&|o| o["customer_id"] = json!("4111111111111111")),
+            "pan_detected",
+        ),
     ];
     assert!(cases.len() >= 20);
     for (body, code) in cases {
         let res = s.post_raw(body.clone()).await;
         let p = problem(res, StatusCode::BAD_REQUEST, code).await;
-        assert!(!p.to_string().contains("4242") && !p.to_string().contains("4111"), "a problem never echoes card data: {p}");
+        assert!(
+            !p.to_string().contains("4242") && !p.to_string().contains("4111"),
+            "a problem never echoes card data: {p}"
+        );
     }
-    let res = s.http.post(s.url("/v1/orders")).header("idempotency-key", "").json(&good).send().await.unwrap();
+    let res = s
+        .http
+        .post(s.url("/v1/orders"))
+        .header("idempotency-key", "")
+        .json(&good)
+        .send()
+        .await
+        .unwrap();
     problem(res, StatusCode::BAD_REQUEST, "invalid_idempotency_key").await;
-    let res = s.http.post(s.url("/v1/orders")).header("idempotency-key", "x".repeat(256)).json(&good).send().await.unwrap();
+    let res = s
+        .http
+        .post(s.url("/v1/orders"))
+        .header("idempotency-key", "x".repeat(256))
+        .json(&good)
+        .send()
+        .await
+        .unwrap();
     problem(res, StatusCode::BAD_REQUEST, "invalid_idempotency_key").await;
 
     let res = s.http.get(s.url("/healthz")).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.text().await.unwrap(), "ok");
     // Lenient about the content type, as long as the body is an order.
-    let res = s.http.post(s.url("/v1/orders")).header("content-type", "text/plain").body(good.to_string()).send().await.unwrap();
+    let res = s
+        .http
+        .post(s.url("/v1/orders"))
+        .header("content-type", "text/plain")
+        .body(good.to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     s.stop().await;
 }
@@ -322,17 +509,39 @@ async fn too_large_bodies_answer_413() {
     let s = Server::start_with(c, Some(ADMIN)).await;
     let mut big = order(None, "SKU-1", 1, "tok_visa");
     big["customer_id"] = json!("c".repeat(limit));
-    problem(s.post_raw(big.to_string()).await, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+    problem(
+        s.post_raw(big.to_string()).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    )
+    .await;
     let mut huge = big.clone();
     huge["customer_id"] = json!("c".repeat(limit * 8));
-    problem(s.post_raw(huge.to_string()).await, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+    problem(
+        s.post_raw(huge.to_string()).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    )
+    .await;
     // Valid, under the body limit, but its canonical record exceeds 1 KiB.
-    let lines: Vec<Value> = (0..40).map(|i| json!({"sku": format!("SKU-{i:03}"), "quantity": 1, "unit_price": 1})).collect();
+    let lines: Vec<Value> = (0..40)
+        .map(|i| json!({"sku": format!("SKU-{i:03}"), "quantity": 1, "unit_price": 1}))
+        .collect();
     let mut wide = order(None, "SKU-1", 1, "tok_visa");
     wide["lines"] = json!(lines);
-    problem(s.post_order(&wide).await, StatusCode::PAYLOAD_TOO_LARGE, "record_too_large").await;
+    problem(
+        s.post_order(&wide).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "record_too_large",
+    )
+    .await;
     // The server is fine afterwards.
-    assert_eq!(s.post_order(&order(None, "SKU-1", 1, "tok_visa")).await.status(), StatusCode::ACCEPTED);
+    assert_eq!(
+        s.post_order(&order(None, "SKU-1", 1, "tok_visa"))
+            .await
+            .status(),
+        StatusCode::ACCEPTED
+    );
     s.stop().await;
 }
 
@@ -347,13 +556,22 @@ async fn idempotent_by_order_id() {
     assert_eq!(first, again);
     let mut other_body = body.clone();
     other_body["lines"][0]["quantity"] = json!(1);
-    assert_eq!(s.accept(&other_body).await, first, "the first answer, whatever the body");
-    let v = s.wait_terminal("ord-idem", first["tracking_token"].as_str().unwrap()).await;
+    assert_eq!(
+        s.accept(&other_body).await,
+        first,
+        "the first answer, whatever the body"
+    );
+    let v = s
+        .wait_terminal("ord-idem", first["tracking_token"].as_str().unwrap())
+        .await;
     assert_eq!(v["status"], "confirmed");
     assert_eq!(v["history"].as_array().unwrap().len(), 4, "one order: {v}");
     // Once terminal, stock shows exactly one sale of 2.
     let stock = s.wait_stock("SKU-I", |v| v["reserved"] == 0).await;
-    assert_eq!((stock["sold"].as_u64(), stock["available"].as_u64()), (Some(2), Some(3)));
+    assert_eq!(
+        (stock["sold"].as_u64(), stock["available"].as_u64()),
+        (Some(2), Some(3))
+    );
     assert_eq!(s.accept(&body).await, first);
     s.stop().await;
 }
@@ -366,7 +584,11 @@ async fn idempotent_by_key() {
     s.set_stock("SKU-K", 5).await;
     let body = order(None, "SKU-K", 1, "tok_visa");
     let post = |key: &'static str| {
-        let req = s.http.post(s.url("/v1/orders")).header("Idempotency-Key", key).json(&body);
+        let req = s
+            .http
+            .post(s.url("/v1/orders"))
+            .header("Idempotency-Key", key)
+            .json(&body);
         async move {
             let res = req.send().await.unwrap();
             assert_eq!(res.status(), StatusCode::ACCEPTED);
@@ -385,7 +607,11 @@ async fn idempotent_by_key() {
     assert_ne!(d["order_id"], e["order_id"]);
     assert!(d["order_id"].as_str().unwrap().starts_with("ord-"));
     for x in [&a, &c, &d, &e] {
-        s.wait_terminal(x["order_id"].as_str().unwrap(), x["tracking_token"].as_str().unwrap()).await;
+        s.wait_terminal(
+            x["order_id"].as_str().unwrap(),
+            x["tracking_token"].as_str().unwrap(),
+        )
+        .await;
     }
     let stock = s.wait_stock("SKU-K", |v| v["reserved"] == 0).await;
     assert_eq!(stock["sold"], 4, "key-1 made one order: {stock}");
@@ -398,18 +624,43 @@ async fn idempotent_across_restart() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(dir.path()).await;
     s.set_stock("SKU-R", 5).await;
-    let by_id = s.accept(&order(Some("ord-restart"), "SKU-R", 1, "tok_visa")).await;
+    let by_id = s
+        .accept(&order(Some("ord-restart"), "SKU-R", 1, "tok_visa"))
+        .await;
     let keyed = order(None, "SKU-R", 1, "tok_visa");
-    let by_key = s.http.post(s.url("/v1/orders")).header("idempotency-key", "restart-key").json(&keyed).send().await.unwrap();
+    let by_key = s
+        .http
+        .post(s.url("/v1/orders"))
+        .header("idempotency-key", "restart-key")
+        .json(&keyed)
+        .send()
+        .await
+        .unwrap();
     let by_key: Value = by_key.json().await.unwrap();
     s.stop().await;
 
     let s = Server::start(dir.path()).await;
-    assert_eq!(s.accept(&order(Some("ord-restart"), "SKU-R", 1, "tok_visa")).await, by_id);
-    let again = s.http.post(s.url("/v1/orders")).header("idempotency-key", "restart-key").json(&keyed).send().await.unwrap();
+    assert_eq!(
+        s.accept(&order(Some("ord-restart"), "SKU-R", 1, "tok_visa"))
+            .await,
+        by_id
+    );
+    let again = s
+        .http
+        .post(s.url("/v1/orders"))
+        .header("idempotency-key", "restart-key")
+        .json(&keyed)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(again.json::<Value>().await.unwrap(), by_key);
     for x in [&by_id, &by_key] {
-        let v = s.wait_terminal(x["order_id"].as_str().unwrap(), x["tracking_token"].as_str().unwrap()).await;
+        let v = s
+            .wait_terminal(
+                x["order_id"].as_str().unwrap(),
+                x["tracking_token"].as_str().unwrap(),
+            )
+            .await;
         assert_eq!(v["status"], "confirmed");
     }
     let stock = s.wait_stock("SKU-R", |v| v["reserved"] == 0).await;
@@ -422,21 +673,40 @@ async fn idempotent_across_restart() {
 async fn tracking_token_checks() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(dir.path()).await;
-    let a = s.accept(&order(Some("ord-tok"), "SKU-T", 1, "tok_visa")).await;
+    let a = s
+        .accept(&order(Some("ord-tok"), "SKU-T", 1, "tok_visa"))
+        .await;
     let token = a["tracking_token"].as_str().unwrap();
-    let other = s.accept(&order(Some("ord-tok-2"), "SKU-T", 1, "tok_visa")).await;
+    let other = s
+        .accept(&order(Some("ord-tok-2"), "SKU-T", 1, "tok_visa"))
+        .await;
 
     let unknown = s.get_order("ord-nope", token).await;
     let unknown_status = unknown.status();
     let unknown_body = unknown.text().await.unwrap();
     assert_eq!(unknown_status, StatusCode::NOT_FOUND);
     let wrong = s.get_order("ord-tok", "wrong-token").await;
-    let foreign = s.get_order("ord-tok", other["tracking_token"].as_str().unwrap()).await;
-    let none = s.http.get(s.url("/v1/orders/ord-tok")).send().await.unwrap();
-    let bad_query = s.http.get(s.url("/v1/orders/ord-tok?token=nope")).send().await.unwrap();
+    let foreign = s
+        .get_order("ord-tok", other["tracking_token"].as_str().unwrap())
+        .await;
+    let none = s
+        .http
+        .get(s.url("/v1/orders/ord-tok"))
+        .send()
+        .await
+        .unwrap();
+    let bad_query = s
+        .http
+        .get(s.url("/v1/orders/ord-tok?token=nope"))
+        .send()
+        .await
+        .unwrap();
     for res in [wrong, foreign, none, bad_query] {
         assert_eq!(res.status(), unknown_status);
-        assert_eq!(res.headers().get("content-type").unwrap(), "application/problem+json");
+        assert_eq!(
+            res.headers().get("content-type").unwrap(),
+            "application/problem+json"
+        );
         assert_eq!(res.text().await.unwrap(), unknown_body);
     }
     let p: Value = serde_json::from_str(&unknown_body).unwrap();
@@ -446,12 +716,25 @@ async fn tracking_token_checks() {
     assert_eq!(by_header.status(), StatusCode::OK);
     let v: Value = by_header.json().await.unwrap();
     assert_eq!(v["order_id"], "ord-tok");
-    assert!(v["status"].is_string() && v["history"].is_array() && v.get("reason").is_some(), "{v}");
-    let by_query = s.http.get(s.url(&format!("/v1/orders/ord-tok?token={token}"))).send().await.unwrap();
+    assert!(
+        v["status"].is_string() && v["history"].is_array() && v.get("reason").is_some(),
+        "{v}"
+    );
+    let by_query = s
+        .http
+        .get(s.url(&format!("/v1/orders/ord-tok?token={token}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(by_query.status(), StatusCode::OK);
     let by_admin = s.get_order("ord-tok", ADMIN).await;
     assert_eq!(by_admin.status(), StatusCode::OK);
-    problem(s.get_order("ord-nope", ADMIN).await, StatusCode::NOT_FOUND, "order_not_found").await;
+    problem(
+        s.get_order("ord-nope", ADMIN).await,
+        StatusCode::NOT_FOUND,
+        "order_not_found",
+    )
+    .await;
     s.stop().await;
 }
 
@@ -461,14 +744,36 @@ async fn sse_streams_statuses_to_terminal() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(dir.path()).await;
     s.set_stock("SKU-S", 5).await;
-    let a = s.accept(&order(Some("ord-sse"), "SKU-S", 1, "tok_visa")).await;
+    let a = s
+        .accept(&order(Some("ord-sse"), "SKU-S", 1, "tok_visa"))
+        .await;
     let token = a["tracking_token"].as_str().unwrap();
-    let res = s.http.get(s.url("/v1/orders/ord-sse/events")).bearer_auth(token).send().await.unwrap();
+    let res = s
+        .http
+        .get(s.url("/v1/orders/ord-sse/events"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    assert!(res.headers().get("content-type").unwrap().to_str().unwrap().starts_with("text/event-stream"));
+    assert!(
+        res.headers()
+            .get("content-type")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
     let events = read_sse(res).await;
-    let statuses: Vec<&str> = events.iter().map(|e| e.data["status"].as_str().unwrap()).collect();
-    assert_eq!(statuses, ["accepted", "reserved", "paid", "confirmed"], "{events:?}");
+    let statuses: Vec<&str> = events
+        .iter()
+        .map(|e| e.data["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        ["accepted", "reserved", "paid", "confirmed"],
+        "{events:?}"
+    );
     for (i, e) in events.iter().enumerate() {
         assert_eq!(e.event, "status");
         assert_eq!(e.id, (i + 1).to_string());
@@ -477,15 +782,38 @@ async fn sse_streams_statuses_to_terminal() {
         assert!(is_rfc3339_utc(e.data["at"].as_str().unwrap()));
     }
     // After the end, a new stream (token in the query) replays the history and ends.
-    let res = s.http.get(s.url(&format!("/v1/orders/ord-sse/events?token={token}"))).send().await.unwrap();
+    let res = s
+        .http
+        .get(s.url(&format!("/v1/orders/ord-sse/events?token={token}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(read_sse(res).await.len(), 4);
     // A declined order's stream ends with its terminal failure and reason.
-    let d = s.accept(&order(Some("ord-sse-d"), "SKU-S", 1, "tok_chargeDeclined")).await;
-    let res = s.http.get(s.url("/v1/orders/ord-sse-d/events")).bearer_auth(d["tracking_token"].as_str().unwrap()).send().await.unwrap();
+    let d = s
+        .accept(&order(Some("ord-sse-d"), "SKU-S", 1, "tok_chargeDeclined"))
+        .await;
+    let res = s
+        .http
+        .get(s.url("/v1/orders/ord-sse-d/events"))
+        .bearer_auth(d["tracking_token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
     let events = read_sse(res).await;
-    assert_eq!(events.last().unwrap().data["status"], "payment_declined", "{events:?}");
+    assert_eq!(
+        events.last().unwrap().data["status"],
+        "payment_declined",
+        "{events:?}"
+    );
     // Same token rules as GET.
-    let res = s.http.get(s.url("/v1/orders/ord-sse/events")).bearer_auth("wrong").send().await.unwrap();
+    let res = s
+        .http
+        .get(s.url("/v1/orders/ord-sse/events"))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
     problem(res, StatusCode::NOT_FOUND, "order_not_found").await;
     s.stop().await;
 }
@@ -499,11 +827,25 @@ async fn sse_stream_limit() {
     c.gateway.latency_ms = 2_000; // keeps the order open while we look
     let s = Server::start_with(c, Some(ADMIN)).await;
     s.set_stock("SKU-L", 5).await;
-    let a = s.accept(&order(Some("ord-slow"), "SKU-L", 1, "tok_visa")).await;
+    let a = s
+        .accept(&order(Some("ord-slow"), "SKU-L", 1, "tok_visa"))
+        .await;
     let token = a["tracking_token"].as_str().unwrap();
-    let open = s.http.get(s.url("/v1/orders/ord-slow/events")).bearer_auth(token).send().await.unwrap();
+    let open = s
+        .http
+        .get(s.url("/v1/orders/ord-slow/events"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(open.status(), StatusCode::OK);
-    let res = s.http.get(s.url("/v1/orders/ord-slow/events")).bearer_auth(token).send().await.unwrap();
+    let res = s
+        .http
+        .get(s.url("/v1/orders/ord-slow/events"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
     assert!(res.headers().contains_key("retry-after"));
     problem(res, StatusCode::SERVICE_UNAVAILABLE, "too_many_streams").await;
     let events = read_sse(open).await;
@@ -511,12 +853,21 @@ async fn sse_stream_limit() {
     // The permit is back once the stream ended.
     let start = Instant::now();
     loop {
-        let res = s.http.get(s.url("/v1/orders/ord-slow/events")).bearer_auth(token).send().await.unwrap();
+        let res = s
+            .http
+            .get(s.url("/v1/orders/ord-slow/events"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
         if res.status() == StatusCode::OK {
             assert_eq!(read_sse(res).await.len(), 4);
             break;
         }
-        assert!(start.elapsed() < DEADLINE, "the stream permit was never released");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the stream permit was never released"
+        );
         tokio::time::sleep(POLL).await;
     }
     s.stop().await;
@@ -532,24 +883,72 @@ async fn inventory_needs_admin_token() {
         s.http.get(&url),
         s.http.get(&url).bearer_auth("wrong"),
         s.http.put(&url).json(&json!({"available": 1})),
-        s.http.put(&url).bearer_auth("wrong").json(&json!({"available": 1})),
-        s.http.put(&url).header("authorization", format!("Basic {ADMIN}")).json(&json!({"available": 1})),
+        s.http
+            .put(&url)
+            .bearer_auth("wrong")
+            .json(&json!({"available": 1})),
+        s.http
+            .put(&url)
+            .header("authorization", format!("Basic {ADMIN}"))
+            .json(&json!({"available": 1})),
     ] {
         let res = req.send().await.unwrap();
-        assert!(res.headers().get("www-authenticate").unwrap().to_str().unwrap().starts_with("Bearer"));
+        assert!(
+            res.headers()
+                .get("www-authenticate")
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("Bearer")
+        );
         problem(res, StatusCode::UNAUTHORIZED, "unauthorized").await;
     }
-    assert_eq!(s.stock("SKU-A").await, json!({"sku": "SKU-A", "available": 0, "reserved": 0, "sold": 0}));
+    assert_eq!(
+        s.stock("SKU-A").await,
+        json!({"sku": "SKU-A", "available": 0, "reserved": 0, "sold": 0})
+    );
     assert_eq!(s.set_stock("SKU-A", 7).await["available"], 7);
-    assert_eq!(s.stock("SKU-A").await, json!({"sku": "SKU-A", "available": 7, "reserved": 0, "sold": 0}));
+    assert_eq!(
+        s.stock("SKU-A").await,
+        json!({"sku": "SKU-A", "available": 7, "reserved": 0, "sold": 0})
+    );
     assert_eq!(s.set_stock("SKU-A", 2).await["available"], 2);
-    for body in [json!({"available": -1}), json!({"available": "3"}), json!({"stock": 3}), json!([3])] {
-        let res = s.http.put(&url).bearer_auth(ADMIN).json(&body).send().await.unwrap();
+    for body in [
+        json!({"available": -1}),
+        json!({"available": "3"}),
+        json!({"stock": 3}),
+        json!([3]),
+    ] {
+        let res = s
+            .http
+            .put(&url)
+            .bearer_auth(ADMIN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         problem(res, StatusCode::BAD_REQUEST, "invalid_body").await;
     }
     let bad_sku = s.url(&format!("/v1/inventory/{}", "S".repeat(65)));
-    problem(s.http.get(&bad_sku).bearer_auth(ADMIN).send().await.unwrap(), StatusCode::BAD_REQUEST, "invalid_sku").await;
-    let res = s.http.put(s.url("/v1/inventory/a%20b")).bearer_auth(ADMIN).json(&json!({"available": 1})).send().await.unwrap();
+    problem(
+        s.http
+            .get(&bad_sku)
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::BAD_REQUEST,
+        "invalid_sku",
+    )
+    .await;
+    let res = s
+        .http
+        .put(s.url("/v1/inventory/a%20b"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"available": 1}))
+        .send()
+        .await
+        .unwrap();
     problem(res, StatusCode::BAD_REQUEST, "invalid_sku").await;
     s.stop().await;
 }
@@ -559,16 +958,46 @@ async fn inventory_needs_admin_token() {
 async fn admin_routes_disabled_without_token() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start_with(config(dir.path()), None).await;
-    let res = s.http.get(s.url("/v1/inventory/SKU-A")).bearer_auth("anything").send().await.unwrap();
+    let res = s
+        .http
+        .get(s.url("/v1/inventory/SKU-A"))
+        .bearer_auth("anything")
+        .send()
+        .await
+        .unwrap();
     problem(res, StatusCode::FORBIDDEN, "admin_disabled").await;
-    let res = s.http.put(s.url("/v1/inventory/SKU-A")).json(&json!({"available": 1})).send().await.unwrap();
+    let res = s
+        .http
+        .put(s.url("/v1/inventory/SKU-A"))
+        .json(&json!({"available": 1}))
+        .send()
+        .await
+        .unwrap();
     problem(res, StatusCode::FORBIDDEN, "admin_disabled").await;
-    let res = s.http.post(s.url("/v1/admin/produce")).body("{}\n").send().await.unwrap();
+    let res = s
+        .http
+        .post(s.url("/v1/admin/produce"))
+        .body("{}\n")
+        .send()
+        .await
+        .unwrap();
     problem(res, StatusCode::FORBIDDEN, "admin_disabled").await;
     // Orders still work, and no token is an admin token.
-    let a = s.accept(&order(Some("ord-noadmin"), "SKU-A", 1, "tok_visa")).await;
-    problem(s.get_order("ord-noadmin", "").await, StatusCode::NOT_FOUND, "order_not_found").await;
-    assert_eq!(s.get_order("ord-noadmin", a["tracking_token"].as_str().unwrap()).await.status(), StatusCode::OK);
+    let a = s
+        .accept(&order(Some("ord-noadmin"), "SKU-A", 1, "tok_visa"))
+        .await;
+    problem(
+        s.get_order("ord-noadmin", "").await,
+        StatusCode::NOT_FOUND,
+        "order_not_found",
+    )
+    .await;
+    assert_eq!(
+        s.get_order("ord-noadmin", a["tracking_token"].as_str().unwrap())
+            .await
+            .status(),
+        StatusCode::OK
+    );
     s.stop().await;
 }
 
@@ -584,13 +1013,41 @@ async fn admin_produce_mixed_lines() {
     let mut carded = good.clone();
     carded["order_id"] = json!("prod-card");
     carded["note"] = json!("card 4242 4242 4242 4242");
-    let body = format!("{good}\nnot json at all\n\n{invalid}\r\n[1,2]\n{{\"order_id\": \"prod-2\"\n{carded}\n");
+    let body = format!(
+        "{good}\nnot json at all\n\n{invalid}\r\n[1,2]\n{{\"order_id\": \"prod-2\"\n{carded}\n"
+    );
     let url = s.url("/v1/admin/produce");
-    problem(s.http.post(&url).body(body.clone()).send().await.unwrap(), StatusCode::UNAUTHORIZED, "unauthorized").await;
-    let res = s.http.post(&url).bearer_auth(ADMIN).header("content-type", "application/x-ndjson").body(body).send().await.unwrap();
+    problem(
+        s.http.post(&url).body(body.clone()).send().await.unwrap(),
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    )
+    .await;
+    let res = s
+        .http
+        .post(&url)
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    assert!(res.headers().get("content-type").unwrap().to_str().unwrap().starts_with("application/x-ndjson"));
-    let rows: Vec<Value> = res.text().await.unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(
+        res.headers()
+            .get("content-type")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("application/x-ndjson")
+    );
+    let rows: Vec<Value> = res
+        .text()
+        .await
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let lines: Vec<u64> = rows.iter().map(|r| r["line"].as_u64().unwrap()).collect();
     assert_eq!(lines, [1, 2, 4, 5, 6, 7], "{rows:?}");
     assert_eq!(rows[0]["order_id"], "prod-1");
@@ -600,17 +1057,31 @@ async fn admin_produce_mixed_lines() {
     assert_eq!(rows[2]["order_id"], "prod-bad");
     assert!(rows[3]["offset"].is_u64() && rows[3]["order_id"].is_null());
     assert_eq!(rows[4]["code"], "malformed_json");
-    assert_eq!(rows[5]["code"], "pan_detected", "a card number never reaches the log");
+    assert_eq!(
+        rows[5]["code"], "pan_detected",
+        "a card number never reaches the log"
+    );
     assert!(!rows[5].to_string().contains("4242"));
 
     let v = s.wait_terminal("prod-1", ADMIN).await;
     assert_eq!(v["status"], "confirmed");
     let v = s.wait_terminal("prod-bad", ADMIN).await;
-    assert_eq!((v["status"].as_str(), v["reason"].as_str()), (Some("rejected"), Some("invalid_currency")));
+    assert_eq!(
+        (v["status"].as_str(), v["reason"].as_str()),
+        (Some("rejected"), Some("invalid_currency"))
+    );
     // The same order id produced again is still one order.
-    let res = s.http.post(&url).bearer_auth(ADMIN).body(format!("{good}\n")).send().await.unwrap();
+    let res = s
+        .http
+        .post(&url)
+        .bearer_auth(ADMIN)
+        .body(format!("{good}\n"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    s.wait_stock("SKU-P", |v| v["reserved"] == 0 && v["sold"] == 1).await;
+    s.wait_stock("SKU-P", |v| v["reserved"] == 0 && v["sold"] == 1)
+        .await;
     s.stop().await;
 }
 
@@ -620,7 +1091,10 @@ async fn ops_routes_and_fallbacks() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(dir.path()).await;
     let res = s.http.get(s.url("/healthz")).send().await.unwrap();
-    assert_eq!((res.status(), res.text().await.unwrap().as_str()), (StatusCode::OK, "ok"));
+    assert_eq!(
+        (res.status(), res.text().await.unwrap().as_str()),
+        (StatusCode::OK, "ok")
+    );
     let start = Instant::now();
     loop {
         let res = s.http.get(s.url("/readyz")).send().await.unwrap();
@@ -632,21 +1106,57 @@ async fn ops_routes_and_fallbacks() {
         tokio::time::sleep(POLL).await;
     }
     s.accept(&order(None, "SKU-M", 1, "tok_visa")).await;
-    problem(s.http.get(s.url("/v1/nope")).send().await.unwrap(), StatusCode::NOT_FOUND, "not_found").await;
-    problem(s.http.get(s.url("/")).send().await.unwrap(), StatusCode::NOT_FOUND, "not_found").await;
+    problem(
+        s.http.get(s.url("/v1/nope")).send().await.unwrap(),
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+    problem(
+        s.http.get(s.url("/")).send().await.unwrap(),
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
     let res = s.http.delete(s.url("/v1/orders")).send().await.unwrap();
-    assert!(res.headers().get("allow").unwrap().to_str().unwrap().contains("POST"));
+    assert!(
+        res.headers()
+            .get("allow")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .contains("POST")
+    );
     problem(res, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
-    problem(s.http.get(s.url("/v1/orders")).send().await.unwrap(), StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
-    problem(s.http.post(s.url("/healthz")).send().await.unwrap(), StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+    problem(
+        s.http.get(s.url("/v1/orders")).send().await.unwrap(),
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    )
+    .await;
+    problem(
+        s.http.post(s.url("/healthz")).send().await.unwrap(),
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    )
+    .await;
 
     let res = s.http.get(s.url("/metrics")).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    assert!(res.headers().get("content-type").unwrap().to_str().unwrap().starts_with("text/plain"));
+    assert!(
+        res.headers()
+            .get("content-type")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
     let text = res.text().await.unwrap();
     let counted = |route: &str, code: &str| {
         text.lines().any(|l| {
-            l.starts_with("orderflow_http_requests_total{") && l.contains(&format!("route=\"{route}\"")) && l.contains(&format!("code=\"{code}\""))
+            l.starts_with("orderflow_http_requests_total{")
+                && l.contains(&format!("route=\"{route}\""))
+                && l.contains(&format!("code=\"{code}\""))
         })
     };
     assert!(counted("/v1/orders", "202"), "{text}");

@@ -14,7 +14,11 @@ use orderflow::sinks::metrics::Metrics;
 const FRAME_BYTES: u64 = 30;
 
 fn config(segment_size_bytes: u64) -> LogConfig {
-    LogConfig { segment_size_bytes, max_record_bytes: 1024, ..LogConfig::default() }
+    LogConfig {
+        segment_size_bytes,
+        max_record_bytes: 1024,
+        ..LogConfig::default()
+    }
 }
 
 fn open(dir: &Path, config: &LogConfig) -> Result<EmbeddedLog, LogError> {
@@ -22,21 +26,30 @@ fn open(dir: &Path, config: &LogConfig) -> Result<EmbeddedLog, LogError> {
 }
 
 fn record(i: u64) -> Record {
-    Record { kind: RecordKind::OrderJson, key: b"k".to_vec(), value: format!("{i:010}").into_bytes() }
+    Record {
+        kind: RecordKind::OrderJson,
+        key: b"k".to_vec(),
+        value: format!("{i:010}").into_bytes(),
+    }
 }
 
 /// Writes `n` records to partition 0, one append each, and closes the log.
 async fn write_records(dir: &Path, config: &LogConfig, n: u64) {
     let log = open(dir, config).unwrap();
     for i in 0..n {
-        assert_eq!(log.append(Topic::Orders, 0, vec![record(i)]).await.unwrap(), i);
+        assert_eq!(
+            log.append(Topic::Orders, 0, vec![record(i)]).await.unwrap(),
+            i
+        );
     }
     log.close().await;
 }
 
 fn segments(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> =
-        std::fs::read_dir(dir.join("orders").join("00000")).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("orders").join("00000"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     files.sort();
     files
 }
@@ -46,10 +59,16 @@ async fn assert_intact(log: &EmbeddedLog, expected: u64) {
     assert_eq!(log.offsets(Topic::Orders, 0).unwrap(), (0, expected));
     let mut next = 0;
     while next < expected {
-        let batch = log.read(Topic::Orders, 0, next, 16, Duration::ZERO).await.unwrap();
+        let batch = log
+            .read(Topic::Orders, 0, next, 16, Duration::ZERO)
+            .await
+            .unwrap();
         assert!(!batch.is_empty());
         for r in batch {
-            assert_eq!((r.offset, r.key.as_slice(), r.value), (next, &b"k"[..], record(next).value));
+            assert_eq!(
+                (r.offset, r.key.as_slice(), r.value),
+                (next, &b"k"[..], record(next).value)
+            );
             next += 1;
         }
     }
@@ -77,12 +96,26 @@ async fn torn_tail_chopped_is_truncated() {
     let last = segments(dir.path()).pop().unwrap();
     let len = std::fs::metadata(&last).unwrap().len();
     assert_eq!(len, 50 * FRAME_BYTES);
-    std::fs::OpenOptions::new().write(true).open(&last).unwrap().set_len(len - 3).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&last)
+        .unwrap()
+        .set_len(len - 3)
+        .unwrap();
 
     let log = open(dir.path(), &config).unwrap();
     assert_intact(&log, 49).await;
-    assert_eq!(std::fs::metadata(&last).unwrap().len(), 49 * FRAME_BYTES, "truncated to the last whole record");
-    assert_eq!(log.append(Topic::Orders, 0, vec![record(49)]).await.unwrap(), 49);
+    assert_eq!(
+        std::fs::metadata(&last).unwrap().len(),
+        49 * FRAME_BYTES,
+        "truncated to the last whole record"
+    );
+    assert_eq!(
+        log.append(Topic::Orders, 0, vec![record(49)])
+            .await
+            .unwrap(),
+        49
+    );
     assert_intact(&log, 50).await;
     log.close().await;
     assert_intact(&open(dir.path(), &config).unwrap(), 50).await;
@@ -105,7 +138,12 @@ async fn torn_tail_garbage_half_frame_is_truncated() {
     append_bytes(&last, &half_frame);
     let log = open(dir.path(), &config).unwrap();
     assert_intact(&log, 50).await;
-    assert_eq!(log.append(Topic::Orders, 0, vec![record(50)]).await.unwrap(), 50);
+    assert_eq!(
+        log.append(Topic::Orders, 0, vec![record(50)])
+            .await
+            .unwrap(),
+        50
+    );
     log.close().await;
 
     // Zeros a file system may leave after a crash.
@@ -120,7 +158,12 @@ async fn torn_tail_garbage_half_frame_is_truncated() {
     append_bytes(&last, &bad_crc);
     let log = open(dir.path(), &config).unwrap();
     assert_intact(&log, 51).await;
-    assert_eq!(log.append(Topic::Orders, 0, vec![record(51)]).await.unwrap(), 51);
+    assert_eq!(
+        log.append(Topic::Orders, 0, vec![record(51)])
+            .await
+            .unwrap(),
+        51
+    );
 }
 
 /// With several segments only the last one is repaired; earlier ones are read as they are.
@@ -133,11 +176,21 @@ async fn torn_tail_in_last_of_many_segments() {
     assert_eq!(files.len(), 10);
     let last = files.last().unwrap();
     let len = std::fs::metadata(last).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(last).unwrap().set_len(len - FRAME_BYTES - 1).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(last)
+        .unwrap()
+        .set_len(len - FRAME_BYTES - 1)
+        .unwrap();
 
     let log = open(dir.path(), &config).unwrap();
     assert_intact(&log, 93).await;
-    assert_eq!(log.append(Topic::Orders, 0, vec![record(93)]).await.unwrap(), 93);
+    assert_eq!(
+        log.append(Topic::Orders, 0, vec![record(93)])
+            .await
+            .unwrap(),
+        93
+    );
 }
 
 /// A flipped byte in an early record (followed by intact ones) is corruption:
@@ -152,15 +205,27 @@ async fn corrupt_middle_fails_open() {
 
     let err = open(dir.path(), &config).err().expect("open must fail");
     match &err {
-        LogError::Corrupt { path, position, offset, .. } => {
+        LogError::Corrupt {
+            path,
+            position,
+            offset,
+            ..
+        } => {
             assert_eq!(Path::new(path), segment);
             assert_eq!((*position, *offset), (2 * FRAME_BYTES, 2));
         }
         other => panic!("expected Corrupt, got {other}"),
     }
     let message = err.to_string();
-    assert!(message.contains(&segment.display().to_string()) && message.contains("offset 2"), "{message}");
-    assert_eq!(std::fs::metadata(&segment).unwrap().len(), 50 * FRAME_BYTES, "nothing truncated");
+    assert!(
+        message.contains(&segment.display().to_string()) && message.contains("offset 2"),
+        "{message}"
+    );
+    assert_eq!(
+        std::fs::metadata(&segment).unwrap().len(),
+        50 * FRAME_BYTES,
+        "nothing truncated"
+    );
 
     // A length field blown up so the frame seems to run past the end of the
     // file is still recognised: intact records follow it.
@@ -178,11 +243,19 @@ async fn damage_in_earlier_segment_fails_open() {
     write_records(dir.path(), &config, 35).await;
     let first = segments(dir.path()).remove(0);
     let len = std::fs::metadata(&first).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&first).unwrap().set_len(len - 1).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&first)
+        .unwrap()
+        .set_len(len - 1)
+        .unwrap();
 
     let err = open(dir.path(), &config).err().expect("open must fail");
     assert!(matches!(&err, LogError::Corrupt { offset: 9, .. }), "{err}");
-    assert!(err.to_string().contains(&first.display().to_string()), "{err}");
+    assert!(
+        err.to_string().contains(&first.display().to_string()),
+        "{err}"
+    );
 }
 
 /// A segment file whose name is not a base offset is an error naming it.
@@ -194,5 +267,8 @@ async fn unparseable_segment_name_fails_open() {
     let stray = dir.path().join("orders").join("00000").join("0001.seg");
     std::fs::write(&stray, b"").unwrap();
     let err = open(dir.path(), &config).err().expect("open must fail");
-    assert!(err.to_string().contains(&stray.display().to_string()), "{err}");
+    assert!(
+        err.to_string().contains(&stray.display().to_string()),
+        "{err}"
+    );
 }

@@ -10,12 +10,16 @@
 use std::collections::BTreeMap;
 
 use orderflow::domain::partition::partition_for_key;
-use orderflow::domain::{Effect, EffectKind, Envelope, Message, PaymentOutcome, RecordKind, Status, StatusEvent};
+use orderflow::domain::{
+    Effect, EffectKind, Envelope, Message, PaymentOutcome, RecordKind, Status, StatusEvent,
+};
 use orderflow::stages::processor::Input;
 use orderflow::stages::{Output, PartitionState, Processor};
 use proptest::prelude::*;
 
 const SKUS: [&str; 6] = ["SKU-A", "SKU-B", "SKU-C", "SKU-D", "SKU-E", "SKU-F"];
+
+type Checkpoint = (Vec<(Vec<u8>, Vec<u8>)>, u64);
 
 struct Rec {
     ts: u64,
@@ -35,7 +39,8 @@ struct World {
     logs: Vec<Vec<Rec>>,
     procs: Vec<Processor>,
     next: Vec<u64>,
-    checkpoints: Vec<(Vec<(Vec<u8>, Vec<u8>)>, u64)>,
+    /// Per partition: checkpoint rows and the offset they were taken at.
+    checkpoints: Vec<Checkpoint>,
     effects: Vec<Effect>,
     statuses: BTreeMap<(String, u32), StatusEvent>,
     /// Order bodies by id: a repeated id re-sends the first body, as a
@@ -48,12 +53,28 @@ struct World {
 
 #[derive(Clone, Debug)]
 enum Step {
-    Place { id: u16, lines: Vec<(usize, u32)>, decline: bool },
-    Restock { sku: usize, available: u64 },
-    Process { p: u32, count: usize },
-    RunEffect { pick: usize },
-    Checkpoint { p: u32 },
-    Crash { p: u32 },
+    Place {
+        id: u16,
+        lines: Vec<(usize, u32)>,
+        decline: bool,
+    },
+    Restock {
+        sku: usize,
+        available: u64,
+    },
+    Process {
+        p: u32,
+        count: usize,
+    },
+    RunEffect {
+        pick: usize,
+    },
+    Checkpoint {
+        p: u32,
+    },
+    Crash {
+        p: u32,
+    },
     GatewayDown(bool),
 }
 
@@ -62,7 +83,9 @@ impl World {
         World {
             n,
             logs: (0..n).map(|_| Vec::new()).collect(),
-            procs: (0..n).map(|p| Processor::new(p, n, PartitionState::default())).collect(),
+            procs: (0..n)
+                .map(|p| Processor::new(p, n, PartitionState::default()))
+                .collect(),
             next: vec![0; n as usize],
             checkpoints: (0..n).map(|_| (Vec::new(), 0)).collect(),
             effects: Vec::new(),
@@ -77,11 +100,20 @@ impl World {
     fn append(&mut self, kind: RecordKind, key: &str, value: Vec<u8>) {
         self.clock_ms += 1;
         let p = partition_for_key(key.as_bytes(), self.n) as usize;
-        self.logs[p].push(Rec { ts: self.clock_ms, kind, key: key.to_owned(), value });
+        self.logs[p].push(Rec {
+            ts: self.clock_ms,
+            kind,
+            key: key.to_owned(),
+            value,
+        });
     }
 
     fn internal(&mut self, key: &str, body: Message) {
-        self.append(RecordKind::Internal, key, Envelope::new(None, body).encode());
+        self.append(
+            RecordKind::Internal,
+            key,
+            Envelope::new(None, body).encode(),
+        );
     }
 
     fn step(&mut self, step: &Step) {
@@ -92,17 +124,28 @@ impl World {
                     .iter()
                     .map(|(s, q)| serde_json::json!({"sku": SKUS[*s], "quantity": q, "unit_price": 100}))
                     .collect();
-                let token = if *decline { "tok_chargeDeclined" } else { "tok_visa" };
+                let token = if *decline {
+                    "tok_chargeDeclined"
+                } else {
+                    "tok_visa"
+                };
                 let body = serde_json::json!({"order_id": order_id, "customer_id": "c1", "currency": "USD",
                     "lines": lines, "payment": {"token": token}});
                 let home = body["lines"][0]["sku"].as_str().unwrap().to_owned();
-                let (home, body) =
-                    self.placed.entry(order_id).or_insert((home, serde_json::to_vec(&body).unwrap())).clone();
+                let (home, body) = self
+                    .placed
+                    .entry(order_id)
+                    .or_insert((home, serde_json::to_vec(&body).unwrap()))
+                    .clone();
                 self.append(RecordKind::OrderJson, &home, body);
             }
-            Step::Restock { sku, available } => {
-                self.internal(SKUS[*sku], Message::SetStock { sku: SKUS[*sku].into(), available: *available })
-            }
+            Step::Restock { sku, available } => self.internal(
+                SKUS[*sku],
+                Message::SetStock {
+                    sku: SKUS[*sku].into(),
+                    available: *available,
+                },
+            ),
             Step::Process { p, count } => self.process(*p, *count),
             Step::RunEffect { pick } => self.run_effect(*pick),
             Step::Checkpoint { p } => self.checkpoint(*p),
@@ -116,8 +159,16 @@ impl World {
         let mut out = Output::default();
         for _ in 0..count {
             let offset = self.next[pi];
-            let Some(rec) = self.logs[pi].get(offset as usize) else { break };
-            let input = Input { offset, timestamp_ms: rec.ts, kind: rec.kind, key: rec.key.as_bytes(), value: &rec.value };
+            let Some(rec) = self.logs[pi].get(offset as usize) else {
+                break;
+            };
+            let input = Input {
+                offset,
+                timestamp_ms: rec.ts,
+                kind: rec.kind,
+                key: rec.key.as_bytes(),
+                value: &rec.value,
+            };
             self.procs[pi].apply(input, &mut out);
             self.next[pi] += 1;
         }
@@ -129,11 +180,15 @@ impl World {
             // A replay re-emits the same (order_id, seq): it must be identical.
             let key = (s.order_id.clone(), s.seq);
             if let Some(prev) = self.statuses.get(&key) {
-                assert_eq!(prev.status, s.status, "seq {} of {} changed on replay", s.seq, s.order_id);
+                assert_eq!(
+                    prev.status, s.status,
+                    "seq {} of {} changed on replay",
+                    s.seq, s.order_id
+                );
             }
             self.statuses.insert(key, s);
         }
-        self.effects.extend(out.effects.drain(..));
+        self.effects.append(&mut out.effects);
     }
 
     fn run_effect(&mut self, pick: usize) {
@@ -142,34 +197,56 @@ impl World {
         }
         let e = self.effects.remove(pick % self.effects.len());
         let body = match e.kind {
-            EffectKind::Authorize if self.fail_gateway => {
-                Message::PaymentResult { order_id: e.order_id.clone(), outcome: PaymentOutcome::Failed { reason: "gateway_unavailable".into() } }
-            }
-            EffectKind::Authorize if e.token == "tok_chargeDeclined" => {
-                Message::PaymentResult { order_id: e.order_id.clone(), outcome: PaymentOutcome::Declined { code: "card_declined".into() } }
-            }
+            EffectKind::Authorize if self.fail_gateway => Message::PaymentResult {
+                order_id: e.order_id.clone(),
+                outcome: PaymentOutcome::Failed {
+                    reason: "gateway_unavailable".into(),
+                },
+            },
+            EffectKind::Authorize if e.token == "tok_chargeDeclined" => Message::PaymentResult {
+                order_id: e.order_id.clone(),
+                outcome: PaymentOutcome::Declined {
+                    code: "card_declined".into(),
+                },
+            },
             EffectKind::Authorize => {
-                let intent = self.gateway.intents.entry(e.order_id.clone()).or_insert((e.amount, 0, false));
+                let intent = self
+                    .gateway
+                    .intents
+                    .entry(e.order_id.clone())
+                    .or_insert((e.amount, 0, false));
                 assert_eq!(intent.0, e.amount);
                 Message::PaymentResult {
                     order_id: e.order_id.clone(),
-                    outcome: PaymentOutcome::Authorized { payment_id: format!("pi_{}", e.order_id) },
+                    outcome: PaymentOutcome::Authorized {
+                        payment_id: format!("pi_{}", e.order_id),
+                    },
                 }
             }
             EffectKind::Capture => {
-                let intent = self.gateway.intents.get_mut(&e.order_id).expect("capture of an authorization");
+                let intent = self
+                    .gateway
+                    .intents
+                    .get_mut(&e.order_id)
+                    .expect("capture of an authorization");
                 assert!(!intent.2, "capture after void of {}", e.order_id);
                 if intent.1 == 0 {
                     intent.1 = 1; // idempotent: a repeated key does not capture again
                 }
-                Message::EffectDone { order_id: e.order_id.clone(), kind: e.kind }
+                Message::EffectDone {
+                    order_id: e.order_id.clone(),
+                    kind: e.kind,
+                }
             }
             EffectKind::Void => {
                 if let Some(intent) = self.gateway.intents.get_mut(&e.order_id) {
                     assert_eq!(intent.1, 0, "void of a captured payment {}", e.order_id);
                     intent.2 = true;
                 }
-                Message::EffectDone { order_id: e.order_id.clone(), kind: e.kind }
+                Message::EffectDone {
+                    order_id: e.order_id.clone(),
+                    kind: e.kind,
+                }
             }
         };
         self.internal(&e.reply_key, body);
@@ -189,7 +266,9 @@ impl World {
     fn crash(&mut self, p: u32) {
         let pi = p as usize;
         let (rows, offset) = &self.checkpoints[pi];
-        let state = PartitionState::from_rows(rows.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))).unwrap();
+        let state =
+            PartitionState::from_rows(rows.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
+                .unwrap();
         self.procs[pi] = Processor::new(p, self.n, state);
         self.next[pi] = *offset;
         // Recovery restarts the effects left in the outbox.
@@ -205,7 +284,11 @@ impl World {
             }
             for (sku, s) in &proc.state.stock {
                 s.assert_conserved();
-                assert_eq!(s.reserved, held.get(sku.as_str()).copied().unwrap_or(0), "holds of {sku}");
+                assert_eq!(
+                    s.reserved,
+                    held.get(sku.as_str()).copied().unwrap_or(0),
+                    "holds of {sku}"
+                );
             }
         }
         // Every status path is valid: seqs 1..k with valid transitions.
@@ -213,7 +296,12 @@ impl World {
         for ((id, seq), s) in &self.statuses {
             let v = by_order.entry(id.as_str()).or_default();
             assert_eq!(*seq as usize, v.len() + 1, "gap in seqs of {id}");
-            assert!(Status::may_follow(v.last().copied(), s.status), "{id}: {:?} -> {}", v.last(), s.status);
+            assert!(
+                Status::may_follow(v.last().copied(), s.status),
+                "{id}: {:?} -> {}",
+                v.last(),
+                s.status
+            );
             v.push(s.status);
         }
     }
@@ -245,7 +333,9 @@ impl World {
             last.insert(id.as_str(), s.status);
         }
         for id in self.placed.keys() {
-            let s = last.get(id.as_str()).unwrap_or_else(|| panic!("{id} has no status"));
+            let s = last
+                .get(id.as_str())
+                .unwrap_or_else(|| panic!("{id} has no status"));
             assert!(s.is_terminal(), "{id} ended {s}");
         }
         let mut sold: BTreeMap<&str, u64> = BTreeMap::new();
@@ -259,8 +349,15 @@ impl World {
             for (id, rec) in &proc.state.orders {
                 let intent = self.gateway.intents.get(id);
                 match rec.status {
-                    Status::Confirmed => assert_eq!(intent.map(|i| (i.1, i.2)), Some((1, false)), "{id} captured once"),
-                    _ => assert!(intent.is_none_or(|i| i.1 == 0 && i.2), "{id} not confirmed: its authorization is voided"),
+                    Status::Confirmed => assert_eq!(
+                        intent.map(|i| (i.1, i.2)),
+                        Some((1, false)),
+                        "{id} captured once"
+                    ),
+                    _ => assert!(
+                        intent.is_none_or(|i| i.1 == 0 && i.2),
+                        "{id} not confirmed: its authorization is voided"
+                    ),
                 }
             }
         }
@@ -269,10 +366,20 @@ impl World {
             let mut replay = Processor::new(p, self.n, PartitionState::default());
             let mut out = Output::default();
             for (offset, rec) in self.logs[p as usize].iter().enumerate() {
-                let input = Input { offset: offset as u64, timestamp_ms: rec.ts, kind: rec.kind, key: rec.key.as_bytes(), value: &rec.value };
+                let input = Input {
+                    offset: offset as u64,
+                    timestamp_ms: rec.ts,
+                    kind: rec.kind,
+                    key: rec.key.as_bytes(),
+                    value: &rec.value,
+                };
                 replay.apply(input, &mut out);
             }
-            assert_eq!(replay.state.hash(), self.procs[p as usize].state.hash(), "partition {p} replay differs");
+            assert_eq!(
+                replay.state.hash(),
+                self.procs[p as usize].state.hash(),
+                "partition {p} replay differs"
+            );
         }
         let _ = sold;
     }
@@ -317,9 +424,19 @@ proptest! {
 #[test]
 fn saga_compensates() {
     let mut w = World::new(4);
-    w.step(&Step::Restock { sku: 0, available: 5 });
-    w.step(&Step::Restock { sku: 1, available: 1 });
-    w.step(&Step::Place { id: 1, lines: vec![(0, 2), (1, 3)], decline: false });
+    w.step(&Step::Restock {
+        sku: 0,
+        available: 5,
+    });
+    w.step(&Step::Restock {
+        sku: 1,
+        available: 1,
+    });
+    w.step(&Step::Place {
+        id: 1,
+        lines: vec![(0, 2), (1, 3)],
+        decline: false,
+    });
     w.drain();
     w.check_final();
     let last = w.statuses.range(("o1".to_string(), 0)..).last().unwrap().1;

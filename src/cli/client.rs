@@ -38,26 +38,36 @@ impl Client {
     /// The server is `--server` / `ORDERFLOW_SERVER`, else `http://` + the
     /// listen address (`ORDERFLOW_LISTEN`, the config file, the default).
     pub fn new(config_file: Option<&Path>, args: &ClientArgs) -> Result<Client, CliError> {
-        let token = Secret::from_env(ADMIN_TOKEN_ENV)
-            .ok_or_else(|| CliError::Usage(format!("{ADMIN_TOKEN_ENV} must hold the admin token of the server")))?;
+        let token = Secret::from_env(ADMIN_TOKEN_ENV).ok_or_else(|| {
+            CliError::Usage(format!(
+                "{ADMIN_TOKEN_ENV} must hold the admin token of the server"
+            ))
+        })?;
         let server = match &args.server {
             Some(s) => s.clone(),
             None => {
                 let mut listen = base_config(config_file)?.listen;
                 if let Ok(v) = std::env::var(LISTEN_ENV) {
-                    listen = v
-                        .parse::<SocketAddr>()
-                        .map_err(|e| CliError::Usage(format!("{LISTEN_ENV}={v:?} is not an address: {e}")))?;
+                    listen = v.parse::<SocketAddr>().map_err(|e| {
+                        CliError::Usage(format!("{LISTEN_ENV}={v:?} is not an address: {e}"))
+                    })?;
                 }
                 if listen.ip().is_unspecified() {
-                    listen.set_ip(if listen.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+                    listen.set_ip(if listen.is_ipv4() {
+                        [127, 0, 0, 1].into()
+                    } else {
+                        std::net::Ipv6Addr::LOCALHOST.into()
+                    });
                 }
                 format!("http://{listen}")
             }
         };
-        let base = Url::parse(&server).map_err(|e| CliError::Usage(format!("invalid server URL {server:?}: {e}")))?;
+        let base = Url::parse(&server)
+            .map_err(|e| CliError::Usage(format!("invalid server URL {server:?}: {e}")))?;
         if !matches!(base.scheme(), "http" | "https") {
-            return Err(CliError::Usage(format!("invalid server URL {server:?}: use http:// or https://")));
+            return Err(CliError::Usage(format!(
+                "invalid server URL {server:?}: use http:// or https://"
+            )));
         }
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
@@ -78,7 +88,9 @@ impl Client {
     }
 
     pub fn request(&self, method: Method, segments: &[&str]) -> RequestBuilder {
-        self.http.request(method, self.url(segments)).bearer_auth(self.token.expose())
+        self.http
+            .request(method, self.url(segments))
+            .bearer_auth(self.token.expose())
     }
 
     pub fn base(&self) -> &Url {
@@ -88,7 +100,9 @@ impl Client {
 
 /// Sends a request; a transport error names the server.
 pub async fn send(client: &Client, req: RequestBuilder) -> anyhow::Result<Response> {
-    req.send().await.with_context(|| format!("cannot reach orderflow at {}", client.base()))
+    req.send()
+        .await
+        .with_context(|| format!("cannot reach orderflow at {}", client.base()))
 }
 
 /// The failure of a non-success answer (problem+json when possible).
@@ -113,7 +127,10 @@ pub async fn failure(res: Response) -> Failure {
 
 /// True for answers that a later retry may turn into success.
 pub fn retryable(status: StatusCode) -> bool {
-    matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE)
+    matches!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+    )
 }
 
 /// `orderflow status ID`: prints the order's view as JSON.
@@ -129,7 +146,10 @@ pub async fn status(client: &Client, id: &str) -> anyhow::Result<bool> {
         return Ok(false);
     }
     // As the server wrote it (field order of the contract), one line.
-    let text = res.text().await.context("cannot read the server's answer")?;
+    let text = res
+        .text()
+        .await
+        .context("cannot read the server's answer")?;
     println!("{}", text.trim_end());
     Ok(true)
 }

@@ -24,7 +24,11 @@ pub const SERVER_ENV: &str = "ORDERFLOW_SERVER";
 pub const LOG_FORMAT_ENV: &str = "ORDERFLOW_LOG_FORMAT";
 
 #[derive(Parser, Debug)]
-#[command(name = "orderflow", version, about = "Order-processing stream processor")]
+#[command(
+    name = "orderflow",
+    version,
+    about = "Order-processing stream processor"
+)]
 pub struct Cli {
     /// TOML configuration file (defaults apply to what it leaves out).
     #[arg(long, global = true, env = "ORDERFLOW_CONFIG", value_name = "FILE")]
@@ -67,9 +71,7 @@ pub enum StockCommand {
         file: PathBuf,
     },
     /// Print a SKU's counters: available, reserved, sold.
-    Get {
-        sku: String,
-    },
+    Get { sku: String },
 }
 
 #[derive(Args, Debug)]
@@ -118,11 +120,18 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -152,7 +161,9 @@ pub async fn dispatch(cli: Cli) -> Result<bool, CliError> {
             let config = run_config(file, &args)?;
             let admin_token = Secret::from_env(ADMIN_TOKEN_ENV);
             if admin_token.is_none() {
-                tracing::warn!("{ADMIN_TOKEN_ENV} is not set: the admin routes (inventory, produce) are disabled");
+                tracing::warn!(
+                    "{ADMIN_TOKEN_ENV} is not set: the admin routes (inventory, produce) are disabled"
+                );
             }
             start_app(config, admin_token).await?;
             Ok(true)
@@ -161,11 +172,15 @@ pub async fn dispatch(cli: Cli) -> Result<bool, CliError> {
             let c = client::Client::new(file, client)?;
             Ok(produce::run(&c, &input).await?)
         }
-        Command::Stock { command: StockCommand::Load { file: path } } => {
+        Command::Stock {
+            command: StockCommand::Load { file: path },
+        } => {
             let c = client::Client::new(file, client)?;
             Ok(stock::load(&c, &path).await?)
         }
-        Command::Stock { command: StockCommand::Get { sku } } => {
+        Command::Stock {
+            command: StockCommand::Get { sku },
+        } => {
             let c = client::Client::new(file, client)?;
             Ok(stock::get(&c, &sku).await?)
         }
@@ -210,9 +225,15 @@ fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var(LOG_FORMAT_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("json"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // A second initialisation (tests) keeps the first subscriber.
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 #[cfg(test)]
@@ -225,23 +246,64 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "partitions = 4\nlisten = \"127.0.0.1:9000\"\n").unwrap();
-        let args = RunArgs { listen: None, data_dir: Some("/tmp/x".into()), partitions: None };
+        let args = RunArgs {
+            listen: None,
+            data_dir: Some("/tmp/x".into()),
+            partitions: None,
+        };
         let c = run_config(Some(&path), &args).unwrap();
-        assert_eq!((c.partitions, c.listen.port(), c.data_dir.as_path()), (4, 9000, Path::new("/tmp/x")));
-        let args = RunArgs { listen: None, data_dir: None, partitions: Some(0) };
-        assert!(matches!(run_config(Some(&path), &args), Err(CliError::Usage(_))));
-        assert!(matches!(run_config(Some(&dir.path().join("missing.toml")), &args), Err(CliError::Usage(_))));
+        assert_eq!(
+            (c.partitions, c.listen.port(), c.data_dir.as_path()),
+            (4, 9000, Path::new("/tmp/x"))
+        );
+        let args = RunArgs {
+            listen: None,
+            data_dir: None,
+            partitions: Some(0),
+        };
+        assert!(matches!(
+            run_config(Some(&path), &args),
+            Err(CliError::Usage(_))
+        ));
+        assert!(matches!(
+            run_config(Some(&dir.path().join("missing.toml")), &args),
+            Err(CliError::Usage(_))
+        ));
     }
 
     /// The command line parses as documented.
     #[test]
     fn parses() {
-        let cli = Cli::try_parse_from(["orderflow", "--config", "c.toml", "stock", "get", "SKU-1", "--server", "http://h:1"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "orderflow",
+            "--config",
+            "c.toml",
+            "stock",
+            "get",
+            "SKU-1",
+            "--server",
+            "http://h:1",
+        ])
+        .unwrap();
         assert_eq!(cli.client.server.as_deref(), Some("http://h:1"));
-        assert!(matches!(cli.command, Command::Stock { command: StockCommand::Get { .. } }));
-        let cli = Cli::try_parse_from(["orderflow", "--server", "http://h:2", "status", "o-1"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Stock {
+                command: StockCommand::Get { .. }
+            }
+        ));
+        let cli =
+            Cli::try_parse_from(["orderflow", "--server", "http://h:2", "status", "o-1"]).unwrap();
         assert_eq!(cli.client.server.as_deref(), Some("http://h:2"));
         assert!(Cli::try_parse_from(["orderflow", "produce"]).is_err());
-        Cli::try_parse_from(["orderflow", "run", "--listen", "127.0.0.1:0", "--partitions", "2"]).unwrap();
+        Cli::try_parse_from([
+            "orderflow",
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--partitions",
+            "2",
+        ])
+        .unwrap();
     }
 }

@@ -28,8 +28,14 @@ type Lines = Vec<(usize, Vec<u8>)>;
 
 enum Slot {
     /// Not sent: not JSON, or holds a card number.
-    Local { line: usize, error: String, code: &'static str },
-    Sent { line: usize },
+    Local {
+        line: usize,
+        error: String,
+        code: &'static str,
+    },
+    Sent {
+        line: usize,
+    },
 }
 
 #[derive(Default)]
@@ -43,13 +49,26 @@ struct Chunk {
 #[derive(Serialize, Deserialize, Debug)]
 #[serde(untagged)]
 enum Row {
-    Err { line: usize, error: String, code: String },
-    Ok { line: usize, partition: u32, offset: u64, order_id: Option<String> },
+    Err {
+        line: usize,
+        error: String,
+        code: String,
+    },
+    Ok {
+        line: usize,
+        partition: u32,
+        offset: u64,
+        order_id: Option<String>,
+    },
 }
 
 impl Row {
     fn fail(line: usize, error: impl Into<String>, code: impl Into<String>) -> Row {
-        Row::Err { line, error: error.into(), code: code.into() }
+        Row::Err {
+            line,
+            error: error.into(),
+            code: code.into(),
+        }
     }
 
     fn line_mut(&mut self) -> &mut usize {
@@ -92,16 +111,26 @@ pub async fn run(client: &Client, input: &str) -> anyhow::Result<bool> {
             continue;
         }
         if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&line) {
-            chunk.slots.push(Slot::Local { line: number, error: format!("not JSON (column {})", e.column()), code: "malformed_json" });
+            chunk.slots.push(Slot::Local {
+                line: number,
+                error: format!("not JSON (column {})", e.column()),
+                code: "malformed_json",
+            });
             continue;
         }
         // The server refuses these too; card data need not travel at all.
         if contains_pan(&line) {
             let error = "the line contains a card number; pay with a token".to_owned();
-            chunk.slots.push(Slot::Local { line: number, error, code: "pan_detected" });
+            chunk.slots.push(Slot::Local {
+                line: number,
+                error,
+                code: "pan_detected",
+            });
             continue;
         }
-        if !chunk.lines.is_empty() && (chunk.bytes + line.len() > CHUNK_BYTES || chunk.lines.len() >= CHUNK_LINES) {
+        if !chunk.lines.is_empty()
+            && (chunk.bytes + line.len() > CHUNK_BYTES || chunk.lines.len() >= CHUNK_LINES)
+        {
             flush(client, std::mem::take(&mut chunk), &mut tally).await?;
         }
         chunk.bytes += line.len() + 1;
@@ -119,9 +148,13 @@ async fn flush(client: &Client, chunk: Chunk, tally: &mut Tally) -> anyhow::Resu
     for slot in chunk.slots {
         let row = match slot {
             Slot::Local { line, error, code } => Row::fail(line, error, code),
-            Slot::Sent { line } => {
-                results.remove(&line).unwrap_or_else(|| Row::fail(line, "the server answered no result for this line", "no_result"))
-            }
+            Slot::Sent { line } => results.remove(&line).unwrap_or_else(|| {
+                Row::fail(
+                    line,
+                    "the server answered no result for this line",
+                    "no_result",
+                )
+            }),
         };
         if row.code().is_some() {
             tally.failed += 1;
@@ -136,7 +169,9 @@ async fn flush(client: &Client, chunk: Chunk, tally: &mut Tally) -> anyhow::Resu
 
 fn backoff(attempt: u32, hint: Option<Duration>) -> Duration {
     hint.map(|h| h.min(Duration::from_secs(10)))
-        .unwrap_or_else(|| Duration::from_millis(200u64 << attempt.min(5)).min(Duration::from_secs(5)))
+        .unwrap_or_else(|| {
+            Duration::from_millis(200u64 << attempt.min(5)).min(Duration::from_secs(5))
+        })
 }
 
 /// Sends lines, retrying what may succeed later; results by input line.
@@ -158,17 +193,23 @@ async fn send_lines(client: &Client, lines: Lines) -> anyhow::Result<BTreeMap<us
             .body(body);
         let res = send(client, req).await?;
         if res.status().is_success() {
-            let text = res.text().await.context("cannot read the server's answer")?;
+            let text = res
+                .text()
+                .await
+                .context("cannot read the server's answer")?;
             let mut again = Vec::new();
             for row in text.lines().filter(|l| !l.trim().is_empty()) {
-                let mut v: Row = serde_json::from_str(row).context("the server's answer is not the produce NDJSON")?;
+                let mut v: Row = serde_json::from_str(row)
+                    .context("the server's answer is not the produce NDJSON")?;
                 let k = *v.line_mut();
                 if !(1..=batch.len()).contains(&k) {
                     anyhow::bail!("the server answered a result for a line it was not sent");
                 }
                 let (number, line) = &batch[k - 1];
                 *v.line_mut() = *number;
-                if matches!(v.code(), Some("log_full" | "unavailable")) && attempt + 1 < MAX_ATTEMPTS {
+                if matches!(v.code(), Some("log_full" | "unavailable"))
+                    && attempt + 1 < MAX_ATTEMPTS
+                {
                     again.push((*number, line.clone()));
                 } else {
                     out.insert(*number, v);

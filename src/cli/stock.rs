@@ -28,7 +28,9 @@ pub fn parse_stock(text: &str) -> Result<Vec<Entry>, String> {
         return Ok(map
             .into_iter()
             .map(|(sku, v)| {
-                let n = v.as_u64().ok_or_else(|| "available must be a non-negative integer".to_owned());
+                let n = v
+                    .as_u64()
+                    .ok_or_else(|| "available must be a non-negative integer".to_owned());
                 (sku, n)
             })
             .collect());
@@ -38,12 +40,18 @@ pub fn parse_stock(text: &str) -> Result<Vec<Entry>, String> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(line).map_err(|e| format!("line {}: not JSON: {e}", i + 1))?;
-        let sku = v
-            .get("sku")
-            .and_then(Value::as_str)
-            .ok_or_else(|| format!("line {}: expected {{\"sku\": \"...\", \"available\": N}}", i + 1))?;
-        let n = v.get("available").and_then(Value::as_u64).ok_or_else(|| format!("line {}: `available` must be a non-negative integer", i + 1));
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| format!("line {}: not JSON: {e}", i + 1))?;
+        let sku = v.get("sku").and_then(Value::as_str).ok_or_else(|| {
+            format!(
+                "line {}: expected {{\"sku\": \"...\", \"available\": N}}",
+                i + 1
+            )
+        })?;
+        let n = v
+            .get("available")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| format!("line {}: `available` must be a non-negative integer", i + 1));
         out.push((sku.to_owned(), n));
     }
     Ok(out)
@@ -51,20 +59,30 @@ pub fn parse_stock(text: &str) -> Result<Vec<Entry>, String> {
 
 /// Sets every SKU of the file, in order; prints one JSON line per SKU.
 pub async fn load(client: &Client, path: &Path) -> anyhow::Result<bool> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let entries = parse_stock(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let mut ok = true;
     for (sku, available) in entries {
         let line = match available {
             Err(e) => {
                 ok = false;
-                serde_json::to_string(&StockFailure { sku: &sku, error: &e, code: "invalid_body" })?
+                serde_json::to_string(&StockFailure {
+                    sku: &sku,
+                    error: &e,
+                    code: "invalid_body",
+                })?
             }
             Ok(n) => {
-                let req = client.request(Method::PUT, &["v1", "inventory", &sku]).json(&json!({ "available": n }));
+                let req = client
+                    .request(Method::PUT, &["v1", "inventory", &sku])
+                    .json(&json!({ "available": n }));
                 let res = send(client, req).await?;
                 if res.status().is_success() {
-                    let text = res.text().await.context("cannot read the server's answer")?;
+                    let text = res
+                        .text()
+                        .await
+                        .context("cannot read the server's answer")?;
                     println!("{}", text.trim_end());
                     continue;
                 } else {
@@ -73,7 +91,11 @@ pub async fn load(client: &Client, path: &Path) -> anyhow::Result<bool> {
                         anyhow::bail!("{f}");
                     }
                     ok = false;
-                    serde_json::to_string(&StockFailure { sku: &sku, error: &f.detail, code: &f.code })?
+                    serde_json::to_string(&StockFailure {
+                        sku: &sku,
+                        error: &f.detail,
+                        code: &f.code,
+                    })?
                 }
             }
         };
@@ -84,12 +106,19 @@ pub async fn load(client: &Client, path: &Path) -> anyhow::Result<bool> {
 
 /// Prints a SKU's counters.
 pub async fn get(client: &Client, sku: &str) -> anyhow::Result<bool> {
-    let res = send(client, client.request(Method::GET, &["v1", "inventory", sku])).await?;
+    let res = send(
+        client,
+        client.request(Method::GET, &["v1", "inventory", sku]),
+    )
+    .await?;
     if !res.status().is_success() {
         eprintln!("error: {}", failure(res).await);
         return Ok(false);
     }
-    let text = res.text().await.context("cannot read the server's answer")?;
+    let text = res
+        .text()
+        .await
+        .context("cannot read the server's answer")?;
     println!("{}", text.trim_end());
     Ok(true)
 }
@@ -104,7 +133,9 @@ mod tests {
         let obj = parse_stock(r#"{"A": 5, "B": -1}"#).unwrap();
         assert_eq!(obj[0], ("A".to_owned(), Ok(5)));
         assert!(obj[1].1.is_err());
-        let nd = parse_stock("{\"sku\":\"A\",\"available\":3}\n\n{\"sku\":\"B\",\"available\":4}\n").unwrap();
+        let nd =
+            parse_stock("{\"sku\":\"A\",\"available\":3}\n\n{\"sku\":\"B\",\"available\":4}\n")
+                .unwrap();
         assert_eq!(nd, vec![("A".to_owned(), Ok(3)), ("B".to_owned(), Ok(4))]);
         assert!(parse_stock("nope").is_err());
     }

@@ -51,7 +51,11 @@ pub struct Envelope {
 
 impl Envelope {
     pub fn new(id: Option<MsgId>, body: Message) -> Self {
-        Envelope { v: WIRE_VERSION, id, body }
+        Envelope {
+            v: WIRE_VERSION,
+            id,
+            body,
+        }
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -59,9 +63,13 @@ impl Envelope {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let env: Envelope = rmp_serde::from_slice(bytes).map_err(|e| format!("undecodable message: {e}"))?;
+        let env: Envelope =
+            rmp_serde::from_slice(bytes).map_err(|e| format!("undecodable message: {e}"))?;
         if env.v != WIRE_VERSION {
-            return Err(format!("unsupported message version {} (this build reads {WIRE_VERSION})", env.v));
+            return Err(format!(
+                "unsupported message version {} (this build reads {WIRE_VERSION})",
+                env.v
+            ));
         }
         Ok(env)
     }
@@ -71,15 +79,28 @@ impl Envelope {
 pub enum Message {
     /// Hold `quantity` of `sku` for line `line` of a saga whose home
     /// partition is keyed by `home_sku`. Keyed by `sku`.
-    Reserve { order_id: String, home_sku: String, line: u16, sku: String, quantity: u32 },
+    Reserve {
+        order_id: String,
+        home_sku: String,
+        line: u16,
+        sku: String,
+        quantity: u32,
+    },
     /// Answer to `Reserve`. Keyed by the order's home SKU.
-    ReservationResult { order_id: String, line: u16, held: bool },
+    ReservationResult {
+        order_id: String,
+        line: u16,
+        held: bool,
+    },
     /// Turn a held line into a sale. Keyed by the line's SKU.
     Commit { order_id: String, line: u16 },
     /// Give a held line back. Keyed by the line's SKU.
     Release { order_id: String, line: u16 },
     /// Outcome of the authorize effect. Keyed by the order's home SKU.
-    PaymentResult { order_id: String, outcome: PaymentOutcome },
+    PaymentResult {
+        order_id: String,
+        outcome: PaymentOutcome,
+    },
     /// A capture or void effect completed. Keyed by the order's home SKU.
     EffectDone { order_id: String, kind: EffectKind },
     /// Admin: set a SKU's available stock. Keyed by the SKU.
@@ -88,10 +109,16 @@ pub enum Message {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PaymentOutcome {
-    Authorized { payment_id: String },
-    Declined { code: String },
+    Authorized {
+        payment_id: String,
+    },
+    Declined {
+        code: String,
+    },
     /// The gateway stayed unavailable through every retry.
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -144,13 +171,24 @@ mod tests {
     #[test]
     fn roundtrip_and_version() {
         let env = Envelope::new(
-            Some(MsgId { src_partition: 1, src_offset: 7, index: 0 }),
-            Message::SetStock { sku: "A".into(), available: 3 },
+            Some(MsgId {
+                src_partition: 1,
+                src_offset: 7,
+                index: 0,
+            }),
+            Message::SetStock {
+                sku: "A".into(),
+                available: 3,
+            },
         );
         assert_eq!(Envelope::decode(&env.encode()).unwrap(), env);
         let mut other = env.clone();
         other.v = 99;
-        assert!(Envelope::decode(&other.encode()).unwrap_err().contains("version 99"));
+        assert!(
+            Envelope::decode(&other.encode())
+                .unwrap_err()
+                .contains("version 99")
+        );
         assert!(Envelope::decode(b"\xff\x00garbage").is_err());
     }
 }

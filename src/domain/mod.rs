@@ -9,5 +9,5 @@ pub mod partition;
 pub mod status;
 
 pub use message::{Effect, EffectKind, Envelope, Message, MsgId, PaymentOutcome, RecordKind};
-pub use order::{Order, OrderLine, Rejection, RejectReason};
+pub use order::{Order, OrderLine, RejectReason, Rejection};
 pub use status::{Status, StatusEvent};

@@ -98,7 +98,10 @@ pub struct Rejection {
 
 impl Rejection {
     fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
-        Rejection { reason, detail: detail.into() }
+        Rejection {
+            reason,
+            detail: detail.into(),
+        }
     }
 }
 
@@ -141,7 +144,10 @@ impl Order {
 
     /// Total in minor units. Cannot overflow: 100 lines × 1,000 × 10^9 < 2^64.
     pub fn amount(&self) -> u64 {
-        self.lines.iter().map(|l| u64::from(l.quantity) * l.unit_price).sum()
+        self.lines
+            .iter()
+            .map(|l| u64::from(l.quantity) * l.unit_price)
+            .sum()
     }
 
     pub fn to_json(&self) -> Vec<u8> {
@@ -164,7 +170,8 @@ fn is_id_char(c: char) -> bool {
 pub fn valid_sku(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_SKU_LEN
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 /// Order and customer ids: `[A-Za-z0-9._:-]{1,64}`.
@@ -179,19 +186,33 @@ pub fn parse_order(body: &[u8]) -> Result<ParsedOrder, Rejection> {
     if contains_pan(body) {
         return Err(pan_rejection());
     }
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| Rejection::new(RejectReason::MalformedJson, format!("body is not valid JSON (line {}, column {})", e.line(), e.column())))?;
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        Rejection::new(
+            RejectReason::MalformedJson,
+            format!(
+                "body is not valid JSON (line {}, column {})",
+                e.line(),
+                e.column()
+            ),
+        )
+    })?;
     if value_contains_pan(&value) {
         return Err(pan_rejection());
     }
     let Value::Object(obj) = value else {
-        return Err(Rejection::new(RejectReason::NotAnObject, "an order is a JSON object"));
+        return Err(Rejection::new(
+            RejectReason::NotAnObject,
+            "an order is a JSON object",
+        ));
     };
     validate_object(&obj)
 }
 
 fn pan_rejection() -> Rejection {
-    Rejection::new(RejectReason::PanDetected, "the order contains a card number; pay with a token")
+    Rejection::new(
+        RejectReason::PanDetected,
+        "the order contains a card number; pay with a token",
+    )
 }
 
 /// True if any key or string inside `v` holds a card number (escapes decoded).
@@ -199,7 +220,9 @@ pub fn value_contains_pan(v: &Value) -> bool {
     match v {
         Value::String(s) => contains_pan(s.as_bytes()),
         Value::Array(a) => a.iter().any(value_contains_pan),
-        Value::Object(o) => o.iter().any(|(k, v)| contains_pan(k.as_bytes()) || value_contains_pan(v)),
+        Value::Object(o) => o
+            .iter()
+            .any(|(k, v)| contains_pan(k.as_bytes()) || value_contains_pan(v)),
         _ => false,
     }
 }
@@ -208,9 +231,15 @@ fn check_fields(obj: &Map<String, Value>, allowed: &[&str], what: &str) -> Resul
     match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
         Some(k) if k.len() <= MAX_ID_LEN && k.chars().all(is_id_char) => Err(Rejection::new(
             RejectReason::UnknownField,
-            format!("unknown field `{k}` in {what}; allowed: {}", allowed.join(", ")),
+            format!(
+                "unknown field `{k}` in {what}; allowed: {}",
+                allowed.join(", ")
+            ),
         )),
-        Some(_) => Err(Rejection::new(RejectReason::UnknownField, format!("unknown field in {what}; allowed: {}", allowed.join(", ")))),
+        Some(_) => Err(Rejection::new(
+            RejectReason::UnknownField,
+            format!("unknown field in {what}; allowed: {}", allowed.join(", ")),
+        )),
         None => Ok(()),
     }
 }
@@ -221,34 +250,62 @@ fn required<'a>(obj: &'a Map<String, Value>, field: &str) -> Result<&'a Value, R
 }
 
 fn string<'a>(v: &'a Value, field: &str) -> Result<&'a str, Rejection> {
-    v.as_str()
-        .ok_or_else(|| Rejection::new(RejectReason::InvalidType, format!("`{field}` must be a string")))
+    v.as_str().ok_or_else(|| {
+        Rejection::new(
+            RejectReason::InvalidType,
+            format!("`{field}` must be a string"),
+        )
+    })
 }
 
 fn object<'a>(v: &'a Value, field: &str) -> Result<&'a Map<String, Value>, Rejection> {
-    v.as_object()
-        .ok_or_else(|| Rejection::new(RejectReason::InvalidType, format!("`{field}` must be an object")))
+    v.as_object().ok_or_else(|| {
+        Rejection::new(
+            RejectReason::InvalidType,
+            format!("`{field}` must be an object"),
+        )
+    })
 }
 
 fn validate_object(obj: &Map<String, Value>) -> Result<ParsedOrder, Rejection> {
-    check_fields(obj, &["order_id", "customer_id", "currency", "lines", "payment", "contact"], "the order")?;
+    check_fields(
+        obj,
+        &[
+            "order_id",
+            "customer_id",
+            "currency",
+            "lines",
+            "payment",
+            "contact",
+        ],
+        "the order",
+    )?;
     let (order_id, had_order_id) = match obj.get("order_id") {
         None | Some(Value::Null) => (String::new(), false),
         Some(v) => {
             let id = string(v, "order_id")?;
             if !valid_id(id) {
-                return Err(Rejection::new(RejectReason::InvalidOrderId, "`order_id` must match [A-Za-z0-9._:-]{1,64}"));
+                return Err(Rejection::new(
+                    RejectReason::InvalidOrderId,
+                    "`order_id` must match [A-Za-z0-9._:-]{1,64}",
+                ));
             }
             (id.to_owned(), true)
         }
     };
     let customer_id = string(required(obj, "customer_id")?, "customer_id")?;
     if !valid_id(customer_id) {
-        return Err(Rejection::new(RejectReason::InvalidCustomerId, "`customer_id` must match [A-Za-z0-9._:-]{1,64}"));
+        return Err(Rejection::new(
+            RejectReason::InvalidCustomerId,
+            "`customer_id` must match [A-Za-z0-9._:-]{1,64}",
+        ));
     }
     let currency = string(required(obj, "currency")?, "currency")?;
     if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Err(Rejection::new(RejectReason::InvalidCurrency, "`currency` must be three capital letters (ISO 4217)"));
+        return Err(Rejection::new(
+            RejectReason::InvalidCurrency,
+            "`currency` must be three capital letters (ISO 4217)",
+        ));
     }
     let lines = validate_lines(required(obj, "lines")?)?;
     let payment = validate_payment(required(obj, "payment")?)?;
@@ -257,7 +314,14 @@ fn validate_object(obj: &Map<String, Value>) -> Result<ParsedOrder, Rejection> {
         Some(v) => Some(validate_contact(v)?),
     };
     Ok(ParsedOrder {
-        order: Order { order_id, customer_id: customer_id.to_owned(), currency: currency.to_owned(), lines, payment, contact },
+        order: Order {
+            order_id,
+            customer_id: customer_id.to_owned(),
+            currency: currency.to_owned(),
+            lines,
+            payment,
+            contact,
+        },
         had_order_id,
     })
 }
@@ -267,43 +331,84 @@ fn validate_lines(v: &Value) -> Result<Vec<OrderLine>, Rejection> {
         .as_array()
         .ok_or_else(|| Rejection::new(RejectReason::InvalidType, "`lines` must be an array"))?;
     if items.is_empty() {
-        return Err(Rejection::new(RejectReason::NoLines, "an order needs at least one line"));
+        return Err(Rejection::new(
+            RejectReason::NoLines,
+            "an order needs at least one line",
+        ));
     }
     if items.len() > MAX_LINES {
-        return Err(Rejection::new(RejectReason::TooManyLines, format!("an order has at most {MAX_LINES} lines, got {}", items.len())));
+        return Err(Rejection::new(
+            RejectReason::TooManyLines,
+            format!(
+                "an order has at most {MAX_LINES} lines, got {}",
+                items.len()
+            ),
+        ));
     }
-    items.iter().enumerate().map(|(i, item)| validate_line(i, item)).collect()
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| validate_line(i, item))
+        .collect()
 }
 
 fn validate_line(i: usize, item: &Value) -> Result<OrderLine, Rejection> {
     let line = object(item, &format!("lines[{i}]"))?;
-    check_fields(line, &["sku", "quantity", "unit_price"], &format!("lines[{i}]"))?;
+    check_fields(
+        line,
+        &["sku", "quantity", "unit_price"],
+        &format!("lines[{i}]"),
+    )?;
     let sku = string(required(line, "sku")?, &format!("lines[{i}].sku"))?;
     if !valid_sku(sku) {
-        return Err(Rejection::new(RejectReason::InvalidSku, format!("lines[{i}].sku must match [A-Za-z0-9._-]{{1,{MAX_SKU_LEN}}}")));
+        return Err(Rejection::new(
+            RejectReason::InvalidSku,
+            format!("lines[{i}].sku must match [A-Za-z0-9._-]{{1,{MAX_SKU_LEN}}}"),
+        ));
     }
     let quantity = required(line, "quantity")?
         .as_u64()
         .filter(|q| (1..=u64::from(MAX_QUANTITY)).contains(q))
-        .ok_or_else(|| Rejection::new(RejectReason::InvalidQuantity, format!("lines[{i}].quantity must be an integer from 1 to {MAX_QUANTITY}")))?;
+        .ok_or_else(|| {
+            Rejection::new(
+                RejectReason::InvalidQuantity,
+                format!("lines[{i}].quantity must be an integer from 1 to {MAX_QUANTITY}"),
+            )
+        })?;
     let unit_price = required(line, "unit_price")?
         .as_u64()
         .filter(|p| *p <= MAX_UNIT_PRICE)
         .ok_or_else(|| Rejection::new(RejectReason::InvalidUnitPrice, format!("lines[{i}].unit_price must be an integer from 0 to {MAX_UNIT_PRICE} minor units")))?;
-    Ok(OrderLine { sku: sku.to_owned(), quantity: quantity as u32, unit_price })
+    Ok(OrderLine {
+        sku: sku.to_owned(),
+        quantity: quantity as u32,
+        unit_price,
+    })
 }
 
 fn validate_payment(v: &Value) -> Result<Payment, Rejection> {
     let payment = object(v, "payment")?;
     if payment.keys().any(|k| k != "token") {
-        return Err(Rejection::new(RejectReason::PaymentTokenOnly, "`payment` takes only a `token`; card details are never accepted"));
+        return Err(Rejection::new(
+            RejectReason::PaymentTokenOnly,
+            "`payment` takes only a `token`; card details are never accepted",
+        ));
     }
     let token = string(required(payment, "token")?, "payment.token")?;
-    let ok = !token.is_empty() && token.len() <= MAX_TOKEN_LEN && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    let ok = !token.is_empty()
+        && token.len() <= MAX_TOKEN_LEN
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if !ok {
-        return Err(Rejection::new(RejectReason::InvalidPaymentToken, format!("`payment.token` must match [A-Za-z0-9_]{{1,{MAX_TOKEN_LEN}}}")));
+        return Err(Rejection::new(
+            RejectReason::InvalidPaymentToken,
+            format!("`payment.token` must match [A-Za-z0-9_]{{1,{MAX_TOKEN_LEN}}}"),
+        ));
     }
-    Ok(Payment { token: token.to_owned() })
+    Ok(Payment {
+        token: token.to_owned(),
+    })
 }
 
 fn validate_contact(v: &Value) -> Result<Contact, Rejection> {
@@ -314,10 +419,15 @@ fn validate_contact(v: &Value) -> Result<Contact, Rejection> {
         Some(v) => {
             let e = string(v, "contact.email")?;
             let ok = e.len() <= MAX_EMAIL_LEN
-                && e.split_once('@').is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.starts_with('.') && !d.ends_with('.'))
+                && e.split_once('@').is_some_and(|(l, d)| {
+                    !l.is_empty() && d.contains('.') && !d.starts_with('.') && !d.ends_with('.')
+                })
                 && !e.chars().any(|c| c.is_whitespace() || c.is_control());
             if !ok {
-                return Err(Rejection::new(RejectReason::InvalidEmail, "`contact.email` must be an email address"));
+                return Err(Rejection::new(
+                    RejectReason::InvalidEmail,
+                    "`contact.email` must be an email address",
+                ));
             }
             Some(e.to_owned())
         }
@@ -349,14 +459,33 @@ mod tests {
         let cases = [
             ("{", RejectReason::MalformedJson),
             ("[]", RejectReason::NotAnObject),
-            (r#"{"customer_id":"c","currency":"USD","lines":[],"payment":{"token":"t"}}"#, RejectReason::NoLines),
-            (r#"{"customer_id":"c","currency":"usd","lines":[],"payment":{"token":"t"}}"#, RejectReason::InvalidCurrency),
-            (r#"{"customer_id":"c","currency":"USD","lines":[{"sku":"a b","quantity":1,"unit_price":1}],"payment":{"token":"t"}}"#, RejectReason::InvalidSku),
-            (r#"{"customer_id":"c","currency":"USD","lines":[{"sku":"a","quantity":1,"unit_price":1}],"payment":{"token":"t","card":"x"}}"#, RejectReason::PaymentTokenOnly),
-            (r#"{"customer_id":"c","currency":"USD","lines":[{"sku":"a","quantity":1,"unit_price":1}],"payment":{"token":"t"},"note":"4242424242424242"}"#, RejectReason::PanDetected),
+            (
+                r#"{"customer_id":"c","currency":"USD","lines":[],"payment":{"token":"t"}}"#,
+                RejectReason::NoLines,
+            ),
+            (
+                r#"{"customer_id":"c","currency":"usd","lines":[],"payment":{"token":"t"}}"#,
+                RejectReason::InvalidCurrency,
+            ),
+            (
+                r#"{"customer_id":"c","currency":"USD","lines":[{"sku":"a b","quantity":1,"unit_price":1}],"payment":{"token":"t"}}"#,
+                RejectReason::InvalidSku,
+            ),
+            (
+                r#"{"customer_id":"c","currency":"USD","lines":[{"sku":"a","quantity":1,"unit_price":1}],"payment":{"token":"t","card":"x"}}"#,
+                RejectReason::PaymentTokenOnly,
+            ),
+            (
+                r#"{"customer_id":"c","currency":"USD","lines":[{"sku":"a","quantity":1,"unit_price":1}],"payment":{"token":"t"},"note":"4242424242424242"}"#,
+                RejectReason::PanDetected,
+            ),
         ];
         for (body, want) in cases {
-            assert_eq!(parse_order(body.as_bytes()).err().map(|r| r.reason), Some(want), "{body}");
+            assert_eq!(
+                parse_order(body.as_bytes()).err().map(|r| r.reason),
+                Some(want),
+                "{body}"
+            );
         }
     }
 
@@ -364,6 +493,9 @@ mod tests {
     #[test]
     fn escaped_pan() {
         let body = r#"{"customer_id":"\u0034242424242424242"}"#;
-        assert_eq!(parse_order(body.as_bytes()).err().unwrap().reason, RejectReason::PanDetected);
+        assert_eq!(
+            parse_order(body.as_bytes()).err().unwrap().reason,
+            RejectReason::PanDetected
+        );
     }
 }

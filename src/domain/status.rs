@@ -98,7 +98,13 @@ mod tests {
     fn transitions() {
         assert!(Status::may_follow(None, Status::Accepted));
         assert!(Status::may_follow(Some(Status::Paid), Status::Confirmed));
-        assert!(!Status::may_follow(Some(Status::Accepted), Status::Confirmed));
-        assert!(!Status::may_follow(Some(Status::Confirmed), Status::Rejected));
+        assert!(!Status::may_follow(
+            Some(Status::Accepted),
+            Status::Confirmed
+        ));
+        assert!(!Status::may_follow(
+            Some(Status::Confirmed),
+            Status::Rejected
+        ));
     }
 }

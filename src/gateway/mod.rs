@@ -45,9 +45,19 @@ pub trait PaymentGateway: Send + Sync + 'static {
     async fn authorize(&self, req: &AuthorizeRequest) -> Result<AuthorizeOutcome, GatewayError>;
 
     /// Captures an authorization (only ever for a confirmed order).
-    async fn capture(&self, payment_id: &str, amount: u64, idempotency_key: &str) -> Result<(), GatewayError>;
+    async fn capture(
+        &self,
+        payment_id: &str,
+        amount: u64,
+        idempotency_key: &str,
+    ) -> Result<(), GatewayError>;
 
     /// Cancels an authorization. With an empty `payment_id` it cancels
     /// whatever the order's authorization key created, if anything.
-    async fn void(&self, order_id: &str, payment_id: &str, idempotency_key: &str) -> Result<(), GatewayError>;
+    async fn void(
+        &self,
+        order_id: &str,
+        payment_id: &str,
+        idempotency_key: &str,
+    ) -> Result<(), GatewayError>;
 }

@@ -99,21 +99,35 @@ impl PaymentGateway for Simulator {
             return Ok(first.clone());
         }
         let outcome = match decline_code(&req.token) {
-            Some(code) => AuthorizeOutcome::Declined { code: code.to_owned() },
+            Some(code) => AuthorizeOutcome::Declined {
+                code: code.to_owned(),
+            },
             None => {
                 let id = payment_id(&req.order_id);
                 ledger.intents.insert(
                     id.clone(),
-                    Intent { order_id: req.order_id.clone(), amount: req.amount, state: IntentState::Authorized, captures: 0 },
+                    Intent {
+                        order_id: req.order_id.clone(),
+                        amount: req.amount,
+                        state: IntentState::Authorized,
+                        captures: 0,
+                    },
                 );
                 AuthorizeOutcome::Authorized { payment_id: id }
             }
         };
-        ledger.authorizations.insert(req.idempotency_key.clone(), outcome.clone());
+        ledger
+            .authorizations
+            .insert(req.idempotency_key.clone(), outcome.clone());
         Ok(outcome)
     }
 
-    async fn capture(&self, payment_id: &str, amount: u64, _idempotency_key: &str) -> Result<(), GatewayError> {
+    async fn capture(
+        &self,
+        payment_id: &str,
+        amount: u64,
+        _idempotency_key: &str,
+    ) -> Result<(), GatewayError> {
         self.call().await?;
         let mut ledger = self.ledger.lock().expect("ledger lock");
         let intent = ledger
@@ -127,19 +141,30 @@ impl PaymentGateway for Simulator {
                 Ok(())
             }
             IntentState::Captured => Ok(()), // idempotent repeat
-            _ => Err(GatewayError::Refused(format!("payment {payment_id} cannot be captured"))),
+            _ => Err(GatewayError::Refused(format!(
+                "payment {payment_id} cannot be captured"
+            ))),
         }
     }
 
-    async fn void(&self, order_id: &str, payment_id: &str, _idempotency_key: &str) -> Result<(), GatewayError> {
+    async fn void(
+        &self,
+        order_id: &str,
+        payment_id: &str,
+        _idempotency_key: &str,
+    ) -> Result<(), GatewayError> {
         self.call().await?;
-        let id = if payment_id.is_empty() { self::payment_id(order_id) } else { payment_id.to_owned() };
+        let id = if payment_id.is_empty() {
+            self::payment_id(order_id)
+        } else {
+            payment_id.to_owned()
+        };
         let mut ledger = self.ledger.lock().expect("ledger lock");
         match ledger.intents.get_mut(&id) {
             None => Ok(()), // nothing was authorized
-            Some(intent) if intent.state == IntentState::Captured => {
-                Err(GatewayError::Refused(format!("payment {id} is captured; refunds are out of scope")))
-            }
+            Some(intent) if intent.state == IntentState::Captured => Err(GatewayError::Refused(
+                format!("payment {id} is captured; refunds are out of scope"),
+            )),
             Some(intent) => {
                 intent.state = IntentState::Canceled;
                 Ok(())
@@ -169,9 +194,19 @@ mod tests {
         let a = sim.authorize(&req("o1", "tok_visa")).await.unwrap();
         assert!(matches!(a, AuthorizeOutcome::Authorized { .. }));
         assert_eq!(sim.authorize(&req("o1", "tok_visa")).await.unwrap(), a);
-        let d = sim.authorize(&req("o2", "tok_chargeDeclined")).await.unwrap();
-        assert_eq!(d, AuthorizeOutcome::Declined { code: "card_declined".into() });
-        let AuthorizeOutcome::Authorized { payment_id } = a else { unreachable!() };
+        let d = sim
+            .authorize(&req("o2", "tok_chargeDeclined"))
+            .await
+            .unwrap();
+        assert_eq!(
+            d,
+            AuthorizeOutcome::Declined {
+                code: "card_declined".into()
+            }
+        );
+        let AuthorizeOutcome::Authorized { payment_id } = a else {
+            unreachable!()
+        };
         sim.capture(&payment_id, 100, "o1:capture").await.unwrap();
         sim.capture(&payment_id, 100, "o1:capture").await.unwrap();
         assert_eq!(sim.intents()[&payment_id].captures, 1);

@@ -59,7 +59,10 @@ pub struct Health {
 impl Health {
     /// Not ready yet, accepting writes.
     pub fn new() -> Health {
-        Health { ready: AtomicBool::new(false), accepting: AtomicBool::new(true) }
+        Health {
+            ready: AtomicBool::new(false),
+            accepting: AtomicBool::new(true),
+        }
     }
 
     pub fn is_ready(&self) -> bool {
@@ -87,18 +90,27 @@ pub(crate) struct Ctx {
 
 /// The API router of the contract.
 pub fn router(state: AppState) -> Router {
-    let ctx = Ctx { sse_permits: Arc::new(Semaphore::new(state.config.max_sse_streams)), app: state };
+    let ctx = Ctx {
+        sse_permits: Arc::new(Semaphore::new(state.config.max_sse_streams)),
+        app: state,
+    };
     Router::new()
         .route("/v1/orders", post(routes::post_order))
         .route("/v1/orders/{id}", get(routes::get_order))
         .route("/v1/orders/{id}/events", get(sse::order_events))
-        .route("/v1/inventory/{sku}", get(routes::get_stock).put(routes::put_stock))
+        .route(
+            "/v1/inventory/{sku}",
+            get(routes::get_stock).put(routes::put_stock),
+        )
         .route("/v1/admin/produce", post(routes::admin_produce))
         .route("/metrics", get(routes::metrics))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .method_not_allowed_fallback(routes::method_not_allowed)
-        .route_layer(axum::middleware::from_fn_with_state(ctx.clone(), routes::count_requests))
+        .route_layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            routes::count_requests,
+        ))
         .fallback(routes::not_found)
         .with_state(ctx)
 }

@@ -35,8 +35,20 @@ struct Body<'a> {
 }
 
 impl Problem {
-    pub fn new(status: StatusCode, code: &'static str, title: &'static str, detail: impl Into<String>) -> Problem {
-        Problem { status, code, title, detail: detail.into(), retry_after: None, bearer_challenge: false }
+    pub fn new(
+        status: StatusCode,
+        code: &'static str,
+        title: &'static str,
+        detail: impl Into<String>,
+    ) -> Problem {
+        Problem {
+            status,
+            code,
+            title,
+            detail: detail.into(),
+            retry_after: None,
+            bearer_challenge: false,
+        }
     }
 
     pub fn retry_after(mut self, seconds: u32) -> Problem {
@@ -45,7 +57,12 @@ impl Problem {
     }
 
     pub fn not_found() -> Problem {
-        Problem::new(StatusCode::NOT_FOUND, "not_found", "Not found", "no such resource")
+        Problem::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "Not found",
+            "no such resource",
+        )
     }
 
     /// The one answer for an unknown order, a missing token and a wrong
@@ -60,7 +77,12 @@ impl Problem {
     }
 
     pub fn method_not_allowed() -> Problem {
-        Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "Method not allowed", "this route does not take this method")
+        Problem::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "Method not allowed",
+            "this route does not take this method",
+        )
     }
 
     pub fn unauthorized() -> Problem {
@@ -93,15 +115,30 @@ impl Problem {
     }
 
     pub fn unreadable_body() -> Problem {
-        Problem::new(StatusCode::BAD_REQUEST, "unreadable_body", "Bad request", "the request body could not be read")
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "unreadable_body",
+            "Bad request",
+            "the request body could not be read",
+        )
     }
 
     pub fn invalid_body(detail: impl Into<String>) -> Problem {
-        Problem::new(StatusCode::BAD_REQUEST, "invalid_body", "Invalid request body", detail)
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "Invalid request body",
+            detail,
+        )
     }
 
     pub fn invalid_sku() -> Problem {
-        Problem::new(StatusCode::BAD_REQUEST, "invalid_sku", "Invalid SKU", "a SKU must match [A-Za-z0-9._-]{1,64}")
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_sku",
+            "Invalid SKU",
+            "a SKU must match [A-Za-z0-9._-]{1,64}",
+        )
     }
 
     pub fn invalid_idempotency_key() -> Problem {
@@ -114,33 +151,64 @@ impl Problem {
     }
 
     pub fn shutting_down(retry_after_s: u32) -> Problem {
-        Problem::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "Shutting down", "this instance is shutting down; retry (on another instance)")
-            .retry_after(retry_after_s)
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "Shutting down",
+            "this instance is shutting down; retry (on another instance)",
+        )
+        .retry_after(retry_after_s)
     }
 
     pub fn not_ready() -> Problem {
-        Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "Not ready", "the instance is starting (recovering partitions)")
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "Not ready",
+            "the instance is starting (recovering partitions)",
+        )
     }
 
     pub fn too_many_streams(retry_after_s: u32) -> Problem {
-        Problem::new(StatusCode::SERVICE_UNAVAILABLE, "too_many_streams", "Too many streams", "too many event streams are open; retry later")
-            .retry_after(retry_after_s)
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_streams",
+            "Too many streams",
+            "too many event streams are open; retry later",
+        )
+        .retry_after(retry_after_s)
     }
 
     pub fn unavailable(retry_after_s: u32) -> Problem {
-        Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable", "the log or state store is unavailable; retry later")
-            .retry_after(retry_after_s)
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "Service unavailable",
+            "the log or state store is unavailable; retry later",
+        )
+        .retry_after(retry_after_s)
     }
 
     pub fn log_full(retry_after_s: u32) -> Problem {
-        Problem::new(StatusCode::TOO_MANY_REQUESTS, "log_full", "Too many requests", "the log is full; retry later").retry_after(retry_after_s)
+        Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "log_full",
+            "Too many requests",
+            "the log is full; retry later",
+        )
+        .retry_after(retry_after_s)
     }
 
     /// The answer for an intake error. 5xx details stay generic (the
     /// cause is logged by the caller, never a body or a token).
     pub fn from_intake(e: &IntakeError, retry_after_s: u32) -> Problem {
         match e {
-            IntakeError::Invalid(r) => Problem::new(StatusCode::BAD_REQUEST, r.reason.code(), "Invalid order", r.detail.clone()),
+            IntakeError::Invalid(r) => Problem::new(
+                StatusCode::BAD_REQUEST,
+                r.reason.code(),
+                "Invalid order",
+                r.detail.clone(),
+            ),
             IntakeError::LogFull => Problem::log_full(retry_after_s),
             IntakeError::Unavailable(_) => Problem::unavailable(retry_after_s),
             IntakeError::RecordTooLarge { max_bytes, .. } => Problem::new(
@@ -171,7 +239,10 @@ impl IntoResponse for Problem {
             h.insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         if self.bearer_challenge {
-            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"orderflow\""));
+            h.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"orderflow\""),
+            );
         }
         res
     }

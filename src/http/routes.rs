@@ -24,15 +24,26 @@ pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// Counts `orderflow_http_requests_total{route, code}` by route template.
 pub(crate) async fn count_requests(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
-    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned());
     let res = next.run(req).await;
     let route = route.as_deref().unwrap_or("unmatched");
-    ctx.app.metrics.http_requests.with_label_values(&[route, res.status().as_str()]).inc();
+    ctx.app
+        .metrics
+        .http_requests
+        .with_label_values(&[route, res.status().as_str()])
+        .inc();
     res
 }
 
 pub(crate) async fn not_found(State(ctx): State<Ctx>) -> Response {
-    ctx.app.metrics.http_requests.with_label_values(&["unmatched", "404"]).inc();
+    ctx.app
+        .metrics
+        .http_requests
+        .with_label_values(&["unmatched", "404"])
+        .inc();
     Problem::not_found().into_response()
 }
 
@@ -63,7 +74,11 @@ struct AcceptedView<'a> {
 }
 
 /// `POST /v1/orders`.
-pub(crate) async fn post_order(State(ctx): State<Ctx>, headers: HeaderMap, body: Body) -> Result<Response, Problem> {
+pub(crate) async fn post_order(
+    State(ctx): State<Ctx>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
     let state = &ctx.app;
     if !state.health.is_accepting() {
         return Err(Problem::shutting_down(state.config.retry_after_s));
@@ -76,7 +91,11 @@ pub(crate) async fn post_order(State(ctx): State<Ctx>, headers: HeaderMap, body:
         },
     };
     let body = body_or_problem(body, state.config.body_limit_bytes).await?;
-    let accepted = state.intake.submit(&body, key).await.map_err(|e| intake_problem(state, &e))?;
+    let accepted = state
+        .intake
+        .submit(&body, key)
+        .await
+        .map_err(|e| intake_problem(state, &e))?;
     let url = format!("/v1/orders/{}", accepted.order_id);
     let view = AcceptedView {
         order_id: &accepted.order_id,
@@ -88,7 +107,8 @@ pub(crate) async fn post_order(State(ctx): State<Ctx>, headers: HeaderMap, body:
     if let Ok(loc) = HeaderValue::from_str(&url) {
         res.headers_mut().insert(header::LOCATION, loc);
     }
-    res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(res)
 }
 
@@ -102,7 +122,12 @@ pub(crate) enum Access {
 
 /// Checks the token of a tracking request. Every refusal is the same 404
 /// as an unknown id.
-pub(crate) async fn authorize_order(state: &AppState, id: &str, headers: &HeaderMap, query: &TokenQuery) -> Result<Access, Problem> {
+pub(crate) async fn authorize_order(
+    state: &AppState,
+    id: &str,
+    headers: &HeaderMap,
+    query: &TokenQuery,
+) -> Result<Access, Problem> {
     if !valid_id(id) {
         return Err(Problem::order_not_found());
     }
@@ -137,7 +162,11 @@ pub(crate) async fn get_order(
         Ok(None) => {
             let known = match access {
                 Access::Token => true,
-                Access::Admin => state.intake.exists(&id).await.map_err(|e| intake_problem(state, &e))?,
+                Access::Admin => state
+                    .intake
+                    .exists(&id)
+                    .await
+                    .map_err(|e| intake_problem(state, &e))?,
             };
             if !known {
                 return Err(Problem::order_not_found());
@@ -147,7 +176,8 @@ pub(crate) async fn get_order(
         Err(e) => return Err(intake_problem(state, &IntakeError::from(e))),
     };
     let mut res = Json(view).into_response();
-    res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(res)
 }
 
@@ -182,7 +212,10 @@ pub(crate) async fn get_stock(
     if !valid_sku(&sku) {
         return Err(Problem::invalid_sku());
     }
-    Ok(Json(state.inventory.get(&sku).unwrap_or(StockCounts { sku, ..StockCounts::default() })))
+    Ok(Json(state.inventory.get(&sku).unwrap_or(StockCounts {
+        sku,
+        ..StockCounts::default()
+    })))
 }
 
 #[derive(Deserialize)]
@@ -215,27 +248,51 @@ pub(crate) async fn put_stock(
         return Err(bad());
     }
     let StockBody { available } = serde_json::from_value(value).map_err(|_| bad())?;
-    let counts = state.inventory.set(&sku, available).await.map_err(|e| stock_problem(state, e))?;
+    let counts = state
+        .inventory
+        .set(&sku, available)
+        .await
+        .map_err(|e| stock_problem(state, e))?;
     Ok(Json(counts))
 }
 
 #[derive(Serialize)]
 #[serde(untagged)]
 enum ProduceLine<'a> {
-    Ok { line: usize, partition: u32, offset: u64, order_id: Option<&'a str> },
-    Err { line: usize, error: String, code: &'static str },
+    Ok {
+        line: usize,
+        partition: u32,
+        offset: u64,
+        order_id: Option<&'a str>,
+    },
+    Err {
+        line: usize,
+        error: String,
+        code: &'static str,
+    },
 }
 
 /// `POST /v1/admin/produce` (admin): NDJSON in, one NDJSON result per
 /// non-blank input line out, in input order. Lines are numbered from 1;
 /// blank lines are skipped. A bad line does not stop the others.
-pub(crate) async fn admin_produce(State(ctx): State<Ctx>, headers: HeaderMap, body: Body) -> Result<Response, Problem> {
+pub(crate) async fn admin_produce(
+    State(ctx): State<Ctx>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
     let state = &ctx.app;
     require_admin(state, &headers)?;
     if !state.health.is_accepting() {
         return Err(Problem::shutting_down(state.config.retry_after_s));
     }
-    let body = body_or_problem(body, state.config.body_limit_bytes.saturating_mul(PRODUCE_BODY_FACTOR)).await?;
+    let body = body_or_problem(
+        body,
+        state
+            .config
+            .body_limit_bytes
+            .saturating_mul(PRODUCE_BODY_FACTOR),
+    )
+    .await?;
     let mut numbers = Vec::new();
     let mut lines: Vec<&[u8]> = Vec::new();
     for (i, line) in body.split(|b| *b == b'\n').enumerate() {
@@ -250,7 +307,12 @@ pub(crate) async fn admin_produce(State(ctx): State<Ctx>, headers: HeaderMap, bo
     let mut out = Vec::with_capacity(results.len() * 64);
     for (line, r) in numbers.into_iter().zip(&results) {
         let row = match r {
-            Ok(p) => ProduceLine::Ok { line, partition: p.partition, offset: p.offset, order_id: p.order_id.as_deref() },
+            Ok(p) => ProduceLine::Ok {
+                line,
+                partition: p.partition,
+                offset: p.offset,
+                order_id: p.order_id.as_deref(),
+            },
             Err(e) => {
                 if matches!(e, IntakeError::Unavailable(_)) {
                     tracing::warn!(line, error = %e, "produce failed");
@@ -259,7 +321,11 @@ pub(crate) async fn admin_produce(State(ctx): State<Ctx>, headers: HeaderMap, bo
                     IntakeError::Invalid(r) => r.detail.clone(),
                     other => other.to_string(),
                 };
-                ProduceLine::Err { line, error, code: e.code() }
+                ProduceLine::Err {
+                    line,
+                    error,
+                    code: e.code(),
+                }
             }
         };
         serde_json::to_writer(&mut out, &row).expect("a result always serializes");
@@ -270,7 +336,14 @@ pub(crate) async fn admin_produce(State(ctx): State<Ctx>, headers: HeaderMap, bo
 
 /// `GET /metrics`: Prometheus text exposition format.
 pub(crate) async fn metrics(State(ctx): State<Ctx>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], ctx.app.metrics.render()).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        ctx.app.metrics.render(),
+    )
+        .into_response()
 }
 
 /// `GET /healthz`: the process is alive.
@@ -280,5 +353,9 @@ pub(crate) async fn healthz() -> &'static str {
 
 /// `GET /readyz`: 200 once every partition is recovered, else 503.
 pub(crate) async fn readyz(State(ctx): State<Ctx>) -> Result<&'static str, Problem> {
-    if ctx.app.health.is_ready() { Ok("ready") } else { Err(Problem::not_ready()) }
+    if ctx.app.health.is_ready() {
+        Ok("ready")
+    } else {
+        Err(Problem::not_ready())
+    }
 }

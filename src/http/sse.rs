@@ -56,7 +56,11 @@ pub(crate) async fn order_events(
         Problem::unavailable(state.config.retry_after_s)
     })?;
     if view.is_none() && matches!(access, super::routes::Access::Admin) {
-        let known = state.intake.exists(&id).await.map_err(|_| Problem::unavailable(state.config.retry_after_s))?;
+        let known = state
+            .intake
+            .exists(&id)
+            .await
+            .map_err(|_| Problem::unavailable(state.config.retry_after_s))?;
         if !known {
             return Err(Problem::order_not_found());
         }
@@ -75,7 +79,9 @@ pub(crate) async fn order_events(
     if let Some(v) = view {
         stream.queue_view(&v);
     }
-    Ok(Sse::new(stream.into_stream()).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response())
+    Ok(Sse::new(stream.into_stream())
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response())
 }
 
 struct EventStream {
@@ -97,8 +103,18 @@ impl EventStream {
     fn queue_view(&mut self, v: &TrackingView) {
         let last = v.history.last().map(|h| h.seq);
         for h in &v.history {
-            let reason = if Some(h.seq) == last { v.reason.clone() } else { None };
-            self.backlog.push_back(StatusEvent { order_id: v.order_id.clone(), seq: h.seq, status: h.status, reason, at_ms: h.at_ms });
+            let reason = if Some(h.seq) == last {
+                v.reason.clone()
+            } else {
+                None
+            };
+            self.backlog.push_back(StatusEvent {
+                order_id: v.order_id.clone(),
+                seq: h.seq,
+                status: h.status,
+                reason,
+                at_ms: h.at_ms,
+            });
         }
     }
 
@@ -117,8 +133,14 @@ impl EventStream {
                 }
                 self.last_seq = ev.seq;
                 self.done = ev.status.is_terminal();
-                let data = serde_json::to_string(&EventView::new(&ev)).expect("an event always serializes");
-                return Some(Event::default().event("status").id(ev.seq.to_string()).data(data));
+                let data = serde_json::to_string(&EventView::new(&ev))
+                    .expect("an event always serializes");
+                return Some(
+                    Event::default()
+                        .event("status")
+                        .id(ev.seq.to_string())
+                        .data(data),
+                );
             }
             if self.done || !self.health.is_accepting() {
                 return None;
@@ -143,6 +165,8 @@ impl EventStream {
     }
 
     fn into_stream(self) -> impl Stream<Item = Result<Event, Infallible>> + Send {
-        futures::stream::unfold(self, |mut s| async move { s.next_event().await.map(|e| (Ok(e), s)) })
+        futures::stream::unfold(self, |mut s| async move {
+            s.next_event().await.map(|e| (Ok(e), s))
+        })
     }
 }

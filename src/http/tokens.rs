@@ -12,4 +12,6 @@
 //! - a token is presented as `Authorization: Bearer T` or `?token=T`
 //!   ([`crate::http::auth::presented_token`]).
 
-pub use crate::pipeline::intake::{SEAL_SECRET, TOKEN_BYTES, seal_token, token_digest, unseal_token};
+pub use crate::pipeline::intake::{
+    SEAL_SECRET, TOKEN_BYTES, seal_token, token_digest, unseal_token,
+};

@@ -27,13 +27,26 @@ impl OrderView {
             order_id: v.order_id.clone(),
             status: v.status,
             reason: v.reason.clone(),
-            history: v.history.iter().map(|h| HistoryView { seq: h.seq, status: h.status, at: rfc3339_ms(h.at_ms) }).collect(),
+            history: v
+                .history
+                .iter()
+                .map(|h| HistoryView {
+                    seq: h.seq,
+                    status: h.status,
+                    at: rfc3339_ms(h.at_ms),
+                })
+                .collect(),
         }
     }
 
     /// Accepted by intake, not yet seen by the read model.
     pub fn just_accepted(order_id: &str) -> OrderView {
-        OrderView { order_id: order_id.to_owned(), status: Status::Accepted, reason: None, history: Vec::new() }
+        OrderView {
+            order_id: order_id.to_owned(),
+            status: Status::Accepted,
+            reason: None,
+            history: Vec::new(),
+        }
     }
 }
 
@@ -49,7 +62,13 @@ pub struct EventView<'a> {
 
 impl<'a> EventView<'a> {
     pub fn new(e: &'a StatusEvent) -> EventView<'a> {
-        EventView { order_id: &e.order_id, seq: e.seq, status: e.status, reason: e.reason.as_deref(), at: rfc3339_ms(e.at_ms) }
+        EventView {
+            order_id: &e.order_id,
+            seq: e.seq,
+            status: e.status,
+            reason: e.reason.as_deref(),
+            at: rfc3339_ms(e.at_ms),
+        }
     }
 }
 

@@ -53,11 +53,20 @@ pub fn spawn(
 ) -> (EffectSender, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<Effect>(EFFECT_QUEUE_DEPTH);
     let inflight = Arc::new(Semaphore::new(config.max_inflight));
-    let exec = Arc::new(Executor { log, gateway, metrics, config });
+    let exec = Arc::new(Executor {
+        log,
+        gateway,
+        metrics,
+        config,
+    });
     let handle = tokio::spawn(async move {
         let mut tasks = JoinSet::new();
         while let Some(effect) = rx.recv().await {
-            let permit = inflight.clone().acquire_owned().await.expect("semaphore never closed");
+            let permit = inflight
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore never closed");
             let exec = exec.clone();
             tasks.spawn(async move {
                 exec.run(effect).await;
@@ -75,12 +84,17 @@ impl Executor {
         let body = match effect.kind {
             EffectKind::Authorize => {
                 let outcome = self.authorize(&effect).await;
-                Some(Message::PaymentResult { order_id: effect.order_id.clone(), outcome })
+                Some(Message::PaymentResult {
+                    order_id: effect.order_id.clone(),
+                    outcome,
+                })
             }
-            EffectKind::Capture | EffectKind::Void => self
-                .settle(&effect)
-                .await
-                .then(|| Message::EffectDone { order_id: effect.order_id.clone(), kind: effect.kind }),
+            EffectKind::Capture | EffectKind::Void => {
+                self.settle(&effect).await.then(|| Message::EffectDone {
+                    order_id: effect.order_id.clone(),
+                    kind: effect.kind,
+                })
+            }
         };
         if let Some(body) = body {
             self.report(&effect.reply_key, body).await;
@@ -95,12 +109,19 @@ impl Executor {
             token: effect.token.clone(),
             idempotency_key: effect.idempotency_key(),
         };
-        match self.retrying("authorize", || self.gateway.authorize(&req)).await {
-            Ok(AuthorizeOutcome::Authorized { payment_id }) => PaymentOutcome::Authorized { payment_id },
+        match self
+            .retrying("authorize", || self.gateway.authorize(&req))
+            .await
+        {
+            Ok(AuthorizeOutcome::Authorized { payment_id }) => {
+                PaymentOutcome::Authorized { payment_id }
+            }
             Ok(AuthorizeOutcome::Declined { code }) => PaymentOutcome::Declined { code },
             Err(e) => {
                 tracing::warn!(order_id = %effect.order_id, error = %e, "authorization failed after retries");
-                PaymentOutcome::Failed { reason: REASON_GATEWAY_UNAVAILABLE.to_owned() }
+                PaymentOutcome::Failed {
+                    reason: REASON_GATEWAY_UNAVAILABLE.to_owned(),
+                }
             }
         }
     }
@@ -110,8 +131,20 @@ impl Executor {
     async fn settle(&self, effect: &Effect) -> bool {
         let key = effect.idempotency_key();
         let result = match effect.kind {
-            EffectKind::Capture => self.retrying("capture", || self.gateway.capture(&effect.payment_id, effect.amount, &key)).await,
-            _ => self.retrying("void", || self.gateway.void(&effect.order_id, &effect.payment_id, &key)).await,
+            EffectKind::Capture => {
+                self.retrying("capture", || {
+                    self.gateway
+                        .capture(&effect.payment_id, effect.amount, &key)
+                })
+                .await
+            }
+            _ => {
+                self.retrying("void", || {
+                    self.gateway
+                        .void(&effect.order_id, &effect.payment_id, &key)
+                })
+                .await
+            }
         };
         match result {
             Ok(()) => true,
@@ -139,16 +172,26 @@ impl Executor {
             attempt += 1;
             let started = Instant::now();
             let result = f().await;
-            self.metrics.gateway_latency.with_label_values(&[op]).observe(started.elapsed().as_secs_f64());
+            self.metrics
+                .gateway_latency
+                .with_label_values(&[op])
+                .observe(started.elapsed().as_secs_f64());
             let outcome = match &result {
                 Ok(_) => "ok",
                 Err(e) if e.is_retryable() => "unavailable",
                 Err(_) => "refused",
             };
-            self.metrics.gateway_calls.with_label_values(&[op, outcome]).inc();
+            self.metrics
+                .gateway_calls
+                .with_label_values(&[op, outcome])
+                .inc();
             match result {
                 Err(e) if e.is_retryable() && attempt < self.config.max_attempts => {
-                    let base = self.config.retry_base_ms.saturating_mul(1 << (attempt - 1).min(16)).min(MAX_BACKOFF_MS);
+                    let base = self
+                        .config
+                        .retry_base_ms
+                        .saturating_mul(1 << (attempt - 1).min(16))
+                        .min(MAX_BACKOFF_MS);
                     let jitter = rand::rng().random_range(0..=base / 2);
                     tokio::time::sleep(Duration::from_millis(base / 2 + jitter)).await;
                 }
@@ -163,7 +206,11 @@ impl Executor {
         let value = Envelope::new(None, body).encode();
         let mut delay_ms = 1;
         loop {
-            let record = Record { kind: RecordKind::Internal, key: reply_key.as_bytes().to_vec(), value: value.clone() };
+            let record = Record {
+                kind: RecordKind::Internal,
+                key: reply_key.as_bytes().to_vec(),
+                value: value.clone(),
+            };
             match append_keyed(self.log.as_ref(), Topic::Orders, record).await {
                 Ok(_) => return,
                 Err(LogError::Full { .. }) => {

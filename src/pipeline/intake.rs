@@ -50,7 +50,10 @@ pub struct Accepted {
 
 impl std::fmt::Debug for Accepted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Accepted").field("order_id", &self.order_id).field("tracking_token", &"<redacted>").finish()
+        f.debug_struct("Accepted")
+            .field("order_id", &self.order_id)
+            .field("tracking_token", &"<redacted>")
+            .finish()
     }
 }
 
@@ -97,7 +100,13 @@ impl From<LogError> for IntakeError {
     fn from(e: LogError) -> Self {
         match e {
             LogError::Full { .. } => IntakeError::LogFull,
-            LogError::RecordTooLarge { size_bytes, max_bytes } => IntakeError::RecordTooLarge { size_bytes, max_bytes },
+            LogError::RecordTooLarge {
+                size_bytes,
+                max_bytes,
+            } => IntakeError::RecordTooLarge {
+                size_bytes,
+                max_bytes,
+            },
             other => IntakeError::Unavailable(other.to_string()),
         }
     }
@@ -110,7 +119,10 @@ impl From<StoreError> for IntakeError {
 }
 
 fn rejection(reason: RejectReason, detail: impl Into<String>) -> Rejection {
-    Rejection { reason, detail: detail.into() }
+    Rejection {
+        reason,
+        detail: detail.into(),
+    }
 }
 
 /// The id an `Idempotency-Key` stands for, for one customer:
@@ -127,7 +139,9 @@ pub fn idempotency_order_id(customer_id: &str, key: &str) -> String {
 
 /// True for an acceptable `Idempotency-Key`: 1 to 255 printable ASCII chars.
 pub fn valid_idempotency_key(key: &str) -> bool {
-    !key.is_empty() && key.len() <= MAX_IDEMPOTENCY_KEY_LEN && key.bytes().all(|b| (0x21..=0x7e).contains(&b))
+    !key.is_empty()
+        && key.len() <= MAX_IDEMPOTENCY_KEY_LEN
+        && key.bytes().all(|b| (0x21..=0x7e).contains(&b))
 }
 
 /// A fresh order id: `"ord-"` + 32 hex chars (128 random bits).
@@ -151,7 +165,8 @@ pub fn token_digest(token: &str) -> [u8; 32] {
 
 /// The one-time pad of an order id: HMAC-SHA256(seal_key, "seal\n" + id).
 fn seal_pad(seal_key: &[u8; 32], order_id: &str) -> [u8; 32] {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(seal_key).expect("HMAC takes any key length");
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(seal_key).expect("HMAC takes any key length");
     mac.update(b"seal\n");
     mac.update(order_id.as_bytes());
     mac.finalize().into_bytes().into()
@@ -198,10 +213,20 @@ pub struct Intake {
 }
 
 impl Intake {
-    pub async fn new(log: Arc<dyn Log>, store: Arc<dyn StateStore>, metrics: Arc<Metrics>) -> Result<Intake, StoreError> {
+    pub async fn new(
+        log: Arc<dyn Log>,
+        store: Arc<dyn StateStore>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Intake, StoreError> {
         let seal_key = store.secret(SEAL_SECRET).await?;
         let guards = (0..GUARD_STRIPES).map(|_| Mutex::new(())).collect();
-        Ok(Intake { log, store, metrics, seal_key, guards })
+        Ok(Intake {
+            log,
+            store,
+            metrics,
+            seal_key,
+            guards,
+        })
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -221,13 +246,20 @@ impl Intake {
                     record.order_id
                 ))
             })?;
-        Ok(Accepted { order_id: record.order_id.clone(), tracking_token: token })
+        Ok(Accepted {
+            order_id: record.order_id.clone(),
+            tracking_token: token,
+        })
     }
 
     /// Accepts an order body. The answer comes only once the order is in
     /// the durable log; a repeated order id (or idempotency key) answers
     /// with the first answer and appends nothing.
-    pub async fn submit(&self, body: &[u8], idempotency_key: Option<&str>) -> Result<Accepted, IntakeError> {
+    pub async fn submit(
+        &self,
+        body: &[u8],
+        idempotency_key: Option<&str>,
+    ) -> Result<Accepted, IntakeError> {
         let parsed = parse_order(body).map_err(IntakeError::Invalid)?;
         let mut order = parsed.order;
         if !parsed.had_order_id {
@@ -236,7 +268,9 @@ impl Intake {
                     if !valid_idempotency_key(key) {
                         return Err(IntakeError::Invalid(rejection(
                             RejectReason::InvalidOrderId,
-                            format!("the Idempotency-Key header must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters"),
+                            format!(
+                                "the Idempotency-Key header must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters"
+                            ),
                         )));
                     }
                     idempotency_order_id(&order.customer_id, key)
@@ -251,9 +285,16 @@ impl Intake {
         }
         let raw = new_token_bytes();
         let token = encode_token(&raw);
-        let record = Record { kind: RecordKind::OrderJson, key: order.home_sku().as_bytes().to_vec(), value: order.to_json() };
+        let record = Record {
+            kind: RecordKind::OrderJson,
+            key: order.home_sku().as_bytes().to_vec(),
+            value: order.to_json(),
+        };
         let partition = partition_for_key(&record.key, self.log.partition_count(Topic::Orders));
-        let offset = self.log.append(Topic::Orders, partition, vec![record]).await?;
+        let offset = self
+            .log
+            .append(Topic::Orders, partition, vec![record])
+            .await?;
         let mine = IntakeRecord {
             order_id: order_id.clone(),
             token_sha256: token_digest(&token),
@@ -263,7 +304,10 @@ impl Intake {
         };
         let stored = self.store.put_intake(mine.clone()).await?;
         if stored.token_sha256 == mine.token_sha256 {
-            Ok(Accepted { order_id, tracking_token: token })
+            Ok(Accepted {
+                order_id,
+                tracking_token: token,
+            })
         } else {
             // Another writer (another instance) stored first: its answer
             // is the first answer. Our duplicate record in the log is
@@ -300,8 +344,15 @@ impl Intake {
     pub async fn produce_raw(&self, line: &[u8]) -> Result<Produced, IntakeError> {
         let (record, order_id) = raw_record(line)?;
         let partition = partition_for_key(&record.key, self.log.partition_count(Topic::Orders));
-        let offset = self.log.append(Topic::Orders, partition, vec![record]).await?;
-        Ok(Produced { partition, offset, order_id })
+        let offset = self
+            .log
+            .append(Topic::Orders, partition, vec![record])
+            .await?;
+        Ok(Produced {
+            partition,
+            offset,
+            order_id,
+        })
     }
 
     /// [`Intake::produce_raw`] for many lines: one append per partition
@@ -309,24 +360,33 @@ impl Intake {
     /// input order. The results are in input order.
     pub async fn produce_raw_batch(&self, lines: &[&[u8]]) -> Vec<Result<Produced, IntakeError>> {
         let count = self.log.partition_count(Topic::Orders);
-        let mut results: Vec<Option<Result<Produced, IntakeError>>> = (0..lines.len()).map(|_| None).collect();
+        let mut results: Vec<Option<Result<Produced, IntakeError>>> =
+            (0..lines.len()).map(|_| None).collect();
         let mut by_partition: BTreeMap<u32, Vec<(usize, Record, Option<String>)>> = BTreeMap::new();
         for (i, line) in lines.iter().enumerate() {
             match raw_record(line) {
                 Ok((record, order_id)) => {
                     let p = partition_for_key(&record.key, count);
-                    by_partition.entry(p).or_default().push((i, record, order_id));
+                    by_partition
+                        .entry(p)
+                        .or_default()
+                        .push((i, record, order_id));
                 }
                 Err(e) => results[i] = Some(Err(e)),
             }
         }
-        let jobs = by_partition.into_iter().map(|(partition, items)| self.produce_partition(partition, items));
+        let jobs = by_partition
+            .into_iter()
+            .map(|(partition, items)| self.produce_partition(partition, items));
         for done in futures::future::join_all(jobs).await {
             for (i, r) in done {
                 results[i] = Some(r);
             }
         }
-        results.into_iter().map(|r| r.expect("every line has a result")).collect()
+        results
+            .into_iter()
+            .map(|r| r.expect("every line has a result"))
+            .collect()
     }
 
     async fn produce_partition(
@@ -342,22 +402,44 @@ impl Intake {
             match self.log.append(Topic::Orders, partition, records).await {
                 Ok(first) => {
                     for (k, (i, _, order_id)) in chunk.into_iter().enumerate() {
-                        out.push((i, Ok(Produced { partition, offset: first + k as u64, order_id })));
+                        out.push((
+                            i,
+                            Ok(Produced {
+                                partition,
+                                offset: first + k as u64,
+                                order_id,
+                            }),
+                        ));
                     }
                 }
                 // One record too large fails its whole batch: append the
                 // chunk one by one to find it and keep the others.
                 Err(LogError::RecordTooLarge { .. }) => {
                     for (i, record, order_id) in chunk {
-                        let r = self.log.append(Topic::Orders, partition, vec![record]).await;
-                        out.push((i, r.map(|offset| Produced { partition, offset, order_id }).map_err(IntakeError::from)));
+                        let r = self
+                            .log
+                            .append(Topic::Orders, partition, vec![record])
+                            .await;
+                        out.push((
+                            i,
+                            r.map(|offset| Produced {
+                                partition,
+                                offset,
+                                order_id,
+                            })
+                            .map_err(IntakeError::from),
+                        ));
                     }
                 }
                 Err(e) => {
                     let message = e.to_string();
                     let retryable_full = matches!(e, LogError::Full { .. });
                     for (i, _, _) in chunk {
-                        let err = if retryable_full { IntakeError::LogFull } else { IntakeError::Unavailable(message.clone()) };
+                        let err = if retryable_full {
+                            IntakeError::LogFull
+                        } else {
+                            IntakeError::Unavailable(message.clone())
+                        };
                         out.push((i, Err(err)));
                     }
                 }
@@ -391,11 +473,26 @@ fn raw_record(line: &[u8]) -> Result<(Record, Option<String>), IntakeError> {
         )));
     }
     let str_at = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_owned);
-    let sku = str_at(value.get("lines").and_then(|l| l.get(0)).and_then(|l| l.get("sku")));
+    let sku = str_at(
+        value
+            .get("lines")
+            .and_then(|l| l.get(0))
+            .and_then(|l| l.get("sku")),
+    );
     let order_id = str_at(value.get("order_id"));
-    let key = sku.or_else(|| order_id.clone()).unwrap_or_default().into_bytes();
+    let key = sku
+        .or_else(|| order_id.clone())
+        .unwrap_or_default()
+        .into_bytes();
     let order_id = order_id.filter(|id| valid_id(id) && !contains_pan(id.as_bytes()));
-    Ok((Record { kind: RecordKind::OrderJson, key, value: line.to_vec() }, order_id))
+    Ok((
+        Record {
+            kind: RecordKind::OrderJson,
+            key,
+            value: line.to_vec(),
+        },
+        order_id,
+    ))
 }
 
 #[cfg(test)]
@@ -423,12 +520,20 @@ mod tests {
         fn partition_count(&self, _: Topic) -> u32 {
             8
         }
-        async fn append(&self, _: Topic, partition: u32, records: Vec<Record>) -> Result<u64, LogError> {
+        async fn append(
+            &self,
+            _: Topic,
+            partition: u32,
+            records: Vec<Record>,
+        ) -> Result<u64, LogError> {
             if self.full.load(Ordering::SeqCst) {
                 return Err(LogError::Full { depth: 1 });
             }
             if records.iter().any(|r| r.value.len() > 4096) {
-                return Err(LogError::RecordTooLarge { size_bytes: 4097, max_bytes: 4096 });
+                return Err(LogError::RecordTooLarge {
+                    size_bytes: 4097,
+                    max_bytes: 4096,
+                });
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
             let mut parts = self.parts.lock().unwrap();
@@ -437,7 +542,14 @@ mod tests {
             p.extend(records);
             Ok(first)
         }
-        async fn read(&self, _: Topic, _: u32, _: u64, _: usize, _: Duration) -> Result<Vec<LogRecord>, LogError> {
+        async fn read(
+            &self,
+            _: Topic,
+            _: u32,
+            _: u64,
+            _: usize,
+            _: Duration,
+        ) -> Result<Vec<LogRecord>, LogError> {
             Ok(vec![])
         }
         fn offsets(&self, _: Topic, _: u32) -> Result<(u64, u64), LogError> {
@@ -471,32 +583,54 @@ mod tests {
             Ok(self.intake.lock().unwrap().get(order_id).cloned())
         }
         async fn put_intake(&self, record: IntakeRecord) -> Result<IntakeRecord, StoreError> {
-            Ok(self.intake.lock().unwrap().entry(record.order_id.clone()).or_insert(record).clone())
+            Ok(self
+                .intake
+                .lock()
+                .unwrap()
+                .entry(record.order_id.clone())
+                .or_insert(record)
+                .clone())
         }
         async fn sink_positions(&self, _: &str) -> Result<BTreeMap<u32, u64>, StoreError> {
             Ok(BTreeMap::new())
         }
-        async fn apply_tracking(&self, _: &str, _: &[(u32, u64)], _: &[StatusEvent]) -> Result<Vec<StatusEvent>, StoreError> {
+        async fn apply_tracking(
+            &self,
+            _: &str,
+            _: &[(u32, u64)],
+            _: &[StatusEvent],
+        ) -> Result<Vec<crate::pipeline::store::Applied>, StoreError> {
             Ok(vec![])
         }
         async fn get_tracking(&self, _: &str) -> Result<Option<TrackingView>, StoreError> {
             Ok(None)
         }
         async fn secret(&self, name: &str) -> Result<[u8; 32], StoreError> {
-            Ok(*self.secrets.lock().unwrap().entry(name.to_owned()).or_insert_with(rand::random))
+            Ok(*self
+                .secrets
+                .lock()
+                .unwrap()
+                .entry(name.to_owned())
+                .or_insert_with(rand::random))
         }
     }
 
     async fn intake() -> (Arc<MemLog>, Arc<MemStore>, Intake) {
         let log = Arc::new(MemLog::default());
         let store = Arc::new(MemStore::default());
-        let i = Intake::new(log.clone(), store.clone(), Arc::new(Metrics::new())).await.unwrap();
+        let i = Intake::new(log.clone(), store.clone(), Arc::new(Metrics::new()))
+            .await
+            .unwrap();
         (log, store, i)
     }
 
     fn order(id: Option<&str>) -> String {
-        let id = id.map(|i| format!(r#""order_id":"{i}","#)).unwrap_or_default();
-        format!(r#"{{{id}"customer_id":"c1","currency":"USD","lines":[{{"sku":"S-1","quantity":1,"unit_price":5}}],"payment":{{"token":"tok_visa"}}}}"#)
+        let id = id
+            .map(|i| format!(r#""order_id":"{i}","#))
+            .unwrap_or_default();
+        format!(
+            r#"{{{id}"customer_id":"c1","currency":"USD","lines":[{{"sku":"S-1","quantity":1,"unit_price":5}}],"payment":{{"token":"tok_visa"}}}}"#
+        )
     }
 
     /// Sealing round-trips, and the pad differs per order id.
@@ -506,9 +640,15 @@ mod tests {
         let raw = [9u8; 32];
         let sealed = seal_token(&key, "a", &raw);
         assert_ne!(sealed, raw.to_vec());
-        assert_eq!(unseal_token(&key, "a", &sealed).unwrap(), encode_token(&raw));
+        assert_eq!(
+            unseal_token(&key, "a", &sealed).unwrap(),
+            encode_token(&raw)
+        );
         assert_ne!(seal_token(&key, "b", &raw), sealed);
-        assert_ne!(unseal_token(&[8u8; 32], "a", &sealed).unwrap(), encode_token(&raw));
+        assert_ne!(
+            unseal_token(&[8u8; 32], "a", &sealed).unwrap(),
+            encode_token(&raw)
+        );
     }
 
     /// The same order id answers the same token and appends once.
@@ -539,7 +679,10 @@ mod tests {
         assert_ne!(c.order_id, d.order_id);
         assert!(c.order_id.starts_with("ord-") && c.order_id.len() == 36);
         assert_eq!(log.total(), 3);
-        let bad = i.submit(order(None).as_bytes(), Some("has space")).await.unwrap_err();
+        let bad = i
+            .submit(order(None).as_bytes(), Some("has space"))
+            .await
+            .unwrap_err();
         assert!(matches!(bad, IntakeError::Invalid(_)));
     }
 
@@ -555,7 +698,11 @@ mod tests {
                 tokio::spawn(async move { i.submit(body.as_bytes(), None).await.unwrap() })
             })
             .collect();
-        let answers: Vec<Accepted> = futures::future::join_all(tasks).await.into_iter().map(Result::unwrap).collect();
+        let answers: Vec<Accepted> = futures::future::join_all(tasks)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
         assert!(answers.windows(2).all(|w| w[0] == w[1]));
         assert_eq!(log.total(), 1);
     }
@@ -565,8 +712,13 @@ mod tests {
     async fn same_answer_after_restart() {
         let (log, store, i) = intake().await;
         let a = i.submit(order(Some("o-r")).as_bytes(), None).await.unwrap();
-        let j = Intake::new(log.clone(), store.clone(), Arc::new(Metrics::new())).await.unwrap();
-        assert_eq!(j.submit(order(Some("o-r")).as_bytes(), None).await.unwrap(), a);
+        let j = Intake::new(log.clone(), store.clone(), Arc::new(Metrics::new()))
+            .await
+            .unwrap();
+        assert_eq!(
+            j.submit(order(Some("o-r")).as_bytes(), None).await.unwrap(),
+            a
+        );
         assert_eq!(log.total(), 1);
     }
 
@@ -577,26 +729,44 @@ mod tests {
         let e = i.submit(b"{", None).await.unwrap_err();
         assert_eq!(e.code(), "malformed_json");
         log.full.store(true, Ordering::SeqCst);
-        assert!(matches!(i.submit(order(None).as_bytes(), None).await, Err(IntakeError::LogFull)));
-        assert!(matches!(i.produce_raw(b"{}").await, Err(IntakeError::LogFull)));
+        assert!(matches!(
+            i.submit(order(None).as_bytes(), None).await,
+            Err(IntakeError::LogFull)
+        ));
+        assert!(matches!(
+            i.produce_raw(b"{}").await,
+            Err(IntakeError::LogFull)
+        ));
     }
 
     /// Raw lines are written as is, keyed by SKU, then order id; non-JSON fails.
     #[tokio::test]
     async fn produce_raw_lines() {
         let (log, _, i) = intake().await;
-        let p = i.produce_raw(br#"{"order_id":"x1","lines":[{"sku":"S-1"}]}"#).await.unwrap();
+        let p = i
+            .produce_raw(br#"{"order_id":"x1","lines":[{"sku":"S-1"}]}"#)
+            .await
+            .unwrap();
         assert_eq!(p.order_id.as_deref(), Some("x1"));
         assert_eq!(p.partition, partition_for_key(b"S-1", 8));
         let q = i.produce_raw(br#"{"order_id":"x2"}"#).await.unwrap();
         assert_eq!(q.partition, partition_for_key(b"x2", 8));
         // A card number anywhere refuses the line: it never reaches the log.
-        let r = i.produce_raw(br#"{"order_id":"4242424242424242"}"#).await.unwrap_err();
+        let r = i
+            .produce_raw(br#"{"order_id":"4242424242424242"}"#)
+            .await
+            .unwrap_err();
         assert_eq!(r.code(), "pan_detected");
-        assert!(matches!(i.produce_raw(b"nope").await, Err(IntakeError::Invalid(_))));
+        assert!(matches!(
+            i.produce_raw(b"nope").await,
+            Err(IntakeError::Invalid(_))
+        ));
         assert_eq!(log.total(), 2);
         let stored = log.parts.lock().unwrap()[&p.partition][p.offset as usize].clone();
-        assert_eq!(stored.value, br#"{"order_id":"x1","lines":[{"sku":"S-1"}]}"#.to_vec());
+        assert_eq!(
+            stored.value,
+            br#"{"order_id":"x1","lines":[{"sku":"S-1"}]}"#.to_vec()
+        );
         assert_eq!(stored.kind, RecordKind::OrderJson);
     }
 

@@ -46,7 +46,11 @@ impl Inventory {
     pub fn new(log: Arc<dyn Log>) -> Inventory {
         let partitions = log.partition_count(Topic::Orders);
         let processed = (0..partitions).map(|_| watch::channel(0).0).collect();
-        Inventory { log, counts: DashMap::new(), processed }
+        Inventory {
+            log,
+            counts: DashMap::new(),
+            processed,
+        }
     }
 
     /// The counters as of the last processed batch; `None` for a SKU that
@@ -61,20 +65,45 @@ impl Inventory {
         if !valid_sku(sku) {
             return Err(InventoryError::InvalidSku);
         }
-        let msg = Envelope::new(None, Message::SetStock { sku: sku.to_owned(), available });
-        let record = Record { kind: RecordKind::Internal, key: sku.as_bytes().to_vec(), value: msg.encode() };
+        let msg = Envelope::new(
+            None,
+            Message::SetStock {
+                sku: sku.to_owned(),
+                available,
+            },
+        );
+        let record = Record {
+            kind: RecordKind::Internal,
+            key: sku.as_bytes().to_vec(),
+            value: msg.encode(),
+        };
         let partition = partition_for_key(sku.as_bytes(), self.log.partition_count(Topic::Orders));
-        let offset = self.log.append(Topic::Orders, partition, vec![record]).await?;
+        let offset = self
+            .log
+            .append(Topic::Orders, partition, vec![record])
+            .await?;
         let mut rx = self.processed[partition as usize].subscribe();
-        let applied = tokio::time::timeout(Duration::from_millis(APPLY_TIMEOUT_MS), rx.wait_for(|next| *next > offset)).await;
+        let applied = tokio::time::timeout(
+            Duration::from_millis(APPLY_TIMEOUT_MS),
+            rx.wait_for(|next| *next > offset),
+        )
+        .await;
         match applied {
-            Ok(Ok(_)) => Ok(self.get(sku).unwrap_or(StockCounts { sku: sku.to_owned(), ..Default::default() })),
+            Ok(Ok(_)) => Ok(self.get(sku).unwrap_or(StockCounts {
+                sku: sku.to_owned(),
+                ..Default::default()
+            })),
             _ => Err(InventoryError::Timeout(APPLY_TIMEOUT_MS)),
         }
     }
 
     /// Called by a runner after a batch: publish counters, then progress.
-    pub fn publish(&self, partition: u32, counts: impl IntoIterator<Item = StockCounts>, next_offset: u64) {
+    pub fn publish(
+        &self,
+        partition: u32,
+        counts: impl IntoIterator<Item = StockCounts>,
+        next_offset: u64,
+    ) {
         for c in counts {
             self.counts.insert(c.sku.clone(), c);
         }

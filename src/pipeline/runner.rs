@@ -66,31 +66,57 @@ pub struct RunnerExit {
 }
 
 /// Loads a partition's checkpointed state: `(state, next_offset)`.
-pub async fn load_state(store: &dyn StateStore, partition: u32) -> Result<(PartitionState, u64), RunnerError> {
-    let Some(cp) = store.load_checkpoint(partition).await.map_err(|source| RunnerError::Store { partition, source })? else {
+pub async fn load_state(
+    store: &dyn StateStore,
+    partition: u32,
+) -> Result<(PartitionState, u64), RunnerError> {
+    let Some(cp) = store
+        .load_checkpoint(partition)
+        .await
+        .map_err(|source| RunnerError::Store { partition, source })?
+    else {
         return Ok((PartitionState::default(), 0));
     };
-    let state = PartitionState::from_rows(cp.rows.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
-        .map_err(|detail| RunnerError::BadCheckpoint { partition, detail })?;
+    let state =
+        PartitionState::from_rows(cp.rows.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
+            .map_err(|detail| RunnerError::BadCheckpoint { partition, detail })?;
     Ok((state, cp.next_offset))
 }
 
 /// Runs partition `partition` until `shutdown` turns true, then drains
 /// what it read, checkpoints and returns.
-pub async fn run(partition: u32, deps: RunnerDeps, mut shutdown: watch::Receiver<bool>) -> Result<RunnerExit, RunnerError> {
+pub async fn run(
+    partition: u32,
+    deps: RunnerDeps,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<RunnerExit, RunnerError> {
     let partitions = deps.log.partition_count(Topic::Orders);
     let (state, mut next) = load_state(deps.store.as_ref(), partition).await?;
     let mut processor = Processor::new(partition, partitions, state);
     publish_all_stock(&deps, &processor, next);
     for effect in processor.pending_effects() {
-        deps.effects.submit(effect).await.map_err(|_| RunnerError::ExecutorGone { partition })?;
+        deps.effects
+            .submit(effect)
+            .await
+            .map_err(|_| RunnerError::ExecutorGone { partition })?;
     }
     // Recovered = checkpoint loaded and the tail replayed up to the end of
     // the log as it was at start; only then is the partition's state current.
-    let (_, catch_up_to) = deps.log.offsets(Topic::Orders, partition).map_err(|source| RunnerError::Log { partition, source })?;
+    let (_, catch_up_to) = deps
+        .log
+        .offsets(Topic::Orders, partition)
+        .map_err(|source| RunnerError::Log { partition, source })?;
     let mut recovering = true;
-    tracing::info!(partition, next_offset = next, catch_up_to, "partition checkpoint loaded, replaying the tail");
-    let lag = deps.metrics.partition_lag.with_label_values(&["orders", &partition.to_string()]);
+    tracing::info!(
+        partition,
+        next_offset = next,
+        catch_up_to,
+        "partition checkpoint loaded, replaying the tail"
+    );
+    let lag = deps
+        .metrics
+        .partition_lag
+        .with_label_values(&["orders", &partition.to_string()]);
     let mut out = Output::default();
     let mut since_checkpoint: u64 = 0;
     let mut last_checkpoint = Instant::now();
@@ -102,7 +128,11 @@ pub async fn run(partition: u32, deps: RunnerDeps, mut shutdown: watch::Receiver
             deps.recovered.add_permits(1);
         }
         let stopping = *shutdown.borrow();
-        let wait = if stopping { Duration::ZERO } else { Duration::from_millis(READ_WAIT_MS) };
+        let wait = if stopping {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(READ_WAIT_MS)
+        };
         let records = tokio::select! {
             r = deps.log.read(Topic::Orders, partition, next, READ_BATCH_RECORDS, wait) => r.map_err(|source| RunnerError::Log { partition, source })?,
             _ = shutdown.changed(), if !stopping => continue,
@@ -124,29 +154,49 @@ pub async fn run(partition: u32, deps: RunnerDeps, mut shutdown: watch::Receiver
         if let Ok((_, high)) = deps.log.offsets(Topic::Orders, partition) {
             lag.set(high.saturating_sub(next) as i64);
         }
-        if since_checkpoint >= deps.checkpoint.every_messages || (since_checkpoint > 0 && last_checkpoint.elapsed() >= every) {
+        if since_checkpoint >= deps.checkpoint.every_messages
+            || (since_checkpoint > 0 && last_checkpoint.elapsed() >= every)
+        {
             checkpoint(&deps, partition, &mut processor, next).await?;
             since_checkpoint = 0;
             last_checkpoint = Instant::now();
         }
     }
     checkpoint(&deps, partition, &mut processor, next).await?;
-    Ok(RunnerExit { partition, next_offset: next, state_hash: processor.state.hash() })
+    Ok(RunnerExit {
+        partition,
+        next_offset: next,
+        state_hash: processor.state.hash(),
+    })
 }
 
 fn input(r: &LogRecord) -> Input<'_> {
-    Input { offset: r.offset, timestamp_ms: r.timestamp_ms, kind: r.kind, key: &r.key, value: &r.value }
+    Input {
+        offset: r.offset,
+        timestamp_ms: r.timestamp_ms,
+        kind: r.kind,
+        key: &r.key,
+        value: &r.value,
+    }
 }
 
 /// Makes the output durable: messages and statuses grouped by partition
 /// (order kept within each), then hands effects to the executor.
-async fn flush_output(deps: &RunnerDeps, partition: u32, out: &mut Output) -> Result<(), RunnerError> {
+async fn flush_output(
+    deps: &RunnerDeps,
+    partition: u32,
+    out: &mut Output,
+) -> Result<(), RunnerError> {
     let orders_n = deps.log.partition_count(Topic::Orders);
     let status_n = deps.log.partition_count(Topic::OrderStatus);
     let mut batches: BTreeMap<(Topic, u32), Vec<Record>> = BTreeMap::new();
     for m in out.messages.drain(..) {
         let p = partition_for_key(m.key.as_bytes(), orders_n);
-        batches.entry((Topic::Orders, p)).or_default().push(Record { kind: m.kind, key: m.key.into_bytes(), value: m.value });
+        batches.entry((Topic::Orders, p)).or_default().push(Record {
+            kind: m.kind,
+            key: m.key.into_bytes(),
+            value: m.value,
+        });
     }
     for s in &out.statuses {
         let p = partition_for_key(s.order_id.as_bytes(), status_n);
@@ -154,21 +204,35 @@ async fn flush_output(deps: &RunnerDeps, partition: u32, out: &mut Output) -> Re
         batches
             .entry((Topic::OrderStatus, p))
             .or_default()
-            .push(Record { kind: RecordKind::Internal, key: s.order_id.as_bytes().to_vec(), value });
+            .push(Record {
+                kind: RecordKind::Internal,
+                key: s.order_id.as_bytes().to_vec(),
+                value,
+            });
     }
-    let appends = batches.into_iter().map(|((topic, p), records)| append_with_retry(deps.log.as_ref(), topic, p, records));
+    let appends = batches
+        .into_iter()
+        .map(|((topic, p), records)| append_with_retry(deps.log.as_ref(), topic, p, records));
     for result in futures::future::join_all(appends).await {
         result.map_err(|source| RunnerError::Log { partition, source })?;
     }
     for effect in out.effects.drain(..) {
-        deps.effects.submit(effect).await.map_err(|_| RunnerError::ExecutorGone { partition })?;
+        deps.effects
+            .submit(effect)
+            .await
+            .map_err(|_| RunnerError::ExecutorGone { partition })?;
     }
     Ok(())
 }
 
 /// Appends, backing off while the log is only full; other errors are fatal
 /// for the runner (it must not checkpoint past output it could not write).
-async fn append_with_retry(log: &dyn Log, topic: Topic, partition: u32, records: Vec<Record>) -> Result<u64, LogError> {
+async fn append_with_retry(
+    log: &dyn Log,
+    topic: Topic,
+    partition: u32,
+    records: Vec<Record>,
+) -> Result<u64, LogError> {
     let mut delay_ms = 1;
     loop {
         match log.append(topic, partition, records.clone()).await {
@@ -181,11 +245,25 @@ async fn append_with_retry(log: &dyn Log, topic: Topic, partition: u32, records:
     }
 }
 
-async fn checkpoint(deps: &RunnerDeps, partition: u32, processor: &mut Processor, next: u64) -> Result<(), RunnerError> {
+async fn checkpoint(
+    deps: &RunnerDeps,
+    partition: u32,
+    processor: &mut Processor,
+    next: u64,
+) -> Result<(), RunnerError> {
     let started = Instant::now();
     let (puts, deletes) = processor.state.take_changes();
-    let write = CheckpointWrite { partition, epoch: deps.epoch, next_offset: next, puts, deletes };
-    deps.store.write_checkpoint(write).await.map_err(|source| RunnerError::Store { partition, source })?;
+    let write = CheckpointWrite {
+        partition,
+        epoch: deps.epoch,
+        next_offset: next,
+        puts,
+        deletes,
+    };
+    deps.store
+        .write_checkpoint(write)
+        .await
+        .map_err(|source| RunnerError::Store { partition, source })?;
     deps.log.release_before(Topic::Orders, partition, next);
     deps.metrics
         .checkpoint_latency
@@ -196,19 +274,38 @@ async fn checkpoint(deps: &RunnerDeps, partition: u32, processor: &mut Processor
 
 fn counts(processor: &Processor, sku: &str) -> StockCounts {
     let s = processor.state.stock.get(sku).cloned().unwrap_or_default();
-    StockCounts { sku: sku.to_owned(), available: s.available, reserved: s.reserved, sold: s.sold }
+    StockCounts {
+        sku: sku.to_owned(),
+        available: s.available,
+        reserved: s.reserved,
+        sold: s.sold,
+    }
 }
 
 fn publish_all_stock(deps: &RunnerDeps, processor: &Processor, next: u64) {
-    let all = processor.state.stock.keys().map(|sku| counts(processor, sku));
+    let all = processor
+        .state
+        .stock
+        .keys()
+        .map(|sku| counts(processor, sku));
     deps.inventory.publish(processor.partition, all, next);
 }
 
-fn publish_stock(deps: &RunnerDeps, processor: &Processor, out: &Output, partition: u32, next: u64) {
+fn publish_stock(
+    deps: &RunnerDeps,
+    processor: &Processor,
+    out: &Output,
+    partition: u32,
+    next: u64,
+) {
     let mut touched: Vec<&String> = out.stock_touched.iter().collect();
     touched.sort_unstable();
     touched.dedup();
-    deps.inventory.publish(partition, touched.into_iter().map(|sku| counts(processor, sku)), next);
+    deps.inventory.publish(
+        partition,
+        touched.into_iter().map(|sku| counts(processor, sku)),
+        next,
+    );
 }
 
 /// Rebuilds a partition's state from offset 0 with every output and effect
@@ -220,7 +317,15 @@ pub async fn replay(log: &dyn Log, partition: u32, until: u64) -> Result<Partiti
     let mut out = Output::default();
     let mut next = 0;
     while next < until {
-        let records = log.read(Topic::Orders, partition, next, READ_BATCH_RECORDS, Duration::ZERO).await?;
+        let records = log
+            .read(
+                Topic::Orders,
+                partition,
+                next,
+                READ_BATCH_RECORDS,
+                Duration::ZERO,
+            )
+            .await?;
         if records.is_empty() {
             break;
         }

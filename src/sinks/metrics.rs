@@ -10,10 +10,13 @@ use crate::domain::StatusEvent;
 
 /// Buckets for fast internal operations (fsync, checkpoint, appends).
 const IO_BUCKETS_S: &[f64] = &[
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0,
 ];
 /// Buckets for order stage latencies (includes payment round trips).
-const STAGE_BUCKETS_S: &[f64] = &[0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const STAGE_BUCKETS_S: &[f64] = &[
+    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 pub struct Metrics {
     pub registry: Registry,
@@ -36,23 +39,36 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let hist = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
-            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
-                .expect("valid histogram");
-            registry.register(Box::new(h.clone())).expect("unique metric");
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                labels,
+            )
+            .expect("valid histogram");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
             h
         };
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
             let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
             g
         };
         Metrics {
-            orders: counter("orderflow_orders_total", "Order status transitions, by status and reason.", &["status", "reason"]),
+            orders: counter(
+                "orderflow_orders_total",
+                "Order status transitions, by status and reason.",
+                &["status", "reason"],
+            ),
             stage_latency: hist(
                 "orderflow_stage_latency_seconds",
                 "Time from an order's previous status to this one, by status entered.",
@@ -65,7 +81,12 @@ impl Metrics {
                 &["topic"],
                 IO_BUCKETS_S,
             ),
-            log_fsync_latency: hist("orderflow_log_fsync_seconds", "Duration of one log fsync.", &["topic"], IO_BUCKETS_S),
+            log_fsync_latency: hist(
+                "orderflow_log_fsync_seconds",
+                "Duration of one log fsync.",
+                &["topic"],
+                IO_BUCKETS_S,
+            ),
             log_batch_records: hist(
                 "orderflow_log_group_commit_records",
                 "Records made durable by one fsync (group commit size).",
@@ -78,15 +99,32 @@ impl Metrics {
                 &["partition"],
                 IO_BUCKETS_S,
             ),
-            queue_depth: gauge("orderflow_queue_depth", "Items waiting in a bounded queue.", &["queue"]),
+            queue_depth: gauge(
+                "orderflow_queue_depth",
+                "Items waiting in a bounded queue.",
+                &["queue"],
+            ),
             partition_lag: gauge(
                 "orderflow_partition_lag_records",
                 "Records in the log not yet processed, per topic partition.",
                 &["topic", "partition"],
             ),
-            gateway_calls: counter("orderflow_gateway_calls_total", "Payment gateway calls, by operation and outcome.", &["op", "outcome"]),
-            gateway_latency: hist("orderflow_gateway_call_seconds", "Payment gateway call latency.", &["op"], STAGE_BUCKETS_S),
-            http_requests: counter("orderflow_http_requests_total", "HTTP requests, by route and status code.", &["route", "code"]),
+            gateway_calls: counter(
+                "orderflow_gateway_calls_total",
+                "Payment gateway calls, by operation and outcome.",
+                &["op", "outcome"],
+            ),
+            gateway_latency: hist(
+                "orderflow_gateway_call_seconds",
+                "Payment gateway call latency.",
+                &["op"],
+                STAGE_BUCKETS_S,
+            ),
+            http_requests: counter(
+                "orderflow_http_requests_total",
+                "HTTP requests, by route and status code.",
+                &["route", "code"],
+            ),
             registry,
         }
     }
@@ -99,7 +137,9 @@ impl Metrics {
             .inc();
         if let Some(prev) = prev_at_ms {
             let secs = event.at_ms.saturating_sub(prev) as f64 / 1000.0;
-            self.stage_latency.with_label_values(&[event.status.as_str()]).observe(secs);
+            self.stage_latency
+                .with_label_values(&[event.status.as_str()])
+                .observe(secs);
         }
     }
 

@@ -9,7 +9,7 @@ use dashmap::DashMap;
 use tokio::sync::broadcast;
 
 use crate::domain::StatusEvent;
-use crate::pipeline::store::{StateStore, StoreError, TrackingView};
+use crate::pipeline::store::{Applied, StateStore, StoreError, TrackingView};
 use crate::sinks::metrics::Metrics;
 
 /// Events buffered per live subscription before a slow client lags.
@@ -23,7 +23,11 @@ pub struct Tracking {
 
 impl Tracking {
     pub fn new(store: Arc<dyn StateStore>, metrics: Arc<Metrics>) -> Tracking {
-        Tracking { store, metrics, live: DashMap::new() }
+        Tracking {
+            store,
+            metrics,
+            live: DashMap::new(),
+        }
     }
 
     pub async fn get(&self, order_id: &str) -> Result<Option<TrackingView>, StoreError> {
@@ -40,9 +44,9 @@ impl Tracking {
     }
 
     /// Hands newly applied events to live subscribers and metrics.
-    pub fn publish(&self, applied: &[StatusEvent], prev_at_ms: impl Fn(&StatusEvent) -> Option<u64>) {
-        for event in applied {
-            self.metrics.observe_status(event, prev_at_ms(event));
+    pub fn publish(&self, applied: &[Applied]) {
+        for Applied { event, prev_at_ms } in applied {
+            self.metrics.observe_status(event, *prev_at_ms);
             // A terminal status is the last event of an order: its channel
             // goes, and so does one nobody listens to any more.
             self.live.remove_if(&event.order_id, |_, tx| {
@@ -66,7 +70,10 @@ const SINK_READ_WAIT_MS: u64 = 50;
 #[derive(thiserror::Error, Debug)]
 pub enum SinkError {
     #[error("tracking sink, partition {partition}: {source}")]
-    Log { partition: u32, source: crate::pipeline::log::LogError },
+    Log {
+        partition: u32,
+        source: crate::pipeline::log::LogError,
+    },
     #[error("tracking sink, partition {partition}: {source}")]
     Store { partition: u32, source: StoreError },
 }
@@ -82,7 +89,10 @@ pub async fn run_sink(
 ) -> Result<(), SinkError> {
     use crate::pipeline::log::Topic;
     use std::time::Duration;
-    let lag = tracking.metrics.partition_lag.with_label_values(&["order-status", &partition.to_string()]);
+    let lag = tracking
+        .metrics
+        .partition_lag
+        .with_label_values(&["order-status", &partition.to_string()]);
     loop {
         let stopping = *shutdown.borrow();
         let wait = Duration::from_millis(if stopping { 0 } else { SINK_READ_WAIT_MS });
@@ -101,7 +111,9 @@ pub async fn run_sink(
         for r in &records {
             match rmp_serde::from_slice::<StatusEvent>(&r.value) {
                 Ok(e) => events.push(e),
-                Err(e) => tracing::error!(partition, offset = r.offset, error = %e, "undecodable status record skipped"),
+                Err(e) => {
+                    tracing::error!(partition, offset = r.offset, error = %e, "undecodable status record skipped")
+                }
             }
         }
         let applied = tracking
@@ -109,7 +121,7 @@ pub async fn run_sink(
             .apply_tracking(SINK_NAME, &[(partition, next)], &events)
             .await
             .map_err(|source| SinkError::Store { partition, source })?;
-        tracking.publish(&applied, |_| None);
+        tracking.publish(&applied);
         log.release_before(Topic::OrderStatus, partition, next);
         if let Ok((_, high)) = log.offsets(Topic::OrderStatus, partition) {
             lag.set(high.saturating_sub(next) as i64);

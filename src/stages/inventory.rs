@@ -6,7 +6,13 @@ use super::state::{Hold, StateKey, Stock};
 
 /// Holds `quantity` of `sku` for `(order_id, line)` if that much is
 /// available. Returns whether it is held.
-pub(crate) fn reserve(ctx: &mut Ctx<'_>, order_id: &str, line: u16, sku: &str, quantity: u32) -> bool {
+pub(crate) fn reserve(
+    ctx: &mut Ctx<'_>,
+    order_id: &str,
+    line: u16,
+    sku: &str,
+    quantity: u32,
+) -> bool {
     let hold_key = (order_id.to_owned(), line);
     if ctx.state.holds.contains_key(&hold_key) {
         return true; // already held for this line
@@ -22,7 +28,13 @@ pub(crate) fn reserve(ctx: &mut Ctx<'_>, order_id: &str, line: u16, sku: &str, q
         _ => false,
     };
     if held {
-        ctx.state.holds.insert(hold_key, Hold { sku: sku.to_owned(), quantity });
+        ctx.state.holds.insert(
+            hold_key,
+            Hold {
+                sku: sku.to_owned(),
+                quantity,
+            },
+        );
         touch(ctx, sku, order_id, line);
     }
     held
@@ -42,7 +54,11 @@ fn settle(ctx: &mut Ctx<'_>, order_id: &str, line: u16, to: impl FnOnce(&mut Sto
     let Some(hold) = ctx.state.holds.remove(&(order_id.to_owned(), line)) else {
         return; // settled before (a replayed message)
     };
-    let stock = ctx.state.stock.get_mut(&hold.sku).expect("a held SKU has a stock row");
+    let stock = ctx
+        .state
+        .stock
+        .get_mut(&hold.sku)
+        .expect("a held SKU has a stock row");
     let q = u64::from(hold.quantity);
     assert!(stock.reserved >= q, "reserved stock below a hold");
     stock.reserved -= q;

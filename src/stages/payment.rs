@@ -14,11 +14,18 @@ pub(crate) fn result(ctx: &mut Ctx<'_>, order_id: &str, outcome: PaymentOutcome)
     let Some(saga) = rec.saga.as_ref().filter(|s| s.authorizing) else {
         // Not awaiting payment: a repeated result after a crash, or a late
         // one. An authorization that did not confirm this order is voided.
-        if let PaymentOutcome::Authorized { payment_id } = outcome {
-            if rec.payment_id.as_deref() != Some(payment_id.as_str()) {
-                let effect = effect(ctx, order_id, EffectKind::Void, 0, String::new(), payment_id);
-                ctx.start_effect(effect);
-            }
+        if let PaymentOutcome::Authorized { payment_id } = outcome
+            && rec.payment_id.as_deref() != Some(payment_id.as_str())
+        {
+            let effect = effect(
+                ctx,
+                order_id,
+                EffectKind::Void,
+                0,
+                String::new(),
+                payment_id,
+            );
+            ctx.start_effect(effect);
         }
         return;
     };
@@ -29,8 +36,19 @@ pub(crate) fn result(ctx: &mut Ctx<'_>, order_id: &str, outcome: PaymentOutcome)
             settle_lines(ctx, order_id, true);
             ctx.set_status(order_id, Status::Paid, None);
             ctx.set_status(order_id, Status::Confirmed, None);
-            ctx.state.orders.get_mut(order_id).expect("order exists").payment_id = Some(payment_id.clone());
-            let capture = effect(ctx, order_id, EffectKind::Capture, amount, currency, payment_id);
+            ctx.state
+                .orders
+                .get_mut(order_id)
+                .expect("order exists")
+                .payment_id = Some(payment_id.clone());
+            let capture = effect(
+                ctx,
+                order_id,
+                EffectKind::Capture,
+                amount,
+                currency,
+                payment_id,
+            );
             ctx.start_effect(capture);
         }
         PaymentOutcome::Declined { code } => {
@@ -42,7 +60,14 @@ pub(crate) fn result(ctx: &mut Ctx<'_>, order_id: &str, outcome: PaymentOutcome)
             ctx.set_status(order_id, Status::PaymentFailed, Some(reason));
             // The gateway may have authorized before failing to answer:
             // void by the order's authorization key to be sure.
-            let void = effect(ctx, order_id, EffectKind::Void, amount, currency, String::new());
+            let void = effect(
+                ctx,
+                order_id,
+                EffectKind::Void,
+                amount,
+                currency,
+                String::new(),
+            );
             ctx.start_effect(void);
         }
     }
@@ -50,7 +75,22 @@ pub(crate) fn result(ctx: &mut Ctx<'_>, order_id: &str, outcome: PaymentOutcome)
 
 /// Replies must reach this partition: the input record (a payment result)
 /// is keyed by the order's home SKU, so its key is the reply key.
-fn effect(ctx: &Ctx<'_>, order_id: &str, kind: EffectKind, amount: u64, currency: String, payment_id: String) -> Effect {
+fn effect(
+    ctx: &Ctx<'_>,
+    order_id: &str,
+    kind: EffectKind,
+    amount: u64,
+    currency: String,
+    payment_id: String,
+) -> Effect {
     let reply_key = String::from_utf8_lossy(ctx.key).into_owned();
-    Effect { order_id: order_id.to_owned(), kind, reply_key, amount, currency, token: String::new(), payment_id }
+    Effect {
+        order_id: order_id.to_owned(),
+        kind,
+        reply_key,
+        amount,
+        currency,
+        token: String::new(),
+        payment_id,
+    }
 }

@@ -73,10 +73,18 @@ impl Ctx<'_> {
 
     /// Emits a message with the next deterministic id of this record.
     pub fn emit(&mut self, key: &str, body: Message) {
-        let id = MsgId { src_partition: self.partition, src_offset: self.offset, index: self.next_index };
+        let id = MsgId {
+            src_partition: self.partition,
+            src_offset: self.offset,
+            index: self.next_index,
+        };
         self.next_index += 1;
         let value = Envelope::new(Some(id), body).encode();
-        self.out.messages.push(Outgoing { key: key.to_owned(), kind: RecordKind::Internal, value });
+        self.out.messages.push(Outgoing {
+            key: key.to_owned(),
+            kind: RecordKind::Internal,
+            value,
+        });
     }
 
     /// Moves an order to `status`, emitting the status event.
@@ -85,15 +93,29 @@ impl Ctx<'_> {
             .state
             .orders
             .entry(order_id.to_owned())
-            .or_insert(OrderRec { seq: 0, status, saga: None, payment_id: None });
+            .or_insert(OrderRec {
+                seq: 0,
+                status,
+                saga: None,
+                payment_id: None,
+            });
         let prev = (rec.seq > 0).then_some(rec.status);
-        assert!(Status::may_follow(prev, status), "invalid transition {prev:?} -> {status} for {order_id}");
+        assert!(
+            Status::may_follow(prev, status),
+            "invalid transition {prev:?} -> {status} for {order_id}"
+        );
         rec.seq += 1;
         rec.status = status;
         if status.is_terminal() {
             rec.saga = None;
         }
-        let event = StatusEvent { order_id: order_id.to_owned(), seq: rec.seq, status, reason, at_ms: self.at_ms };
+        let event = StatusEvent {
+            order_id: order_id.to_owned(),
+            seq: rec.seq,
+            status,
+            reason,
+            at_ms: self.at_ms,
+        };
         self.state.touch(StateKey::Order(order_id.to_owned()));
         self.out.statuses.push(event);
     }
@@ -106,8 +128,14 @@ impl Ctx<'_> {
     }
 
     pub fn finish_effect(&mut self, order_id: &str, kind: crate::domain::EffectKind) {
-        if self.state.outbox.remove(&(order_id.to_owned(), kind)).is_some() {
-            self.state.touch(StateKey::Outbox(order_id.to_owned(), kind));
+        if self
+            .state
+            .outbox
+            .remove(&(order_id.to_owned(), kind))
+            .is_some()
+        {
+            self.state
+                .touch(StateKey::Outbox(order_id.to_owned(), kind));
         }
     }
 }
@@ -115,7 +143,11 @@ impl Ctx<'_> {
 impl Processor {
     pub fn new(partition: u32, partitions: u32, state: PartitionState) -> Processor {
         assert!(partition < partitions);
-        Processor { partition, partitions, state }
+        Processor {
+            partition,
+            partitions,
+            state,
+        }
     }
 
     /// Applies one record. Never panics on bad input: an undecodable record
@@ -135,7 +167,10 @@ impl Processor {
             RecordKind::OrderJson => validation::order_placed(&mut ctx, input.value),
             RecordKind::Internal => match Envelope::decode(input.value) {
                 Ok(env) => apply_message(&mut ctx, env),
-                Err(e) => ctx.out.problems.push(format!("offset {}: {e}", input.offset)),
+                Err(e) => ctx
+                    .out
+                    .problems
+                    .push(format!("offset {}: {e}", input.offset)),
             },
         }
     }
@@ -147,17 +182,34 @@ impl Processor {
 }
 
 fn apply_message(ctx: &mut Ctx<'_>, env: Envelope) {
-    if let Some(id) = env.id {
-        if !accept_id(ctx, id) {
-            return;
-        }
+    if let Some(id) = env.id
+        && !accept_id(ctx, id)
+    {
+        return;
     }
     match env.body {
-        Message::Reserve { order_id, home_sku, line, sku, quantity } => {
+        Message::Reserve {
+            order_id,
+            home_sku,
+            line,
+            sku,
+            quantity,
+        } => {
             let held = inventory::reserve(ctx, &order_id, line, &sku, quantity);
-            ctx.emit(&home_sku, Message::ReservationResult { order_id, line, held });
+            ctx.emit(
+                &home_sku,
+                Message::ReservationResult {
+                    order_id,
+                    line,
+                    held,
+                },
+            );
         }
-        Message::ReservationResult { order_id, line, held } => saga::reservation_result(ctx, &order_id, line, held),
+        Message::ReservationResult {
+            order_id,
+            line,
+            held,
+        } => saga::reservation_result(ctx, &order_id, line, held),
         Message::Commit { order_id, line } => inventory::commit(ctx, &order_id, line),
         Message::Release { order_id, line } => inventory::release(ctx, &order_id, line),
         Message::PaymentResult { order_id, outcome } => payment::result(ctx, &order_id, outcome),
@@ -169,7 +221,12 @@ fn apply_message(ctx: &mut Ctx<'_>, env: Envelope) {
 /// Per-source dedupe: true if `id` is above the source's watermark.
 fn accept_id(ctx: &mut Ctx<'_>, id: MsgId) -> bool {
     let pos = (id.src_offset, id.index);
-    if ctx.state.watermarks.get(&id.src_partition).is_some_and(|w| pos <= *w) {
+    if ctx
+        .state
+        .watermarks
+        .get(&id.src_partition)
+        .is_some_and(|w| pos <= *w)
+    {
         return false;
     }
     ctx.state.watermarks.insert(id.src_partition, pos);

@@ -21,13 +21,18 @@ pub(crate) fn start(ctx: &mut Ctx<'_>, order: Order) {
     for (i, l) in order.lines.iter().enumerate() {
         let state = if ctx.partition_of(&l.sku) != ctx.partition {
             LineState::Pending
-        } else if !local_failed && inventory::reserve(ctx, &order_id, i as u16, &l.sku, l.quantity) {
+        } else if !local_failed && inventory::reserve(ctx, &order_id, i as u16, &l.sku, l.quantity)
+        {
             LineState::Held
         } else {
             local_failed = true;
             LineState::Failed
         };
-        lines.push(SagaLine { sku: l.sku.clone(), quantity: l.quantity, state });
+        lines.push(SagaLine {
+            sku: l.sku.clone(),
+            quantity: l.quantity,
+            state,
+        });
     }
     for (i, line) in lines.iter_mut().enumerate() {
         if line.state != LineState::Pending {
@@ -54,14 +59,23 @@ pub(crate) fn start(ctx: &mut Ctx<'_>, order: Order) {
         token: order.payment.token,
         authorizing: false,
     };
-    let rec = ctx.state.orders.get_mut(&order_id).expect("accepted order has a record");
+    let rec = ctx
+        .state
+        .orders
+        .get_mut(&order_id)
+        .expect("accepted order has a record");
     rec.saga = Some(saga);
     advance(ctx, &order_id);
 }
 
 /// A line's partition answered a `Reserve`.
 pub(crate) fn reservation_result(ctx: &mut Ctx<'_>, order_id: &str, line: u16, held: bool) {
-    let Some(saga) = ctx.state.orders.get_mut(order_id).and_then(|r| r.saga.as_mut()) else {
+    let Some(saga) = ctx
+        .state
+        .orders
+        .get_mut(order_id)
+        .and_then(|r| r.saga.as_mut())
+    else {
         return;
     };
     let Some(l) = saga.lines.get_mut(usize::from(line)) else {
@@ -70,23 +84,39 @@ pub(crate) fn reservation_result(ctx: &mut Ctx<'_>, order_id: &str, line: u16, h
     if l.state != LineState::Pending {
         return;
     }
-    l.state = if held { LineState::Held } else { LineState::Failed };
+    l.state = if held {
+        LineState::Held
+    } else {
+        LineState::Failed
+    };
     ctx.state.touch(StateKey::Order(order_id.to_owned()));
     advance(ctx, order_id);
 }
 
 /// Moves the saga on once no line is pending any more.
 fn advance(ctx: &mut Ctx<'_>, order_id: &str) {
-    let saga = ctx.state.orders[order_id].saga.as_ref().expect("advance on a live saga");
+    let saga = ctx.state.orders[order_id]
+        .saga
+        .as_ref()
+        .expect("advance on a live saga");
     if saga.authorizing || saga.lines.iter().any(|l| l.state == LineState::Pending) {
         return;
     }
     if saga.lines.iter().any(|l| l.state == LineState::Failed) {
         settle_lines(ctx, order_id, false);
-        ctx.set_status(order_id, Status::OutOfStock, Some(REASON_OUT_OF_STOCK.to_owned()));
+        ctx.set_status(
+            order_id,
+            Status::OutOfStock,
+            Some(REASON_OUT_OF_STOCK.to_owned()),
+        );
         return;
     }
-    let saga = ctx.state.orders.get_mut(order_id).and_then(|r| r.saga.as_mut()).expect("live saga");
+    let saga = ctx
+        .state
+        .orders
+        .get_mut(order_id)
+        .and_then(|r| r.saga.as_mut())
+        .expect("live saga");
     saga.authorizing = true;
     let effect = Effect {
         order_id: order_id.to_owned(),
@@ -103,7 +133,10 @@ fn advance(ctx: &mut Ctx<'_>, order_id: &str) {
 
 /// Commits (`commit`) or releases every held line of the order's saga.
 pub(crate) fn settle_lines(ctx: &mut Ctx<'_>, order_id: &str, commit: bool) {
-    let saga = ctx.state.orders[order_id].saga.clone().expect("settle a live saga");
+    let saga = ctx.state.orders[order_id]
+        .saga
+        .clone()
+        .expect("settle a live saga");
     for (i, line) in saga.lines.iter().enumerate() {
         if line.state != LineState::Held {
             continue;
@@ -117,7 +150,11 @@ pub(crate) fn settle_lines(ctx: &mut Ctx<'_>, order_id: &str, commit: bool) {
             }
         } else {
             let order_id = order_id.to_owned();
-            let msg = if commit { Message::Commit { order_id, line: i } } else { Message::Release { order_id, line: i } };
+            let msg = if commit {
+                Message::Commit { order_id, line: i }
+            } else {
+                Message::Release { order_id, line: i }
+            };
             ctx.emit(&line.sku, msg);
         }
     }

@@ -162,11 +162,19 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], bytes: &[u8]) -> Result<T, String> {
-    rmp_serde::from_slice(bytes).map_err(|e| format!("undecodable state row {}: {e}", String::from_utf8_lossy(key)))
+    rmp_serde::from_slice(bytes).map_err(|e| {
+        format!(
+            "undecodable state row {}: {e}",
+            String::from_utf8_lossy(key)
+        )
+    })
 }
 
 fn split_id(rest: &[u8]) -> Result<(String, &[u8]), String> {
-    let nul = rest.iter().position(|&b| b == 0).ok_or("state row key without separator")?;
+    let nul = rest
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or("state row key without separator")?;
     let id = String::from_utf8(rest[..nul].to_vec()).map_err(|_| "state row key is not UTF-8")?;
     Ok((id, &rest[nul + 1..]))
 }
@@ -221,11 +229,16 @@ impl PartitionState {
     }
 
     /// Rebuilds the state from checkpoint rows.
-    pub fn from_rows<'a>(rows: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> Result<PartitionState, String> {
+    pub fn from_rows<'a>(
+        rows: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> Result<PartitionState, String> {
         let mut s = PartitionState::default();
         for (key, value) in rows {
             let (&tag, rest) = key.split_first().ok_or("empty state row key")?;
-            let text = || String::from_utf8(rest.to_vec()).map_err(|_| "state row key is not UTF-8".to_string());
+            let text = || {
+                String::from_utf8(rest.to_vec())
+                    .map_err(|_| "state row key is not UTF-8".to_string())
+            };
             match tag {
                 ROW_STOCK => {
                     s.stock.insert(text()?, decode(key, value)?);
@@ -244,7 +257,11 @@ impl PartitionState {
                 }
                 ROW_OUTBOX => {
                     let (id, tail) = split_id(rest)?;
-                    let kind = tail.first().copied().and_then(kind_from_byte).ok_or("bad outbox key")?;
+                    let kind = tail
+                        .first()
+                        .copied()
+                        .and_then(kind_from_byte)
+                        .ok_or("bad outbox key")?;
                     s.outbox.insert((id, kind), decode(key, value)?);
                 }
                 other => return Err(format!("unknown state row tag {other:#x}")),
@@ -274,12 +291,36 @@ mod tests {
     #[test]
     fn rows_roundtrip() {
         let mut s = PartitionState::default();
-        s.stock.insert("A".into(), Stock { available: 3, reserved: 1, sold: 2, supplied: 6 });
-        s.holds.insert(("o1".into(), 2), Hold { sku: "A".into(), quantity: 1 });
+        s.stock.insert(
+            "A".into(),
+            Stock {
+                available: 3,
+                reserved: 1,
+                sold: 2,
+                supplied: 6,
+            },
+        );
+        s.holds.insert(
+            ("o1".into(), 2),
+            Hold {
+                sku: "A".into(),
+                quantity: 1,
+            },
+        );
         s.watermarks.insert(3, (10, 1));
-        s.orders.insert("o1".into(), OrderRec { seq: 2, status: Status::Reserved, saga: None, payment_id: None });
+        s.orders.insert(
+            "o1".into(),
+            OrderRec {
+                seq: 2,
+                status: Status::Reserved,
+                saga: None,
+                payment_id: None,
+            },
+        );
         let rows = s.all_rows();
-        let back = PartitionState::from_rows(rows.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))).unwrap();
+        let back =
+            PartitionState::from_rows(rows.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
+                .unwrap();
         assert_eq!(back, s);
         assert_eq!(back.hash(), s.hash());
     }

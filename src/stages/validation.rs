@@ -26,7 +26,11 @@ pub(crate) fn order_placed(ctx: &mut Ctx<'_>, body: &[u8]) {
                 // A producer that did not key by the home SKU: forward the
                 // order (with its settled id) to its home partition.
                 let key = order.home_sku().to_owned();
-                ctx.out.messages.push(Outgoing { key, kind: RecordKind::OrderJson, value: order.to_json() });
+                ctx.out.messages.push(Outgoing {
+                    key,
+                    kind: RecordKind::OrderJson,
+                    value: order.to_json(),
+                });
                 return;
             }
             ctx.set_status(&order.order_id, Status::Accepted, None);
@@ -41,7 +45,11 @@ pub(crate) fn order_placed(ctx: &mut Ctx<'_>, body: &[u8]) {
             if ctx.state.orders.contains_key(&order_id) {
                 return;
             }
-            ctx.set_status(&order_id, Status::Rejected, Some(rejection.reason.code().to_owned()));
+            ctx.set_status(
+                &order_id,
+                Status::Rejected,
+                Some(rejection.reason.code().to_owned()),
+            );
         }
     }
 }

@@ -32,7 +32,10 @@ pub fn start_server(data_dir: &Path, extra_env: &[(&str, &str)]) -> Server {
     let mut child = cmd.spawn().expect("spawn orderflow");
     let output = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let (addr_tx, addr_rx) = mpsc::channel::<String>();
-    for stream in [Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>, Box::new(child.stderr.take().unwrap())] {
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
         let (output, addr_tx) = (output.clone(), addr_tx.clone());
         std::thread::spawn(move || {
             let mut reader = BufReader::new(stream);
@@ -40,7 +43,10 @@ pub fn start_server(data_dir: &Path, extra_env: &[(&str, &str)]) -> Server {
             while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
                 let text = strip_ansi(&String::from_utf8_lossy(&line));
                 if let Some(i) = text.find("addr=") {
-                    let addr: String = text[i + 5..].chars().take_while(|c| !c.is_whitespace()).collect();
+                    let addr: String = text[i + 5..]
+                        .chars()
+                        .take_while(|c| !c.is_whitespace())
+                        .collect();
                     let _ = addr_tx.send(addr);
                 }
                 output.lock().unwrap().extend_from_slice(&line);
@@ -48,13 +54,22 @@ pub fn start_server(data_dir: &Path, extra_env: &[(&str, &str)]) -> Server {
             }
         });
     }
-    let addr = addr_rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-        let out = String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
-        panic!("orderflow did not report its address; output:\n{out}")
-    });
-    let server = Server { child, base: format!("http://{addr}"), output };
+    let addr = addr_rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| {
+            let out = String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
+            panic!("orderflow did not report its address; output:\n{out}")
+        });
+    let server = Server {
+        child,
+        base: format!("http://{addr}"),
+        output,
+    };
     wait_until(Duration::from_secs(60), "readiness", || {
-        client().get(format!("{}/readyz", server.base)).send().is_ok_and(|r| r.status() == 200)
+        client()
+            .get(format!("{}/readyz", server.base))
+            .send()
+            .is_ok_and(|r| r.status() == 200)
     });
     server
 }
@@ -68,7 +83,10 @@ impl Server {
     /// SIGTERM and wait for a clean exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
         self.child.wait().expect("wait")
     }
 
@@ -103,7 +121,10 @@ fn strip_ansi(text: &str) -> String {
 }
 
 pub fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
 }
 
 /// Polls `cond` until it holds; panics naming `what` after `limit`.
@@ -126,17 +147,30 @@ pub fn set_stock(base: &str, sku: &str, available: u64) {
 }
 
 pub fn stock(base: &str, sku: &str) -> serde_json::Value {
-    client().get(format!("{base}/v1/inventory/{sku}")).bearer_auth(ADMIN_TOKEN).send().unwrap().json().unwrap()
+    client()
+        .get(format!("{base}/v1/inventory/{sku}"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap()
 }
 
 /// The order's view (admin credentials), or `None` for 404.
 pub fn order_view(base: &str, id: &str) -> Option<serde_json::Value> {
-    let r = client().get(format!("{base}/v1/orders/{id}")).bearer_auth(ADMIN_TOKEN).send().unwrap();
+    let r = client()
+        .get(format!("{base}/v1/orders/{id}"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .unwrap();
     (r.status() == 200).then(|| r.json().unwrap())
 }
 
 pub fn is_terminal(status: &str) -> bool {
-    matches!(status, "confirmed" | "rejected" | "out_of_stock" | "payment_declined" | "payment_failed")
+    matches!(
+        status,
+        "confirmed" | "rejected" | "out_of_stock" | "payment_declined" | "payment_failed"
+    )
 }
 
 pub fn order_body(id: &str, sku: &str, quantity: u32) -> serde_json::Value {

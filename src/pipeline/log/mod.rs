@@ -62,14 +62,32 @@ pub enum LogError {
     #[error("record of {size_bytes} bytes exceeds the limit of {max_bytes} bytes")]
     RecordTooLarge { size_bytes: usize, max_bytes: usize },
     #[error("I/O error on {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     /// A record in the middle of a segment is damaged: operator action needed.
     #[error("corrupt log record in {path} at byte {position} (offset {offset}): {detail}")]
-    Corrupt { path: String, position: u64, offset: u64, detail: String },
+    Corrupt {
+        path: String,
+        position: u64,
+        offset: u64,
+        detail: String,
+    },
     #[error("partition {partition} does not exist (topic {topic} has {count})")]
-    NoSuchPartition { topic: &'static str, partition: u32, count: u32 },
+    NoSuchPartition {
+        topic: &'static str,
+        partition: u32,
+        count: u32,
+    },
     #[error("offset {offset} is out of range [{low}, {high}) for {topic}/{partition}")]
-    OffsetOutOfRange { topic: &'static str, partition: u32, offset: u64, low: u64, high: u64 },
+    OffsetOutOfRange {
+        topic: &'static str,
+        partition: u32,
+        offset: u64,
+        low: u64,
+        high: u64,
+    },
 }
 
 impl LogError {
@@ -86,7 +104,12 @@ pub trait Log: Send + Sync + 'static {
     /// Appends `records` to one partition, in order. Returns the offset of
     /// the first once every record is durable (fsynced / acknowledged by
     /// the brokers), never before.
-    async fn append(&self, topic: Topic, partition: u32, records: Vec<Record>) -> Result<u64, LogError>;
+    async fn append(
+        &self,
+        topic: Topic,
+        partition: u32,
+        records: Vec<Record>,
+    ) -> Result<u64, LogError>;
 
     /// Reads up to `max_records` durable records from offset `from`. If none
     /// is there yet, waits up to `wait` for one; an empty result is no error.
@@ -112,7 +135,11 @@ pub trait Log: Send + Sync + 'static {
 }
 
 /// Appends one record to the partition its key hashes to.
-pub async fn append_keyed(log: &dyn Log, topic: Topic, record: Record) -> Result<(u32, u64), LogError> {
+pub async fn append_keyed(
+    log: &dyn Log,
+    topic: Topic,
+    record: Record,
+) -> Result<(u32, u64), LogError> {
     let partition = partition_for_key(&record.key, log.partition_count(topic));
     let offset = log.append(topic, partition, vec![record]).await?;
     Ok((partition, offset))

@@ -37,7 +37,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    CheckpointWrite, IntakeRecord, PartitionCheckpoint, StateStore, StoreError, TrackingView,
+    Applied, CheckpointWrite, IntakeRecord, PartitionCheckpoint, StateStore, StoreError,
+    TrackingView,
 };
 use crate::domain::StatusEvent;
 
@@ -329,7 +330,7 @@ impl StateStore for EmbeddedStore {
         sink: &str,
         positions: &[(u32, u64)],
         events: &[StatusEvent],
-    ) -> Result<Vec<StatusEvent>, StoreError> {
+    ) -> Result<Vec<Applied>, StoreError> {
         if positions.is_empty() && events.is_empty() {
             return Ok(Vec::new());
         }
@@ -338,7 +339,8 @@ impl StateStore for EmbeddedStore {
         let events = events.to_vec();
         self.blocking(move |db| {
             let txn = begin_write(db)?;
-            let mut applied = vec![false; events.len()];
+            // Per event: `Some(time of the order's previous status)` if new.
+            let mut applied: Vec<Option<Option<u64>>> = vec![None; events.len()];
             {
                 let mut views = txn
                     .open_table(TRACKING)
@@ -360,8 +362,12 @@ impl StateStore for EmbeddedStore {
                             slot.insert((view, false))
                         }
                     };
+                    let prev_at_ms = view
+                        .as_ref()
+                        .and_then(|v| v.history.last())
+                        .map(|h| h.at_ms);
                     if TrackingView::apply(view, event) {
-                        *applied = true;
+                        *applied = Some(prev_at_ms);
                         *dirty = true;
                     }
                 }
@@ -410,7 +416,7 @@ impl StateStore for EmbeddedStore {
             Ok(events
                 .into_iter()
                 .zip(applied)
-                .filter_map(|(e, new)| new.then_some(e))
+                .filter_map(|(event, new)| new.map(|prev_at_ms| Applied { event, prev_at_ms }))
                 .collect())
         })
         .await
@@ -815,7 +821,9 @@ mod tests {
             .apply_tracking("tracking", &[(0, 10), (1, 4)], &batch)
             .await
             .unwrap();
-        assert_eq!(new, batch.to_vec());
+        let events =
+            |applied: Vec<Applied>| applied.into_iter().map(|a| a.event).collect::<Vec<_>>();
+        assert_eq!(events(new), batch.to_vec());
 
         // Replayed events (also within one batch) are dropped; new ones are returned in input order.
         let replay = [
@@ -828,7 +836,12 @@ mod tests {
             .apply_tracking("tracking", &[(0, 7), (1, 9), (2, 1)], &replay)
             .await
             .unwrap();
-        assert_eq!(new, vec![event("b", 2, Status::OutOfStock)]);
+        assert_eq!(new.len(), 1);
+        assert_eq!(
+            new[0].prev_at_ms,
+            Some(event("b", 1, Status::Accepted).at_ms)
+        );
+        assert_eq!(events(new), vec![event("b", 2, Status::OutOfStock)]);
 
         let a = store.get_tracking("a").await.unwrap().unwrap();
         assert_eq!(a.status, Status::Reserved);

@@ -57,6 +57,14 @@ pub struct HistoryEntry {
     pub at_ms: u64,
 }
 
+/// A status event newly applied to the read model, with the time of the
+/// order's previous status (for stage latencies).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub event: StatusEvent,
+    pub prev_at_ms: Option<u64>,
+}
+
 /// The tracking read model's view of one order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrackingView {
@@ -70,11 +78,17 @@ impl TrackingView {
     /// Applies `event` if it is the next one; returns false for a duplicate
     /// or an out-of-order `seq` (consumers dedupe by `(order_id, seq)`).
     pub fn apply(view: &mut Option<TrackingView>, event: &StatusEvent) -> bool {
-        let last = view.as_ref().map_or(0, |v| v.history.last().map_or(0, |h| h.seq));
+        let last = view
+            .as_ref()
+            .map_or(0, |v| v.history.last().map_or(0, |h| h.seq));
         if event.seq <= last {
             return false;
         }
-        let entry = HistoryEntry { seq: event.seq, status: event.status, at_ms: event.at_ms };
+        let entry = HistoryEntry {
+            seq: event.seq,
+            status: event.status,
+            at_ms: event.at_ms,
+        };
         match view {
             Some(v) => {
                 v.status = event.status;
@@ -97,8 +111,14 @@ impl TrackingView {
 #[derive(thiserror::Error, Debug)]
 pub enum StoreError {
     /// A newer owner of the partition has written: this writer must stop.
-    #[error("checkpoint of partition {partition} fenced: epoch {epoch} < stored epoch {stored_epoch}")]
-    Fenced { partition: u32, epoch: u64, stored_epoch: u64 },
+    #[error(
+        "checkpoint of partition {partition} fenced: epoch {epoch} < stored epoch {stored_epoch}"
+    )]
+    Fenced {
+        partition: u32,
+        epoch: u64,
+        stored_epoch: u64,
+    },
     #[error("state store unavailable: {0}")]
     Unavailable(String),
     #[error("state store data is corrupt: {0}")]
@@ -114,7 +134,10 @@ impl StoreError {
 #[async_trait]
 pub trait StateStore: Send + Sync + 'static {
     /// The last checkpoint of `partition`, or `None` if it never had one.
-    async fn load_checkpoint(&self, partition: u32) -> Result<Option<PartitionCheckpoint>, StoreError>;
+    async fn load_checkpoint(
+        &self,
+        partition: u32,
+    ) -> Result<Option<PartitionCheckpoint>, StoreError>;
 
     /// Writes one checkpoint atomically. Fails with `Fenced` if a higher
     /// epoch has written this partition.
@@ -131,13 +154,13 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Applies status events to the tracking read model and moves the
     /// sink's positions, in one atomic write. Duplicates (by `(order_id,
-    /// seq)`) are skipped; returns the events that were new.
+    /// seq)`) are skipped; returns the events that were new, in order.
     async fn apply_tracking(
         &self,
         sink: &str,
         positions: &[(u32, u64)],
         events: &[StatusEvent],
-    ) -> Result<Vec<StatusEvent>, StoreError>;
+    ) -> Result<Vec<Applied>, StoreError>;
 
     async fn get_tracking(&self, order_id: &str) -> Result<Option<TrackingView>, StoreError>;
 
