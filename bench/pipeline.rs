@@ -377,11 +377,11 @@ async fn produce(
         let due = due_orders(&args, &shared, now - start_ns, scheduled);
         let mut specs = Vec::with_capacity(due as usize);
         for k in scheduled..scheduled + due {
-            let intended = if args.rate == 0 {
-                now
-            } else {
-                start_ns + k * 1_000_000_000 / args.rate
-            };
+            // Open loop: the k-th order's slot in the schedule. Saturation
+            // has no schedule; an order is intended when it is sent.
+            let intended = (u128::from(k) * 1_000_000_000)
+                .checked_div(u128::from(args.rate))
+                .map_or(now, |offset| start_ns + offset as u64);
             let spec = OrderSpec {
                 n: next_order(&shared),
                 sku: rng.random_range(0..skus.len()),

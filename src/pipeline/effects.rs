@@ -27,12 +27,17 @@ const MAX_BACKOFF_MS: u64 = 5_000;
 pub const REASON_GATEWAY_UNAVAILABLE: &str = "gateway_unavailable";
 
 #[derive(Clone)]
-pub struct EffectSender(mpsc::Sender<Effect>);
+pub struct EffectSender {
+    tx: mpsc::Sender<Effect>,
+    depth: prometheus::IntGauge,
+}
 
 impl EffectSender {
     /// Queues an effect, waiting while the queue is full.
     pub async fn submit(&self, effect: Effect) -> Result<(), Effect> {
-        self.0.send(effect).await.map_err(|e| e.0)
+        let result = self.tx.send(effect).await.map_err(|e| e.0);
+        self.depth.set((self.tx.max_capacity() - self.tx.capacity()) as i64);
+        result
     }
 }
 
@@ -67,7 +72,7 @@ pub fn spawn(
                 .acquire_owned()
                 .await
                 .expect("semaphore never closed");
-            let exec = exec.clone();
+            let exec = handle_exec.clone();
             tasks.spawn(async move {
                 exec.run(effect).await;
                 drop(permit);
@@ -76,7 +81,8 @@ pub fn spawn(
         }
         while tasks.join_next().await.is_some() {}
     });
-    (EffectSender(tx), handle)
+    let depth = exec.metrics.queue_depth.with_label_values(&["effects"]);
+    (EffectSender { tx, depth }, handle)
 }
 
 impl Executor {

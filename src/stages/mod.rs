@@ -20,5 +20,8 @@ pub mod saga;
 pub mod state;
 pub mod validation;
 
+#[cfg(test)]
+mod tests;
+
 pub use processor::{Outgoing, Output, Processor};
 pub use state::PartitionState;
