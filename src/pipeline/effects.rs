@@ -64,6 +64,7 @@ pub fn spawn(
         metrics,
         config,
     });
+    let depth = exec.metrics.queue_depth.with_label_values(&["effects"]);
     let handle = tokio::spawn(async move {
         let mut tasks = JoinSet::new();
         while let Some(effect) = rx.recv().await {
@@ -72,7 +73,7 @@ pub fn spawn(
                 .acquire_owned()
                 .await
                 .expect("semaphore never closed");
-            let exec = handle_exec.clone();
+            let exec = exec.clone();
             tasks.spawn(async move {
                 exec.run(effect).await;
                 drop(permit);
@@ -81,7 +82,6 @@ pub fn spawn(
         }
         while tasks.join_next().await.is_some() {}
     });
-    let depth = exec.metrics.queue_depth.with_label_values(&["effects"]);
     (EffectSender { tx, depth }, handle)
 }
 
