@@ -35,8 +35,10 @@ pub struct Cli {
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub client: ClientArgs,
+    /// What to do; without one, `run` with its defaults (so that
+    /// `cargo run --release` starts the embedded deployment).
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -74,7 +76,7 @@ pub enum StockCommand {
     Get { sku: String },
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Default)]
 pub struct RunArgs {
     /// HTTP listen address [default: 127.0.0.1:8080].
     #[arg(long, env = LISTEN_ENV, value_name = "ADDR")]
@@ -156,7 +158,8 @@ pub fn main() -> ExitCode {
 pub async fn dispatch(cli: Cli) -> Result<bool, CliError> {
     let file = cli.config.as_deref();
     let client = &cli.client;
-    match cli.command {
+    let command = cli.command.unwrap_or_else(|| Command::Run(RunArgs::default()));
+    match command {
         Command::Run(args) => {
             let config = run_config(file, &args)?;
             let admin_token = Secret::from_env(ADMIN_TOKEN_ENV);
@@ -288,10 +291,12 @@ mod tests {
         assert_eq!(cli.client.server.as_deref(), Some("http://h:1"));
         assert!(matches!(
             cli.command,
-            Command::Stock {
+            Some(Command::Stock {
                 command: StockCommand::Get { .. }
-            }
+            })
         ));
+        let bare = Cli::try_parse_from(["orderflow"]).unwrap();
+        assert!(bare.command.is_none(), "no subcommand means `run`");
         let cli =
             Cli::try_parse_from(["orderflow", "--server", "http://h:2", "status", "o-1"]).unwrap();
         assert_eq!(cli.client.server.as_deref(), Some("http://h:2"));

@@ -15,7 +15,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::broadcast::error::RecvError;
 
 use super::Ctx;
 use super::Health;
@@ -88,7 +88,7 @@ struct EventStream {
     order_id: String,
     tracking: Arc<Tracking>,
     health: Arc<Health>,
-    rx: broadcast::Receiver<StatusEvent>,
+    rx: crate::sinks::tracking::Subscription,
     /// The live channel is gone: poll the read model instead.
     closed: bool,
     backlog: VecDeque<StatusEvent>,

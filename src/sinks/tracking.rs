@@ -18,7 +18,29 @@ pub const SUBSCRIBER_BUFFER: usize = 64;
 pub struct Tracking {
     store: Arc<dyn StateStore>,
     metrics: Arc<Metrics>,
-    live: DashMap<String, broadcast::Sender<StatusEvent>>,
+    live: Arc<DashMap<String, broadcast::Sender<StatusEvent>>>,
+}
+
+/// A live subscription to one order's status events. Dropping the last
+/// subscription of an order removes its channel, so the map stays bounded
+/// by the streams open now.
+pub struct Subscription {
+    order_id: String,
+    rx: broadcast::Receiver<StatusEvent>,
+    live: Arc<DashMap<String, broadcast::Sender<StatusEvent>>>,
+}
+
+impl Subscription {
+    pub async fn recv(&mut self) -> Result<StatusEvent, broadcast::error::RecvError> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        // `self.rx` is still alive here, so "only us" is a count of 1.
+        self.live.remove_if(&self.order_id, |_, tx| tx.receiver_count() <= 1);
+    }
 }
 
 impl Tracking {
@@ -26,7 +48,7 @@ impl Tracking {
         Tracking {
             store,
             metrics,
-            live: DashMap::new(),
+            live: Arc::new(DashMap::new()),
         }
     }
 
@@ -36,11 +58,18 @@ impl Tracking {
 
     /// Live events of one order from now on. Subscribe before reading the
     /// current view so that no event falls between the two.
-    pub fn subscribe(&self, order_id: &str) -> broadcast::Receiver<StatusEvent> {
-        self.live
+    pub fn subscribe(&self, order_id: &str) -> Subscription {
+        let rx = self
+            .live
             .entry(order_id.to_owned())
             .or_insert_with(|| broadcast::channel(SUBSCRIBER_BUFFER).0)
-            .subscribe()
+            .subscribe();
+        Subscription { order_id: order_id.to_owned(), rx, live: self.live.clone() }
+    }
+
+    /// Open live channels (one per order with a subscriber).
+    pub fn live_channels(&self) -> usize {
+        self.live.len()
     }
 
     /// Hands newly applied events to live subscribers and metrics.
@@ -126,5 +155,36 @@ pub async fn run_sink(
         if let Ok((_, high)) = log.offsets(Topic::OrderStatus, partition) {
             lag.set(high.saturating_sub(next) as i64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Status;
+    use crate::pipeline::store::embedded::EmbeddedStore;
+
+    fn event(seq: u32, status: Status) -> StatusEvent {
+        StatusEvent { order_id: "o1".into(), seq, status, reason: None, at_ms: u64::from(seq) }
+    }
+
+    /// Live events reach subscribers; channels go when the order ends or
+    /// when the last subscriber leaves, so the map stays bounded.
+    #[tokio::test]
+    async fn subscriptions_fan_out_and_clean_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn StateStore> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+        let t = Tracking::new(store, Arc::new(Metrics::new()));
+        let mut sub = t.subscribe("o1");
+        t.publish(&[Applied { event: event(1, Status::Accepted), prev_at_ms: None }]);
+        assert_eq!(sub.recv().await.unwrap().seq, 1);
+        t.publish(&[Applied { event: event(2, Status::OutOfStock), prev_at_ms: Some(1) }]);
+        assert_eq!(sub.recv().await.unwrap().status, Status::OutOfStock);
+        assert_eq!(t.live_channels(), 0, "a terminal status closes the channel");
+        drop(sub);
+        let late = t.subscribe("o1");
+        assert_eq!(t.live_channels(), 1);
+        drop(late);
+        assert_eq!(t.live_channels(), 0, "a late viewer leaves nothing behind");
     }
 }
