@@ -158,7 +158,9 @@ pub fn main() -> ExitCode {
 pub async fn dispatch(cli: Cli) -> Result<bool, CliError> {
     let file = cli.config.as_deref();
     let client = &cli.client;
-    let command = cli.command.unwrap_or_else(|| Command::Run(RunArgs::default()));
+    let command = cli
+        .command
+        .unwrap_or_else(|| Command::Run(RunArgs::default()));
     match command {
         Command::Run(args) => {
             let config = run_config(file, &args)?;

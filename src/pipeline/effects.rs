@@ -36,7 +36,8 @@ impl EffectSender {
     /// Queues an effect, waiting while the queue is full.
     pub async fn submit(&self, effect: Effect) -> Result<(), Effect> {
         let result = self.tx.send(effect).await.map_err(|e| e.0);
-        self.depth.set((self.tx.max_capacity() - self.tx.capacity()) as i64);
+        self.depth
+            .set((self.tx.max_capacity() - self.tx.capacity()) as i64);
         result
     }
 }

@@ -39,7 +39,8 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         // `self.rx` is still alive here, so "only us" is a count of 1.
-        self.live.remove_if(&self.order_id, |_, tx| tx.receiver_count() <= 1);
+        self.live
+            .remove_if(&self.order_id, |_, tx| tx.receiver_count() <= 1);
     }
 }
 
@@ -64,7 +65,11 @@ impl Tracking {
             .entry(order_id.to_owned())
             .or_insert_with(|| broadcast::channel(SUBSCRIBER_BUFFER).0)
             .subscribe();
-        Subscription { order_id: order_id.to_owned(), rx, live: self.live.clone() }
+        Subscription {
+            order_id: order_id.to_owned(),
+            rx,
+            live: self.live.clone(),
+        }
     }
 
     /// Open live channels (one per order with a subscriber).
@@ -165,7 +170,13 @@ mod tests {
     use crate::pipeline::store::embedded::EmbeddedStore;
 
     fn event(seq: u32, status: Status) -> StatusEvent {
-        StatusEvent { order_id: "o1".into(), seq, status, reason: None, at_ms: u64::from(seq) }
+        StatusEvent {
+            order_id: "o1".into(),
+            seq,
+            status,
+            reason: None,
+            at_ms: u64::from(seq),
+        }
     }
 
     /// Live events reach subscribers; channels go when the order ends or
@@ -173,12 +184,19 @@ mod tests {
     #[tokio::test]
     async fn subscriptions_fan_out_and_clean_up() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn StateStore> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+        let store: Arc<dyn StateStore> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
         let t = Tracking::new(store, Arc::new(Metrics::new()));
         let mut sub = t.subscribe("o1");
-        t.publish(&[Applied { event: event(1, Status::Accepted), prev_at_ms: None }]);
+        t.publish(&[Applied {
+            event: event(1, Status::Accepted),
+            prev_at_ms: None,
+        }]);
         assert_eq!(sub.recv().await.unwrap().seq, 1);
-        t.publish(&[Applied { event: event(2, Status::OutOfStock), prev_at_ms: Some(1) }]);
+        t.publish(&[Applied {
+            event: event(2, Status::OutOfStock),
+            prev_at_ms: Some(1),
+        }]);
         assert_eq!(sub.recv().await.unwrap().status, Status::OutOfStock);
         assert_eq!(t.live_channels(), 0, "a terminal status closes the channel");
         drop(sub);

@@ -10,7 +10,11 @@ const N: u32 = 4;
 
 /// A SKU that lives on partition `p` of `N`.
 fn sku_on(p: u32, nth: usize) -> String {
-    (0..).map(|i| format!("SKU-{i}")).filter(|s| partition_for_key(s.as_bytes(), N) == p).nth(nth).unwrap()
+    (0..)
+        .map(|i| format!("SKU-{i}"))
+        .filter(|s| partition_for_key(s.as_bytes(), N) == p)
+        .nth(nth)
+        .unwrap()
 }
 
 struct Harness {
@@ -20,12 +24,21 @@ struct Harness {
 
 impl Harness {
     fn new(p: u32) -> Harness {
-        Harness { proc: Processor::new(p, N, PartitionState::default()), offset: 0 }
+        Harness {
+            proc: Processor::new(p, N, PartitionState::default()),
+            offset: 0,
+        }
     }
 
     fn feed(&mut self, kind: RecordKind, key: &str, value: &[u8]) -> Output {
         let mut out = Output::default();
-        let input = Input { offset: self.offset, timestamp_ms: 1_000 + self.offset, kind, key: key.as_bytes(), value };
+        let input = Input {
+            offset: self.offset,
+            timestamp_ms: 1_000 + self.offset,
+            kind,
+            key: key.as_bytes(),
+            value,
+        };
         self.proc.apply(input, &mut out);
         self.offset += 1;
         out
@@ -36,14 +49,28 @@ impl Harness {
     }
 
     fn stock(&mut self, sku: &str, available: u64) {
-        self.msg(sku, None, Message::SetStock { sku: sku.into(), available });
+        self.msg(
+            sku,
+            None,
+            Message::SetStock {
+                sku: sku.into(),
+                available,
+            },
+        );
     }
 
     fn order(&mut self, id: &str, lines: &[(&str, u32)], token: &str) -> Output {
-        let lines: Vec<_> = lines.iter().map(|(s, q)| serde_json::json!({"sku": s, "quantity": q, "unit_price": 500})).collect();
+        let lines: Vec<_> = lines
+            .iter()
+            .map(|(s, q)| serde_json::json!({"sku": s, "quantity": q, "unit_price": 500}))
+            .collect();
         let body = serde_json::json!({"order_id": id, "customer_id": "c", "currency": "USD", "lines": lines, "payment": {"token": token}});
         let key = body["lines"][0]["sku"].as_str().unwrap().to_owned();
-        self.feed(RecordKind::OrderJson, &key, &serde_json::to_vec(&body).unwrap())
+        self.feed(
+            RecordKind::OrderJson,
+            &key,
+            &serde_json::to_vec(&body).unwrap(),
+        )
     }
 
     fn counts(&self, sku: &str) -> (u64, u64, u64) {
@@ -67,7 +94,10 @@ fn single_sku_reserves_and_authorizes() {
     assert_eq!(out.effects.len(), 1);
     assert_eq!(out.effects[0].kind, EffectKind::Authorize);
     assert_eq!(out.effects[0].amount, 1000);
-    assert!(out.messages.is_empty(), "a single-SKU order never leaves its partition");
+    assert!(
+        out.messages.is_empty(),
+        "a single-SKU order never leaves its partition"
+    );
     assert_eq!(h.counts(&sku), (3, 2, 0));
 }
 
@@ -77,8 +107,14 @@ fn no_oversell() {
     let sku = sku_on(1, 0);
     let mut h = Harness::new(1);
     h.stock(&sku, 3);
-    assert_eq!(statuses(&h.order("a", &[(&sku, 2)], "tok_visa")), [Status::Accepted, Status::Reserved]);
-    assert_eq!(statuses(&h.order("b", &[(&sku, 2)], "tok_visa")), [Status::Accepted, Status::OutOfStock]);
+    assert_eq!(
+        statuses(&h.order("a", &[(&sku, 2)], "tok_visa")),
+        [Status::Accepted, Status::Reserved]
+    );
+    assert_eq!(
+        statuses(&h.order("b", &[(&sku, 2)], "tok_visa")),
+        [Status::Accepted, Status::OutOfStock]
+    );
     assert_eq!(h.counts(&sku), (1, 2, 0));
 }
 
@@ -90,10 +126,18 @@ fn authorized_confirms_and_captures_once() {
     let mut h = Harness::new(0);
     h.stock(&sku, 5);
     h.order("o1", &[(&sku, 2)], "tok_visa");
-    let result = Message::PaymentResult { order_id: "o1".into(), outcome: PaymentOutcome::Authorized { payment_id: "pi_1".into() } };
+    let result = Message::PaymentResult {
+        order_id: "o1".into(),
+        outcome: PaymentOutcome::Authorized {
+            payment_id: "pi_1".into(),
+        },
+    };
     let out = h.msg(&sku, None, result.clone());
     assert_eq!(statuses(&out), [Status::Paid, Status::Confirmed]);
-    assert_eq!(out.effects.iter().map(|e| e.kind).collect::<Vec<_>>(), [EffectKind::Capture]);
+    assert_eq!(
+        out.effects.iter().map(|e| e.kind).collect::<Vec<_>>(),
+        [EffectKind::Capture]
+    );
     assert_eq!(h.counts(&sku), (3, 0, 2));
     let again = h.msg(&sku, None, result);
     assert!(again.statuses.is_empty() && again.effects.is_empty());
@@ -107,12 +151,36 @@ fn decline_releases_and_late_authorization_is_voided() {
     let mut h = Harness::new(2);
     h.stock(&sku, 5);
     h.order("o1", &[(&sku, 4)], "tok_chargeDeclined");
-    let out = h.msg(&sku, None, Message::PaymentResult { order_id: "o1".into(), outcome: PaymentOutcome::Declined { code: "card_declined".into() } });
+    let out = h.msg(
+        &sku,
+        None,
+        Message::PaymentResult {
+            order_id: "o1".into(),
+            outcome: PaymentOutcome::Declined {
+                code: "card_declined".into(),
+            },
+        },
+    );
     assert_eq!(statuses(&out), [Status::PaymentDeclined]);
     assert_eq!(out.statuses[0].reason.as_deref(), Some("card_declined"));
     assert_eq!(h.counts(&sku), (5, 0, 0));
-    let late = h.msg(&sku, None, Message::PaymentResult { order_id: "o1".into(), outcome: PaymentOutcome::Authorized { payment_id: "pi_x".into() } });
-    assert_eq!(late.effects.iter().map(|e| (e.kind, e.payment_id.as_str())).collect::<Vec<_>>(), [(EffectKind::Void, "pi_x")]);
+    let late = h.msg(
+        &sku,
+        None,
+        Message::PaymentResult {
+            order_id: "o1".into(),
+            outcome: PaymentOutcome::Authorized {
+                payment_id: "pi_x".into(),
+            },
+        },
+    );
+    assert_eq!(
+        late.effects
+            .iter()
+            .map(|e| (e.kind, e.payment_id.as_str()))
+            .collect::<Vec<_>>(),
+        [(EffectKind::Void, "pi_x")]
+    );
 }
 
 /// A gateway failure ends payment_failed, releases stock and voids.
@@ -122,11 +190,27 @@ fn gateway_failure_voids() {
     let mut h = Harness::new(3);
     h.stock(&sku, 1);
     h.order("o1", &[(&sku, 1)], "tok_visa");
-    let out = h.msg(&sku, None, Message::PaymentResult { order_id: "o1".into(), outcome: PaymentOutcome::Failed { reason: "gateway_unavailable".into() } });
+    let out = h.msg(
+        &sku,
+        None,
+        Message::PaymentResult {
+            order_id: "o1".into(),
+            outcome: PaymentOutcome::Failed {
+                reason: "gateway_unavailable".into(),
+            },
+        },
+    );
     assert_eq!(statuses(&out), [Status::PaymentFailed]);
     assert_eq!(out.effects[0].kind, EffectKind::Void);
     assert_eq!(h.counts(&sku), (1, 0, 0));
-    let done = h.msg(&sku, None, Message::EffectDone { order_id: "o1".into(), kind: EffectKind::Void });
+    let done = h.msg(
+        &sku,
+        None,
+        Message::EffectDone {
+            order_id: "o1".into(),
+            kind: EffectKind::Void,
+        },
+    );
     assert!(done.effects.is_empty());
     assert!(h.proc.state.outbox.is_empty());
 }
@@ -140,7 +224,11 @@ fn validation_rejects() {
     assert_eq!(statuses(&out), [Status::Rejected]);
     assert_eq!(out.statuses[0].order_id, "bad-1");
     assert_eq!(out.statuses[0].reason.as_deref(), Some("invalid_currency"));
-    let out = h.feed(RecordKind::OrderJson, "k", br#"{"order_id":"4242424242424242"}"#);
+    let out = h.feed(
+        RecordKind::OrderJson,
+        "k",
+        br#"{"order_id":"4242424242424242"}"#,
+    );
     assert_eq!(out.statuses[0].order_id, "ord-0-1");
     assert_eq!(out.statuses[0].reason.as_deref(), Some("pan_detected"));
     let out = h.feed(RecordKind::OrderJson, "k", b"not json");
@@ -170,14 +258,24 @@ fn saga_messages_and_dedupe() {
     assert_eq!(statuses(&out), [Status::Accepted]);
     assert_eq!(out.messages.len(), 1);
     let env = Envelope::decode(&out.messages[0].value).unwrap();
-    assert_eq!(env.id, Some(MsgId { src_partition: 0, src_offset: 1, index: 0 }));
+    assert_eq!(
+        env.id,
+        Some(MsgId {
+            src_partition: 0,
+            src_offset: 1,
+            index: 0
+        })
+    );
 
     let mut r = Harness::new(1);
     r.stock(&remote, 2);
     let first = r.msg(&remote, env.id, env.body.clone());
     assert_eq!(first.messages.len(), 1, "the reservation result goes home");
     let replayed = r.msg(&remote, env.id, env.body);
-    assert!(replayed.messages.is_empty(), "a replayed message is dropped");
+    assert!(
+        replayed.messages.is_empty(),
+        "a replayed message is dropped"
+    );
     assert_eq!(r.counts(&remote), (0, 2, 0));
 
     let reply = Envelope::decode(&first.messages[0].value).unwrap();

@@ -118,7 +118,10 @@ impl SegmentInfo {
             path,
             record_count: 0,
             size_bytes: 0,
-            index: vec![IndexEntry { offset: base_offset, position: 0 }],
+            index: vec![IndexEntry {
+                offset: base_offset,
+                position: 0,
+            }],
         }
     }
 }
@@ -146,7 +149,9 @@ impl PartitionShared {
         // No code panics while holding the lock; if something ever did, the
         // list is still consistent (every update is a single assignment
         // block), so go on rather than poison every later reader.
-        self.segments.write().unwrap_or_else(PoisonError::into_inner)
+        self.segments
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn offsets(&self) -> (u64, u64) {
@@ -158,19 +163,30 @@ impl PartitionShared {
 
     fn out_of_range(&self, offset: u64) -> LogError {
         let (low, high) = self.offsets();
-        LogError::OffsetOutOfRange { topic: self.topic.name(), partition: self.partition, offset, low, high }
+        LogError::OffsetOutOfRange {
+            topic: self.topic.name(),
+            partition: self.partition,
+            offset,
+            low,
+            high,
+        }
     }
 
     /// Where the published record `offset` lives.
     fn locate(&self, offset: u64) -> Option<Located> {
         let segments = self.segments.read().unwrap_or_else(PoisonError::into_inner);
-        let i = segments.partition_point(|s| s.base_offset <= offset).checked_sub(1)?;
+        let i = segments
+            .partition_point(|s| s.base_offset <= offset)
+            .checked_sub(1)?;
         let segment = segments.get(i)?;
         let end_offset = segment.base_offset + segment.record_count;
         if offset >= end_offset {
             return None;
         }
-        let j = segment.index.partition_point(|e| e.offset <= offset).checked_sub(1)?;
+        let j = segment
+            .index
+            .partition_point(|e| e.offset <= offset)
+            .checked_sub(1)?;
         let entry = segment.index.get(j)?;
         Some(Located {
             segment_base: segment.base_offset,
@@ -203,7 +219,10 @@ impl PartitionShared {
 }
 
 fn io_error(path: &Path, source: std::io::Error) -> LogError {
-    LogError::Io { path: path.display().to_string(), source }
+    LogError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 fn invalid_setup(detail: impl std::fmt::Display) -> LogError {
@@ -261,7 +280,10 @@ impl EmbeddedLog {
                 config.max_record_bytes
             )));
         }
-        if config.append_queue_depth == 0 || config.max_batch_records == 0 || config.segment_size_bytes == 0 {
+        if config.append_queue_depth == 0
+            || config.max_batch_records == 0
+            || config.segment_size_bytes == 0
+        {
             return Err(invalid_setup(
                 "append_queue_depth, max_batch_records and segment_size_bytes must be at least 1",
             ));
@@ -277,7 +299,10 @@ impl EmbeddedLog {
         let mut opened: Vec<TopicPartitions> = Vec::with_capacity(topics.len());
         for &(topic, count) in topics {
             if opened.iter().any(|t| t.topic == topic) {
-                return Err(invalid_setup(format!("topic {} is listed twice", topic.name())));
+                return Err(invalid_setup(format!(
+                    "topic {} is listed twice",
+                    topic.name()
+                )));
             }
             if count == 0 || count > MAX_PARTITIONS_PER_TOPIC {
                 return Err(invalid_setup(format!(
@@ -311,12 +336,18 @@ impl EmbeddedLog {
     }
 
     fn handle(&self, topic: Topic, partition: u32) -> Result<&PartitionHandle, LogError> {
-        let partitions = self.topics.iter().find(|t| t.topic == topic).map_or(&[][..], |t| &t.partitions[..]);
-        partitions.get(partition as usize).ok_or(LogError::NoSuchPartition {
-            topic: topic.name(),
-            partition,
-            count: partitions.len() as u32,
-        })
+        let partitions = self
+            .topics
+            .iter()
+            .find(|t| t.topic == topic)
+            .map_or(&[][..], |t| &t.partitions[..]);
+        partitions
+            .get(partition as usize)
+            .ok_or(LogError::NoSuchPartition {
+                topic: topic.name(),
+                partition,
+                count: partitions.len() as u32,
+            })
     }
 
     /// Why appends are refused, if they are.
@@ -329,16 +360,23 @@ impl EmbeddedLog {
 
     /// The writer is gone without answering (closed, or it stopped).
     fn writer_gone(&self) -> LogError {
-        self.refusal().unwrap_or_else(|| LogError::Unavailable("log writer stopped".into()))
+        self.refusal()
+            .unwrap_or_else(|| LogError::Unavailable("log writer stopped".into()))
     }
 
     fn check_record(&self, record: &Record) -> Result<(), LogError> {
         let size_bytes = record.key.len() + record.value.len();
         if size_bytes > self.max_record_bytes {
-            return Err(LogError::RecordTooLarge { size_bytes, max_bytes: self.max_record_bytes });
+            return Err(LogError::RecordTooLarge {
+                size_bytes,
+                max_bytes: self.max_record_bytes,
+            });
         }
         if record.key.len() > MAX_KEY_BYTES {
-            return Err(LogError::RecordTooLarge { size_bytes: record.key.len(), max_bytes: MAX_KEY_BYTES });
+            return Err(LogError::RecordTooLarge {
+                size_bytes: record.key.len(),
+                max_bytes: MAX_KEY_BYTES,
+            });
         }
         Ok(())
     }
@@ -389,7 +427,9 @@ fn open_partition(
     let last = bases.len() - 1;
     for (i, &base) in bases.iter().enumerate() {
         let path: Arc<Path> = dir.join(segment::segment_file_name(base)).into();
-        if let Some(previous) = segments.back().map(|s: &SegmentInfo| s.base_offset + s.record_count)
+        if let Some(previous) = segments
+            .back()
+            .map(|s: &SegmentInfo| s.base_offset + s.record_count)
             && previous != base
         {
             return Err(LogError::Corrupt {
@@ -413,10 +453,17 @@ fn open_partition(
         });
     }
     let (low, high, active) = match (segments.front(), segments.back()) {
-        (Some(first), Some(active)) => (first.base_offset, active.base_offset + active.record_count, active),
+        (Some(first), Some(active)) => (
+            first.base_offset,
+            active.base_offset + active.record_count,
+            active,
+        ),
         _ => return Err(invalid_setup("no segment after recovery")),
     };
-    let file = OpenOptions::new().append(true).open(&active.path).map_err(|e| io_error(&active.path, e))?;
+    let file = OpenOptions::new()
+        .append(true)
+        .open(&active.path)
+        .map_err(|e| io_error(&active.path, e))?;
     let active = ActiveSegment {
         file,
         path: active.path.clone(),
@@ -438,7 +485,10 @@ fn open_partition(
         cursors: Mutex::new(Vec::with_capacity(MAX_CACHED_CURSORS)),
     });
     let label = [topic.name()];
-    let queue_depth = metrics.queue_depth.with_label_values(&[format!("log_append:{}", topic.name()).as_str()]);
+    let queue_depth =
+        metrics
+            .queue_depth
+            .with_label_values(&[format!("log_append:{}", topic.name()).as_str()]);
     let writer = Writer {
         shared: shared.clone(),
         health: health.clone(),
@@ -472,12 +522,20 @@ fn open_partition(
 #[async_trait]
 impl Log for EmbeddedLog {
     fn partition_count(&self, topic: Topic) -> u32 {
-        self.topics.iter().find(|t| t.topic == topic).map_or(0, |t| t.partitions.len() as u32)
+        self.topics
+            .iter()
+            .find(|t| t.topic == topic)
+            .map_or(0, |t| t.partitions.len() as u32)
     }
 
     /// An empty `records` writes nothing and returns the current
     /// high-watermark.
-    async fn append(&self, topic: Topic, partition: u32, records: Vec<Record>) -> Result<u64, LogError> {
+    async fn append(
+        &self,
+        topic: Topic,
+        partition: u32,
+        records: Vec<Record>,
+    ) -> Result<u64, LogError> {
         let handle = self.handle(topic, partition)?;
         if let Some(refusal) = self.refusal() {
             return Err(refusal);
@@ -492,15 +550,22 @@ impl Log for EmbeddedLog {
         let (ack, acked) = oneshot::channel();
         // Counted before sending so the writer's decrement never precedes it.
         handle.queue_depth.inc();
-        if let Err(e) = handle.queue.try_send(WriterMsg::Append(PendingAppend { records, ack })) {
+        if let Err(e) = handle
+            .queue
+            .try_send(WriterMsg::Append(PendingAppend { records, ack }))
+        {
             handle.queue_depth.dec();
             return Err(match e {
-                mpsc::error::TrySendError::Full(_) => LogError::Full { depth: self.append_queue_depth },
+                mpsc::error::TrySendError::Full(_) => LogError::Full {
+                    depth: self.append_queue_depth,
+                },
                 mpsc::error::TrySendError::Closed(_) => self.writer_gone(),
             });
         }
         let first_offset = acked.await.unwrap_or_else(|_| Err(self.writer_gone()))?;
-        handle.append_latency.observe(started.elapsed().as_secs_f64());
+        handle
+            .append_latency
+            .observe(started.elapsed().as_secs_f64());
         Ok(first_offset)
     }
 
@@ -532,9 +597,13 @@ impl Log for EmbeddedLog {
                 }
                 let reader = shared.clone();
                 // File reads block; keep them off the async worker threads.
-                return tokio::task::spawn_blocking(move || reader::read_records(&reader, from, max_records, high))
-                    .await
-                    .unwrap_or_else(|e| Err(LogError::Unavailable(format!("log read task failed: {e}"))));
+                return tokio::task::spawn_blocking(move || {
+                    reader::read_records(&reader, from, max_records, high)
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    Err(LogError::Unavailable(format!("log read task failed: {e}")))
+                });
             }
             match deadline {
                 _ if wait.is_zero() => return Ok(Vec::new()),
@@ -556,7 +625,10 @@ impl Log for EmbeddedLog {
         let Ok(handle) = self.handle(topic, partition) else {
             return;
         };
-        handle.shared.released_before.store(offset, Ordering::Release);
+        handle
+            .shared
+            .released_before
+            .store(offset, Ordering::Release);
         // If the queue is full the writer checks retention after that batch
         // anyway; nothing is lost by not waiting.
         let _ = handle.queue.try_send(WriterMsg::Retention);

@@ -68,7 +68,11 @@ pub(super) fn read_records(
     high: u64,
 ) -> Result<Vec<LogRecord>, LogError> {
     let end = high.min(from.saturating_add(max_records as u64));
-    let mut records = Vec::with_capacity(usize::try_from(end.saturating_sub(from)).unwrap_or(0).min(1024));
+    let mut records = Vec::with_capacity(
+        usize::try_from(end.saturating_sub(from))
+            .unwrap_or(0)
+            .min(1024),
+    );
     let mut cursor = shared.take_cursor(from);
     match read_into(shared, &mut cursor, &mut records, from, end) {
         Ok(()) => {
@@ -96,7 +100,9 @@ fn read_into(
         let Some(located) = shared.locate(next) else {
             return Err(ReadError::SegmentGone);
         };
-        let reusable = cursor.as_ref().is_some_and(|c| c.segment_base == located.segment_base && c.next_offset == next);
+        let reusable = cursor
+            .as_ref()
+            .is_some_and(|c| c.segment_base == located.segment_base && c.next_offset == next);
         if !reusable {
             *cursor = Some(open_cursor(&located, next)?);
         }
@@ -126,7 +132,9 @@ fn open_cursor(located: &Located, offset: u64) -> Result<ReadCursor, ReadError> 
         Err(e) => return Err(io_error(&located.path, e).into()),
     };
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, file);
-    reader.seek(SeekFrom::Start(located.index_position)).map_err(|e| io_error(&located.path, e))?;
+    reader
+        .seek(SeekFrom::Start(located.index_position))
+        .map_err(|e| io_error(&located.path, e))?;
     let mut cursor = ReadCursor {
         segment_base: located.segment_base,
         path: located.path.clone(),
@@ -169,7 +177,9 @@ impl ReadCursor {
 
     fn skip_record(&mut self) -> Result<(), LogError> {
         let (len, _) = self.read_header()?;
-        self.reader.seek_relative(i64::from(len)).map_err(|e| io_error(&self.path, e))?;
+        self.reader
+            .seek_relative(i64::from(len))
+            .map_err(|e| io_error(&self.path, e))?;
         self.position += FRAME_HEADER_BYTES as u64 + u64::from(len);
         self.next_offset += 1;
         Ok(())
@@ -203,5 +213,8 @@ impl ReadCursor {
 }
 
 fn io_error(path: &Path, source: io::Error) -> LogError {
-    LogError::Io { path: path.display().to_string(), source }
+    LogError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }

@@ -55,7 +55,10 @@ const SEGMENT_DIGITS: usize = 20;
 
 /// File name of the segment whose first record has offset `base_offset`.
 pub(super) fn segment_file_name(base_offset: u64) -> String {
-    format!("{base_offset:0width$}{SEGMENT_SUFFIX}", width = SEGMENT_DIGITS)
+    format!(
+        "{base_offset:0width$}{SEGMENT_SUFFIX}",
+        width = SEGMENT_DIGITS
+    )
 }
 
 /// Whether a directory entry claims to be a segment (by its suffix).
@@ -81,7 +84,13 @@ pub(super) fn frame_bytes(key: &[u8], value: &[u8]) -> usize {
 
 /// Appends one frame to `buf`. The caller has checked the lengths (see
 /// [`frame_bytes`]), so the narrowing casts below cannot truncate.
-pub(super) fn encode_frame(buf: &mut Vec<u8>, kind: RecordKind, timestamp_ms: u64, key: &[u8], value: &[u8]) {
+pub(super) fn encode_frame(
+    buf: &mut Vec<u8>,
+    kind: RecordKind,
+    timestamp_ms: u64,
+    key: &[u8],
+    value: &[u8],
+) {
     let payload_len = PAYLOAD_HEADER_BYTES + key.len() + value.len();
     let start = buf.len();
     buf.reserve(FRAME_HEADER_BYTES + payload_len);
@@ -99,7 +108,10 @@ pub(super) fn encode_frame(buf: &mut Vec<u8>, kind: RecordKind, timestamp_ms: u6
 /// `(len, crc)` of a frame header.
 pub(super) fn parse_header(header: [u8; FRAME_HEADER_BYTES]) -> (u32, u32) {
     let [l0, l1, l2, l3, c0, c1, c2, c3] = header;
-    (u32::from_le_bytes([l0, l1, l2, l3]), u32::from_le_bytes([c0, c1, c2, c3]))
+    (
+        u32::from_le_bytes([l0, l1, l2, l3]),
+        u32::from_le_bytes([c0, c1, c2, c3]),
+    )
 }
 
 /// Whether `len` is a payload length this format can produce.
@@ -121,7 +133,8 @@ pub(super) fn decode_payload(payload: &[u8]) -> Result<Payload<'_>, String> {
     let Some((&flag, rest)) = payload.split_first() else {
         return Err("empty payload".into());
     };
-    let kind = RecordKind::from_flag(flag).ok_or_else(|| format!("unknown record kind flag {flag}"))?;
+    let kind =
+        RecordKind::from_flag(flag).ok_or_else(|| format!("unknown record kind flag {flag}"))?;
     let Some((timestamp, rest)) = rest.split_first_chunk::<8>() else {
         return Err("payload shorter than its header".into());
     };
@@ -130,10 +143,18 @@ pub(super) fn decode_payload(payload: &[u8]) -> Result<Payload<'_>, String> {
     };
     let key_len = u16::from_le_bytes(*key_len) as usize;
     if key_len > rest.len() {
-        return Err(format!("key length {key_len} exceeds the {} payload bytes left", rest.len()));
+        return Err(format!(
+            "key length {key_len} exceeds the {} payload bytes left",
+            rest.len()
+        ));
     }
     let (key, value) = rest.split_at(key_len);
-    Ok(Payload { kind, timestamp_ms: u64::from_le_bytes(*timestamp), key, value })
+    Ok(Payload {
+        kind,
+        timestamp_ms: u64::from_le_bytes(*timestamp),
+        key,
+        value,
+    })
 }
 
 /// A sparse index entry: the record with `offset` starts at byte `position`.
@@ -155,7 +176,10 @@ pub(super) struct ScannedSegment {
 }
 
 fn io_error(path: &Path, source: std::io::Error) -> LogError {
-    LogError::Io { path: path.display().to_string(), source }
+    LogError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// Reads a whole segment, checking every frame, and builds its sparse index.
@@ -170,13 +194,20 @@ fn io_error(path: &Path, source: std::io::Error) -> LogError {
 /// Damage followed by a valid frame is a corrupt middle: Corrupt, since
 /// dropping acknowledged records silently would break "nothing acknowledged
 /// is lost".
-pub(super) fn recover_segment(path: &Path, base_offset: u64, is_last: bool) -> Result<ScannedSegment, LogError> {
+pub(super) fn recover_segment(
+    path: &Path,
+    base_offset: u64,
+    is_last: bool,
+) -> Result<ScannedSegment, LogError> {
     let file = File::open(path).map_err(|e| io_error(path, e))?;
     let file_len = file.metadata().map_err(|e| io_error(path, e))?.len();
     let mut reader = BufReader::with_capacity(SCAN_BUFFER_BYTES, file);
     let mut position: u64 = 0;
     let mut record_count: u64 = 0;
-    let mut index = vec![IndexEntry { offset: base_offset, position: 0 }];
+    let mut index = vec![IndexEntry {
+        offset: base_offset,
+        position: 0,
+    }];
     let mut last_index_position: u64 = 0;
     let mut last_timestamp_ms = None;
     let mut payload = Vec::new();
@@ -187,21 +218,29 @@ pub(super) fn recover_segment(path: &Path, base_offset: u64, is_last: bool) -> R
             break None;
         }
         if remaining < FRAME_HEADER_BYTES as u64 {
-            break Some(format!("{remaining} bytes left at the end, less than a frame header"));
+            break Some(format!(
+                "{remaining} bytes left at the end, less than a frame header"
+            ));
         }
         let mut header = [0u8; FRAME_HEADER_BYTES];
-        reader.read_exact(&mut header).map_err(|e| io_error(path, e))?;
+        reader
+            .read_exact(&mut header)
+            .map_err(|e| io_error(path, e))?;
         let (len, crc) = parse_header(header);
         if !payload_len_valid(len) {
             break Some(format!("invalid frame length {len}"));
         }
         let available = remaining - FRAME_HEADER_BYTES as u64;
         if u64::from(len) > available {
-            break Some(format!("frame of {len} bytes runs past the end of the file ({available} bytes left)"));
+            break Some(format!(
+                "frame of {len} bytes runs past the end of the file ({available} bytes left)"
+            ));
         }
         // `len` is now bounded by the bytes present in the file.
         payload.resize(len as usize, 0);
-        reader.read_exact(&mut payload).map_err(|e| io_error(path, e))?;
+        reader
+            .read_exact(&mut payload)
+            .map_err(|e| io_error(path, e))?;
         if crc32c::crc32c(&payload) != crc {
             break Some("checksum mismatch".into());
         }
@@ -210,7 +249,10 @@ pub(super) fn recover_segment(path: &Path, base_offset: u64, is_last: bool) -> R
             Err(detail) => break Some(detail),
         };
         if position - last_index_position >= INDEX_INTERVAL_BYTES {
-            index.push(IndexEntry { offset: base_offset + record_count, position });
+            index.push(IndexEntry {
+                offset: base_offset + record_count,
+                position,
+            });
             last_index_position = position;
         }
         last_timestamp_ms = Some(record.timestamp_ms);
@@ -219,7 +261,12 @@ pub(super) fn recover_segment(path: &Path, base_offset: u64, is_last: bool) -> R
     };
     drop(reader);
 
-    let scanned = ScannedSegment { record_count, size_bytes: position, index, last_timestamp_ms };
+    let scanned = ScannedSegment {
+        record_count,
+        size_bytes: position,
+        index,
+        last_timestamp_ms,
+    };
     let Some(detail) = damage else {
         return Ok(scanned);
     };
@@ -230,7 +277,9 @@ pub(super) fn recover_segment(path: &Path, base_offset: u64, is_last: bool) -> R
         detail,
     };
     if !is_last {
-        return Err(corrupt(format!("{detail} (in a segment that is not the last, so not a torn write)")));
+        return Err(corrupt(format!(
+            "{detail} (in a segment that is not the last, so not a torn write)"
+        )));
     }
     match find_valid_frame_after(path, position, file_len)? {
         Resync::NoneFound => {}
@@ -242,7 +291,10 @@ pub(super) fn recover_segment(path: &Path, base_offset: u64, is_last: bool) -> R
         Resync::GaveUp(why) => return Err(corrupt(format!("{detail}; {why}"))),
     }
     let dropped_bytes = file_len - position;
-    let file = OpenOptions::new().write(true).open(path).map_err(|e| io_error(path, e))?;
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| io_error(path, e))?;
     file.set_len(position).map_err(|e| io_error(path, e))?;
     file.sync_all().map_err(|e| io_error(path, e))?;
     tracing::warn!(
@@ -270,9 +322,12 @@ fn find_valid_frame_after(path: &Path, damaged_at: u64, file_len: u64) -> Result
         )));
     }
     let mut file = File::open(path).map_err(|e| io_error(path, e))?;
-    file.seek(SeekFrom::Start(damaged_at)).map_err(|e| io_error(path, e))?;
+    file.seek(SeekFrom::Start(damaged_at))
+        .map_err(|e| io_error(path, e))?;
     let mut tail = Vec::with_capacity(tail_len as usize);
-    file.take(tail_len).read_to_end(&mut tail).map_err(|e| io_error(path, e))?;
+    file.take(tail_len)
+        .read_to_end(&mut tail)
+        .map_err(|e| io_error(path, e))?;
 
     let mut crc_budget_bytes = RESYNC_CRC_BUDGET_BYTES;
     for start in 1..tail.len() {
@@ -291,7 +346,9 @@ fn find_valid_frame_after(path: &Path, damaged_at: u64, file_len: u64) -> Result
         crc_budget_bytes = match crc_budget_bytes.checked_sub(u64::from(len)) {
             Some(left) => left,
             None => {
-                return Ok(Resync::GaveUp("the search for a following valid record exceeded its budget".into()));
+                return Ok(Resync::GaveUp(
+                    "the search for a following valid record exceeded its budget".into(),
+                ));
             }
         };
         if crc32c::crc32c(payload) == crc {
@@ -310,7 +367,13 @@ mod tests {
     #[test]
     fn frame_round_trip() {
         let mut buf = Vec::new();
-        encode_frame(&mut buf, RecordKind::Internal, 1_700_000_000_123, b"SKU-1", b"value");
+        encode_frame(
+            &mut buf,
+            RecordKind::Internal,
+            1_700_000_000_123,
+            b"SKU-1",
+            b"value",
+        );
         assert_eq!(buf.len(), frame_bytes(b"SKU-1", b"value"));
         let header: [u8; FRAME_HEADER_BYTES] = buf[..FRAME_HEADER_BYTES].try_into().unwrap();
         let (len, crc) = parse_header(header);
@@ -319,7 +382,12 @@ mod tests {
         let p = decode_payload(&buf[FRAME_HEADER_BYTES..]).unwrap();
         assert_eq!(
             (p.kind, p.timestamp_ms, p.key, p.value),
-            (RecordKind::Internal, 1_700_000_000_123, &b"SKU-1"[..], &b"value"[..])
+            (
+                RecordKind::Internal,
+                1_700_000_000_123,
+                &b"SKU-1"[..],
+                &b"value"[..]
+            )
         );
     }
 
@@ -327,8 +395,16 @@ mod tests {
     #[test]
     fn segment_names() {
         assert_eq!(segment_file_name(42), "00000000000000000042.seg");
-        assert_eq!(parse_segment_name(&segment_file_name(u64::MAX)), Some(u64::MAX));
-        for bad in ["42.seg", "0000000000000000004x.seg", "00000000000000000042.seg.bak", "99999999999999999999.seg"] {
+        assert_eq!(
+            parse_segment_name(&segment_file_name(u64::MAX)),
+            Some(u64::MAX)
+        );
+        for bad in [
+            "42.seg",
+            "0000000000000000004x.seg",
+            "00000000000000000042.seg.bak",
+            "99999999999999999999.seg",
+        ] {
             assert_eq!(parse_segment_name(bad), None, "{bad}");
         }
     }

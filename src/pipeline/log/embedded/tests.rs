@@ -24,16 +24,29 @@ fn open(dir: &Path, config: &LogConfig) -> EmbeddedLog {
 }
 
 fn record(key: &str, value: &str) -> Record {
-    Record { kind: RecordKind::Internal, key: key.as_bytes().to_vec(), value: value.as_bytes().to_vec() }
+    Record {
+        kind: RecordKind::Internal,
+        key: key.as_bytes().to_vec(),
+        value: value.as_bytes().to_vec(),
+    }
 }
 
 /// Reads `[from, high)` in chunks of `chunk` records.
-async fn read_all(log: &EmbeddedLog, topic: Topic, partition: u32, from: u64, chunk: usize) -> Vec<LogRecord> {
+async fn read_all(
+    log: &EmbeddedLog,
+    topic: Topic,
+    partition: u32,
+    from: u64,
+    chunk: usize,
+) -> Vec<LogRecord> {
     let (_, high) = log.offsets(topic, partition).unwrap();
     let mut out = Vec::new();
     let mut next = from;
     while next < high {
-        let batch = log.read(topic, partition, next, chunk, Duration::ZERO).await.unwrap();
+        let batch = log
+            .read(topic, partition, next, chunk, Duration::ZERO)
+            .await
+            .unwrap();
         assert!(!batch.is_empty(), "no progress at {next} of {high}");
         for r in &batch {
             assert_eq!(r.offset, next, "offsets are contiguous");
@@ -45,10 +58,11 @@ async fn read_all(log: &EmbeddedLog, topic: Topic, partition: u32, from: u64, ch
 }
 
 fn segment_files(dir: &Path, topic: Topic, partition: u32) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join(topic.name()).join(format!("{partition:05}")))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(dir.join(topic.name()).join(format!("{partition:05}")))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
     files.sort();
     files
 }
@@ -61,7 +75,11 @@ async fn append_read_round_trip_across_partitions() {
     for (topic, partitions) in TOPICS {
         for p in 0..partitions {
             for i in 0..300 {
-                let kind = if i % 2 == 0 { RecordKind::OrderJson } else { RecordKind::Internal };
+                let kind = if i % 2 == 0 {
+                    RecordKind::OrderJson
+                } else {
+                    RecordKind::Internal
+                };
                 let rec = Record {
                     kind,
                     key: format!("{}-{p}", topic.name()).into_bytes(),
@@ -78,10 +96,22 @@ async fn append_read_round_trip_across_partitions() {
             for (i, r) in records.iter().enumerate() {
                 assert_eq!(r.key, format!("{}-{p}", topic.name()).into_bytes());
                 assert_eq!(r.value, format!("v{i}").into_bytes());
-                assert_eq!(r.kind, if i % 2 == 0 { RecordKind::OrderJson } else { RecordKind::Internal });
+                assert_eq!(
+                    r.kind,
+                    if i % 2 == 0 {
+                        RecordKind::OrderJson
+                    } else {
+                        RecordKind::Internal
+                    }
+                );
                 assert!(r.timestamp_ms > 1_600_000_000_000, "wall clock ms");
             }
-            assert!(records.windows(2).all(|w| w[0].timestamp_ms <= w[1].timestamp_ms), "timestamps never go back");
+            assert!(
+                records
+                    .windows(2)
+                    .all(|w| w[0].timestamp_ms <= w[1].timestamp_ms),
+                "timestamps never go back"
+            );
         }
     }
     log.close().await;
@@ -101,19 +131,43 @@ async fn offsets_monotonic_and_first_offset_returned() {
         expected += n;
         assert_eq!(log.offsets(Topic::Orders, 1).unwrap(), (0, expected));
     }
-    assert_eq!(log.append(Topic::Orders, 1, Vec::new()).await.unwrap(), expected, "empty append writes nothing");
+    assert_eq!(
+        log.append(Topic::Orders, 1, Vec::new()).await.unwrap(),
+        expected,
+        "empty append writes nothing"
+    );
     let records = read_all(&log, Topic::Orders, 1, 0, 1000).await;
     assert_eq!(records.len() as u64, expected);
-    assert_eq!(log.offsets(Topic::Orders, 0).unwrap(), (0, 0), "other partitions untouched");
+    assert_eq!(
+        log.offsets(Topic::Orders, 0).unwrap(),
+        (0, 0),
+        "other partitions untouched"
+    );
 
-    let out_of_range = log.read(Topic::Orders, 1, expected + 1, 10, Duration::ZERO).await.unwrap_err();
+    let out_of_range = log
+        .read(Topic::Orders, 1, expected + 1, 10, Duration::ZERO)
+        .await
+        .unwrap_err();
     assert!(
         matches!(out_of_range, LogError::OffsetOutOfRange { offset, high, .. } if offset == expected + 1 && high == expected)
     );
-    let none = log.read(Topic::Orders, 1, expected, 10, Duration::ZERO).await.unwrap();
+    let none = log
+        .read(Topic::Orders, 1, expected, 10, Duration::ZERO)
+        .await
+        .unwrap();
     assert!(none.is_empty(), "from == high is an empty read");
-    let missing = log.append(Topic::Orders, 4, vec![record("k", "v")]).await.unwrap_err();
-    assert!(matches!(missing, LogError::NoSuchPartition { partition: 4, count: 4, .. }));
+    let missing = log
+        .append(Topic::Orders, 4, vec![record("k", "v")])
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        missing,
+        LogError::NoSuchPartition {
+            partition: 4,
+            count: 4,
+            ..
+        }
+    ));
 }
 
 /// A read at the high-watermark waits, wakes on an append, and times out empty.
@@ -123,7 +177,10 @@ async fn read_waits_and_wakes_on_append() {
     let log = Arc::new(open(dir.path(), &config()));
 
     let started = std::time::Instant::now();
-    let empty = log.read(Topic::Orders, 0, 0, 10, Duration::from_millis(50)).await.unwrap();
+    let empty = log
+        .read(Topic::Orders, 0, 0, 10, Duration::from_millis(50))
+        .await
+        .unwrap();
     assert!(empty.is_empty());
     assert!(started.elapsed() >= Duration::from_millis(50));
 
@@ -131,16 +188,24 @@ async fn read_waits_and_wakes_on_append() {
         let log = log.clone();
         tokio::spawn(async move {
             let started = std::time::Instant::now();
-            let records = log.read(Topic::Orders, 0, 0, 10, Duration::from_secs(30)).await.unwrap();
+            let records = log
+                .read(Topic::Orders, 0, 0, 10, Duration::from_secs(30))
+                .await
+                .unwrap();
             (records, started.elapsed())
         })
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
-    log.append(Topic::Orders, 0, vec![record("k", "hello")]).await.unwrap();
+    log.append(Topic::Orders, 0, vec![record("k", "hello")])
+        .await
+        .unwrap();
     let (records, waited) = reader.await.unwrap();
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].value, b"hello");
-    assert!(waited < Duration::from_secs(10), "woken by the append, not the timeout");
+    assert!(
+        waited < Duration::from_secs(10),
+        "woken by the append, not the timeout"
+    );
 }
 
 /// 50 concurrent appenders × 200 appends: all acknowledged, grouped into
@@ -158,8 +223,15 @@ async fn group_commit_many_concurrent_appenders() {
         tasks.push(tokio::spawn(async move {
             let mut offsets = Vec::with_capacity(PER_TASK);
             for i in 0..PER_TASK {
-                offsets
-                    .push(log.append(Topic::Orders, 2, vec![record(&format!("t{t}"), &i.to_string())]).await.unwrap());
+                offsets.push(
+                    log.append(
+                        Topic::Orders,
+                        2,
+                        vec![record(&format!("t{t}"), &i.to_string())],
+                    )
+                    .await
+                    .unwrap(),
+                );
             }
             offsets
         }));
@@ -167,12 +239,19 @@ async fn group_commit_many_concurrent_appenders() {
     let mut acked = Vec::new();
     for task in tasks {
         let offsets = task.await.unwrap();
-        assert!(offsets.windows(2).all(|w| w[0] < w[1]), "one appender's offsets increase");
+        assert!(
+            offsets.windows(2).all(|w| w[0] < w[1]),
+            "one appender's offsets increase"
+        );
         acked.extend(offsets);
     }
     acked.sort_unstable();
     acked.dedup();
-    assert_eq!(acked.len(), TASKS * PER_TASK, "every append got its own offset");
+    assert_eq!(
+        acked.len(),
+        TASKS * PER_TASK,
+        "every append got its own offset"
+    );
 
     let records = read_all(&log, Topic::Orders, 2, 0, 1000).await;
     assert_eq!(records.len(), TASKS * PER_TASK);
@@ -187,8 +266,20 @@ async fn group_commit_many_concurrent_appenders() {
     let batches = metrics.log_batch_records.with_label_values(&["orders"]);
     assert_eq!(batches.get_sample_sum() as usize, TASKS * PER_TASK);
     assert!(batches.get_sample_count() as usize <= TASKS * PER_TASK);
-    assert_eq!(metrics.queue_depth.with_label_values(&["log_append:orders"]).get(), 0);
-    assert_eq!(metrics.log_append_latency.with_label_values(&["orders"]).get_sample_count() as usize, TASKS * PER_TASK);
+    assert_eq!(
+        metrics
+            .queue_depth
+            .with_label_values(&["log_append:orders"])
+            .get(),
+        0
+    );
+    assert_eq!(
+        metrics
+            .log_append_latency
+            .with_label_values(&["orders"])
+            .get_sample_count() as usize,
+        TASKS * PER_TASK
+    );
 }
 
 /// With tiny segments the log rolls often, and reads from any offset cross
@@ -196,18 +287,32 @@ async fn group_commit_many_concurrent_appenders() {
 #[tokio::test]
 async fn segments_roll_and_reads_cross_segments() {
     let dir = tempfile::tempdir().unwrap();
-    let config = LogConfig { segment_size_bytes: 512, ..config() };
+    let config = LogConfig {
+        segment_size_bytes: 512,
+        ..config()
+    };
     let log = open(dir.path(), &config);
     let value = "x".repeat(40);
     for i in 0..300 {
-        log.append(Topic::Orders, 0, vec![record(&format!("k{i}"), &value), record("pair", &i.to_string())])
-            .await
-            .unwrap();
+        log.append(
+            Topic::Orders,
+            0,
+            vec![
+                record(&format!("k{i}"), &value),
+                record("pair", &i.to_string()),
+            ],
+        )
+        .await
+        .unwrap();
     }
     let files = segment_files(dir.path(), Topic::Orders, 0);
     assert!(files.len() > 20, "rolled into {} segments", files.len());
     for f in &files[..files.len() - 1] {
-        assert!(std::fs::metadata(f).unwrap().len() <= 512, "segment {} within the limit", f.display());
+        assert!(
+            std::fs::metadata(f).unwrap().len() <= 512,
+            "segment {} within the limit",
+            f.display()
+        );
     }
     let all = read_all(&log, Topic::Orders, 0, 0, 1000).await;
     assert_eq!(all.len(), 600);
@@ -217,13 +322,23 @@ async fn segments_roll_and_reads_cross_segments() {
     }
     for from in [0u64, 1, 7, 8, 9, 300, 599] {
         for chunk in [1usize, 3, 50] {
-            let got = log.read(Topic::Orders, 0, from, chunk, Duration::ZERO).await.unwrap();
-            assert_eq!(got, all[from as usize..(from as usize + chunk).min(600)].to_vec(), "from {from} chunk {chunk}");
+            let got = log
+                .read(Topic::Orders, 0, from, chunk, Duration::ZERO)
+                .await
+                .unwrap();
+            assert_eq!(
+                got,
+                all[from as usize..(from as usize + chunk).min(600)].to_vec(),
+                "from {from} chunk {chunk}"
+            );
         }
     }
     log.close().await;
     let log = open(dir.path(), &config);
-    assert_eq!(read_all(&log, Topic::Orders, 0, 123, 7).await, all[123..].to_vec());
+    assert_eq!(
+        read_all(&log, Topic::Orders, 0, 123, 7).await,
+        all[123..].to_vec()
+    );
 }
 
 /// Retention deletes only whole segments below the released offset, only
@@ -231,14 +346,24 @@ async fn segments_roll_and_reads_cross_segments() {
 #[tokio::test]
 async fn retention_deletes_only_released_segments() {
     let dir = tempfile::tempdir().unwrap();
-    let config = LogConfig { segment_size_bytes: 256, retention_bytes: 1024, ..config() };
+    let config = LogConfig {
+        segment_size_bytes: 256,
+        retention_bytes: 1024,
+        ..config()
+    };
     let log = open(dir.path(), &config);
     for i in 0..200 {
-        log.append(Topic::Orders, 3, vec![record("k", &format!("{i:>20}"))]).await.unwrap();
+        log.append(Topic::Orders, 3, vec![record("k", &format!("{i:>20}"))])
+            .await
+            .unwrap();
     }
     let before = segment_files(dir.path(), Topic::Orders, 3);
     assert!(before.len() > 10);
-    assert_eq!(log.offsets(Topic::Orders, 3).unwrap(), (0, 200), "nothing released, nothing deleted");
+    assert_eq!(
+        log.offsets(Topic::Orders, 3).unwrap(),
+        (0, 200),
+        "nothing released, nothing deleted"
+    );
 
     log.release_before(Topic::Orders, 3, 100);
     let low = wait_for_low(&log, 3, |low| low > 0).await;
@@ -246,8 +371,14 @@ async fn retention_deletes_only_released_segments() {
     assert!(low > 50, "deleted most released segments (low {low})");
     let remaining = wait_for_files_from(dir.path(), 3, low).await;
     assert!(remaining.len() < before.len());
-    let err = log.read(Topic::Orders, 3, low - 1, 10, Duration::ZERO).await.unwrap_err();
-    assert!(matches!(err, LogError::OffsetOutOfRange { low: l, high: 200, .. } if l == low), "{err}");
+    let err = log
+        .read(Topic::Orders, 3, low - 1, 10, Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, LogError::OffsetOutOfRange { low: l, high: 200, .. } if l == low),
+        "{err}"
+    );
     let kept = read_all(&log, Topic::Orders, 3, low, 33).await;
     assert_eq!(kept.len() as u64, 200 - low);
     assert_eq!(kept[0].value, format!("{low:>20}").into_bytes());
@@ -256,12 +387,20 @@ async fn retention_deletes_only_released_segments() {
     log.release_before(Topic::Orders, 3, 200);
     let low = wait_for_low(&log, 3, |l| l > low).await;
     let remaining = wait_for_files_from(dir.path(), 3, low).await;
-    let bytes: u64 = remaining.iter().map(|f| std::fs::metadata(f).unwrap().len()).sum();
+    let bytes: u64 = remaining
+        .iter()
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .sum();
     assert!(bytes <= 1024, "{bytes} bytes left");
     assert!(!remaining.is_empty());
     let (low, high) = log.offsets(Topic::Orders, 3).unwrap();
     assert!(low < high, "active segment kept");
-    assert_eq!(log.append(Topic::Orders, 3, vec![record("k", "after")]).await.unwrap(), 200);
+    assert_eq!(
+        log.append(Topic::Orders, 3, vec![record("k", "after")])
+            .await
+            .unwrap(),
+        200
+    );
 }
 
 /// The partition's segment files once the oldest is the one starting at
@@ -269,7 +408,9 @@ async fn retention_deletes_only_released_segments() {
 async fn wait_for_files_from(dir: &Path, partition: u32, low: u64) -> Vec<PathBuf> {
     for _ in 0..500 {
         let files = segment_files(dir, Topic::Orders, partition);
-        let first = files.first().and_then(|f| segment::parse_segment_name(f.file_name()?.to_str()?));
+        let first = files
+            .first()
+            .and_then(|f| segment::parse_segment_name(f.file_name()?.to_str()?));
         if first == Some(low) {
             return files;
         }
@@ -293,28 +434,57 @@ async fn wait_for_low(log: &EmbeddedLog, partition: u32, done: impl Fn(u64) -> b
 #[tokio::test]
 async fn reopen_keeps_everything() {
     let dir = tempfile::tempdir().unwrap();
-    let config = LogConfig { segment_size_bytes: 4096, ..config() };
+    let config = LogConfig {
+        segment_size_bytes: 4096,
+        ..config()
+    };
     let log = open(dir.path(), &config);
     for i in 0..500 {
-        log.append(Topic::OrderStatus, i % 2, vec![record(&format!("ord-{i}"), &"s".repeat(i as usize % 50))])
-            .await
-            .unwrap();
+        log.append(
+            Topic::OrderStatus,
+            i % 2,
+            vec![record(&format!("ord-{i}"), &"s".repeat(i as usize % 50))],
+        )
+        .await
+        .unwrap();
     }
-    let before =
-        [read_all(&log, Topic::OrderStatus, 0, 0, 64).await, read_all(&log, Topic::OrderStatus, 1, 0, 64).await];
+    let before = [
+        read_all(&log, Topic::OrderStatus, 0, 0, 64).await,
+        read_all(&log, Topic::OrderStatus, 1, 0, 64).await,
+    ];
     log.close().await;
-    let err = log.append(Topic::OrderStatus, 0, vec![record("k", "v")]).await.unwrap_err();
-    assert!(matches!(&err, LogError::Unavailable(m) if m == "log closed"), "{err}");
+    let err = log
+        .append(Topic::OrderStatus, 0, vec![record("k", "v")])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, LogError::Unavailable(m) if m == "log closed"),
+        "{err}"
+    );
     drop(log);
 
     let log = open(dir.path(), &config);
     for p in 0..2 {
         assert_eq!(log.offsets(Topic::OrderStatus, p).unwrap(), (0, 250));
-        assert_eq!(read_all(&log, Topic::OrderStatus, p, 0, 64).await, before[p as usize]);
+        assert_eq!(
+            read_all(&log, Topic::OrderStatus, p, 0, 64).await,
+            before[p as usize]
+        );
     }
-    assert_eq!(log.append(Topic::OrderStatus, 1, vec![record("k", "v")]).await.unwrap(), 250);
-    let last = log.read(Topic::OrderStatus, 1, 250, 1, Duration::ZERO).await.unwrap();
-    assert!(last[0].timestamp_ms >= before[1][249].timestamp_ms, "timestamps continue forward");
+    assert_eq!(
+        log.append(Topic::OrderStatus, 1, vec![record("k", "v")])
+            .await
+            .unwrap(),
+        250
+    );
+    let last = log
+        .read(Topic::OrderStatus, 1, 250, 1, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(
+        last[0].timestamp_ms >= before[1][249].timestamp_ms,
+        "timestamps continue forward"
+    );
 }
 
 /// A record above `max_record_bytes` (or a key above 64 KiB) is refused; one at the limit is not.
@@ -322,19 +492,66 @@ async fn reopen_keeps_everything() {
 async fn record_too_large() {
     let dir = tempfile::tempdir().unwrap();
     let log = open(dir.path(), &config());
-    let at_limit = Record { kind: RecordKind::OrderJson, key: vec![b'k'; 96], value: vec![b'v'; 4000] };
-    assert_eq!(log.append(Topic::Orders, 0, vec![at_limit]).await.unwrap(), 0);
-    let over = Record { kind: RecordKind::OrderJson, key: vec![b'k'; 96], value: vec![b'v'; 4001] };
-    let err = log.append(Topic::Orders, 0, vec![record("a", "b"), over]).await.unwrap_err();
-    assert!(matches!(err, LogError::RecordTooLarge { size_bytes: 4097, max_bytes: 4096 }), "{err}");
-    assert_eq!(log.offsets(Topic::Orders, 0).unwrap(), (0, 1), "nothing of a refused append is written");
+    let at_limit = Record {
+        kind: RecordKind::OrderJson,
+        key: vec![b'k'; 96],
+        value: vec![b'v'; 4000],
+    };
+    assert_eq!(
+        log.append(Topic::Orders, 0, vec![at_limit]).await.unwrap(),
+        0
+    );
+    let over = Record {
+        kind: RecordKind::OrderJson,
+        key: vec![b'k'; 96],
+        value: vec![b'v'; 4001],
+    };
+    let err = log
+        .append(Topic::Orders, 0, vec![record("a", "b"), over])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LogError::RecordTooLarge {
+                size_bytes: 4097,
+                max_bytes: 4096
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        log.offsets(Topic::Orders, 0).unwrap(),
+        (0, 1),
+        "nothing of a refused append is written"
+    );
 
-    let big = LogConfig { max_record_bytes: 1 << 20, segment_size_bytes: 1 << 21, ..config() };
+    let big = LogConfig {
+        max_record_bytes: 1 << 20,
+        segment_size_bytes: 1 << 21,
+        ..config()
+    };
     let dir = tempfile::tempdir().unwrap();
     let log = open(dir.path(), &big);
-    let long_key = Record { kind: RecordKind::OrderJson, key: vec![b'k'; 70_000], value: Vec::new() };
-    let err = log.append(Topic::Orders, 0, vec![long_key]).await.unwrap_err();
-    assert!(matches!(err, LogError::RecordTooLarge { size_bytes: 70_000, max_bytes: 65_535 }), "{err}");
+    let long_key = Record {
+        kind: RecordKind::OrderJson,
+        key: vec![b'k'; 70_000],
+        value: Vec::new(),
+    };
+    let err = log
+        .append(Topic::Orders, 0, vec![long_key])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LogError::RecordTooLarge {
+                size_bytes: 70_000,
+                max_bytes: 65_535
+            }
+        ),
+        "{err}"
+    );
 }
 
 /// A flood of appends into a tiny queue gets `Full` at once for some, and
@@ -342,12 +559,22 @@ async fn record_too_large() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn full_when_queue_full() {
     let dir = tempfile::tempdir().unwrap();
-    let config = LogConfig { append_queue_depth: 1, max_batch_records: 1, ..config() };
+    let config = LogConfig {
+        append_queue_depth: 1,
+        max_batch_records: 1,
+        ..config()
+    };
     let log = Arc::new(open(dir.path(), &config));
     let appends: Vec<_> = (0..2000)
         .map(|i| {
             let log = log.clone();
-            tokio::spawn(async move { (i, log.append(Topic::Orders, 0, vec![record("k", &i.to_string())]).await) })
+            tokio::spawn(async move {
+                (
+                    i,
+                    log.append(Topic::Orders, 0, vec![record("k", &i.to_string())])
+                        .await,
+                )
+            })
         })
         .collect();
     let mut acked = BTreeMap::new();
@@ -367,7 +594,11 @@ async fn full_when_queue_full() {
     assert!(full > 0, "some appends were refused");
     assert!(!acked.is_empty());
     let records = read_all(&log, Topic::Orders, 0, 0, 500).await;
-    assert_eq!(records.len(), acked.len(), "only acknowledged appends were written");
+    assert_eq!(
+        records.len(),
+        acked.len(),
+        "only acknowledged appends were written"
+    );
     for r in records {
         assert_eq!(r.value, acked[&r.offset].to_string().into_bytes());
     }
@@ -378,12 +609,27 @@ async fn full_when_queue_full() {
 fn open_refuses_bad_setup() {
     let dir = tempfile::tempdir().unwrap();
     let metrics = Arc::new(Metrics::new());
-    let err = EmbeddedLog::open(dir.path(), &[(Topic::Orders, 0)], &config(), metrics.clone()).err().unwrap();
+    let err = EmbeddedLog::open(
+        dir.path(),
+        &[(Topic::Orders, 0)],
+        &config(),
+        metrics.clone(),
+    )
+    .err()
+    .unwrap();
     assert!(err.to_string().contains("0 partitions"), "{err}");
-    let err = EmbeddedLog::open(dir.path(), &[(Topic::Orders, 1), (Topic::Orders, 2)], &config(), metrics.clone())
-        .err()
-        .unwrap();
+    let err = EmbeddedLog::open(
+        dir.path(),
+        &[(Topic::Orders, 1), (Topic::Orders, 2)],
+        &config(),
+        metrics.clone(),
+    )
+    .err()
+    .unwrap();
     assert!(err.to_string().contains("listed twice"), "{err}");
-    let zero_depth = LogConfig { append_queue_depth: 0, ..config() };
+    let zero_depth = LogConfig {
+        append_queue_depth: 0,
+        ..config()
+    };
     assert!(EmbeddedLog::open(dir.path(), &TOPICS, &zero_depth, metrics).is_err());
 }

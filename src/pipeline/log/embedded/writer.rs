@@ -17,7 +17,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use prometheus::{Histogram, IntGauge};
 use tokio::sync::{mpsc, oneshot};
 
-use super::segment::{INDEX_INTERVAL_BYTES, IndexEntry, encode_frame, frame_bytes, segment_file_name};
+use super::segment::{
+    INDEX_INTERVAL_BYTES, IndexEntry, encode_frame, frame_bytes, segment_file_name,
+};
 use super::{Health, PartitionShared, SegmentInfo, sync_dir};
 use crate::pipeline::log::{LogError, Record};
 
@@ -141,7 +143,9 @@ impl Writer {
             match msg {
                 WriterMsg::Append(append) => {
                     self.metrics.queue_depth.dec();
-                    let _ = append.ack.send(Err(LogError::Unavailable("log closed".into())));
+                    let _ = append
+                        .ack
+                        .send(Err(LogError::Unavailable("log closed".into())));
                 }
                 WriterMsg::Retention => {}
                 WriterMsg::Shutdown(ack) => acks.push(ack),
@@ -200,16 +204,27 @@ impl Writer {
                 let frame_len = frame_bytes(&record.key, &record.value) as u64;
                 // Roll before a record that would overflow the segment, so a
                 // segment exceeds the limit only by holding one oversized record.
-                if self.active.size_bytes > 0 && self.active.size_bytes + frame_len > self.config.segment_size_bytes {
+                if self.active.size_bytes > 0
+                    && self.active.size_bytes + frame_len > self.config.segment_size_bytes
+                {
                     self.sync_and_publish()?;
                     self.roll()?;
                 }
                 let position = self.active.size_bytes;
                 if position - self.active.last_index_position >= INDEX_INTERVAL_BYTES {
-                    self.pending_index.push(IndexEntry { offset: self.next_offset, position });
+                    self.pending_index.push(IndexEntry {
+                        offset: self.next_offset,
+                        position,
+                    });
                     self.active.last_index_position = position;
                 }
-                encode_frame(&mut self.buf, record.kind, timestamp_ms, &record.key, &record.value);
+                encode_frame(
+                    &mut self.buf,
+                    record.kind,
+                    timestamp_ms,
+                    &record.key,
+                    &record.value,
+                );
                 self.active.size_bytes += frame_len;
                 self.active.record_count += 1;
                 self.next_offset += 1;
@@ -240,13 +255,23 @@ impl Writer {
         }
         if self.config.fsync {
             let started = Instant::now();
-            self.active.file.sync_data().map_err(|e| format!("fsync failed: {}: {e}", self.active.path.display()))?;
-            self.metrics.fsync_latency.observe(started.elapsed().as_secs_f64());
+            self.active
+                .file
+                .sync_data()
+                .map_err(|e| format!("fsync failed: {}: {e}", self.active.path.display()))?;
+            self.metrics
+                .fsync_latency
+                .observe(started.elapsed().as_secs_f64());
         }
-        self.metrics.batch_records.observe(self.unpublished_records as f64);
+        self.metrics
+            .batch_records
+            .observe(self.unpublished_records as f64);
         {
             let mut segments = self.shared.segments_mut();
-            if let Some(segment) = segments.back_mut().filter(|s| s.base_offset == self.active.base_offset) {
+            if let Some(segment) = segments
+                .back_mut()
+                .filter(|s| s.base_offset == self.active.base_offset)
+            {
                 self.total_bytes += self.active.size_bytes - segment.size_bytes;
                 segment.record_count = self.active.record_count;
                 segment.size_bytes = self.active.size_bytes;
@@ -255,7 +280,9 @@ impl Writer {
         }
         // Segment metadata first, watermark second (Release): a reader that
         // sees the new high-watermark finds every record below it.
-        self.shared.high_offset.store(self.next_offset, Ordering::Release);
+        self.shared
+            .high_offset
+            .store(self.next_offset, Ordering::Release);
         self.shared.appended.notify_waiters();
         self.unpublished_records = 0;
         Ok(())
@@ -274,10 +301,20 @@ impl Writer {
         if self.config.fsync {
             // The new file's directory entry must be durable before any of
             // its records is acknowledged.
-            sync_dir(&self.shared.dir).map_err(|e| format!("fsync failed: {}: {e}", self.shared.dir.display()))?;
+            sync_dir(&self.shared.dir)
+                .map_err(|e| format!("fsync failed: {}: {e}", self.shared.dir.display()))?;
         }
-        self.shared.segments_mut().push_back(SegmentInfo::new(base_offset, path.clone()));
-        self.active = ActiveSegment { file, path, base_offset, size_bytes: 0, record_count: 0, last_index_position: 0 };
+        self.shared
+            .segments_mut()
+            .push_back(SegmentInfo::new(base_offset, path.clone()));
+        self.active = ActiveSegment {
+            file,
+            path,
+            base_offset,
+            size_bytes: 0,
+            record_count: 0,
+            last_index_position: 0,
+        };
         Ok(())
     }
 
@@ -330,5 +367,7 @@ impl Writer {
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
 fn wall_clock_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
