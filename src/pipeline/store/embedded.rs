@@ -65,7 +65,37 @@ const ALL_TABLES: [BytesTable; 6] = [STATE, META, INTAKE, TRACKING, SINK_POSITIO
 #[derive(Clone)]
 pub struct EmbeddedStore {
     db: Arc<Database>,
+    intake: Arc<IntakeCommitter>,
 }
+
+/// The group-commit thread for intake records. Dropping the last handle
+/// closes its queue and waits for it, so the database file is closed when
+/// the store is gone (a reopen right after must not find it still open).
+struct IntakeCommitter {
+    tx: Option<tokio::sync::mpsc::Sender<IntakeJob>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for IntakeCommitter {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// An intake record to insert and where to send the stored one.
+type IntakeJob = (
+    IntakeRecord,
+    tokio::sync::oneshot::Sender<Result<IntakeRecord, StoreError>>,
+);
+
+/// Intake records waiting for the group-commit thread before `put_intake`
+/// callers wait (back-pressure, not an error).
+pub const INTAKE_QUEUE_DEPTH: usize = 16_384;
+/// Most intake records committed in one transaction.
+const INTAKE_BATCH_MAX: usize = 4_096;
 
 impl std::fmt::Debug for EmbeddedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,7 +117,9 @@ impl EmbeddedStore {
                 .map_err(|e| redb_err(e, format_args!("creating table {}", table.name())))?;
         }
         commit(txn, "creating tables")?;
-        Ok(EmbeddedStore { db: Arc::new(db) })
+        let db = Arc::new(db);
+        let intake = spawn_intake_committer(Arc::clone(&db))?;
+        Ok(EmbeddedStore { db, intake })
     }
 
     /// Runs `f` with the database on tokio's blocking pool.
@@ -101,6 +133,81 @@ impl EmbeddedStore {
             .await
             .map_err(|e| StoreError::Unavailable(format!("state store task failed: {e}")))?
     }
+}
+
+/// Starts the thread that commits intake records in groups: one write
+/// transaction (and one fsync) for every record waiting, instead of one per
+/// HTTP request. It stops when the store is dropped.
+fn spawn_intake_committer(db: Arc<Database>) -> Result<Arc<IntakeCommitter>, StoreError> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<IntakeJob>(INTAKE_QUEUE_DEPTH);
+    let thread = std::thread::Builder::new()
+        .name("orderflow-intake".into())
+        .spawn(move || {
+            while let Some(first) = rx.blocking_recv() {
+                let mut batch = vec![first];
+                while batch.len() < INTAKE_BATCH_MAX {
+                    match rx.try_recv() {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
+                let (records, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                match put_intake_batch(&db, records) {
+                    Ok(stored) => {
+                        for (reply, record) in replies.into_iter().zip(stored) {
+                            let _ = reply.send(Ok(record));
+                        }
+                    }
+                    Err(e) => {
+                        for reply in replies {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+        })
+        .map_err(|e| StoreError::Unavailable(format!("cannot start the intake committer: {e}")))?;
+    Ok(Arc::new(IntakeCommitter {
+        tx: Some(tx),
+        thread: Some(thread),
+    }))
+}
+
+/// Inserts each record unless its order id is stored (the first one wins,
+/// also within the batch); returns the stored record for each, in order.
+fn put_intake_batch(
+    db: &Database,
+    records: Vec<IntakeRecord>,
+) -> Result<Vec<IntakeRecord>, StoreError> {
+    let txn = begin_write(db)?;
+    let mut stored = Vec::with_capacity(records.len());
+    {
+        let mut table = txn
+            .open_table(INTAKE)
+            .map_err(|e| redb_err(e, format_args!("opening {INTAKE_T}")))?;
+        for record in records {
+            let key = record.order_id.as_bytes();
+            let existing = {
+                let found = table
+                    .get(key)
+                    .map_err(|e| redb_err(e, format_args!("{INTAKE_T}[{:?}]", record.order_id)))?;
+                found
+                    .map(|v| decode(v.value(), INTAKE_T, &record.order_id))
+                    .transpose()?
+            };
+            if let Some(existing) = existing {
+                stored.push(existing);
+                continue;
+            }
+            let bytes = encode(&record, INTAKE_T, &record.order_id)?;
+            table
+                .insert(key, bytes.as_slice())
+                .map_err(|e| redb_err(e, format_args!("{INTAKE_T}[{:?}] put", record.order_id)))?;
+            stored.push(record);
+        }
+    }
+    commit(txn, format_args!("{INTAKE_T} batch of {}", stored.len()))?;
+    Ok(stored)
 }
 
 #[async_trait]
@@ -248,33 +355,11 @@ impl StateStore for EmbeddedStore {
     }
 
     async fn put_intake(&self, record: IntakeRecord) -> Result<IntakeRecord, StoreError> {
-        self.blocking(move |db| {
-            let txn = begin_write(db)?;
-            {
-                let mut table = txn
-                    .open_table(INTAKE)
-                    .map_err(|e| redb_err(e, format_args!("opening {INTAKE_T}")))?;
-                let key = record.order_id.as_bytes();
-                let existing = {
-                    let stored = table.get(key).map_err(|e| {
-                        redb_err(e, format_args!("{INTAKE_T}[{:?}]", record.order_id))
-                    })?;
-                    stored
-                        .map(|v| decode(v.value(), INTAKE_T, &record.order_id))
-                        .transpose()?
-                };
-                if let Some(existing) = existing {
-                    return Ok(existing); // the first one wins; the dropped transaction aborts
-                }
-                let bytes = encode(&record, INTAKE_T, &record.order_id)?;
-                table.insert(key, bytes.as_slice()).map_err(|e| {
-                    redb_err(e, format_args!("{INTAKE_T}[{:?}] put", record.order_id))
-                })?;
-            }
-            commit(txn, format_args!("{INTAKE_T}[{:?}]", record.order_id))?;
-            Ok(record)
-        })
-        .await
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let gone = || StoreError::Unavailable("the intake committer stopped".into());
+        let tx = self.intake.tx.as_ref().ok_or_else(gone)?;
+        tx.send((record, reply)).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
     }
 
     async fn sink_positions(&self, sink: &str) -> Result<BTreeMap<u32, u64>, StoreError> {
@@ -922,6 +1007,32 @@ mod tests {
                 matches!(&err, StoreError::Corrupt(msg) if msg.contains('[')),
                 "{err:?}"
             );
+        }
+    }
+
+    /// Concurrent puts are group-committed and each order id keeps exactly
+    /// one record, the same for every caller.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_put_intake_is_first_wins_per_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(store_in(&dir));
+        let mut tasks = Vec::new();
+        for i in 0..400u64 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let id = format!("ord-{}", i % 40);
+                (id.clone(), store.put_intake(intake(&id, i)).await.unwrap())
+            }));
+        }
+        let mut winners: BTreeMap<String, IntakeRecord> = BTreeMap::new();
+        for t in tasks {
+            let (id, stored) = t.await.unwrap();
+            let first = winners.entry(id.clone()).or_insert_with(|| stored.clone());
+            assert_eq!(*first, stored, "{id} has one record");
+        }
+        assert_eq!(winners.len(), 40);
+        for (id, record) in &winners {
+            assert_eq!(store.get_intake(id).await.unwrap().as_ref(), Some(record));
         }
     }
 }

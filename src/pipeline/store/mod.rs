@@ -108,7 +108,7 @@ impl TrackingView {
     }
 }
 
-#[derive(thiserror::Error, Debug)]
+#[derive(thiserror::Error, Debug, Clone)]
 pub enum StoreError {
     /// A newer owner of the partition has written: this writer must stop.
     #[error(
