@@ -120,6 +120,7 @@ pub async fn start_with_gateway(
             inventory: inventory.clone(),
             metrics: metrics.clone(),
             checkpoint: config.checkpoint.clone(),
+            retention: config.processor.retention(),
             epoch: 1,
             recovered: recovered.clone(),
         };

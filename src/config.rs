@@ -20,8 +20,38 @@ pub struct Config {
     pub status_partitions: u32,
     pub log: LogConfig,
     pub checkpoint: CheckpointConfig,
+    pub processor: ProcessorConfig,
     pub gateway: GatewayConfig,
     pub http: HttpConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessorConfig {
+    /// How long (log time) a finished order is remembered, so the same
+    /// order id again is recognised as the same order.
+    pub order_retention_ms: u64,
+    /// Finished orders remembered per partition at most (oldest forgotten first).
+    pub max_remembered_orders: usize,
+}
+
+impl Default for ProcessorConfig {
+    fn default() -> Self {
+        let r = crate::stages::processor::Retention::default();
+        ProcessorConfig {
+            order_retention_ms: r.max_age_ms,
+            max_remembered_orders: r.max_orders,
+        }
+    }
+}
+
+impl ProcessorConfig {
+    pub fn retention(&self) -> crate::stages::processor::Retention {
+        crate::stages::processor::Retention {
+            max_age_ms: self.order_retention_ms,
+            max_orders: self.max_remembered_orders,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -87,6 +117,7 @@ impl Default for Config {
             status_partitions: 8,
             log: LogConfig::default(),
             checkpoint: CheckpointConfig::default(),
+            processor: ProcessorConfig::default(),
             gateway: GatewayConfig::default(),
             http: HttpConfig::default(),
         }
@@ -236,6 +267,18 @@ impl Config {
             self.checkpoint.every_ms,
             1,
             3_600_000,
+        )?;
+        range(
+            "processor.order_retention_ms",
+            self.processor.order_retention_ms,
+            60_000,
+            365 * 86_400_000,
+        )?;
+        range(
+            "processor.max_remembered_orders",
+            self.processor.max_remembered_orders,
+            1_000,
+            1 << 30,
         )?;
         range("gateway.latency_ms", self.gateway.latency_ms, 0, 60_000)?;
         range("gateway.failure_rate", self.gateway.failure_rate, 0.0, 1.0)?;

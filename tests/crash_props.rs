@@ -19,6 +19,7 @@ use orderflow::pipeline::log::embedded::EmbeddedLog;
 use orderflow::pipeline::runner::{load_state, replay};
 use orderflow::pipeline::store::embedded::EmbeddedStore;
 use orderflow::sinks::metrics::Metrics;
+use orderflow::stages::processor::Retention;
 use proptest::prelude::*;
 use support::*;
 
@@ -249,7 +250,7 @@ fn check_replay(dir: &std::path::Path) {
         let store = EmbeddedStore::open(&dir.join("state.redb")).unwrap();
         for p in 0..PARTITIONS {
             let (live, next) = load_state(&store, p).await.unwrap();
-            let replayed = replay(&log, p, next).await.unwrap();
+            let replayed = replay(&log, p, next, Retention::default()).await.unwrap();
             assert_eq!(
                 replayed.hash(),
                 live.hash(),

@@ -6,6 +6,7 @@
 //! | `POST /v1/orders` | none | 202, 400 `<reason>`, 400 `invalid_idempotency_key`, 413 `payload_too_large`/`record_too_large`, 429 `log_full`, 503 `unavailable`/`shutting_down` |
 //! | `GET /v1/orders/{id}` | tracking or admin token | 200, 404 `order_not_found` (unknown id, missing or wrong token alike), 503 `unavailable` |
 //! | `GET /v1/orders/{id}/events` | tracking or admin token | 200 SSE, 404 `order_not_found`, 503 `too_many_streams`/`unavailable` |
+//! | `GET /track/{id}?token=T` | tracking or admin token | 200 HTML tracking page; 404 HTML page (unknown id, missing or wrong token alike), 503 HTML page |
 //! | `PUT /v1/inventory/{sku}` | admin | 200, 400 `invalid_sku`/`invalid_body`, 401 `unauthorized`, 403 `admin_disabled`, 413, 429, 503 `apply_timeout`/`unavailable`/`shutting_down` |
 //! | `GET /v1/inventory/{sku}` | admin | 200 (zeros for an unknown SKU), 400 `invalid_sku`, 401, 403 |
 //! | `POST /v1/admin/produce` | admin | 200 NDJSON (per-line results), 401, 403, 413, 503 `shutting_down` |
@@ -20,6 +21,7 @@ pub mod problem;
 pub mod routes;
 pub mod sse;
 pub mod tokens;
+pub mod track;
 pub mod views;
 
 use std::sync::Arc;
@@ -98,6 +100,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/orders", post(routes::post_order))
         .route("/v1/orders/{id}", get(routes::get_order))
         .route("/v1/orders/{id}/events", get(sse::order_events))
+        .route("/track/{id}", get(track::track_page))
         .route(
             "/v1/inventory/{sku}",
             get(routes::get_stock).put(routes::put_stock),

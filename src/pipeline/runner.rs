@@ -21,7 +21,7 @@ use crate::pipeline::inventory::{Inventory, StockCounts};
 use crate::pipeline::log::{Log, LogError, LogRecord, Record, Topic};
 use crate::pipeline::store::{CheckpointWrite, StateStore, StoreError};
 use crate::sinks::metrics::Metrics;
-use crate::stages::processor::Input;
+use crate::stages::processor::{Input, Retention};
 use crate::stages::{Output, PartitionState, Processor};
 
 /// Records read per batch.
@@ -51,6 +51,8 @@ pub struct RunnerDeps {
     pub inventory: Arc<Inventory>,
     pub metrics: Arc<Metrics>,
     pub checkpoint: CheckpointConfig,
+    /// How long finished orders are remembered (deterministic, log time).
+    pub retention: Retention,
     /// Ownership epoch (fences the checkpoints of a former owner).
     pub epoch: u64,
     /// Receives one permit once this partition has recovered (readiness).
@@ -92,7 +94,7 @@ pub async fn run(
 ) -> Result<RunnerExit, RunnerError> {
     let partitions = deps.log.partition_count(Topic::Orders);
     let (state, mut next) = load_state(deps.store.as_ref(), partition).await?;
-    let mut processor = Processor::new(partition, partitions, state);
+    let mut processor = Processor::new(partition, partitions, state).with_retention(deps.retention);
     publish_all_stock(&deps, &processor, next);
     for effect in processor.pending_effects() {
         deps.effects
@@ -311,9 +313,15 @@ fn publish_stock(
 /// Rebuilds a partition's state from offset 0 with every output and effect
 /// suppressed (the replay harness; invariant 5 compares its hash with the
 /// live run's).
-pub async fn replay(log: &dyn Log, partition: u32, until: u64) -> Result<PartitionState, LogError> {
+pub async fn replay(
+    log: &dyn Log,
+    partition: u32,
+    until: u64,
+    retention: Retention,
+) -> Result<PartitionState, LogError> {
     let partitions = log.partition_count(Topic::Orders);
-    let mut processor = Processor::new(partition, partitions, PartitionState::default());
+    let mut processor =
+        Processor::new(partition, partitions, PartitionState::default()).with_retention(retention);
     let mut out = Output::default();
     let mut next = 0;
     while next < until {

@@ -8,14 +8,13 @@ use super::processor::Ctx;
 use super::saga::settle_lines;
 
 pub(crate) fn result(ctx: &mut Ctx<'_>, order_id: &str, outcome: PaymentOutcome) {
-    let Some(rec) = ctx.state.orders.get(order_id) else {
-        return;
-    };
-    let Some(saga) = rec.saga.as_ref().filter(|s| s.authorizing) else {
-        // Not awaiting payment: a repeated result after a crash, or a late
-        // one. An authorization that did not confirm this order is voided.
+    let rec = ctx.state.orders.get(order_id);
+    let Some(saga) = rec.and_then(|r| r.saga.as_ref()).filter(|s| s.authorizing) else {
+        // Not awaiting payment: a repeated result after a crash, a late one,
+        // or one for an order already forgotten. An authorization that did
+        // not confirm this order is voided.
         if let PaymentOutcome::Authorized { payment_id } = outcome
-            && rec.payment_id.as_deref() != Some(payment_id.as_str())
+            && rec.and_then(|r| r.payment_id.as_deref()) != Some(payment_id.as_str())
         {
             let effect = effect(
                 ctx,

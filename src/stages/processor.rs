@@ -41,6 +41,27 @@ pub struct Processor {
     pub partition: u32,
     pub partitions: u32,
     pub state: PartitionState,
+    pub retention: Retention,
+}
+
+/// How long a terminal order is remembered (so a repeated order id is one
+/// order). Expiry follows log time, so it is deterministic: the same log
+/// and the same retention give the same state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Terminal orders older than this (in log time) are forgotten.
+    pub max_age_ms: u64,
+    /// At most this many terminal orders per partition; the oldest go first.
+    pub max_orders: usize,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_age_ms: 24 * 3_600_000,
+            max_orders: 5_000_000,
+        }
+    }
 }
 
 /// One input record, as the log gives it.
@@ -98,6 +119,7 @@ impl Ctx<'_> {
                 status,
                 saga: None,
                 payment_id: None,
+                terminal_at_ms: None,
             });
         let prev = (rec.seq > 0).then_some(rec.status);
         assert!(
@@ -108,6 +130,8 @@ impl Ctx<'_> {
         rec.status = status;
         if status.is_terminal() {
             rec.saga = None;
+            rec.terminal_at_ms = Some(self.at_ms);
+            self.state.expiry.insert((self.at_ms, order_id.to_owned()));
         }
         let event = StatusEvent {
             order_id: order_id.to_owned(),
@@ -147,12 +171,36 @@ impl Processor {
             partition,
             partitions,
             state,
+            retention: Retention::default(),
+        }
+    }
+
+    pub fn with_retention(mut self, retention: Retention) -> Processor {
+        assert!(retention.max_orders > 0);
+        self.retention = retention;
+        self
+    }
+
+    /// Forgets terminal orders past the retention, oldest first.
+    fn expire(&mut self, now_ms: u64) {
+        let state = &mut self.state;
+        while let Some((at_ms, _)) = state.expiry.first() {
+            let too_old = at_ms.saturating_add(self.retention.max_age_ms) < now_ms;
+            if !too_old && state.expiry.len() <= self.retention.max_orders {
+                break;
+            }
+            let (_, id) = state.expiry.pop_first().expect("checked non-empty");
+            state.orders.remove(&id);
+            state.touch(StateKey::Order(id));
         }
     }
 
     /// Applies one record. Never panics on bad input: an undecodable record
     /// is reported in `out.problems` and skipped.
     pub fn apply(&mut self, input: Input<'_>, out: &mut Output) {
+        // Expire before (a resent, forgotten id is a new order) and after
+        // (an order that just finished may push the count over the cap).
+        self.expire(input.timestamp_ms);
         let mut ctx = Ctx {
             partition: self.partition,
             partitions: self.partitions,
@@ -173,6 +221,7 @@ impl Processor {
                     .push(format!("offset {}: {e}", input.offset)),
             },
         }
+        self.expire(input.timestamp_ms);
     }
 
     /// Effects asked for and not yet done: restarted after recovery.

@@ -68,6 +68,10 @@ pub struct OrderRec {
     pub saga: Option<Saga>,
     /// The authorization captured for a confirmed order.
     pub payment_id: Option<String>,
+    /// When the order reached its terminal status (log time): it is
+    /// forgotten after the retention period (see `Retention`).
+    #[serde(default)]
+    pub terminal_at_ms: Option<u64>,
 }
 
 /// A line held on this partition for some order's saga (local or remote).
@@ -101,6 +105,10 @@ pub struct PartitionState {
     /// Rows changed since the last checkpoint (not part of the state).
     #[serde(skip)]
     pub dirty: BTreeSet<StateKey>,
+    /// Terminal orders by (terminal time, id), oldest first: the expiry
+    /// index, derived from `orders` (not part of the state).
+    #[serde(skip)]
+    pub expiry: BTreeSet<(u64, String)>,
 }
 
 const ROW_STOCK: u8 = b'S';
@@ -244,7 +252,12 @@ impl PartitionState {
                     s.stock.insert(text()?, decode(key, value)?);
                 }
                 ROW_ORDER => {
-                    s.orders.insert(text()?, decode(key, value)?);
+                    let id = text()?;
+                    let rec: OrderRec = decode(key, value)?;
+                    if let Some(at) = rec.terminal_at_ms {
+                        s.expiry.insert((at, id.clone()));
+                    }
+                    s.orders.insert(id, rec);
                 }
                 ROW_HOLD => {
                     let (id, tail) = split_id(rest)?;
@@ -315,6 +328,7 @@ mod tests {
                 status: Status::Reserved,
                 saga: None,
                 payment_id: None,
+                terminal_at_ms: None,
             },
         );
         let rows = s.all_rows();

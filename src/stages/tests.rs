@@ -295,3 +295,39 @@ fn misrouted_order_is_forwarded() {
     assert_eq!(out.messages[0].kind, RecordKind::OrderJson);
     assert_eq!(out.messages[0].key, sku);
 }
+
+/// Finished orders are forgotten after the retention (log time) or past
+/// the cap, oldest first, with their rows deleted at the next checkpoint.
+#[test]
+fn finished_orders_expire_deterministically() {
+    use super::processor::Retention;
+    let sku = sku_on(0, 0);
+    let mut h = Harness::new(0);
+    h.proc = Processor::new(0, N, PartitionState::default()).with_retention(Retention {
+        max_age_ms: 100,
+        max_orders: 2,
+    });
+    h.stock(&sku, 0);
+    for id in ["a", "b", "c"] {
+        assert_eq!(
+            statuses(&h.order(id, &[(&sku, 1)], "tok_visa")),
+            [Status::Accepted, Status::OutOfStock]
+        );
+    }
+    assert!(
+        !h.proc.state.orders.contains_key("a"),
+        "over the cap: the oldest goes"
+    );
+    assert_eq!(h.proc.state.orders.len(), 2);
+    h.offset += 200; // log time moves past the retention of b and c
+    h.stock(&sku, 0);
+    assert!(h.proc.state.orders.is_empty());
+    let (_, deletes) = h.proc.state.take_changes();
+    assert!(
+        deletes.iter().any(|k| k == b"Oc"),
+        "the forgotten order's row is deleted"
+    );
+    // A reload from rows rebuilds the expiry index.
+    let again = h.order("b", &[(&sku, 1)], "tok_visa");
+    assert_eq!(again.statuses[0].seq, 1, "a forgotten id is a new order");
+}
