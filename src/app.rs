@@ -1,8 +1,9 @@
 //! Wiring of a running instance: the one place where backends are chosen.
 //! `start` opens the data directory (locked against a second process),
 //! the embedded log and store, starts one runner per `orders` partition,
-//! the effect executor, the tracking sink and the HTTP server. `shutdown`
-//! stops intake, drains, checkpoints and closes everything in order.
+//! the effect executor, the tracking and notifications sinks and the HTTP
+//! server. `shutdown` stops intake, drains, checkpoints and closes
+//! everything in order.
 
 use std::fs::File;
 use std::net::SocketAddr;
@@ -14,9 +15,11 @@ use anyhow::Context;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, Secret};
+use crate::config::{Config, GatewayKind, Secret};
 use crate::gateway::PaymentGateway;
+use crate::gateway::breaker::{Breaker, BreakerConfig};
 use crate::gateway::simulator::Simulator;
+use crate::gateway::stripe::StripeClient;
 use crate::http::{AppState, Health};
 use crate::pipeline::effects;
 use crate::pipeline::intake::Intake;
@@ -27,6 +30,7 @@ use crate::pipeline::runner::{self, RunnerDeps, RunnerExit};
 use crate::pipeline::store::StateStore;
 use crate::pipeline::store::embedded::EmbeddedStore;
 use crate::sinks::metrics::Metrics;
+use crate::sinks::notifications;
 use crate::sinks::tracking::{self, Tracking};
 
 /// A running instance.
@@ -38,18 +42,22 @@ pub struct App {
     http: JoinHandle<std::io::Result<()>>,
     runners: Vec<JoinHandle<Result<RunnerExit, runner::RunnerError>>>,
     sinks: Vec<JoinHandle<Result<(), tracking::SinkError>>>,
+    notifications: Option<notifications::Running>,
     executor: JoinHandle<()>,
     log: Arc<dyn Log>,
     fatal_rx: mpsc::Receiver<String>,
     _lock: File,
-    pub gateway: Arc<Simulator>,
+    /// The in-process simulator, when `gateway.kind` is `simulator`.
+    pub simulator: Option<Arc<Simulator>>,
+    /// The circuit breaker every gateway call goes through.
+    pub breaker: Arc<Breaker>,
     pub store: Arc<dyn StateStore>,
     pub metrics: Arc<Metrics>,
 }
 
 /// Takes an exclusive OS lock on the data directory, so a second process
 /// is refused at once instead of writing beside the first.
-fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
+pub fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create data directory {}", dir.display()))?;
     let path = dir.join("LOCK");
@@ -73,16 +81,65 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
 }
 
 pub async fn start(config: Config, admin_token: Option<Secret>) -> anyhow::Result<App> {
-    let gateway = Arc::new(Simulator::new(&config.gateway));
-    start_with_gateway(config, admin_token, gateway).await
+    config.validate()?;
+    let gateway = Gateway::from_config(&config)?;
+    start_inner(config, admin_token, gateway).await
+}
+
+/// The payment gateway chosen by `gateway.kind`: the one place it is
+/// chosen. Either kind is wrapped in the circuit breaker by `start`.
+pub enum Gateway {
+    Simulator(Arc<Simulator>),
+    /// Stripe, `stripe-mock` or `orderflow gateway-sim` at `gateway.url`.
+    Stripe(Arc<StripeClient>),
+}
+
+impl Gateway {
+    /// Builds the configured gateway; `stripe` reads its secret key
+    /// (`ORDERFLOW_STRIPE_SECRET_KEY`, else `gateway.secret_key_file`).
+    pub fn from_config(config: &Config) -> anyhow::Result<Gateway> {
+        let g = &config.gateway;
+        Ok(match g.kind {
+            GatewayKind::Simulator => Gateway::Simulator(Arc::new(Simulator::new(g))),
+            GatewayKind::Stripe => {
+                let key = g.stripe_secret_key()?;
+                let client = StripeClient::from_config(g, key)
+                    .context("cannot build the Stripe HTTP client")?;
+                tracing::info!(url = %client.api().base_url(), timeout_ms = g.timeout_ms, "payment gateway: Stripe API");
+                Gateway::Stripe(Arc::new(client))
+            }
+        })
+    }
+
+    fn split(
+        self,
+    ) -> (
+        Option<Arc<Simulator>>,
+        &'static str,
+        Arc<dyn PaymentGateway>,
+    ) {
+        match self {
+            Gateway::Simulator(s) => (Some(s.clone()), "simulator", s),
+            Gateway::Stripe(c) => (None, "stripe", c),
+        }
+    }
 }
 
 /// `start` with a given simulator, which tests keep across restarts the way
-/// a real gateway outlives the process.
+/// a real gateway outlives the process. It is wrapped in the circuit
+/// breaker like any configured gateway (`gateway.kind` is ignored).
 pub async fn start_with_gateway(
     config: Config,
     admin_token: Option<Secret>,
     gateway: Arc<Simulator>,
+) -> anyhow::Result<App> {
+    start_inner(config, admin_token, Gateway::Simulator(gateway)).await
+}
+
+async fn start_inner(
+    config: Config,
+    admin_token: Option<Secret>,
+    gateway: Gateway,
 ) -> anyhow::Result<App> {
     config.validate()?;
     let lock = lock_data_dir(&config.data_dir)?;
@@ -99,9 +156,16 @@ pub async fn start_with_gateway(
     )?);
     let store: Arc<dyn StateStore> =
         Arc::new(EmbeddedStore::open(&config.data_dir.join("state.redb"))?);
+    let (simulator, gateway_name, inner) = gateway.split();
+    let breaker = Arc::new(Breaker::new(
+        gateway_name,
+        inner,
+        BreakerConfig::from(&config.gateway),
+        Some(metrics.clone()),
+    ));
     let (effects, executor) = effects::spawn(
         log.clone(),
-        gateway.clone() as Arc<dyn PaymentGateway>,
+        breaker.clone() as Arc<dyn PaymentGateway>,
         metrics.clone(),
         config.gateway.clone(),
     );
@@ -136,13 +200,22 @@ pub async fn start_with_gateway(
     }
     drop(effects);
 
+    // Two consumers of `order-status` when notifications are on: retention
+    // keeps what the slower one still needs.
+    let (tracking_log, notifications_log) = match &config.notifications {
+        Some(_) => {
+            let views = notifications::release::ReleaseView::split(log.clone(), 2);
+            (views[0].clone(), Some(views[1].clone()))
+        }
+        None => (log.clone(), None),
+    };
     let positions = store.sink_positions(tracking::SINK_NAME).await?;
     let mut sinks = Vec::new();
     for partition in 0..config.status_partitions {
         let next = positions.get(&partition).copied().unwrap_or(0);
         let (t, l, rx, fatal) = (
             tracking.clone(),
-            log.clone(),
+            tracking_log.clone(),
             shutdown_rx.clone(),
             fatal_tx.clone(),
         );
@@ -155,8 +228,25 @@ pub async fn start_with_gateway(
             result
         }));
     }
+    let notifications = match (&config.notifications, notifications_log) {
+        (Some(n), Some(l)) => Some(
+            notifications::start(
+                n,
+                store.clone(),
+                l,
+                metrics.clone(),
+                shutdown_rx.clone(),
+                fatal_tx.clone(),
+            )
+            .await?,
+        ),
+        _ => None,
+    };
 
-    let health = Arc::new(Health::default());
+    let health = Arc::new(Health {
+        gateway: Some(breaker.clone()),
+        ..Health::default()
+    });
     health.accepting.store(true, Ordering::SeqCst);
     {
         let (health, recovered, n) = (health.clone(), recovered.clone(), config.partitions);
@@ -199,11 +289,13 @@ pub async fn start_with_gateway(
         http,
         runners,
         sinks,
+        notifications,
         executor,
         log,
         fatal_rx,
         _lock: lock,
-        gateway,
+        simulator,
+        breaker,
         store,
         metrics,
     })
@@ -245,6 +337,11 @@ impl App {
             if let Err(e) = s.await? {
                 first_error.get_or_insert(anyhow::Error::from(e));
             }
+        }
+        if let Some(n) = self.notifications
+            && let Err(e) = n.join().await
+        {
+            first_error.get_or_insert(e);
         }
         self.log.close().await;
         if let Err(e) = http? {

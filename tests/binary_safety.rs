@@ -163,3 +163,63 @@ fn graceful_shutdown_and_exclusive_data_dir() {
         order_view(&server.base, "g-1").is_some_and(|v| v["status"] == "confirmed")
     });
 }
+
+/// `orderflow replay` rebuilds every partition from its log and matches
+/// the checkpoint of a cleanly stopped instance; it refuses a running one.
+#[test]
+fn replay_command_matches_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start_server(dir.path(), &[]);
+    for sku in ["SKU-1", "SKU-2", "SKU-3"] {
+        set_stock(&server.base, sku, 4);
+    }
+    let c = client();
+    for i in 0..6 {
+        let mut body = order_body(&format!("r-{i}"), "SKU-1", 1);
+        body["lines"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"sku": "SKU-2", "quantity": 1, "unit_price": 5}));
+        body["lines"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"sku": "SKU-3", "quantity": 1, "unit_price": 5}));
+        let r = c
+            .post(format!("{}/v1/orders", server.base))
+            .json(&body)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    wait_until(Duration::from_secs(30), "every order to end", || {
+        (0..6).all(|i| {
+            order_view(&server.base, &format!("r-{i}"))
+                .is_some_and(|v| is_terminal(v["status"].as_str().unwrap()))
+        })
+    });
+    let replay = |dir: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_orderflow"))
+            .args(["replay", "--data-dir"])
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    assert!(
+        !replay(dir.path()).status.success(),
+        "replay must not run beside a live instance"
+    );
+    assert!(server.terminate().success());
+    let out = replay(dir.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 8);
+    assert!(lines.iter().all(|l| l["matches"] == true), "{lines:?}");
+    assert!(lines.iter().any(|l| l["next_offset"].as_u64().unwrap() > 0));
+}

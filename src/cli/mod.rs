@@ -8,6 +8,7 @@
 
 mod client;
 mod produce;
+pub mod replay;
 mod stock;
 
 use std::net::SocketAddr;
@@ -62,6 +63,32 @@ pub enum Command {
         /// The order id.
         id: String,
     },
+    /// Rebuild partition state from the log of a stopped instance (effects
+    /// suppressed) and compare with its checkpoint; exits 1 on a mismatch.
+    Replay {
+        /// Only this partition (default: all).
+        #[arg(long)]
+        partition: Option<u32>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Run the payment gateway simulator as its own process, speaking the
+    /// Stripe API subset orderflow uses (point `gateway.kind = "stripe"`,
+    /// `gateway.url` at it). Prints `gateway-sim listening addr=IP:PORT`.
+    GatewaySim(GatewaySimArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GatewaySimArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// Latency added to every call, in milliseconds.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Probability (0 to 1) that a call fails with 500 or 503.
+    #[arg(long, value_name = "F", default_value_t = 0.0)]
+    pub failure_rate: f64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -193,6 +220,31 @@ pub async fn dispatch(cli: Cli) -> Result<bool, CliError> {
             let c = client::Client::new(file, client)?;
             Ok(client::status(&c, &id).await?)
         }
+        Command::Replay { partition, run } => {
+            let config = run_config(file, &run)?;
+            Ok(replay::run(&config, partition).await?)
+        }
+        Command::GatewaySim(args) => {
+            if !(0.0..=1.0).contains(&args.failure_rate) {
+                return Err(CliError::Usage(format!(
+                    "`--failure-rate` = {} is out of range [0, 1]",
+                    args.failure_rate
+                )));
+            }
+            if args.latency_ms > 60_000 {
+                return Err(CliError::Usage(format!(
+                    "`--latency-ms` = {} is out of range [0, 60000]",
+                    args.latency_ms
+                )));
+            }
+            crate::gateway::sim_server::run(
+                args.listen,
+                std::time::Duration::from_millis(args.latency_ms),
+                args.failure_rate,
+            )
+            .await?;
+            Ok(true)
+        }
     }
 }
 
@@ -312,5 +364,21 @@ mod tests {
             "2",
         ])
         .unwrap();
+        let cli = Cli::try_parse_from([
+            "orderflow",
+            "gateway-sim",
+            "--listen",
+            "127.0.0.1:0",
+            "--latency-ms",
+            "20",
+            "--failure-rate",
+            "0.01",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::GatewaySim(GatewaySimArgs { latency_ms: 20, .. }))
+        ));
+        assert!(Cli::try_parse_from(["orderflow", "gateway-sim"]).is_err());
     }
 }
