@@ -593,6 +593,7 @@ struct Sample {
     topics: [TopicCounters; 2],
     checkpoints: (u64, f64),
     orders_lag: i64,
+    machine: MachineCpu,
 }
 
 /// Cumulative log counters of one topic (from the app's Prometheus metrics).
@@ -641,6 +642,7 @@ impl Sample {
             at_ns: shared.now_ns(),
             terminal: shared.terminal.load(Ordering::Relaxed),
             cpu: rusage().0,
+            machine: MachineCpu::read(),
             topics: [topic(Topic::Orders), topic(Topic::OrderStatus)],
             checkpoints,
             orders_lag,
@@ -655,6 +657,11 @@ struct Internals {
     checkpoint_mean_ms: f64,
     /// Records the `orders` runners had not yet read at the window's end.
     orders_lag_at_end: i64,
+    /// Average cores busy in this process, in other processes (a benchmark
+    /// sharing its machine is not a clean run) and stolen by the hypervisor.
+    own_cores: f64,
+    other_cores: f64,
+    steal_cores: f64,
 }
 
 #[derive(Default)]
@@ -696,6 +703,50 @@ impl Internals {
             checkpoints_per_s: checkpoints / window_s,
             checkpoint_mean_ms: ratio(b.checkpoints.1 - a.checkpoints.1, checkpoints) * 1e3,
             orders_lag_at_end: b.orders_lag,
+            own_cores: b.cpu.saturating_sub(a.cpu).as_secs_f64() / window_s,
+            other_cores: (b
+                .machine
+                .busy
+                .saturating_sub(a.machine.busy)
+                .saturating_sub(b.cpu.saturating_sub(a.cpu)))
+            .as_secs_f64()
+                / window_s,
+            steal_cores: b
+                .machine
+                .steal
+                .saturating_sub(a.machine.steal)
+                .as_secs_f64()
+                / window_s,
+        }
+    }
+}
+
+/// Whole-machine CPU time so far, all cores, from the `cpu` line of /proc/stat.
+#[derive(Clone, Copy, Default)]
+struct MachineCpu {
+    /// user + nice + system + irq + softirq.
+    busy: Duration,
+    steal: Duration,
+}
+
+impl MachineCpu {
+    fn read() -> MachineCpu {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        let at = |i: usize| ticks.get(i).copied().unwrap_or(0);
+        // SAFETY: sysconf only reads a system constant.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        let time = |t: u64| Duration::from_nanos(t.saturating_mul(1_000_000_000) / hz);
+        MachineCpu {
+            busy: time(at(0) + at(1) + at(2) + at(5) + at(6)),
+            steal: time(at(7)),
         }
     }
 }
@@ -902,6 +953,18 @@ impl Report {
             "  checkpoint {:.1}/s ({:.2} ms mean); orders lag at window end {} records",
             i.checkpoints_per_s, i.checkpoint_mean_ms, i.orders_lag_at_end
         );
+        println!(
+            "  cores     this process {:.2}, other processes {:.2}, hypervisor steal {:.2} (of {}){}",
+            i.own_cores,
+            i.other_cores,
+            i.steal_cores,
+            self.machine.cores,
+            if i.other_cores > 0.1 {
+                "  <- machine was shared: figures are pessimistic"
+            } else {
+                ""
+            }
+        );
     }
 
     fn json(&self) -> String {
@@ -927,6 +990,8 @@ impl Report {
             "skus": a.skus,
             "linger_ms": a.linger_ms,
             "max_inflight": a.max_inflight,
+            "own_cores": self.run.internals.own_cores,
+            "other_cores": self.run.internals.other_cores,
             "cpu": self.machine.cpu,
             "cores": self.machine.cores,
         })

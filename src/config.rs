@@ -23,7 +23,11 @@ pub struct Config {
     pub processor: ProcessorConfig,
     pub gateway: GatewayConfig,
     pub http: HttpConfig,
+    /// `[notifications]`: webhooks and email; absent = no notifications.
+    pub notifications: Option<NotificationsConfig>,
 }
+
+pub use crate::sinks::notifications::config::NotificationsConfig;
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -82,12 +86,61 @@ pub struct CheckpointConfig {
     pub every_ms: u64,
 }
 
+/// Which payment gateway the effect executor calls (`gateway.kind`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum GatewayKind {
+    /// The in-process simulator (Stripe test tokens, no network).
+    #[default]
+    Simulator,
+    /// A Stripe-compatible HTTP API at `gateway.url`: Stripe itself,
+    /// `stripe-mock`, or `orderflow gateway-sim`.
+    Stripe,
+}
+
+impl GatewayKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GatewayKind::Simulator => "simulator",
+            GatewayKind::Stripe => "stripe",
+        }
+    }
+}
+
+/// Environment variable holding the Stripe secret key (wins over
+/// `gateway.secret_key_file`).
+pub const STRIPE_SECRET_KEY_ENV: &str = "ORDERFLOW_STRIPE_SECRET_KEY";
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
-    /// Simulated latency of each gateway call.
+    /// `simulator` (default) or `stripe`.
+    pub kind: GatewayKind,
+    /// `stripe` only: base URL of the Stripe-compatible API.
+    pub url: String,
+    /// `stripe` only: file holding the secret key, read at start when
+    /// `ORDERFLOW_STRIPE_SECRET_KEY` is not set. Never logged.
+    pub secret_key_file: Option<PathBuf>,
+    /// `stripe` only: whole-request timeout of one call.
+    pub timeout_ms: u64,
+    /// `stripe` only: TCP/TLS connect timeout of one call.
+    pub connect_timeout_ms: u64,
+    /// An authorization not answered within this time (all attempts and
+    /// back-offs included) ends `payment_failed` (`gateway_unavailable`).
+    pub payment_deadline_ms: u64,
+    /// Circuit breaker: outcomes of the last N calls considered.
+    pub breaker_window: u32,
+    /// Circuit breaker: opens when this share of the window failed ...
+    pub breaker_failure_ratio: f64,
+    /// ... and the window holds at least this many calls.
+    pub breaker_min_calls: u32,
+    /// Circuit breaker: time open before probe calls are let through.
+    pub breaker_cooldown_ms: u64,
+    /// Circuit breaker: probe calls in flight at once while half-open.
+    pub breaker_half_open_probes: u32,
+    /// Simulator only: latency of each gateway call.
     pub latency_ms: u64,
-    /// Probability (0 to 1) that a simulated call fails as unavailable.
+    /// Simulator only: probability (0 to 1) that a call fails as unavailable.
     pub failure_rate: f64,
     /// Effects (gateway calls) in flight at once, over all partitions.
     pub max_inflight: usize,
@@ -120,6 +173,7 @@ impl Default for Config {
             processor: ProcessorConfig::default(),
             gateway: GatewayConfig::default(),
             http: HttpConfig::default(),
+            notifications: None,
         }
     }
 }
@@ -149,6 +203,17 @@ impl Default for CheckpointConfig {
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
+            kind: GatewayKind::Simulator,
+            url: "https://api.stripe.com".into(),
+            secret_key_file: None,
+            timeout_ms: 10_000,
+            connect_timeout_ms: 2_000,
+            payment_deadline_ms: 30_000,
+            breaker_window: 50,
+            breaker_failure_ratio: 0.5,
+            breaker_min_calls: 20,
+            breaker_cooldown_ms: 5_000,
+            breaker_half_open_probes: 3,
             latency_ms: 0,
             failure_rate: 0.0,
             max_inflight: 10_000,
@@ -295,6 +360,7 @@ impl Config {
             1,
             60_000,
         )?;
+        self.gateway.validate()?;
         range(
             "http.body_limit_bytes",
             self.http.body_limit_bytes,
@@ -308,7 +374,111 @@ impl Config {
             1,
             1 << 20,
         )?;
+        if let Some(n) = &self.notifications {
+            n.validate().map_err(ConfigError::Invalid)?;
+        }
         Ok(())
+    }
+}
+
+impl GatewayConfig {
+    /// Checks the gateway keys beyond their plain ranges (called by
+    /// [`Config::validate`]).
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let ranges: [(&str, u64, u64, u64); 6] = [
+            ("gateway.timeout_ms", self.timeout_ms, 1, 600_000),
+            (
+                "gateway.connect_timeout_ms",
+                self.connect_timeout_ms,
+                1,
+                600_000,
+            ),
+            (
+                "gateway.payment_deadline_ms",
+                self.payment_deadline_ms,
+                1,
+                3_600_000,
+            ),
+            (
+                "gateway.breaker_window",
+                self.breaker_window.into(),
+                1,
+                100_000,
+            ),
+            (
+                "gateway.breaker_cooldown_ms",
+                self.breaker_cooldown_ms,
+                1,
+                3_600_000,
+            ),
+            (
+                "gateway.breaker_half_open_probes",
+                self.breaker_half_open_probes.into(),
+                1,
+                10_000,
+            ),
+        ];
+        for (key, v, lo, hi) in ranges {
+            if v < lo || v > hi {
+                return invalid(format!("`{key}` = {v} is out of range [{lo}, {hi}]"));
+            }
+        }
+        if self.breaker_min_calls < 1 || self.breaker_min_calls > self.breaker_window {
+            return invalid(format!(
+                "`gateway.breaker_min_calls` = {} is out of range [1, {}] (at most `gateway.breaker_window`)",
+                self.breaker_min_calls, self.breaker_window
+            ));
+        }
+        let ratio = self.breaker_failure_ratio;
+        if !(ratio > 0.0 && ratio <= 1.0) {
+            return invalid(format!(
+                "`gateway.breaker_failure_ratio` = {ratio} is out of range (0, 1]"
+            ));
+        }
+        if self.kind == GatewayKind::Stripe {
+            let url = self.url.trim();
+            let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
+            let rest = url.split_once("://").map_or("", |(_, r)| r);
+            let host = rest.split('/').next().unwrap_or("");
+            if !scheme_ok || host.is_empty() {
+                return invalid(format!(
+                    "`gateway.url` = {url:?} must be an http:// or https:// URL with a host"
+                ));
+            }
+            if host.contains('@') || url.contains('?') || url.contains('#') {
+                return invalid(
+                    "`gateway.url` must not carry credentials, a query or a fragment (the secret key comes from ORDERFLOW_STRIPE_SECRET_KEY or `gateway.secret_key_file`)".into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The Stripe secret key: `ORDERFLOW_STRIPE_SECRET_KEY`, else the
+    /// trimmed content of `secret_key_file`. Errors name where it was
+    /// looked for, never its value.
+    pub fn stripe_secret_key(&self) -> Result<Secret, ConfigError> {
+        if let Some(key) = Secret::from_env(STRIPE_SECRET_KEY_ENV) {
+            return Ok(key);
+        }
+        let Some(path) = &self.secret_key_file else {
+            return Err(ConfigError::Invalid(format!(
+                "`gateway.kind` = \"stripe\" needs a secret key: set {STRIPE_SECRET_KEY_ENV} or `gateway.secret_key_file`"
+            )));
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let key = text.trim();
+        if key.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "`gateway.secret_key_file` {} is empty",
+                path.display()
+            )));
+        }
+        Ok(Secret::new(key))
     }
 }
 
@@ -344,6 +514,84 @@ mod tests {
                 .to_string()
                 .contains("`partitions` = 0")
         );
+    }
+
+    /// The `[gateway]` section: kinds, unknown keys, and precise errors for
+    /// the breaker, timeout and URL settings.
+    #[test]
+    fn gateway_section() {
+        let c = Config::from_toml(
+            "[gateway]\nkind = \"stripe\"\nurl = \"http://127.0.0.1:9\"\ntimeout_ms = 500\nbreaker_window = 10\nbreaker_min_calls = 5\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.gateway.kind, GatewayKind::Stripe);
+        let e = Config::from_toml("[gateway]\nkind = \"paypal\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("paypal") && e.contains("stripe"), "{e}");
+        let e = Config::from_toml("[gateway]\nbreaker_windw = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("breaker_windw"), "{e}");
+        let bad = |edit: fn(&mut GatewayConfig), want: &str| {
+            let mut c = Config::default();
+            edit(&mut c.gateway);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{e} should name {want}");
+        };
+        bad(
+            |g| g.breaker_min_calls = 60,
+            "`gateway.breaker_min_calls` = 60",
+        );
+        bad(
+            |g| g.breaker_failure_ratio = 0.0,
+            "`gateway.breaker_failure_ratio`",
+        );
+        bad(|g| g.timeout_ms = 0, "`gateway.timeout_ms` = 0");
+        bad(
+            |g| g.payment_deadline_ms = 0,
+            "`gateway.payment_deadline_ms`",
+        );
+        bad(
+            |g| g.breaker_half_open_probes = 0,
+            "`gateway.breaker_half_open_probes`",
+        );
+        bad(
+            |g| {
+                g.kind = GatewayKind::Stripe;
+                g.url = "ftp://x".into();
+            },
+            "`gateway.url`",
+        );
+        bad(
+            |g| {
+                g.kind = GatewayKind::Stripe;
+                g.url = "https://sk_live_x@api.stripe.com".into();
+            },
+            "credentials",
+        );
+    }
+
+    /// The secret key file is read and trimmed; a missing key is a precise
+    /// error that never contains a key.
+    #[test]
+    fn stripe_secret_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, "sk_test_fromfile\n").unwrap();
+        let g = GatewayConfig {
+            secret_key_file: Some(path),
+            ..GatewayConfig::default()
+        };
+        if std::env::var(STRIPE_SECRET_KEY_ENV).is_err() {
+            assert_eq!(g.stripe_secret_key().unwrap().expose(), "sk_test_fromfile");
+            let e = GatewayConfig::default()
+                .stripe_secret_key()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(STRIPE_SECRET_KEY_ENV), "{e}");
+        }
     }
 }
 

@@ -1,7 +1,19 @@
 //! Payment gateways. The pipeline's effect executor sees only the
-//! [`PaymentGateway`] trait; the in-process simulator is the default.
+//! [`PaymentGateway`] trait. One file per implementation, chosen by
+//! `gateway.kind` in `crate::app`:
+//!
+//! - `simulator.rs`: the in-process simulator (the default), a model of
+//!   Stripe's PaymentIntents API driven through the Stripe protocol code;
+//! - `stripe.rs`: the Stripe-compatible HTTP client (Stripe, `stripe-mock`,
+//!   or `orderflow gateway-sim`);
+//! - `sim_server.rs`: `orderflow gateway-sim`, the simulator's engine
+//!   served over HTTP as a Stripe API subset;
+//! - `breaker.rs`: the circuit breaker every gateway is wrapped in.
 
+pub mod breaker;
+pub mod sim_server;
 pub mod simulator;
+pub mod stripe;
 
 use async_trait::async_trait;
 

@@ -51,11 +51,13 @@ pub struct AppState {
 
 /// Liveness flags the app flips: `ready` once partitions are recovered
 /// (`/readyz`), `accepting` false once shutdown begins (writes answer 503
-/// `shutting_down`, open SSE streams end).
+/// `shutting_down`, open SSE streams end). `gateway` is the payment
+/// gateway's circuit breaker, shown (not judged) by `/readyz`.
 #[derive(Debug)]
 pub struct Health {
     pub ready: AtomicBool,
     pub accepting: AtomicBool,
+    pub gateway: Option<Arc<crate::gateway::breaker::Breaker>>,
 }
 
 impl Health {
@@ -64,6 +66,7 @@ impl Health {
         Health {
             ready: AtomicBool::new(false),
             accepting: AtomicBool::new(true),
+            gateway: None,
         }
     }
 

@@ -351,10 +351,14 @@ pub(crate) async fn healthz() -> &'static str {
     "ok"
 }
 
-/// `GET /readyz`: 200 once every partition is recovered, else 503.
-pub(crate) async fn readyz(State(ctx): State<Ctx>) -> Result<&'static str, Problem> {
+/// `GET /readyz`: 200 `{"status": "ready", "gateway": {"gateway": NAME,
+/// "breaker": "closed" | "half_open" | "open"}}` once every partition is
+/// recovered, else 503. The breaker is shown, not judged: an open breaker
+/// still takes orders (they end `payment_failed`).
+pub(crate) async fn readyz(State(ctx): State<Ctx>) -> Result<Response, Problem> {
     if ctx.app.health.is_ready() {
-        Ok("ready")
+        let gateway = ctx.app.health.gateway.as_ref().map(|b| b.detail());
+        Ok(axum::Json(serde_json::json!({"status": "ready", "gateway": gateway})).into_response())
     } else {
         Err(Problem::not_ready())
     }

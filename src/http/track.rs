@@ -118,7 +118,7 @@ fn status_info(s: Status) -> StatusInfo {
     let (kind, icon, phase) = match s {
         Status::Confirmed => ("ok", "✓", "final"),
         s if s.is_terminal() => ("fail", "✗", "final"),
-        _ => ("progress", "…", "in progress"),
+        _ => ("progress", "→", "in progress"),
     };
     StatusInfo {
         label: s.as_str().replace('_', " "),
@@ -181,7 +181,14 @@ fn render_page(order_id: &str, view: Option<&TrackingView>, nonce: &str) -> Stri
             ("nonce", &html_escape(nonce)),
             ("order_id", &html_escape(order_id)),
             ("status", &html_escape(status.as_str())),
-            ("final", if status.is_terminal() { "true" } else { "false" }),
+            (
+                "final",
+                if status.is_terminal() {
+                    "true"
+                } else {
+                    "false"
+                },
+            ),
             ("kind", info.kind),
             ("icon", info.icon),
             ("label", &html_escape(&info.label)),
@@ -281,7 +288,11 @@ static UNAVAILABLE: LazyLock<ErrorPage> = LazyLock::new(|| {
 });
 
 fn not_found_page() -> Response {
-    html_response(StatusCode::NOT_FOUND, NOT_FOUND.body.clone(), &NOT_FOUND.csp)
+    html_response(
+        StatusCode::NOT_FOUND,
+        NOT_FOUND.body.clone(),
+        &NOT_FOUND.csp,
+    )
 }
 
 fn unavailable_page(retry_after_s: u32) -> Response {
@@ -409,7 +420,9 @@ mod tests {
             .map(|s| html.find(&format!("data-status=\"{s}\"><span")).unwrap())
             .collect();
         assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
-        assert!(html.contains("<time datetime=\"2023-11-14T22:13:20.000Z\">2023-11-14 22:13:20 UTC</time>"));
+        assert!(html.contains(
+            "<time datetime=\"2023-11-14T22:13:20.000Z\">2023-11-14 22:13:20 UTC</time>"
+        ));
         assert!(html.contains("<p id=\"status-reason\" hidden>"));
         assert!(html.contains("<p id=\"timeline-empty\" class=\"note\" hidden>"));
         assert!(html.contains("<noscript>"));

@@ -5,16 +5,40 @@
 //!
 //! Effects are at-least-once (they are re-run after a crash from the
 //! processor's outbox); the gateway's idempotency keys make that safe.
+//!
+//! Reliability rules (the gateway itself is wrapped in a circuit breaker,
+//! `crate::gateway::breaker`, and the HTTP client has connect and request
+//! timeouts):
+//! - Only retryable failures (`GatewayError::Unavailable`: network errors,
+//!   timeouts, 429, 5xx, an open circuit) are retried, with exponential
+//!   back-off (`gateway.retry_base_ms`, doubling, capped at 5 s) and jitter.
+//! - An **authorization** makes at most `gateway.max_attempts` attempts and
+//!   must finish within `gateway.payment_deadline_ms` from its start, the
+//!   call in flight included; otherwise its result is
+//!   `PaymentOutcome::Failed { reason: "gateway_unavailable" }`, and the
+//!   processor releases the stock and voids (by order) whatever the
+//!   gateway may have authorized.
+//! - A **capture or void** is never given up while the process runs: money
+//!   must move as the processor decided. After `max_attempts` failed
+//!   attempts it is parked (holding no in-flight slot) and tried again
+//!   after 1 s, 2 s, ... up to 30 s (with jitter) until it succeeds or is
+//!   refused for good (logged). The parked count is the
+//!   `orderflow_queue_depth{queue="effects_parked"}` gauge.
+//! - At shutdown (every runner gone) calls in flight and parked effects
+//!   are abandoned: they are still in the checkpointed outbox and run
+//!   again at the next start, under the same idempotency keys.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::config::GatewayConfig;
 use crate::domain::{Effect, EffectKind, Envelope, Message, PaymentOutcome, RecordKind};
+use crate::gateway::breaker::CIRCUIT_OPEN;
 use crate::gateway::{AuthorizeOutcome, AuthorizeRequest, GatewayError, PaymentGateway};
 use crate::pipeline::log::{Log, LogError, Record, Topic, append_keyed};
 use crate::sinks::metrics::Metrics;
@@ -23,6 +47,9 @@ use crate::sinks::metrics::Metrics;
 pub const EFFECT_QUEUE_DEPTH: usize = 65_536;
 /// Longest back-off between two attempts.
 const MAX_BACKOFF_MS: u64 = 5_000;
+/// First and longest wait of a parked capture or void.
+const PARK_FIRST: Duration = Duration::from_secs(1);
+const PARK_MAX: Duration = Duration::from_secs(30);
 /// Reason of `payment_failed` when every attempt failed.
 pub const REASON_GATEWAY_UNAVAILABLE: &str = "gateway_unavailable";
 
@@ -45,12 +72,13 @@ impl EffectSender {
 struct Executor {
     log: Arc<dyn Log>,
     gateway: Arc<dyn PaymentGateway>,
-    metrics: Arc<Metrics>,
-    config: GatewayConfig,
+    retrier: Retrier,
+    inflight: Arc<Semaphore>,
+    parked: prometheus::IntGauge,
 }
 
-/// Starts the executor; it stops when every `EffectSender` is dropped and
-/// the calls in flight are done.
+/// Starts the executor; it stops when every `EffectSender` is dropped, and
+/// then abandons what is still in flight (see the module doc).
 pub fn spawn(
     log: Arc<dyn Log>,
     gateway: Arc<dyn PaymentGateway>,
@@ -58,14 +86,21 @@ pub fn spawn(
     config: GatewayConfig,
 ) -> (EffectSender, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<Effect>(EFFECT_QUEUE_DEPTH);
+    let (closing_tx, closing) = watch::channel(false);
     let inflight = Arc::new(Semaphore::new(config.max_inflight));
+    let depth = metrics.queue_depth.with_label_values(&["effects"]);
+    let parked = metrics.queue_depth.with_label_values(&["effects_parked"]);
     let exec = Arc::new(Executor {
         log,
         gateway,
-        metrics,
-        config,
+        retrier: Retrier {
+            metrics,
+            config,
+            closing,
+        },
+        inflight: inflight.clone(),
+        parked,
     });
-    let depth = exec.metrics.queue_depth.with_label_values(&["effects"]);
     let handle = tokio::spawn(async move {
         let mut tasks = JoinSet::new();
         while let Some(effect) = rx.recv().await {
@@ -76,31 +111,141 @@ pub fn spawn(
                 .expect("semaphore never closed");
             let exec = exec.clone();
             tasks.spawn(async move {
-                exec.run(effect).await;
-                drop(permit);
+                exec.run(effect, permit).await;
             });
             while tasks.try_join_next().is_some() {}
         }
+        closing_tx.send_replace(true);
         while tasks.join_next().await.is_some() {}
     });
     (EffectSender { tx, depth }, handle)
 }
 
+/// How a retried call ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Attempted<T> {
+    Answered(Result<T, GatewayError>),
+    /// The executor is closing: the effect stays in the outbox.
+    Closing,
+}
+
+/// Attempts, back-off, deadline and the closing signal, apart from the
+/// log so it can be tested alone.
+struct Retrier {
+    metrics: Arc<Metrics>,
+    config: GatewayConfig,
+    closing: watch::Receiver<bool>,
+}
+
+impl Retrier {
+    /// Calls `f` up to `max_attempts` times, retrying only retryable
+    /// errors, with exponential back-off and jitter, and never past
+    /// `deadline` (the call in flight included).
+    async fn attempts<T, F, Fut>(
+        &self,
+        op: &'static str,
+        deadline: Option<Instant>,
+        mut f: F,
+    ) -> Attempted<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, GatewayError>>,
+    {
+        let mut closing = self.closing.clone();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let started = Instant::now();
+            let call = f();
+            let result = tokio::select! {
+                biased;
+                _ = closing.wait_for(|c| *c) => return Attempted::Closing,
+                r = async {
+                    match deadline {
+                        Some(d) => tokio::time::timeout_at(d, call).await.unwrap_or_else(|_| {
+                            Err(GatewayError::Unavailable(format!(
+                                "payment deadline of {} ms passed",
+                                self.config.payment_deadline_ms
+                            )))
+                        }),
+                        None => call.await,
+                    }
+                } => r,
+            };
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(GatewayError::Unavailable(m)) if m == CIRCUIT_OPEN => "circuit_open",
+                Err(e) if e.is_retryable() => "unavailable",
+                Err(_) => "refused",
+            };
+            if outcome != "circuit_open" {
+                self.metrics
+                    .gateway_latency
+                    .with_label_values(&[op])
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            self.metrics
+                .gateway_calls
+                .with_label_values(&[op, outcome])
+                .inc();
+            match result {
+                Err(e) if e.is_retryable() && attempt < self.config.max_attempts => {
+                    let delay = self.backoff(attempt);
+                    if deadline.is_some_and(|d| Instant::now() + delay >= d) {
+                        return Attempted::Answered(Err(e));
+                    }
+                    tracing::debug!(op, attempt, delay_ms = delay.as_millis() as u64, error = %e, "gateway call failed; retrying");
+                    tokio::select! {
+                        biased;
+                        _ = closing.wait_for(|c| *c) => return Attempted::Closing,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                other => return Attempted::Answered(other),
+            }
+        }
+    }
+
+    /// `retry_base_ms × 2^(attempt-1)`, capped, of which the upper half is jitter.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let base = self
+            .config
+            .retry_base_ms
+            .saturating_mul(1 << (attempt - 1).min(16))
+            .min(MAX_BACKOFF_MS);
+        let jitter = rand::rng().random_range(0..=base / 2);
+        Duration::from_millis(base - base / 2 + jitter)
+    }
+
+    /// Sleeps `d` unless the executor closes first (then `false`).
+    async fn pause(&self, d: Duration) -> bool {
+        let mut closing = self.closing.clone();
+        tokio::select! {
+            biased;
+            _ = closing.wait_for(|c| *c) => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+}
+
 impl Executor {
-    async fn run(&self, effect: Effect) {
+    async fn run(&self, effect: Effect, permit: OwnedSemaphorePermit) {
         let body = match effect.kind {
             EffectKind::Authorize => {
                 let outcome = self.authorize(&effect).await;
-                Some(Message::PaymentResult {
+                drop(permit);
+                outcome.map(|outcome| Message::PaymentResult {
                     order_id: effect.order_id.clone(),
                     outcome,
                 })
             }
             EffectKind::Capture | EffectKind::Void => {
-                self.settle(&effect).await.then(|| Message::EffectDone {
-                    order_id: effect.order_id.clone(),
-                    kind: effect.kind,
-                })
+                self.settle(&effect, permit)
+                    .await
+                    .then(|| Message::EffectDone {
+                        order_id: effect.order_id.clone(),
+                        kind: effect.kind,
+                    })
             }
         };
         if let Some(body) = body {
@@ -108,7 +253,8 @@ impl Executor {
         }
     }
 
-    async fn authorize(&self, effect: &Effect) -> PaymentOutcome {
+    /// The authorization's outcome, or `None` when abandoned at shutdown.
+    async fn authorize(&self, effect: &Effect) -> Option<PaymentOutcome> {
         let req = AuthorizeRequest {
             order_id: effect.order_id.clone(),
             amount: effect.amount,
@@ -116,93 +262,72 @@ impl Executor {
             token: effect.token.clone(),
             idempotency_key: effect.idempotency_key(),
         };
-        match self
-            .retrying("authorize", || self.gateway.authorize(&req))
-            .await
-        {
-            Ok(AuthorizeOutcome::Authorized { payment_id }) => {
-                PaymentOutcome::Authorized { payment_id }
-            }
-            Ok(AuthorizeOutcome::Declined { code }) => PaymentOutcome::Declined { code },
-            Err(e) => {
-                tracing::warn!(order_id = %effect.order_id, error = %e, "authorization failed after retries");
-                PaymentOutcome::Failed {
-                    reason: REASON_GATEWAY_UNAVAILABLE.to_owned(),
-                }
-            }
-        }
+        let deadline =
+            Instant::now() + Duration::from_millis(self.retrier.config.payment_deadline_ms);
+        let answered = self
+            .retrier
+            .attempts("authorize", Some(deadline), || self.gateway.authorize(&req))
+            .await;
+        authorization_outcome(&effect.order_id, answered)
     }
 
     /// Capture or void; true once done (or refused for good, which is
-    /// logged: retrying cannot help and the outbox must not grow forever).
-    async fn settle(&self, effect: &Effect) -> bool {
+    /// logged: retrying cannot help). Retries, parked between rounds, until
+    /// then; false only when the executor closes first.
+    async fn settle(&self, effect: &Effect, permit: OwnedSemaphorePermit) -> bool {
         let key = effect.idempotency_key();
-        let result = match effect.kind {
-            EffectKind::Capture => {
-                self.retrying("capture", || {
-                    self.gateway
-                        .capture(&effect.payment_id, effect.amount, &key)
-                })
-                .await
-            }
-            _ => {
-                self.retrying("void", || {
-                    self.gateway
-                        .void(&effect.order_id, &effect.payment_id, &key)
-                })
-                .await
-            }
-        };
-        match result {
-            Ok(()) => true,
-            Err(GatewayError::Refused(reason)) => {
-                tracing::error!(order_id = %effect.order_id, op = effect.kind.as_str(), %reason, "gateway refused; giving up");
-                true
-            }
-            Err(e) => {
-                // Left in the outbox: retried at the next start.
-                tracing::error!(order_id = %effect.order_id, op = effect.kind.as_str(), error = %e, "gateway unavailable; will retry after restart");
-                false
-            }
-        }
-    }
-
-    /// Calls `f` up to `max_attempts` times with exponential back-off and
-    /// jitter, retrying only retryable errors.
-    async fn retrying<T, F, Fut>(&self, op: &'static str, mut f: F) -> Result<T, GatewayError>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, GatewayError>>,
-    {
-        let mut attempt = 0;
+        let op = effect.kind.as_str();
+        let mut permit = Some(permit);
+        let mut park = PARK_FIRST;
         loop {
-            attempt += 1;
-            let started = Instant::now();
-            let result = f().await;
-            self.metrics
-                .gateway_latency
-                .with_label_values(&[op])
-                .observe(started.elapsed().as_secs_f64());
-            let outcome = match &result {
-                Ok(_) => "ok",
-                Err(e) if e.is_retryable() => "unavailable",
-                Err(_) => "refused",
-            };
-            self.metrics
-                .gateway_calls
-                .with_label_values(&[op, outcome])
-                .inc();
-            match result {
-                Err(e) if e.is_retryable() && attempt < self.config.max_attempts => {
-                    let base = self
-                        .config
-                        .retry_base_ms
-                        .saturating_mul(1 << (attempt - 1).min(16))
-                        .min(MAX_BACKOFF_MS);
-                    let jitter = rand::rng().random_range(0..=base / 2);
-                    tokio::time::sleep(Duration::from_millis(base / 2 + jitter)).await;
+            let slot = match permit.take() {
+                Some(p) => p,
+                None => {
+                    let mut closing = self.retrier.closing.clone();
+                    tokio::select! {
+                        biased;
+                        _ = closing.wait_for(|c| *c) => return false,
+                        p = self.inflight.clone().acquire_owned() => p.expect("semaphore never closed"),
+                    }
                 }
-                other => return other,
+            };
+            let answered = match effect.kind {
+                EffectKind::Capture => {
+                    self.retrier
+                        .attempts(op, None, || {
+                            self.gateway
+                                .capture(&effect.payment_id, effect.amount, &key)
+                        })
+                        .await
+                }
+                _ => {
+                    self.retrier
+                        .attempts(op, None, || {
+                            self.gateway
+                                .void(&effect.order_id, &effect.payment_id, &key)
+                        })
+                        .await
+                }
+            };
+            drop(slot);
+            match answered {
+                Attempted::Closing => return false,
+                Attempted::Answered(Ok(())) => return true,
+                Attempted::Answered(Err(GatewayError::Refused(reason))) => {
+                    tracing::error!(order_id = %effect.order_id, op, %reason, "gateway refused; giving up");
+                    return true;
+                }
+                Attempted::Answered(Err(e)) => {
+                    let wait = park + rand_jitter(park / 4);
+                    tracing::warn!(order_id = %effect.order_id, op, error = %e, retry_in_ms = wait.as_millis() as u64, "gateway unavailable; parked, will retry");
+                    self.parked.inc();
+                    let go_on = self.retrier.pause(wait).await;
+                    self.parked.dec();
+                    if !go_on {
+                        return false;
+                    }
+                    park = (park * 2).min(PARK_MAX);
+                }
             }
         }
     }
@@ -230,5 +355,157 @@ impl Executor {
                 }
             }
         }
+    }
+}
+
+fn rand_jitter(max: Duration) -> Duration {
+    let ms = max.as_millis() as u64;
+    Duration::from_millis(rand::rng().random_range(0..=ms))
+}
+
+/// Maps the authorization's last answer; `None` when abandoned.
+fn authorization_outcome(
+    order_id: &str,
+    answered: Attempted<AuthorizeOutcome>,
+) -> Option<PaymentOutcome> {
+    match answered {
+        Attempted::Closing => None,
+        Attempted::Answered(Ok(AuthorizeOutcome::Authorized { payment_id })) => {
+            Some(PaymentOutcome::Authorized { payment_id })
+        }
+        Attempted::Answered(Ok(AuthorizeOutcome::Declined { code })) => {
+            Some(PaymentOutcome::Declined { code })
+        }
+        Attempted::Answered(Err(e)) => {
+            tracing::warn!(order_id = %order_id, error = %e, "authorization failed after retries");
+            Some(PaymentOutcome::Failed {
+                reason: REASON_GATEWAY_UNAVAILABLE.to_owned(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn retrier(max_attempts: u32, deadline_ms: u64) -> (Retrier, watch::Sender<bool>) {
+        let (tx, closing) = watch::channel(false);
+        let config = GatewayConfig {
+            max_attempts,
+            retry_base_ms: 100,
+            payment_deadline_ms: deadline_ms,
+            ..GatewayConfig::default()
+        };
+        (
+            Retrier {
+                metrics: Arc::new(Metrics::new()),
+                config,
+                closing,
+            },
+            tx,
+        )
+    }
+
+    /// Retryable failures are retried up to `max_attempts`, refusals never,
+    /// and a success after failures is returned.
+    #[tokio::test(start_paused = true)]
+    async fn retries_only_retryable_and_bounded() {
+        let (r, _tx) = retrier(4, 60_000);
+        let calls = AtomicU32::new(0);
+        let got: Attempted<()> = r
+            .attempts("authorize", None, || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(GatewayError::Unavailable("503".into()))
+            })
+            .await;
+        assert!(matches!(
+            got,
+            Attempted::Answered(Err(GatewayError::Unavailable(_)))
+        ));
+        assert_eq!(calls.swap(0, Ordering::SeqCst), 4);
+
+        let got: Attempted<()> = r
+            .attempts("authorize", None, || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(GatewayError::Refused("400".into()))
+            })
+            .await;
+        assert!(matches!(
+            got,
+            Attempted::Answered(Err(GatewayError::Refused(_)))
+        ));
+        assert_eq!(calls.swap(0, Ordering::SeqCst), 1);
+
+        let got = r
+            .attempts("authorize", None, || async {
+                if calls.fetch_add(1, Ordering::SeqCst) < 2 {
+                    Err(GatewayError::Unavailable("reset".into()))
+                } else {
+                    Ok(7)
+                }
+            })
+            .await;
+        assert_eq!(got, Attempted::Answered(Ok(7)));
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    /// An authorization that cannot finish before the deadline (a call
+    /// that hangs) ends `payment_failed` / `gateway_unavailable` at the
+    /// deadline, whatever `max_attempts` allows.
+    #[tokio::test(start_paused = true)]
+    async fn deadline_bounds_total_time() {
+        let (r, _tx) = retrier(100, 2_000);
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(2_000);
+        let got: Attempted<AuthorizeOutcome> = r
+            .attempts("authorize", Some(deadline), || async {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok(AuthorizeOutcome::Declined { code: "x".into() })
+            })
+            .await;
+        assert_eq!(start.elapsed(), Duration::from_millis(2_000));
+        assert_eq!(
+            authorization_outcome("o1", got),
+            Some(PaymentOutcome::Failed {
+                reason: REASON_GATEWAY_UNAVAILABLE.into()
+            })
+        );
+        // Fast failures stop before a back-off would cross the deadline.
+        let calls = AtomicU32::new(0);
+        let start = Instant::now();
+        let got: Attempted<()> = r
+            .attempts(
+                "authorize",
+                Some(start + Duration::from_millis(2_000)),
+                || async {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    Err(GatewayError::Unavailable("503".into()))
+                },
+            )
+            .await;
+        assert!(matches!(got, Attempted::Answered(Err(_))));
+        assert!(start.elapsed() < Duration::from_millis(2_000));
+        assert!(calls.load(Ordering::SeqCst) < 100);
+    }
+
+    /// Closing abandons a call in flight and a back-off alike.
+    #[tokio::test(start_paused = true)]
+    async fn closing_abandons() {
+        let (r, tx) = retrier(4, 60_000);
+        let closer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tx.send_replace(true);
+        });
+        let got: Attempted<()> = r
+            .attempts("capture", None, || async {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                Ok(())
+            })
+            .await;
+        assert_eq!(got, Attempted::Closing);
+        closer.await.unwrap();
+        assert!(!r.pause(Duration::from_secs(10)).await);
     }
 }

@@ -283,6 +283,12 @@ impl Intake {
         if let Some(existing) = self.store.get_intake(&order_id).await? {
             return self.answer(&existing);
         }
+        // The contact email, for email notifications (the status events do
+        // not carry it). Stored before the order reaches the log, so the
+        // notifications sink finds it for every status of the order.
+        if let Some(email) = order.contact.as_ref().and_then(|c| c.email.as_deref()) {
+            self.store.put_contact(&order_id, email).await?;
+        }
         let raw = new_token_bytes();
         let token = encode_token(&raw);
         let record = Record {
@@ -569,6 +575,7 @@ mod tests {
     struct MemStore {
         intake: StdMutex<BTreeMap<String, IntakeRecord>>,
         secrets: StdMutex<BTreeMap<String, [u8; 32]>>,
+        contacts: StdMutex<BTreeMap<String, String>>,
     }
 
     #[async_trait]
@@ -612,6 +619,29 @@ mod tests {
                 .unwrap()
                 .entry(name.to_owned())
                 .or_insert_with(rand::random))
+        }
+        async fn put_contact(&self, order_id: &str, email: &str) -> Result<(), StoreError> {
+            let mut contacts = self.contacts.lock().unwrap();
+            contacts.insert(order_id.to_owned(), email.to_owned());
+            Ok(())
+        }
+        async fn get_contacts(&self, ids: &[String]) -> Result<Vec<Option<String>>, StoreError> {
+            let contacts = self.contacts.lock().unwrap();
+            Ok(ids.iter().map(|id| contacts.get(id).cloned()).collect())
+        }
+        async fn notified(
+            &self,
+            keys: &[(String, String)],
+        ) -> Result<Vec<Option<u32>>, StoreError> {
+            Ok(vec![None; keys.len()])
+        }
+        async fn record_notified(
+            &self,
+            _: &str,
+            _: &[(u32, u64)],
+            _: &[crate::pipeline::store::Notified],
+        ) -> Result<(), StoreError> {
+            Ok(())
         }
     }
 
@@ -663,6 +693,29 @@ mod tests {
         assert!(!i.verify_token("o-1", "nope").await);
         assert!(!i.verify_token("o-2", &a.tracking_token).await);
         assert!(a.tracking_token.len() >= 43);
+    }
+
+    /// A submitted order's contact email is kept for notifications; an
+    /// order without one, and a produced line, keep none.
+    #[tokio::test]
+    async fn submit_keeps_contact_email() {
+        let (_, store, i) = intake().await;
+        let with = order(Some("o-mail")).replace(
+            r#""payment""#,
+            r#""contact":{"email":"ada@example.com"},"payment""#,
+        );
+        i.submit(with.as_bytes(), None).await.unwrap();
+        i.submit(order(Some("o-none")).as_bytes(), None)
+            .await
+            .unwrap();
+        i.produce_raw(with.replace("o-mail", "o-raw").as_bytes())
+            .await
+            .unwrap();
+        let ids = ["o-mail", "o-none", "o-raw"].map(String::from);
+        assert_eq!(
+            store.get_contacts(&ids).await.unwrap(),
+            vec![Some("ada@example.com".to_owned()), None, None]
+        );
     }
 
     /// An idempotency key derives a stable id; no key gives fresh ids.

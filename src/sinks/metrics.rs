@@ -3,7 +3,8 @@
 //! conventions: `orderflow_` prefix, base units, `_total` for counters.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::domain::StatusEvent;
@@ -32,7 +33,19 @@ pub struct Metrics {
     pub partition_lag: IntGaugeVec,
     pub gateway_calls: IntCounterVec,
     pub gateway_latency: HistogramVec,
+    /// Circuit breaker state per gateway: 0 closed, 1 half-open, 2 open.
+    pub gateway_breaker_state: IntGaugeVec,
+    /// Circuit breaker transitions, by gateway and state entered.
+    pub gateway_breaker_transitions: IntCounterVec,
     pub http_requests: IntCounterVec,
+    /// Settled notifications by target and outcome (`delivered`,
+    /// `abandoned`, `interrupted`, `no_contact`).
+    pub notification_deliveries: IntCounterVec,
+    pub notification_retries: IntCounterVec,
+    /// Time from a delivery's start (waiting for a slot included) to settled.
+    pub notification_latency: HistogramVec,
+    /// Emails per SMTP batch (one connection each).
+    pub email_batch_size: Histogram,
 }
 
 impl Metrics {
@@ -120,11 +133,51 @@ impl Metrics {
                 &["op"],
                 STAGE_BUCKETS_S,
             ),
+            gateway_breaker_state: gauge(
+                "orderflow_gateway_breaker_state",
+                "Payment gateway circuit breaker state: 0 closed, 1 half-open, 2 open.",
+                &["gateway"],
+            ),
+            gateway_breaker_transitions: counter(
+                "orderflow_gateway_breaker_transitions_total",
+                "Payment gateway circuit breaker transitions, by state entered.",
+                &["gateway", "to"],
+            ),
             http_requests: counter(
                 "orderflow_http_requests_total",
                 "HTTP requests, by route and status code.",
                 &["route", "code"],
             ),
+            notification_deliveries: counter(
+                "orderflow_notification_deliveries_total",
+                "Notification deliveries settled, by endpoint and outcome.",
+                &["endpoint", "outcome"],
+            ),
+            notification_retries: counter(
+                "orderflow_notification_retries_total",
+                "Notification attempts that failed and were retried, by endpoint.",
+                &["endpoint"],
+            ),
+            notification_latency: hist(
+                "orderflow_notification_delivery_seconds",
+                "Time from a notification's start to delivered or given up, by endpoint.",
+                &["endpoint"],
+                STAGE_BUCKETS_S,
+            ),
+            email_batch_size: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "orderflow_notification_email_batch_size",
+                        "Emails sent per SMTP batch (one connection each).",
+                    )
+                    .buckets(vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 500.0]),
+                )
+                .expect("valid histogram");
+                registry
+                    .register(Box::new(h.clone()))
+                    .expect("unique metric");
+                h
+            },
             registry,
         }
     }

@@ -1,5 +1,6 @@
 //! Consumers of the `order-status` topic: the tracking read model (with its
-//! live SSE fan-out) and metrics.
+//! live SSE fan-out), notifications (webhooks, email) and metrics.
 
 pub mod metrics;
+pub mod notifications;
 pub mod tracking;

@@ -178,3 +178,112 @@ pub fn order_body(id: &str, sku: &str, quantity: u32) -> serde_json::Value {
         "lines": [{"sku": sku, "quantity": quantity, "unit_price": 1999}],
         "payment": {"token": "tok_visa"}, "contact": {"email": "ada@example.com"}})
 }
+
+/// A running `orderflow gateway-sim` and everything it printed.
+pub struct GatewaySim {
+    pub child: Child,
+    /// `http://IP:PORT`, the `gateway.url` to give orderflow.
+    pub url: String,
+    pub output: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+/// Starts `orderflow gateway-sim --listen 127.0.0.1:0 ARGS...` and waits for
+/// the address it prints (`gateway-sim listening addr=IP:PORT`).
+pub fn start_gateway_sim(args: &[&str], extra_env: &[(&str, &str)]) -> GatewaySim {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_orderflow"));
+    cmd.args(["gateway-sim", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn orderflow gateway-sim");
+    let output = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (addr_tx, addr_rx) = mpsc::channel::<String>();
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let (output, addr_tx) = (output.clone(), addr_tx.clone());
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stream);
+            let mut line = Vec::new();
+            while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+                let text = strip_ansi(&String::from_utf8_lossy(&line));
+                if let Some(rest) = text.strip_prefix("gateway-sim listening addr=") {
+                    let _ = addr_tx.send(rest.trim().to_owned());
+                }
+                output.lock().unwrap().extend_from_slice(&line);
+                line.clear();
+            }
+        });
+    }
+    let addr = addr_rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| {
+            let out = String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
+            panic!("gateway-sim did not report its address; output:\n{out}")
+        });
+    GatewaySim {
+        child,
+        url: format!("http://{addr}"),
+        output,
+    }
+}
+
+impl GatewaySim {
+    /// `GET /ledger`.
+    pub fn ledger(&self) -> serde_json::Value {
+        client()
+            .get(format!("{}/ledger", self.url))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+
+    /// `POST /admin/outage {"down": down}`.
+    pub fn set_down(&self, down: bool) {
+        let r = client()
+            .post(format!("{}/admin/outage", self.url))
+            .json(&serde_json::json!({ "down": down }))
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "outage switch: {}", r.status());
+    }
+
+    pub fn output_text(&self) -> String {
+        String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
+    }
+
+    /// SIGTERM and wait for the exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for GatewaySim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes an orderflow config file for `gateway.kind = "stripe"` at `url`,
+/// with `extra` appended to the `[gateway]` table; returns its path.
+pub fn stripe_config(dir: &Path, url: &str, top: &str, extra: &str) -> std::path::PathBuf {
+    let path = dir.join("orderflow.toml");
+    std::fs::write(
+        &path,
+        format!("{top}\n[gateway]\nkind = \"stripe\"\nurl = \"{url}\"\n{extra}\n"),
+    )
+    .unwrap();
+    path
+}

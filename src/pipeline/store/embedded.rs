@@ -17,10 +17,14 @@
 //! - `intake`: `order_id` → MessagePack (named fields) of [`IntakeRecord`];
 //! - `tracking`: `order_id` → MessagePack (named fields) of [`TrackingView`];
 //! - `sink_positions`: `len(sink) (u32 BE) ++ sink ++ partition (u32 BE)` → `next offset (u64 BE)`;
-//! - `secrets`: `name` → 32 bytes.
+//! - `secrets`: `name` → 32 bytes;
+//! - `contacts`: `order_id` → contact email (UTF-8), written by intake;
+//! - `notified`: `len(target) (u32 BE) ++ target ++ order_id` → highest
+//!   settled notification seq (u32 BE).
 //!
 //! Every write is one redb write transaction committed with
-//! [`Durability::Immediate`]; blocking redb calls run on tokio's blocking pool.
+//! [`Durability::Immediate`], except `put_contact` (see there); blocking
+//! redb calls run on tokio's blocking pool.
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
@@ -37,7 +41,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    Applied, CheckpointWrite, IntakeRecord, PartitionCheckpoint, StateStore, StoreError,
+    Applied, CheckpointWrite, IntakeRecord, Notified, PartitionCheckpoint, StateStore, StoreError,
     TrackingView,
 };
 use crate::domain::StatusEvent;
@@ -58,8 +62,21 @@ const INTAKE: BytesTable = TableDefinition::new(INTAKE_T);
 const TRACKING: BytesTable = TableDefinition::new(TRACKING_T);
 const SINK_POSITIONS: BytesTable = TableDefinition::new(SINK_POSITIONS_T);
 const SECRETS: BytesTable = TableDefinition::new(SECRETS_T);
+const CONTACTS_T: &str = "contacts";
+const NOTIFIED_T: &str = "notified";
+const CONTACTS: BytesTable = TableDefinition::new(CONTACTS_T);
+const NOTIFIED: BytesTable = TableDefinition::new(NOTIFIED_T);
 
-const ALL_TABLES: [BytesTable; 6] = [STATE, META, INTAKE, TRACKING, SINK_POSITIONS, SECRETS];
+const ALL_TABLES: [BytesTable; 8] = [
+    STATE,
+    META,
+    INTAKE,
+    TRACKING,
+    SINK_POSITIONS,
+    SECRETS,
+    CONTACTS,
+    NOTIFIED,
+];
 
 /// The [`StateStore`] kept in one redb database file.
 #[derive(Clone)]
@@ -568,6 +585,174 @@ impl StateStore for EmbeddedStore {
         })
         .await
     }
+
+    /// Committed with [`Durability::None`]: no fsync of its own (intake
+    /// stays one group-committed fsync per batch of requests). redb makes
+    /// it durable with the next durable commit, at the latest the
+    /// `put_intake` of the same request, which returns before the `202`.
+    async fn put_contact(&self, order_id: &str, email: &str) -> Result<(), StoreError> {
+        let (order_id, email) = (order_id.to_owned(), email.to_owned());
+        self.blocking(move |db| {
+            let mut txn = db.begin_write().map_err(|e| redb_err(e, "begin write"))?;
+            txn.set_durability(Durability::None)
+                .map_err(|e| redb_err(e, "set durability"))?;
+            {
+                let mut table = txn
+                    .open_table(CONTACTS)
+                    .map_err(|e| redb_err(e, format_args!("opening {CONTACTS_T}")))?;
+                table
+                    .insert(order_id.as_bytes(), email.as_bytes())
+                    .map_err(|e| redb_err(e, format_args!("{CONTACTS_T}[{order_id:?}] put")))?;
+            }
+            commit(txn, format_args!("{CONTACTS_T}[{order_id:?}]"))
+        })
+        .await
+    }
+
+    async fn get_contacts(&self, order_ids: &[String]) -> Result<Vec<Option<String>>, StoreError> {
+        if order_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let order_ids = order_ids.to_vec();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(|e| redb_err(e, "begin read"))?;
+            let table = txn
+                .open_table(CONTACTS)
+                .map_err(|e| redb_err(e, format_args!("opening {CONTACTS_T}")))?;
+            order_ids
+                .iter()
+                .map(|id| {
+                    let stored = table
+                        .get(id.as_bytes())
+                        .map_err(|e| redb_err(e, format_args!("{CONTACTS_T}[{id:?}]")))?;
+                    stored
+                        .map(|v| {
+                            String::from_utf8(v.value().to_vec()).map_err(|_| {
+                                StoreError::Corrupt(format!("{CONTACTS_T}[{id:?}]: not UTF-8"))
+                            })
+                        })
+                        .transpose()
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn notified(&self, keys: &[(String, String)]) -> Result<Vec<Option<u32>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = keys.to_vec();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(|e| redb_err(e, "begin read"))?;
+            let table = txn
+                .open_table(NOTIFIED)
+                .map_err(|e| redb_err(e, format_args!("opening {NOTIFIED_T}")))?;
+            let mut key = Vec::with_capacity(64);
+            keys.iter()
+                .map(|(target, order_id)| {
+                    composite(&mut key, &sink_prefix(target)?, order_id.as_bytes());
+                    let stored = table.get(key.as_slice()).map_err(|e| {
+                        redb_err(e, format_args!("{NOTIFIED_T}[{target:?}/{order_id:?}]"))
+                    })?;
+                    stored
+                        .map(|v| decode_seq(v.value(), target, order_id))
+                        .transpose()
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// One transaction: each settled `(target, order_id)` keeps the larger
+    /// seq, each position the larger offset.
+    async fn record_notified(
+        &self,
+        sink: &str,
+        positions: &[(u32, u64)],
+        settled: &[Notified],
+    ) -> Result<(), StoreError> {
+        if positions.is_empty() && settled.is_empty() {
+            return Ok(());
+        }
+        let sink = sink.to_owned();
+        let positions = positions.to_vec();
+        let settled = settled.to_vec();
+        self.blocking(move |db| {
+            let txn = begin_write(db)?;
+            {
+                let mut table = txn
+                    .open_table(NOTIFIED)
+                    .map_err(|e| redb_err(e, format_args!("opening {NOTIFIED_T}")))?;
+                let mut key = Vec::with_capacity(64);
+                for n in &settled {
+                    composite(&mut key, &sink_prefix(&n.target)?, n.order_id.as_bytes());
+                    let what = || format!("{NOTIFIED_T}[{:?}/{:?}]", n.target, n.order_id);
+                    let old = {
+                        let stored = table.get(key.as_slice()).map_err(|e| redb_err(e, what()))?;
+                        match stored {
+                            None => None,
+                            Some(v) => Some(decode_seq(v.value(), &n.target, &n.order_id)?),
+                        }
+                    };
+                    if old.is_none_or(|old| n.seq > old) {
+                        table
+                            .insert(key.as_slice(), n.seq.to_be_bytes().as_slice())
+                            .map_err(|e| redb_err(e, format_args!("{} put", what())))?;
+                    }
+                }
+            }
+            advance_positions(&txn, &sink, &positions)?;
+            commit(txn, format_args!("notifications batch of sink {sink:?}"))
+        })
+        .await
+    }
+}
+
+/// Moves each `(partition, next)` position of `sink` forward (a position
+/// keeps the larger of the stored and the given offset).
+fn advance_positions(
+    txn: &WriteTransaction,
+    sink: &str,
+    positions: &[(u32, u64)],
+) -> Result<(), StoreError> {
+    let mut table = txn
+        .open_table(SINK_POSITIONS)
+        .map_err(|e| redb_err(e, format_args!("opening {SINK_POSITIONS_T}")))?;
+    let prefix = sink_prefix(sink)?;
+    let mut key = Vec::with_capacity(prefix.len() + 4);
+    for &(partition, next) in positions {
+        composite(&mut key, &prefix, &partition.to_be_bytes());
+        let what = || format!("{SINK_POSITIONS_T}[{sink:?}/{partition}]");
+        let old = {
+            let stored = table.get(key.as_slice()).map_err(|e| redb_err(e, what()))?;
+            match stored {
+                None => None,
+                Some(v) => Some(decode_u64(
+                    v.value(),
+                    SINK_POSITIONS_T,
+                    &format_args!("{sink:?}/{partition}"),
+                )?),
+            }
+        };
+        if old.is_none_or(|old| next > old) {
+            table
+                .insert(key.as_slice(), next.to_be_bytes().as_slice())
+                .map_err(|e| redb_err(e, format_args!("{} put", what())))?;
+        }
+    }
+    Ok(())
+}
+
+fn decode_seq(bytes: &[u8], target: &str, order_id: &str) -> Result<u32, StoreError> {
+    <[u8; 4]>::try_from(bytes)
+        .map(u32::from_be_bytes)
+        .map_err(|_| {
+            StoreError::Corrupt(format!(
+                "{NOTIFIED_T}[{target:?}/{order_id:?}]: expected 4 bytes, found {}",
+                bytes.len()
+            ))
+        })
 }
 
 fn begin_write(db: &Database) -> Result<WriteTransaction, StoreError> {
@@ -965,6 +1150,62 @@ mod tests {
         drop(store);
         let store = store_in(&dir);
         assert_eq!(store.secret("sealing").await.unwrap(), first);
+    }
+
+    /// Contacts read back per order id; settled notification seqs only move
+    /// forward per (target, order), and survive a reopen with the positions.
+    #[tokio::test]
+    async fn contacts_and_notified_roundtrip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_in(&dir);
+        store.put_contact("o1", "ada@example.com").await.unwrap();
+        let ids = ["o1".to_owned(), "o2".to_owned()];
+        assert_eq!(
+            store.get_contacts(&ids).await.unwrap(),
+            vec![Some("ada@example.com".to_owned()), None]
+        );
+        let n = |target: &str, order_id: &str, seq: u32| Notified {
+            target: target.into(),
+            order_id: order_id.into(),
+            seq,
+        };
+        store
+            .record_notified(
+                "notifications",
+                &[(0, 7)],
+                &[n("webhook:a", "o1", 2), n("email", "o1", 4)],
+            )
+            .await
+            .unwrap();
+        // A lower seq and a lower position never move anything back.
+        store
+            .record_notified(
+                "notifications",
+                &[(0, 3), (1, 2)],
+                &[n("webhook:a", "o1", 1), n("webhook:a", "o2", 1)],
+            )
+            .await
+            .unwrap();
+        drop(store);
+        let store = store_in(&dir);
+        let keys = [
+            ("webhook:a".to_owned(), "o1".to_owned()),
+            ("webhook:a".to_owned(), "o2".to_owned()),
+            ("email".to_owned(), "o1".to_owned()),
+            ("webhook:b".to_owned(), "o1".to_owned()),
+        ];
+        assert_eq!(
+            store.notified(&keys).await.unwrap(),
+            vec![Some(2), Some(1), Some(4), None]
+        );
+        assert_eq!(
+            store.sink_positions("notifications").await.unwrap(),
+            BTreeMap::from([(0, 7), (1, 2)])
+        );
+        assert_eq!(
+            store.get_contacts(&ids[..1]).await.unwrap(),
+            vec![Some("ada@example.com".to_owned())]
+        );
     }
 
     /// Undecodable stored bytes give `Corrupt` naming the table and key, never a panic.

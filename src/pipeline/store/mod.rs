@@ -1,7 +1,8 @@
 //! The state store: checkpoints of partition state with their log offsets,
-//! intake (idempotency) records, and the tracking read model. The pipeline
-//! sees only the [`StateStore`] trait; redb (embedded) and ScyllaDB
-//! implement it, and `crate::app` picks one at start-up.
+//! intake (idempotency) records, the tracking read model, and what the
+//! notifications sink has delivered (with the contacts intake kept). The
+//! pipeline sees only the [`StateStore`] trait; redb (embedded) and
+//! ScyllaDB implement it, and `crate::app` picks one at start-up.
 
 pub mod embedded;
 
@@ -63,6 +64,15 @@ pub struct HistoryEntry {
 pub struct Applied {
     pub event: StatusEvent,
     pub prev_at_ms: Option<u64>,
+}
+
+/// A settled notification: every status event of `order_id` up to `seq`
+/// has been delivered to `target` (or given up on after its retries).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notified {
+    pub target: String,
+    pub order_id: String,
+    pub seq: u32,
 }
 
 /// The tracking read model's view of one order.
@@ -167,4 +177,27 @@ pub trait StateStore: Send + Sync + 'static {
     /// A 32-byte secret named `name`, created at random on first use and
     /// kept in the store from then on.
     async fn secret(&self, name: &str) -> Result<[u8; 32], StoreError>;
+
+    /// Remembers the contact email of an order, for email notifications.
+    /// Only intake writes it, before it appends the order. It need not be
+    /// durable on return, but must be no later than the next `put_intake`
+    /// returns (so every order answered `202` has its contact durable).
+    async fn put_contact(&self, order_id: &str, email: &str) -> Result<(), StoreError>;
+
+    /// The contact email of each order id, in input order (`None`: unknown).
+    async fn get_contacts(&self, order_ids: &[String]) -> Result<Vec<Option<String>>, StoreError>;
+
+    /// The highest settled notification seq of each `(target, order_id)`,
+    /// in input order (`None`: nothing settled yet).
+    async fn notified(&self, keys: &[(String, String)]) -> Result<Vec<Option<u32>>, StoreError>;
+
+    /// Records settled notifications (each `(target, order_id)` keeps the
+    /// larger seq) and moves the sink's positions (each keeps the larger
+    /// offset), in one atomic write.
+    async fn record_notified(
+        &self,
+        sink: &str,
+        positions: &[(u32, u64)],
+        settled: &[Notified],
+    ) -> Result<(), StoreError>;
 }
