@@ -62,6 +62,17 @@ struct Args {
     /// Turn fsync off (CPU-path comparison only; not the configuration of record).
     #[arg(long)]
     no_fsync: bool,
+    /// Payment gateway: `simulator` (in process) or `gateway-sim` (spawns
+    /// `orderflow gateway-sim` on loopback and calls it over HTTP, as
+    /// `gateway.kind = "stripe"`).
+    #[arg(long, default_value = "simulator", value_parser = ["simulator", "gateway-sim"])]
+    gateway: String,
+    /// Latency of each gateway call, in ms (either gateway).
+    #[arg(long, default_value_t = 0)]
+    gateway_latency_ms: u64,
+    /// Probability that a gateway call fails as unavailable (either gateway).
+    #[arg(long, default_value_t = 0.0)]
+    gateway_failure_rate: f64,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -151,7 +162,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let data = tempfile::Builder::new()
         .prefix("orderflow-bench-")
         .tempdir_in(&parent)?;
-    let config = bench_config(&args, data.path());
+    let mut config = bench_config(&args, data.path());
+    let _gateway_sim = gateway_sim(&args, &mut config, data.path())?;
     let app = app::start(config.clone(), None).await?;
     let log = app.log();
     let shared = Arc::new(Shared::new());
@@ -198,7 +210,49 @@ fn bench_config(args: &Args, dir: &Path) -> Config {
         ..Config::default()
     };
     config.log.fsync = !args.no_fsync;
+    config.gateway.latency_ms = args.gateway_latency_ms;
+    config.gateway.failure_rate = args.gateway_failure_rate;
     config
+}
+
+/// Kills the spawned `orderflow gateway-sim` when the run ends.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// With `--gateway gateway-sim`: starts `orderflow gateway-sim` with the
+/// gateway latency and failure rate and points `config` at it.
+fn gateway_sim(args: &Args, config: &mut Config, dir: &Path) -> anyhow::Result<Option<ChildGuard>> {
+    use std::io::BufRead;
+    if args.gateway != "gateway-sim" {
+        return Ok(None);
+    }
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_orderflow"))
+        .args(["gateway-sim", "--listen", "127.0.0.1:0", "--latency-ms"])
+        .arg(args.gateway_latency_ms.to_string())
+        .arg("--failure-rate")
+        .arg(args.gateway_failure_rate.to_string())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("piped stdout")).read_line(&mut line)?;
+    let guard = ChildGuard(child);
+    let addr = line
+        .trim()
+        .strip_prefix("gateway-sim listening addr=")
+        .ok_or_else(|| anyhow::anyhow!("gateway-sim printed {line:?}"))?;
+    let key_file = dir.join("stripe-key");
+    std::fs::write(&key_file, "sk_test_bench")?;
+    config.gateway.kind = orderflow::config::GatewayKind::Stripe;
+    config.gateway.url = format!("http://{addr}");
+    config.gateway.secret_key_file = Some(key_file);
+    Ok(Some(guard))
 }
 
 fn sku_names(n: u32) -> Vec<String> {
@@ -927,6 +981,10 @@ impl Report {
         );
         println!("  memory    peak RSS {:.0} MiB", self.peak_rss_mib);
         println!(
+            "  gateway   {} ({} ms latency, {} failure rate)",
+            a.gateway, a.gateway_latency_ms, a.gateway_failure_rate
+        );
+        println!(
             "  backlog   {} orders outstanding at end of load, drained in {:.2} s; {} Full retries, {} lost",
             self.run.backlog_at_end, self.run.drained_s, self.full_retries, self.lost
         );
@@ -994,6 +1052,9 @@ impl Report {
             "other_cores": self.run.internals.other_cores,
             "cpu": self.machine.cpu,
             "cores": self.machine.cores,
+            "gateway": a.gateway,
+            "gateway_latency_ms": a.gateway_latency_ms,
+            "gateway_failure_rate": a.gateway_failure_rate,
         })
         .to_string()
     }

@@ -16,8 +16,9 @@
 //!             durably, remember), inventory (stock queries and admin).
 //! gateway/    the `PaymentGateway` trait and the built-in simulator.
 //! sinks/      consumers of `order-status`: tracking read model + SSE
-//!             fan-out, Prometheus metrics.
-//! http/       axum routes, problem+json errors, SSE.
+//!             fan-out, notifications (signed webhooks, batched email),
+//!             Prometheus metrics.
+//! http/       axum routes, problem+json errors, SSE, the tracking page.
 //! cli/        clap commands; `app` wires a running instance together.
 //! config      TOML/env/flag configuration with validation.
 //! ```

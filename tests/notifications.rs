@@ -50,6 +50,8 @@ struct Receiver {
     failed_once: Mutex<HashSet<String>>,
     /// Answer 503 to the first attempt of every seq-2 event.
     fail_seq2_once: bool,
+    /// While set, every request is answered 503 (the endpoint is down).
+    down: std::sync::atomic::AtomicBool,
     /// One verified request, as received: (signature header, body).
     captured: Mutex<Option<(String, Vec<u8>)>>,
 }
@@ -90,6 +92,9 @@ async fn receive(
     );
     let order_id = v["order_id"].as_str().unwrap().to_owned();
     let seq = v["seq"].as_u64().unwrap();
+    if r.down.load(Ordering::SeqCst) {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
     if order_id.starts_with("refused-") && path == "all" {
         return StatusCode::UNPROCESSABLE_ENTITY; // permanent: given up, no retry
     }
@@ -326,6 +331,126 @@ events = "terminal"
             now: t + TOLERANCE_S + 1
         })
     );
+}
+
+/// Turning notifications on for a data directory with history notifies
+/// the status changes from then on, not the orders that came before.
+#[test]
+fn turning_notifications_on_notifies_from_then_on() {
+    let (_rt, receiver, hooks) = start_receiver(false);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = start_server(&data, &[]);
+    set_stock(&server.base, "SKU-1", 10);
+    assert_eq!(
+        submit(&server.base, &order("before-1", "SKU-1", "tok_visa", None)),
+        202
+    );
+    wait_until(Duration::from_secs(30), "the first order to end", || {
+        history_ids(&server.base, "before-1").is_some_and(|(terminal, _)| terminal)
+    });
+    assert!(server.terminate().success());
+
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[notifications]\n[[notifications.webhooks]]\nname = \"all\"\nurl = \"{hooks}/hooks/all\"\nsecret_env = \"ORDERFLOW_WEBHOOK_SECRET_ALL\"\n"
+        ),
+    );
+    let server = start_server(
+        &data,
+        &[
+            ("ORDERFLOW_CONFIG", config.to_str().unwrap()),
+            ("ORDERFLOW_WEBHOOK_SECRET_ALL", SECRET),
+        ],
+    );
+    assert_eq!(
+        submit(&server.base, &order("after-1", "SKU-1", "tok_visa", None)),
+        202
+    );
+    wait_until(Duration::from_secs(30), "the new order's events", || {
+        receiver.seen("all", |s| {
+            s.per_order
+                .get("after-1")
+                .is_some_and(|seqs| seqs.len() == 4)
+        })
+    });
+    receiver.seen("all", |s| {
+        assert!(
+            !s.per_order.contains_key("before-1"),
+            "history is not notified"
+        );
+        assert_eq!(s.per_order["after-1"], vec![1, 2, 3, 4]);
+    });
+}
+
+/// An endpoint that is down keeps its events pending (the position does
+/// not move past them); a graceful shutdown does not wait for its retries,
+/// and after the restart every event arrives, in order, once.
+#[test]
+fn endpoint_down_across_shutdown_delivers_after_restart() {
+    let (_rt, receiver, hooks) = start_receiver(false);
+    receiver.down.store(true, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[notifications]\nretry_base_ms = 200\nretry_max_ms = 2000\nmax_attempts = 1000\n[[notifications.webhooks]]\nname = \"all\"\nurl = \"{hooks}/hooks/all\"\nsecret_env = \"ORDERFLOW_WEBHOOK_SECRET_ALL\"\n"
+        ),
+    );
+    let env = [
+        ("ORDERFLOW_CONFIG", config.to_str().unwrap()),
+        ("ORDERFLOW_WEBHOOK_SECRET_ALL", SECRET),
+    ];
+    let mut server = start_server(&data, &env);
+    set_stock(&server.base, "SKU-1", 10);
+    let ids: Vec<String> = (0..5).map(|i| format!("down-{i}")).collect();
+    for id in &ids {
+        assert_eq!(
+            submit(&server.base, &order(id, "SKU-1", "tok_visa", None)),
+            202
+        );
+    }
+    wait_until(
+        Duration::from_secs(30),
+        "retries against the down endpoint",
+        || {
+            metric(
+                &server.base,
+                "orderflow_notification_retries_total{endpoint=\"all\"}",
+            ) >= 5.0
+        },
+    );
+    let stopped = std::time::Instant::now();
+    assert!(server.terminate().success());
+    assert!(
+        stopped.elapsed() < Duration::from_secs(20),
+        "shutdown waited for retries"
+    );
+    assert!(receiver.seen("all", |s| s.raw.is_empty()));
+
+    receiver.down.store(false, Ordering::SeqCst);
+    let server = start_server(&data, &env);
+    wait_until(
+        Duration::from_secs(60),
+        "every event after the restart",
+        || {
+            ids.iter().all(|id| {
+                history_ids(&server.base, id).is_some_and(|(terminal, history)| {
+                    terminal
+                        && receiver
+                            .seen("all", |s| history.iter().all(|h| s.first_seen.contains(h)))
+                })
+            })
+        },
+    );
+    receiver.seen("all", |s| {
+        for id in &ids {
+            assert_eq!(s.per_order[id], vec![1, 2, 3, 4], "{id}");
+        }
+        assert_eq!(s.raw.len(), s.first_seen.len(), "nothing twice");
+    });
 }
 
 const MAX_IN_FLIGHT: usize = 8;

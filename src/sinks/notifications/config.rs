@@ -352,6 +352,23 @@ mod tests {
         }
     }
 
+    /// The example section in the README parses and validates.
+    #[test]
+    fn readme_example_is_valid() {
+        let readme = include_str!("../../../README.md");
+        let section = readme
+            .split_once("## Notifications")
+            .expect("a Notifications section")
+            .1;
+        let example = section
+            .split_once("```toml\n")
+            .and_then(|(_, rest)| rest.split_once("```"))
+            .expect("a TOML example")
+            .0;
+        let c = parse(example).unwrap();
+        assert_eq!((c.webhooks.len(), c.email.is_some()), (1, true));
+    }
+
     /// A secret comes from its file without the trailing newline; an
     /// empty or missing one is an error that never shows a value.
     #[test]

@@ -40,6 +40,10 @@
 //! Shutdown: no new deliveries start; the attempts in flight finish (at
 //! most `timeout_ms`), what was acknowledged is recorded, and the rest is
 //! delivered after the restart.
+//!
+//! A partition with no stored position (notifications just turned on)
+//! starts at the log's end, recorded at once: status changes from then on
+//! are notified, not the history.
 
 pub mod config;
 pub mod email;
@@ -278,7 +282,20 @@ pub async fn start(
     let (notifier, mailer) = Notifier::new(config, store.clone(), metrics)
         .map_err(|e| anyhow::anyhow!("notifications: {e}"))?;
     let notifier = Arc::new(notifier);
-    let positions = store.sink_positions(SINK_NAME).await?;
+    // A partition without a position (notifications just turned on) starts
+    // at the log's end: only status changes from now on are notified, not
+    // the history. That start is recorded at once, so a crash cannot skip
+    // what comes after it.
+    let mut positions = store.sink_positions(SINK_NAME).await?;
+    let mut fresh = Vec::new();
+    for partition in 0..log.partition_count(Topic::OrderStatus) {
+        if let std::collections::btree_map::Entry::Vacant(slot) = positions.entry(partition) {
+            let (_, high) = log.offsets(Topic::OrderStatus, partition)?;
+            fresh.push((partition, high));
+            slot.insert(high);
+        }
+    }
+    store.record_notified(SINK_NAME, &fresh, &[]).await?;
     let mut tasks = Vec::new();
     for partition in 0..log.partition_count(Topic::OrderStatus) {
         let next = positions.get(&partition).copied().unwrap_or(0);
@@ -346,6 +363,8 @@ async fn deliver(n: Arc<Notifier>, job: Job, mut shutdown: watch::Receiver<bool>
             started,
         };
     };
+    // The retry budget counts from the first attempt, not from the wait for a slot.
+    let first_attempt = Instant::now();
     let mut attempt = 1;
     let outcome = loop {
         match target.attempt(&job).await {
@@ -356,7 +375,9 @@ async fn deliver(n: Arc<Notifier>, job: Job, mut shutdown: watch::Receiver<bool>
                 retry_after,
             }) => {
                 let delay = n.policy.delay(attempt, retry_after);
-                if attempt >= n.policy.max_attempts || started.elapsed() + delay > n.policy.total {
+                if attempt >= n.policy.max_attempts
+                    || first_attempt.elapsed() + delay > n.policy.total
+                {
                     break Outcome::Abandoned(format!("{detail} (after {attempt} attempts)"));
                 }
                 n.metrics
@@ -439,7 +460,6 @@ async fn run_partition(
         }
         let room = !stopping && p.pending.len() < p.n.max_pending_events;
         tokio::select! {
-            biased;
             Some(joined) = p.running.join_next(), if !p.running.is_empty() => {
                 p.complete(joined, stopping)?;
                 while let Some(joined) = p.running.try_join_next() {
@@ -449,7 +469,16 @@ async fn run_partition(
             }
             _ = shutdown.changed(), if !stopping => {}
             read = log.read(Topic::OrderStatus, partition, p.next, READ_BATCH, READ_WAIT), if room => {
-                let records = read.map_err(|source| NotifyError::Log { partition, source })?;
+                let records = match read {
+                    // Retention deleted records this sink never read (it was
+                    // turned off meanwhile): go on from the oldest one kept.
+                    Err(LogError::OffsetOutOfRange { low, .. }) if p.next < low && p.pending.is_empty() => {
+                        tracing::warn!(partition, from = p.next, to = low, "status records deleted before they were notified; skipping them");
+                        p.next = low;
+                        continue;
+                    }
+                    r => r.map_err(|source| NotifyError::Log { partition, source })?,
+                };
                 if let Some(last) = records.last() {
                     p.next = last.offset + 1;
                     p.admit(&records).await?;

@@ -122,8 +122,11 @@ pub fn verify_signature(
             .split_once('=')
             .ok_or(VerifyError::Malformed("an item is not key=value"))?;
         match key {
-            "t" if timestamp.replace(value).is_some() => {
-                return Err(VerifyError::Malformed("more than one t"));
+            "t" => {
+                if timestamp.is_some() {
+                    return Err(VerifyError::Malformed("more than one t"));
+                }
+                timestamp = Some(value);
             }
             // A v1 that is not 64 hex digits can match nothing: skip it.
             "v1" => {
