@@ -204,7 +204,7 @@ async fn start_inner(
     // keeps what the slower one still needs.
     let (tracking_log, notifications_log) = match &config.notifications {
         Some(_) => {
-            let views = notifications::release::ReleaseView::split(log.clone(), 2);
+            let views = crate::pipeline::log::release::ReleaseView::split(log.clone(), 2);
             (views[0].clone(), Some(views[1].clone()))
         }
         None => (log.clone(), None),

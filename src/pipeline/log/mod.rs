@@ -3,6 +3,7 @@
 //! and Kafka implement it, and `crate::app` picks one at start-up.
 
 pub mod embedded;
+pub mod release;
 
 use std::time::Duration;
 

@@ -47,7 +47,7 @@
 
 pub mod config;
 pub mod email;
-pub mod release;
+
 pub mod webhook;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
