@@ -14,7 +14,8 @@
 //!             checkpoints), effects (runs payment calls outside the state
 //!             machine and logs their results), intake (validate, append
 //!             durably, remember), inventory (stock queries and admin).
-//! gateway/    the `PaymentGateway` trait and the built-in simulator.
+//! gateway/    the `PaymentGateway` trait: the simulator (in process, or as
+//!             `gateway-sim`), the Stripe client, the circuit breaker.
 //! sinks/      consumers of `order-status`: tracking read model + SSE
 //!             fan-out, notifications (signed webhooks, batched email),
 //!             Prometheus metrics.
