@@ -647,7 +647,7 @@ fn gateway_outage_under_load() {
         };
         assert_eq!(statuses[id], want, "{id}");
     }
-    let mut failed = 0;
+    let mut completed_after_outage = 0;
     for (id, _) in &phase_b {
         let (s, reason) = status_of(&base, id).unwrap();
         assert!(
@@ -658,11 +658,17 @@ fn gateway_outage_under_load() {
             "{id}: {s}"
         );
         if s == "payment_failed" {
-            failed += 1;
             assert_eq!(reason.as_deref(), Some("gateway_unavailable"), "{id}");
+        } else {
+            completed_after_outage += 1;
         }
     }
-    assert!(failed > 0, "the outage failed no order");
+    // An open circuit spends no attempt: orders placed during a short
+    // outage wait (within their deadline) and complete once it is over.
+    assert!(
+        completed_after_outage > 0,
+        "no order placed during the outage completed after it"
+    );
     assert_eq!(breaker(&base), "closed");
     assert!(
         metric(
@@ -679,7 +685,7 @@ fn gateway_outage_under_load() {
     let confirmed = statuses.values().filter(|s| *s == "confirmed").count() as u64;
     assert_eq!(ledger["summary"]["captures"].as_u64().unwrap(), confirmed);
     eprintln!(
-        "outage {outage:?}: {outage_orders} orders during it ({failed} payment_failed), {calls_while_down} calls reached the gateway while down; {} calls in all",
+        "outage {outage:?}: {outage_orders} orders during it ({completed_after_outage} completed after it), {calls_while_down} calls reached the gateway while down; {} calls in all",
         ledger["summary"]["calls"]
     );
 }

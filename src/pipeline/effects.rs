@@ -14,7 +14,9 @@
 //!   back-off (`gateway.retry_base_ms`, doubling, capped at 5 s) and jitter.
 //! - An **authorization** makes at most `gateway.max_attempts` attempts and
 //!   must finish within `gateway.payment_deadline_ms` from its start, the
-//!   call in flight included; otherwise its result is
+//!   call in flight included (rejections by an open circuit spend no
+//!   attempt: the authorization waits, backing off, for the gateway to come
+//!   back until its deadline); otherwise its result is
 //!   `PaymentOutcome::Failed { reason: "gateway_unavailable" }`, and the
 //!   processor releases the stock and voids (by order) whatever the
 //!   gateway may have authorized.
@@ -188,9 +190,16 @@ impl Retrier {
                 .gateway_calls
                 .with_label_values(&[op, outcome])
                 .inc();
+            if outcome == "circuit_open" && deadline.is_some() {
+                // The breaker answered, not the gateway: an open circuit
+                // spends no attempt of a deadline-bound call, which waits
+                // (up to its deadline) for the gateway to come back instead
+                // of failing every order placed during a short outage.
+                attempt -= 1;
+            }
             match result {
                 Err(e) if e.is_retryable() && attempt < self.config.max_attempts => {
-                    let delay = self.backoff(attempt);
+                    let delay = self.backoff(attempt.max(1));
                     if deadline.is_some_and(|d| Instant::now() + delay >= d) {
                         return Attempted::Answered(Err(e));
                     }

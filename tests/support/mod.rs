@@ -57,6 +57,9 @@ pub fn start_server(data_dir: &Path, extra_env: &[(&str, &str)]) -> Server {
     let addr = addr_rx
         .recv_timeout(Duration::from_secs(60))
         .unwrap_or_else(|_| {
+            // Never leave the process running behind a failed test.
+            let _ = child.kill();
+            let _ = child.wait();
             let out = String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
             panic!("orderflow did not report its address; output:\n{out}")
         });
@@ -223,6 +226,9 @@ pub fn start_gateway_sim(args: &[&str], extra_env: &[(&str, &str)]) -> GatewaySi
     let addr = addr_rx
         .recv_timeout(Duration::from_secs(60))
         .unwrap_or_else(|_| {
+            // Never leave the process running behind a failed test.
+            let _ = child.kill();
+            let _ = child.wait();
             let out = String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
             panic!("gateway-sim did not report its address; output:\n{out}")
         });
