@@ -367,13 +367,9 @@ async fn measure(
     shared
         .window_end
         .store(start_ns + warmup_ns + window_ns, Ordering::Relaxed);
-    let producer = tokio::spawn(produce(
-        args.clone(),
-        log.clone(),
-        shared.clone(),
-        skus,
-        start_ns,
-    ));
+    let producer = tokio::spawn(
+        Producer::new(args.clone(), log.clone(), shared.clone(), skus, start_ns).run(),
+    );
 
     sleep_until_ns(shared, start_ns + warmup_ns).await;
     let before = Sample::take(shared, metrics, &*log);
@@ -410,49 +406,93 @@ struct OrderSpec {
     sku: usize,
 }
 
-/// Sends load until the end of the window; returns the orders offered in
-/// the measurement window. Each tick sends what is due as one append per
-/// partition, in its own task, so a slow append never delays the schedule.
-async fn produce(
+/// The load generator: its schedule position and what it offered.
+struct Producer {
     args: Args,
     log: Arc<dyn Log>,
     shared: Arc<Shared>,
-    skus: Vec<String>,
+    skus: Arc<Vec<String>>,
+    rng: StdRng,
     start_ns: u64,
-) -> u64 {
-    let skus = Arc::new(skus);
-    let partitions = log.partition_count(Topic::Orders);
-    let end_ns = shared.window_end.load(Ordering::Relaxed);
-    let mut rng = StdRng::seed_from_u64(42);
-    let mut scheduled: u64 = 0;
-    let mut offered_in_window = 0;
-    loop {
-        let now = shared.now_ns();
-        if now >= end_ns {
-            return offered_in_window;
+    /// Orders generated so far (open loop: the next slot of the schedule).
+    scheduled: u64,
+    offered_in_window: u64,
+}
+
+impl Producer {
+    fn new(
+        args: Args,
+        log: Arc<dyn Log>,
+        shared: Arc<Shared>,
+        skus: Vec<String>,
+        start_ns: u64,
+    ) -> Producer {
+        Producer {
+            args,
+            log,
+            shared,
+            skus: Arc::new(skus),
+            rng: StdRng::seed_from_u64(42),
+            start_ns,
+            scheduled: 0,
+            offered_in_window: 0,
         }
-        let due = due_orders(&args, &shared, now - start_ns, scheduled);
-        let mut specs = Vec::with_capacity(due as usize);
-        for k in scheduled..scheduled + due {
-            // Open loop: the k-th order's slot in the schedule. Saturation
-            // has no schedule; an order is intended when it is sent.
-            let intended = (u128::from(k) * 1_000_000_000)
-                .checked_div(u128::from(args.rate))
-                .map_or(now, |offset| start_ns + offset as u64);
-            let spec = OrderSpec {
-                n: next_order(&shared),
-                sku: rng.random_range(0..skus.len()),
-            };
-            shared.pending.insert(spec.n, intended);
-            offered_in_window += u64::from(shared.in_window(intended));
-            specs.push(spec);
+    }
+
+    /// Sends load until the end of the window; returns the orders offered
+    /// in the measurement window.
+    async fn run(mut self) -> u64 {
+        let end_ns = self.shared.window_end.load(Ordering::Relaxed);
+        loop {
+            let now = self.shared.now_ns();
+            if now >= end_ns {
+                // Open loop: every slot up to the window's end is sent even
+                // if this task runs late; lateness is latency, never a
+                // lower offered rate.
+                if self.args.rate > 0 {
+                    self.tick(end_ns, now);
+                }
+                return self.offered_in_window;
+            }
+            self.tick(now, now);
+            tokio::time::sleep(Duration::from_millis(self.args.linger_ms)).await;
         }
-        scheduled += due;
-        for (p, batch) in group_by_partition(specs, &skus, partitions) {
-            let (log, shared, skus) = (log.clone(), shared.clone(), skus.clone());
+    }
+
+    /// Sends the orders due by `horizon` as one append per partition, each
+    /// in its own task, so a slow append never delays the schedule.
+    fn tick(&mut self, horizon: u64, now: u64) {
+        let due = due_orders(
+            &self.args,
+            &self.shared,
+            horizon - self.start_ns,
+            self.scheduled,
+        );
+        let slots = self.scheduled..self.scheduled + due;
+        let specs: Vec<OrderSpec> = slots.map(|k| self.order(k, now)).collect();
+        self.scheduled += due;
+        let partitions = self.log.partition_count(Topic::Orders);
+        for (p, batch) in group_by_partition(specs, &self.skus, partitions) {
+            let (log, shared, skus) = (self.log.clone(), self.shared.clone(), self.skus.clone());
             tokio::spawn(async move { send_batch(log.as_ref(), &shared, p, batch, &skus).await });
         }
-        tokio::time::sleep(Duration::from_millis(args.linger_ms)).await;
+    }
+
+    /// The order of slot `k`, registered as pending with its intended send
+    /// time before it is sent.
+    fn order(&mut self, k: u64, now: u64) -> OrderSpec {
+        // Open loop: the slot's time in the schedule. Saturation has no
+        // schedule; an order is intended when it is sent.
+        let intended = (u128::from(k) * 1_000_000_000)
+            .checked_div(u128::from(self.args.rate))
+            .map_or(now, |offset| self.start_ns + offset as u64);
+        let spec = OrderSpec {
+            n: next_order(&self.shared),
+            sku: self.rng.random_range(0..self.skus.len()),
+        };
+        self.shared.pending.insert(spec.n, intended);
+        self.offered_in_window += u64::from(self.shared.in_window(intended));
+        spec
     }
 }
 
