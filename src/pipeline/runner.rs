@@ -229,7 +229,7 @@ async fn flush_output(
 
 /// Appends, backing off while the log is only full; other errors are fatal
 /// for the runner (it must not checkpoint past output it could not write).
-async fn append_with_retry(
+pub(crate) async fn append_with_retry(
     log: &dyn Log,
     topic: Topic,
     partition: u32,
