@@ -583,6 +583,201 @@ secret_env = "ORDERFLOW_WEBHOOK_SECRET_ALL"
     });
 }
 
+/// Checks the gateway-sim ledger against final order statuses: at most one
+/// capture per intent and one authorized intent per order, every confirmed
+/// order captured once, every other authorization canceled. `Err` says what
+/// is not (yet) so.
+fn ledger_settled(
+    ledger: &serde_json::Value,
+    statuses: &BTreeMap<String, String>,
+) -> Result<(), String> {
+    let mut authorized: BTreeMap<String, Vec<&serde_json::Value>> = BTreeMap::new();
+    for (id, i) in ledger["intents"].as_object().unwrap() {
+        if i["captures"].as_u64().unwrap() > 1 {
+            return Err(format!("intent {id} captured twice: {i}"));
+        }
+        if i["authorized"] == true {
+            let order = i["order_id"].as_str().unwrap_or("").to_owned();
+            authorized.entry(order).or_default().push(i);
+        }
+    }
+    for (order, intents) in &authorized {
+        let [i] = intents.as_slice() else {
+            return Err(format!("order {order} authorized {} times", intents.len()));
+        };
+        if statuses.get(order).map(String::as_str) == Some("confirmed") {
+            if i["status"] != "succeeded" || i["captures"] != 1 {
+                return Err(format!("confirmed order {order} not captured once: {i}"));
+            }
+        } else if i["status"] != "canceled" || i["captures"] != 0 || i["cancels"] == 0 {
+            return Err(format!("order {order} did not confirm, not canceled: {i}"));
+        }
+    }
+    match statuses
+        .iter()
+        .find(|(o, s)| *s == "confirmed" && !authorized.contains_key(*o))
+    {
+        Some((order, _)) => Err(format!("confirmed order {order} has no authorization")),
+        None => Ok(()),
+    }
+}
+
+/// SIGKILL mid-load with Stripe-kind payments (out-of-process gateway-sim) and webhooks, restart: no double capture, voids settled, one terminal notification per order.
+#[test]
+fn payments_and_webhooks_settle_once_across_sigkill() {
+    let sim = start_gateway_sim(&["--latency-ms", "5"], &[]);
+    let (_rt, receiver, hooks) = start_receiver(false);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+partitions = 4
+status_partitions = 4
+[gateway]
+kind = "stripe"
+url = "{}"
+[notifications]
+max_in_flight = {MAX_IN_FLIGHT}
+retry_base_ms = 20
+retry_max_ms = 500
+[[notifications.webhooks]]
+name = "terminal"
+url = "{hooks}/hooks/terminal"
+secret_env = "ORDERFLOW_WEBHOOK_SECRET_ALL"
+events = "terminal"
+"#,
+            sim.url
+        ),
+    );
+    let env = [
+        ("ORDERFLOW_CONFIG", config.to_str().unwrap()),
+        (
+            "ORDERFLOW_STRIPE_SECRET_KEY",
+            "sk_test_orderflow_notifications",
+        ),
+        ("ORDERFLOW_WEBHOOK_SECRET_ALL", SECRET),
+    ];
+    let mut server = start_server(&data, &env);
+    let skus = ["SKU-C1", "SKU-C2", "SKU-C3"];
+    for sku in skus {
+        set_stock(&server.base, sku, 100_000);
+    }
+
+    // A loader posts until the server dies (or 5000 orders); every fifth is declined.
+    const TOTAL: usize = 5_000;
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let base = server.base.clone();
+    let loader_acked = acked.clone();
+    let loader = std::thread::spawn(move || {
+        let c = client();
+        for n in 0..TOTAL {
+            let id = format!("combo-{n}");
+            let token = if n % 5 == 0 {
+                "tok_chargeDeclined"
+            } else {
+                "tok_visa"
+            };
+            let body = order(&id, skus[n % skus.len()], token, None);
+            match c.post(format!("{base}/v1/orders")).json(&body).send() {
+                Ok(r) if r.status() == 202 => loader_acked.lock().unwrap().push(id),
+                Ok(r) if r.status() == 429 => {}
+                // Killed while answering: the order may or may not be in the log.
+                _ => return Some(id),
+            }
+        }
+        None
+    });
+    wait_until(Duration::from_secs(120), "captures and webhooks", || {
+        sim.ledger()["summary"]["captures"].as_u64().unwrap() >= 40
+            && receiver.seen("terminal", |s| s.raw.len()) >= 40
+    });
+    server.kill();
+    let unanswered = loader.join().unwrap();
+    let mut ids = acked.lock().unwrap().clone();
+    assert!(ids.len() < TOTAL, "the kill came after the load");
+
+    let server = start_server(&data, &env);
+    if let Some(id) = unanswered
+        && order_view(&server.base, &id).is_some()
+    {
+        ids.push(id);
+    }
+    // Every order terminal, every terminal event received, the ledger settled.
+    let mut last: BTreeMap<String, (String, String)> = BTreeMap::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        for id in &ids {
+            if !last.contains_key(id)
+                && let Some(v) = order_view(&server.base, id)
+                && let status = v["status"].as_str().unwrap()
+                && is_terminal(status)
+            {
+                let seq = &v["history"].as_array().unwrap().last().unwrap()["seq"];
+                last.insert(id.clone(), (status.to_owned(), format!("{id}:{seq}")));
+            }
+        }
+        let statuses: BTreeMap<String, String> = last
+            .iter()
+            .map(|(id, (s, _))| (id.clone(), s.clone()))
+            .collect();
+        let why = if last.len() < ids.len() {
+            format!("{} of {} orders terminal", last.len(), ids.len())
+        } else if let Some((_, e)) = last
+            .values()
+            .find(|(_, e)| !receiver.seen("terminal", |s| s.first_seen.contains(e)))
+        {
+            format!("terminal event {e} not received")
+        } else {
+            match ledger_settled(&sim.ledger(), &statuses) {
+                Ok(()) => break,
+                Err(why) => why,
+            }
+        };
+        assert!(std::time::Instant::now() < deadline, "never settled: {why}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let ledger = sim.ledger();
+    let confirmed = last.values().filter(|(s, _)| s == "confirmed").count() as u64;
+    for (id, (s, _)) in &last {
+        assert!(
+            matches!(s.as_str(), "confirmed" | "payment_declined"),
+            "{id}: {s}"
+        );
+    }
+    assert!(
+        ledger["summary"]["max_captures_per_intent"]
+            .as_u64()
+            .unwrap()
+            <= 1
+    );
+    assert_eq!(ledger["summary"]["captures"].as_u64().unwrap(), confirmed);
+    receiver.seen("terminal", |s| {
+        let repeats = s.raw.len() - s.first_seen.len();
+        eprintln!(
+            "orders {} confirmed {confirmed} captures {} deliveries {} repeats {repeats}",
+            last.len(),
+            ledger["summary"]["captures"],
+            s.raw.len()
+        );
+        // Deduplicated by event id: exactly the terminal event of each order.
+        let want: BTreeSet<&String> = last.values().map(|(_, e)| e).collect();
+        let got: BTreeSet<&String> = s.first_seen.iter().collect();
+        assert_eq!(got, want);
+        for (id, (_, event)) in &last {
+            let seq: u64 = event.rsplit_once(':').unwrap().1.parse().unwrap();
+            assert_eq!(s.per_order[id], vec![seq], "{id}: one terminal event");
+        }
+        assert!(
+            repeats <= MAX_IN_FLIGHT,
+            "{repeats} repeats > max_in_flight {MAX_IN_FLIGHT}"
+        );
+    });
+    assert_eq!(receiver.bad_signatures.load(Ordering::SeqCst), 0);
+}
+
 /// The SMTP server the test starts: a child process and its mail folder.
 struct Smtp {
     child: Child,

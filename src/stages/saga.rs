@@ -9,7 +9,7 @@ use super::inventory;
 use super::processor::Ctx;
 use super::state::{LineState, Saga, SagaLine, StateKey};
 
-/// Payment reason when the gateway cannot be reached.
+/// Reason of `out_of_stock`: some line could not be held.
 pub const REASON_OUT_OF_STOCK: &str = "insufficient_stock";
 
 pub(crate) fn start(ctx: &mut Ctx<'_>, order: Order) {
