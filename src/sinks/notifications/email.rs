@@ -261,17 +261,34 @@ async fn connect(smtp: &Smtp) -> Result<AsyncSmtpConnection, AttemptError> {
         SmtpTls::Tls => Some(tls()?),
         SmtpTls::Starttls | SmtpTls::None => None,
     };
-    let connecting = AsyncSmtpConnection::connect_tokio1(
-        (smtp.host.as_str(), smtp.port),
-        Some(smtp.timeout),
-        &hello,
-        implicit,
-        None,
-    );
+    let connecting = async {
+        match implicit {
+            Some(tls) => AsyncSmtpConnection::connect_tokio1(
+                (smtp.host.as_str(), smtp.port),
+                Some(smtp.timeout),
+                &hello,
+                Some(tls),
+                None,
+            )
+            .await
+            .map_err(|e| failed("connect", &e)),
+            None => {
+                // Our own socket, to turn Nagle off: SMTP is a chain of
+                // small writes each waiting for an answer, and Nagle with
+                // delayed ACKs cost ~40 ms per email (BENCHMARKS.md).
+                let tcp = tokio::net::TcpStream::connect((smtp.host.as_str(), smtp.port))
+                    .await
+                    .map_err(|e| failed("connect", &e))?;
+                tcp.set_nodelay(true).map_err(|e| failed("connect", &e))?;
+                AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &hello)
+                    .await
+                    .map_err(|e| failed("connect", &e))
+            }
+        }
+    };
     let mut conn = tokio::time::timeout(smtp.timeout, connecting)
         .await
-        .map_err(|_| failed("connect", &"timed out"))?
-        .map_err(|e| failed("connect", &e))?;
+        .map_err(|_| failed("connect", &"timed out"))??;
     if smtp.tls == SmtpTls::Starttls {
         tokio::time::timeout(smtp.timeout, conn.starttls(tls()?, &hello))
             .await
