@@ -122,6 +122,22 @@ pub(crate) enum Access {
 
 /// Checks the token of a tracking request. Every refusal is the same 404
 /// as an unknown id.
+/// The order id of a `/v1/orders/{id}…` request and the caller's access to
+/// it; a bad path answers like an unknown order.
+pub(crate) async fn authorize_request(
+    state: &AppState,
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    query: Result<Query<TokenQuery>, axum::extract::rejection::QueryRejection>,
+    headers: &HeaderMap,
+) -> Result<(String, Access), Problem> {
+    let Ok(Path(id)) = path else {
+        return Err(Problem::order_not_found());
+    };
+    let query = query.map(|q| q.0).unwrap_or_default();
+    let access = authorize_order(state, &id, headers, &query).await?;
+    Ok((id, access))
+}
+
 pub(crate) async fn authorize_order(
     state: &AppState,
     id: &str,
@@ -152,11 +168,7 @@ pub(crate) async fn get_order(
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let state = &ctx.app;
-    let Ok(Path(id)) = path else {
-        return Err(Problem::order_not_found());
-    };
-    let query = query.map(|q| q.0).unwrap_or_default();
-    let access = authorize_order(state, &id, &headers, &query).await?;
+    let (id, access) = authorize_request(state, path, query, &headers).await?;
     let view = match state.tracking.get(&id).await {
         Ok(Some(v)) => OrderView::from_tracking(&v),
         Ok(None) => {

@@ -21,7 +21,7 @@ use super::Ctx;
 use super::Health;
 use super::auth::TokenQuery;
 use super::problem::Problem;
-use super::routes::authorize_order;
+use super::routes::authorize_request;
 use super::views::EventView;
 use crate::domain::StatusEvent;
 use crate::pipeline::store::TrackingView;
@@ -39,11 +39,7 @@ pub(crate) async fn order_events(
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let state = &ctx.app;
-    let Ok(Path(id)) = path else {
-        return Err(Problem::order_not_found());
-    };
-    let query = query.map(|q| q.0).unwrap_or_default();
-    let access = authorize_order(state, &id, &headers, &query).await?;
+    let (id, access) = authorize_request(state, path, query, &headers).await?;
     let permit = ctx
         .sse_permits
         .clone()

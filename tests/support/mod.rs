@@ -13,24 +13,26 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-5b1f";
 pub struct Server {
     pub child: Child,
     pub base: String,
-    pub output: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    pub output: Output,
 }
 
-/// Starts the binary on a free port with `data_dir` and waits until
-/// `/readyz` answers 200 (readiness, never a fixed sleep).
-pub fn start_server(data_dir: &Path, extra_env: &[(&str, &str)]) -> Server {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_orderflow"));
-    cmd.args(["run", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .env("ORDERFLOW_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("RUST_LOG", "info")
+/// Everything a spawned process printed, stdout and stderr interleaved.
+pub type Output = std::sync::Arc<std::sync::Mutex<Vec<u8>>>;
+
+/// Spawns `cmd` with piped output, collects what it prints and waits for
+/// the address that `address_in` finds in one of its lines. The process is
+/// killed if no address comes, so a failed start leaves nothing running.
+fn spawn_and_read_address(
+    mut cmd: Command,
+    what: &str,
+    address_in: fn(&str) -> Option<String>,
+) -> (Child, String, Output) {
+    let mut child = cmd
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in extra_env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("spawn orderflow");
-    let output = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    let output: Output = Default::default();
     let (addr_tx, addr_rx) = mpsc::channel::<String>();
     for stream in [
         Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
@@ -41,12 +43,7 @@ pub fn start_server(data_dir: &Path, extra_env: &[(&str, &str)]) -> Server {
             let mut reader = BufReader::new(stream);
             let mut line = Vec::new();
             while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
-                let text = strip_ansi(&String::from_utf8_lossy(&line));
-                if let Some(i) = text.find("addr=") {
-                    let addr: String = text[i + 5..]
-                        .chars()
-                        .take_while(|c| !c.is_whitespace())
-                        .collect();
+                if let Some(addr) = address_in(&strip_ansi(&String::from_utf8_lossy(&line))) {
                     let _ = addr_tx.send(addr);
                 }
                 output.lock().unwrap().extend_from_slice(&line);
@@ -54,15 +51,37 @@ pub fn start_server(data_dir: &Path, extra_env: &[(&str, &str)]) -> Server {
             }
         });
     }
-    let addr = addr_rx
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| {
-            // Never leave the process running behind a failed test.
+    match addr_rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(addr) => (child, addr, output),
+        Err(_) => {
             let _ = child.kill();
             let _ = child.wait();
             let out = String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
-            panic!("orderflow did not report its address; output:\n{out}")
-        });
+            panic!("{what} did not report its address; output:\n{out}")
+        }
+    }
+}
+
+/// Starts the binary on a free port with `data_dir` and waits until
+/// `/readyz` answers 200 (readiness, never a fixed sleep).
+pub fn start_server(data_dir: &Path, extra_env: &[(&str, &str)]) -> Server {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_orderflow"));
+    cmd.args(["run", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env("ORDERFLOW_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("RUST_LOG", "info");
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let (child, addr, output) = spawn_and_read_address(cmd, "orderflow", |text| {
+        let i = text.find("addr=")?;
+        Some(
+            text[i + 5..]
+                .chars()
+                .take_while(|c| !c.is_whitespace())
+                .collect(),
+        )
+    });
     let server = Server {
         child,
         base: format!("http://{addr}"),
@@ -187,7 +206,7 @@ pub struct GatewaySim {
     pub child: Child,
     /// `http://IP:PORT`, the `gateway.url` to give orderflow.
     pub url: String,
-    pub output: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    pub output: Output,
 }
 
 /// Starts `orderflow gateway-sim --listen 127.0.0.1:0 ARGS...` and waits for
@@ -196,42 +215,14 @@ pub fn start_gateway_sim(args: &[&str], extra_env: &[(&str, &str)]) -> GatewaySi
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_orderflow"));
     cmd.args(["gateway-sim", "--listen", "127.0.0.1:0"])
         .args(args)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .env("RUST_LOG", "info");
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().expect("spawn orderflow gateway-sim");
-    let output = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let (addr_tx, addr_rx) = mpsc::channel::<String>();
-    for stream in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ] {
-        let (output, addr_tx) = (output.clone(), addr_tx.clone());
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stream);
-            let mut line = Vec::new();
-            while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
-                let text = strip_ansi(&String::from_utf8_lossy(&line));
-                if let Some(rest) = text.strip_prefix("gateway-sim listening addr=") {
-                    let _ = addr_tx.send(rest.trim().to_owned());
-                }
-                output.lock().unwrap().extend_from_slice(&line);
-                line.clear();
-            }
-        });
-    }
-    let addr = addr_rx
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| {
-            // Never leave the process running behind a failed test.
-            let _ = child.kill();
-            let _ = child.wait();
-            let out = String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
-            panic!("gateway-sim did not report its address; output:\n{out}")
-        });
+    let (child, addr, output) = spawn_and_read_address(cmd, "gateway-sim", |text| {
+        text.strip_prefix("gateway-sim listening addr=")
+            .map(|rest| rest.trim().to_owned())
+    });
     GatewaySim {
         child,
         url: format!("http://{addr}"),

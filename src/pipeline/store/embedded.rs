@@ -140,6 +140,26 @@ impl EmbeddedStore {
     }
 
     /// Runs `f` with the database on tokio's blocking pool.
+    /// Reads and decodes the row of `table` under a text key (an order id).
+    async fn get_row<T>(&self, table: BytesTable, key: &str) -> Result<Option<T>, StoreError>
+    where
+        T: DeserializeOwned + Send + 'static,
+    {
+        let key = key.to_owned();
+        self.blocking(move |db| {
+            let name = table.name();
+            let txn = db.begin_read().map_err(|e| redb_err(e, "begin read"))?;
+            let rows = txn
+                .open_table(table)
+                .map_err(|e| redb_err(e, format_args!("opening {name}")))?;
+            let stored = rows
+                .get(key.as_bytes())
+                .map_err(|e| redb_err(e, format_args!("{name}[{key:?}]")))?;
+            stored.map(|v| decode(v.value(), name, &key)).transpose()
+        })
+        .await
+    }
+
     async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -355,20 +375,7 @@ impl StateStore for EmbeddedStore {
     }
 
     async fn get_intake(&self, order_id: &str) -> Result<Option<IntakeRecord>, StoreError> {
-        let order_id = order_id.to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(|e| redb_err(e, "begin read"))?;
-            let table = txn
-                .open_table(INTAKE)
-                .map_err(|e| redb_err(e, format_args!("opening {INTAKE_T}")))?;
-            let stored = table
-                .get(order_id.as_bytes())
-                .map_err(|e| redb_err(e, format_args!("{INTAKE_T}[{order_id:?}]")))?;
-            stored
-                .map(|v| decode(v.value(), INTAKE_T, &order_id))
-                .transpose()
-        })
-        .await
+        self.get_row(INTAKE, order_id).await
     }
 
     async fn put_intake(&self, record: IntakeRecord) -> Result<IntakeRecord, StoreError> {
@@ -525,20 +532,7 @@ impl StateStore for EmbeddedStore {
     }
 
     async fn get_tracking(&self, order_id: &str) -> Result<Option<TrackingView>, StoreError> {
-        let order_id = order_id.to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(|e| redb_err(e, "begin read"))?;
-            let table = txn
-                .open_table(TRACKING)
-                .map_err(|e| redb_err(e, format_args!("opening {TRACKING_T}")))?;
-            let stored = table
-                .get(order_id.as_bytes())
-                .map_err(|e| redb_err(e, format_args!("{TRACKING_T}[{order_id:?}]")))?;
-            stored
-                .map(|v| decode(v.value(), TRACKING_T, &order_id))
-                .transpose()
-        })
-        .await
+        self.get_row(TRACKING, order_id).await
     }
 
     async fn secret(&self, name: &str) -> Result<[u8; 32], StoreError> {
