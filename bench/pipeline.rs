@@ -610,7 +610,7 @@ async fn consume_statuses(
         let now = shared.now_ns();
         for r in records {
             next = r.offset + 1;
-            match rmp_serde::from_slice::<StatusEvent>(&r.value) {
+            match StatusEvent::decode(&r.value) {
                 Ok(event) if event.status.is_terminal() => {
                     on_terminal(&shared, &event, now, &mut latency)
                 }

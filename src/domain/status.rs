@@ -89,6 +89,46 @@ pub struct StatusEvent {
     pub at_ms: u64,
 }
 
+/// Wire version of a status record on `order-status`. A reader refuses any other.
+pub const STATUS_WIRE_VERSION: u8 = 1;
+
+#[derive(Serialize)]
+struct WireOut<'a> {
+    v: u8,
+    #[serde(flatten)]
+    event: &'a StatusEvent,
+}
+
+#[derive(Deserialize)]
+struct WireIn {
+    v: u8,
+    #[serde(flatten)]
+    event: StatusEvent,
+}
+
+impl StatusEvent {
+    /// MessagePack with field names and the wire version `v`.
+    pub fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(&WireOut {
+            v: STATUS_WIRE_VERSION,
+            event: self,
+        })
+        .expect("a status event always serializes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<StatusEvent, String> {
+        let wire: WireIn =
+            rmp_serde::from_slice(bytes).map_err(|e| format!("undecodable status record: {e}"))?;
+        if wire.v != STATUS_WIRE_VERSION {
+            return Err(format!(
+                "unsupported status record version {} (this build reads {STATUS_WIRE_VERSION})",
+                wire.v
+            ));
+        }
+        Ok(wire.event)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,5 +146,25 @@ mod tests {
             Some(Status::Confirmed),
             Status::Rejected
         ));
+    }
+
+    /// Status records round-trip with their version; another version is refused.
+    #[test]
+    fn wire_roundtrip_and_version() {
+        let e = StatusEvent {
+            order_id: "o1".into(),
+            seq: 2,
+            status: Status::Reserved,
+            reason: None,
+            at_ms: 7,
+        };
+        assert_eq!(StatusEvent::decode(&e.encode()).unwrap(), e);
+        let other = rmp_serde::to_vec_named(&WireOut { v: 9, event: &e }).unwrap();
+        assert!(
+            StatusEvent::decode(&other)
+                .unwrap_err()
+                .contains("version 9")
+        );
+        assert!(StatusEvent::decode(b"\xc1").is_err());
     }
 }

@@ -202,7 +202,7 @@ async fn flush_output(
     }
     for s in &out.statuses {
         let p = partition_for_key(s.order_id.as_bytes(), status_n);
-        let value = rmp_serde::to_vec_named(s).expect("status events serialize");
+        let value = s.encode();
         batches
             .entry((Topic::OrderStatus, p))
             .or_default()

@@ -143,7 +143,7 @@ pub async fn run_sink(
         next = last.offset + 1;
         let mut events = Vec::with_capacity(records.len());
         for r in &records {
-            match rmp_serde::from_slice::<StatusEvent>(&r.value) {
+            match StatusEvent::decode(&r.value) {
                 Ok(e) => events.push(e),
                 Err(e) => {
                     tracing::error!(partition, offset = r.offset, error = %e, "undecodable status record skipped")

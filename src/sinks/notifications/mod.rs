@@ -507,7 +507,7 @@ impl Partition {
     ) -> Result<(), NotifyError> {
         let mut wanted: Vec<(usize, u64, Arc<StatusEvent>)> = Vec::new();
         for r in records {
-            let event = match rmp_serde::from_slice::<StatusEvent>(&r.value) {
+            let event = match StatusEvent::decode(&r.value) {
                 Ok(e) => Arc::new(e),
                 Err(e) => {
                     tracing::error!(partition = self.partition, offset = r.offset, error = %e, "undecodable status record skipped");
