@@ -1,9 +1,11 @@
 //! Wiring of a running instance: the one place where backends are chosen.
-//! `start` opens the data directory (locked against a second process),
-//! the embedded log and store, starts one runner per `orders` partition,
-//! the effect executor, the tracking and notifications sinks and the HTTP
-//! server. `shutdown` stops intake, drains, checkpoints and closes
-//! everything in order.
+//! `start` opens the log (embedded in `data_dir`, locked against a second
+//! process, or Kafka) and the state store (embedded or ScyllaDB), the
+//! effect executor, the membership that says which partitions this
+//! instance owns (all of them embedded; a share of them in a Kafka
+//! consumer group) with the supervisor that runs their runners and sinks,
+//! and the HTTP server. `shutdown` stops intake, stops the partitions
+//! (runners checkpoint), leaves the group and closes everything in order.
 
 use std::fs::File;
 use std::net::SocketAddr;
@@ -12,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use anyhow::Context;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, GatewayKind, Secret};
@@ -21,14 +23,20 @@ use crate::gateway::breaker::{Breaker, BreakerConfig};
 use crate::gateway::simulator::Simulator;
 use crate::gateway::stripe::StripeClient;
 use crate::http::{AppState, Health};
+use crate::pipeline::backlog::Backlog;
 use crate::pipeline::effects;
 use crate::pipeline::intake::Intake;
 use crate::pipeline::inventory::Inventory;
 use crate::pipeline::log::embedded::EmbeddedLog;
+use crate::pipeline::log::kafka::KafkaLog;
 use crate::pipeline::log::{Log, Topic};
-use crate::pipeline::runner::{self, RunnerDeps, RunnerExit};
+use crate::pipeline::membership::kafka::KafkaGroup;
+use crate::pipeline::membership::{Membership, Static};
+use crate::pipeline::runner::RunnerExit;
 use crate::pipeline::store::StateStore;
 use crate::pipeline::store::embedded::EmbeddedStore;
+use crate::pipeline::store::scylla::ScyllaStore;
+use crate::pipeline::supervisor::{self, Stop};
 use crate::sinks::metrics::Metrics;
 use crate::sinks::notifications;
 use crate::sinks::tracking::{self, Tracking};
@@ -40,13 +48,14 @@ pub struct App {
     shutdown_tx: watch::Sender<bool>,
     http_stop: Option<tokio::sync::oneshot::Sender<()>>,
     http: JoinHandle<std::io::Result<()>>,
-    runners: Vec<JoinHandle<Result<RunnerExit, runner::RunnerError>>>,
-    sinks: Vec<JoinHandle<Result<(), tracking::SinkError>>>,
+    supervisor: JoinHandle<Vec<RunnerExit>>,
+    membership: Box<dyn Membership>,
+    live_feed: Option<Vec<JoinHandle<()>>>,
     notifications: Option<notifications::Running>,
     executor: JoinHandle<()>,
     log: Arc<dyn Log>,
     fatal_rx: mpsc::Receiver<String>,
-    _lock: File,
+    _lock: Option<File>,
     /// The in-process simulator, when `gateway.kind` is `simulator`.
     pub simulator: Option<Arc<Simulator>>,
     /// The circuit breaker every gateway call goes through.
@@ -142,20 +151,16 @@ async fn start_inner(
     gateway: Gateway,
 ) -> anyhow::Result<App> {
     config.validate()?;
-    let lock = lock_data_dir(&config.data_dir)?;
-    let metrics = Arc::new(Metrics::new());
-    let topics = [
-        (Topic::Orders, config.partitions),
-        (Topic::OrderStatus, config.status_partitions),
-    ];
-    let log: Arc<dyn Log> = Arc::new(EmbeddedLog::open(
-        &config.data_dir.join("log"),
-        &topics,
-        &config.log,
-        metrics.clone(),
-    )?);
-    let store: Arc<dyn StateStore> =
-        Arc::new(EmbeddedStore::open(&config.data_dir.join("state.redb"))?);
+    // Only a deployment with something on local disk takes the data dir.
+    let lock = match (&config.kafka, &config.scylla) {
+        (Some(_), Some(_)) => None,
+        _ => Some(lock_data_dir(&config.data_dir)?),
+    };
+    let metrics = Arc::new(Metrics::with_top_skus(config.metrics.top_out_of_stock_skus));
+    // Before anything starts, so a bad certificate leaves nothing running.
+    let server = crate::http::server::Server::new(&config.http, &metrics)?;
+    let log = open_log(&config, &metrics).await?;
+    let store = open_store(&config, &metrics).await?;
     let (simulator, gateway_name, inner) = gateway.split();
     let breaker = Arc::new(Breaker::new(
         gateway_name,
@@ -169,127 +174,116 @@ async fn start_inner(
         metrics.clone(),
         config.gateway.clone(),
     );
-    let inventory = Arc::new(Inventory::new(log.clone()));
+    let inventory = Arc::new(Inventory::new(log.clone(), store.clone()));
     let tracking = Arc::new(Tracking::new(store.clone(), metrics.clone()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (fatal_tx, fatal_rx) = mpsc::channel::<String>(64);
-    let recovered = Arc::new(Semaphore::new(0));
-
-    let mut runners = Vec::new();
-    for partition in 0..config.partitions {
-        let deps = RunnerDeps {
-            log: log.clone(),
-            store: store.clone(),
-            effects: effects.clone(),
-            inventory: inventory.clone(),
-            metrics: metrics.clone(),
-            checkpoint: config.checkpoint.clone(),
-            retention: config.processor.retention(),
-            epoch: 1,
-            recovered: recovered.clone(),
-        };
-        let (rx, fatal) = (shutdown_rx.clone(), fatal_tx.clone());
-        runners.push(tokio::spawn(async move {
-            let result = runner::run(partition, deps, rx).await;
-            if let Err(e) = &result {
-                tracing::error!(error = %e, "partition runner failed");
-                let _ = fatal.send(e.to_string()).await;
+    // A log that refuses appends for good (a failed fsync) cannot be
+    // trusted: stop, rather than answer 503 until someone notices.
+    {
+        let (log, fatal, mut stop) = (log.clone(), fatal_tx.clone(), shutdown_rx.clone());
+        tokio::spawn(async move {
+            let failed = tokio::select! {
+                reason = log.failed() => Some(reason),
+                _ = stop.wait_for(|stopping| *stopping) => None,
+            };
+            if let Some(reason) = failed {
+                let _ = fatal.send(reason).await;
             }
-            result
-        }));
+        });
     }
-    drop(effects);
-
-    // Two consumers of `order-status` when notifications are on: retention
-    // keeps what the slower one still needs.
-    let (tracking_log, notifications_log) = match &config.notifications {
-        Some(_) => {
-            let views = crate::pipeline::log::release::ReleaseView::split(log.clone(), 2);
-            (views[0].clone(), Some(views[1].clone()))
-        }
-        None => (log.clone(), None),
-    };
-    let positions = store.sink_positions(tracking::SINK_NAME).await?;
-    let mut sinks = Vec::new();
-    for partition in 0..config.status_partitions {
-        let next = positions.get(&partition).copied().unwrap_or(0);
-        let (t, l, rx, fatal) = (
-            tracking.clone(),
-            tracking_log.clone(),
-            shutdown_rx.clone(),
-            fatal_tx.clone(),
-        );
-        sinks.push(tokio::spawn(async move {
-            let result = tracking::run_sink(t, l, partition, next, rx).await;
-            if let Err(e) = &result {
-                tracing::error!(error = %e, "tracking sink failed");
-                let _ = fatal.send(e.to_string()).await;
-            }
-            result
-        }));
-    }
-    let notifications = match (&config.notifications, notifications_log) {
-        (Some(n), Some(l)) => Some(
-            notifications::start(
-                n,
-                store.clone(),
-                l,
-                metrics.clone(),
-                shutdown_rx.clone(),
-                fatal_tx.clone(),
-            )
-            .await?,
-        ),
-        _ => None,
-    };
-
     let health = Arc::new(Health {
         gateway: Some(breaker.clone()),
         ..Health::default()
     });
+
+    // Two consumers of `order-status` when notifications are on: retention
+    // keeps what the slower one still needs.
+    let (tracking_log, notifications) = match &config.notifications {
+        Some(n) => {
+            let views = crate::pipeline::log::release::ReleaseView::split(log.clone(), 2);
+            let running = notifications::start(n, store.clone(), metrics.clone())?;
+            (views[0].clone(), Some((running, views[1].clone())))
+        }
+        None => (log.clone(), None),
+    };
+    let backlog = Arc::new(Backlog::new(config.partitions));
+    let deps = supervisor::Deps {
+        log: log.clone(),
+        store: store.clone(),
+        effects,
+        inventory: inventory.clone(),
+        metrics: metrics.clone(),
+        backlog: backlog.clone(),
+        checkpoint: config.checkpoint.clone(),
+        retention: config.processor.retention(),
+        tracking: tracking.clone(),
+        tracking_log,
+        notifications: notifications
+            .as_ref()
+            .map(|(n, l)| (n.notifier.clone(), l.clone())),
+        health: health.clone(),
+        fatal: fatal_tx.clone(),
+        // Embedded, one process sees everything: finish it. Distributed,
+        // the log never stops growing: stop now, the next owner replays.
+        shutdown_mode: if config.kafka.is_some() {
+            Stop::Now
+        } else {
+            Stop::Drain
+        },
+        poison_customer: poison_customer(),
+    };
+    let mut membership: Box<dyn Membership> = match &config.kafka {
+        Some(k) => Box::new(KafkaGroup::new(k, metrics.clone())),
+        None => Box::new(Static::all(config.partitions, config.status_partitions)),
+    };
+    let (changes_tx, changes_rx) = mpsc::channel(16);
+    let supervisor = tokio::spawn(supervisor::run(deps, changes_rx, shutdown_rx.clone()));
+    membership.start(changes_tx)?;
+    let live_feed = match &config.kafka {
+        Some(k) => {
+            Some(start_live_feed(k, &config, &metrics, &tracking, shutdown_rx.clone()).await?)
+        }
+        None => None,
+    };
+
     health.accepting.store(true, Ordering::SeqCst);
-    {
-        let (health, recovered, n) = (health.clone(), recovered.clone(), config.partitions);
-        tokio::spawn(async move {
-            if let Ok(permits) = recovered.acquire_many(n).await {
-                permits.forget();
-                health.ready.store(true, Ordering::SeqCst);
-            }
-        });
-    }
-    let intake = Arc::new(Intake::new(log.clone(), store.clone(), metrics.clone()).await?);
+    let intake = Arc::new(
+        Intake::new(log.clone(), store.clone(), metrics.clone())
+            .await?
+            .with_admission(&config.intake, backlog),
+    );
     let state = AppState {
         intake,
         tracking,
         inventory,
+        parked: Arc::new(crate::pipeline::parked::ParkLane::new(log.clone())),
         metrics: metrics.clone(),
         admin_token,
         config: config.http.clone(),
         health: health.clone(),
     };
+    let tls = server.is_tls();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let (http_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = crate::http::router(state);
-    let http = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.await;
-            })
-            .await
-    });
-    tracing::info!(%addr, data_dir = %config.data_dir.display(), partitions = config.partitions, "orderflow listening");
+    let http = tokio::spawn(server.serve(listener, router, async move {
+        let _ = stop_rx.await;
+    }));
+    tracing::info!(%addr, tls, log = if config.kafka.is_some() { "kafka" } else { "embedded" }, store = if config.scylla.is_some() { "scylla" } else { "embedded" }, partitions = config.partitions, "orderflow listening");
     Ok(App {
         addr,
         health,
         shutdown_tx,
         http_stop: Some(http_stop),
         http,
-        runners,
-        sinks,
-        notifications,
+        supervisor,
+        membership,
+        live_feed,
+        notifications: notifications.map(|(n, _)| n),
         executor,
         log,
         fatal_rx,
@@ -299,6 +293,105 @@ async fn start_inner(
         store,
         metrics,
     })
+}
+
+/// Environment variable of the park lane's test seam (debug builds only).
+pub const POISON_CUSTOMER_ENV: &str = "ORDERFLOW_FAULT_POISON_CUSTOMER";
+
+/// In debug builds only (the tests' binary), orders of the customer named
+/// by `ORDERFLOW_FAULT_POISON_CUSTOMER` fail processing as if they hit a
+/// bug, so the tests can exercise the park lane end to end; release
+/// builds never read it.
+fn poison_customer() -> Option<String> {
+    if !cfg!(debug_assertions) {
+        return None;
+    }
+    let customer = std::env::var(POISON_CUSTOMER_ENV)
+        .ok()
+        .filter(|c| !c.is_empty())?;
+    tracing::warn!(
+        customer,
+        "fault injection: orders of this customer will be parked"
+    );
+    Some(customer)
+}
+
+/// The log backend: Kafka when `[kafka]` is configured, else the embedded
+/// segment log in `data_dir/log`. The one place it is chosen.
+async fn open_log(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<dyn Log>> {
+    let topics = [
+        (Topic::Orders, config.partitions),
+        (Topic::OrderStatus, config.status_partitions),
+        (Topic::Parked, config.partitions),
+    ];
+    Ok(match &config.kafka {
+        Some(k) => Arc::new(
+            KafkaLog::connect(k, &topics, config.log.max_record_bytes, metrics.clone())
+                .await
+                .context("cannot open the Kafka log")?,
+        ),
+        None => Arc::new(EmbeddedLog::open(
+            &config.data_dir.join("log"),
+            &topics,
+            &config.log,
+            metrics.clone(),
+        )?),
+    })
+}
+
+/// The state store backend: ScyllaDB when `[scylla]` is configured, else
+/// the embedded store in `data_dir/state.redb`. The one place it is chosen.
+async fn open_store(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Arc<dyn StateStore>> {
+    Ok(match &config.scylla {
+        Some(s) => Arc::new(
+            ScyllaStore::connect(s, Some(metrics.clone()))
+                .await
+                .context("cannot open the ScyllaDB state store")?,
+        ),
+        None => Arc::new(EmbeddedStore::open(&config.data_dir.join("state.redb"))?),
+    })
+}
+
+/// Distributed: follows every `order-status` partition for this
+/// instance's live SSE streams, through a log client of its own (its reads
+/// must not disturb the sinks' positions on the shared one).
+async fn start_live_feed(
+    kafka: &crate::config::KafkaConfig,
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    tracking: &Arc<Tracking>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let topics = [
+        (Topic::Orders, config.partitions),
+        (Topic::OrderStatus, config.status_partitions),
+        (Topic::Parked, config.partitions),
+    ];
+    let log: Arc<dyn Log> = Arc::new(
+        KafkaLog::connect(kafka, &topics, config.log.max_record_bytes, metrics.clone())
+            .await
+            .context("cannot open the Kafka log for the live feed")?,
+    );
+    let (stop_tx, stop_rx) = watch::channel(Stop::Run);
+    let mut stop = stop;
+    tokio::spawn(async move {
+        let _ = stop.wait_for(|s| *s).await;
+        stop_tx.send_replace(Stop::Now);
+        stop_tx.closed().await;
+    });
+    Ok((0..config.status_partitions)
+        .map(|p| {
+            let (t, l, rx) = (tracking.clone(), log.clone(), stop_rx.clone());
+            tokio::spawn(async move {
+                if let Err(e) = tracking::run_live_feed(t, l, p, rx).await {
+                    tracing::warn!(error = %e, "live feed stopped");
+                }
+            })
+        })
+        .collect())
 }
 
 impl App {
@@ -322,27 +415,20 @@ impl App {
         }
         let http = self.http.await;
         self.shutdown_tx.send_replace(true);
-        let mut exits = Vec::new();
-        let mut first_error = None;
-        for r in self.runners {
-            match r.await? {
-                Ok(exit) => exits.push(exit),
-                Err(e) => {
-                    first_error.get_or_insert(anyhow::Error::from(e));
-                }
-            }
-        }
+        // Runners stop (and checkpoint) first, then the sinks; only then
+        // does this instance leave the group, so the next owners load
+        // current checkpoints.
+        let exits = self.supervisor.await?;
+        let mut membership = self.membership;
+        tokio::task::spawn_blocking(move || membership.leave()).await?;
         self.executor.await?;
-        for s in self.sinks {
-            if let Err(e) = s.await? {
-                first_error.get_or_insert(anyhow::Error::from(e));
-            }
+        if let Some(n) = self.notifications {
+            n.join().await;
         }
-        if let Some(n) = self.notifications
-            && let Err(e) = n.join().await
-        {
-            first_error.get_or_insert(e);
+        for task in self.live_feed.into_iter().flatten() {
+            let _ = task.await;
         }
+        let mut first_error = None;
         self.log.close().await;
         if let Err(e) = http? {
             first_error.get_or_insert(anyhow::Error::from(e).context("HTTP server failed"));

@@ -23,8 +23,95 @@ pub struct Config {
     pub processor: ProcessorConfig,
     pub gateway: GatewayConfig,
     pub http: HttpConfig,
+    pub intake: IntakeConfig,
+    pub metrics: MetricsConfig,
     /// `[notifications]`: webhooks and email; absent = no notifications.
     pub notifications: Option<NotificationsConfig>,
+    /// `[kafka]`: Apache Kafka is the log (distributed deployment);
+    /// absent = the embedded log in `data_dir`.
+    pub kafka: Option<KafkaConfig>,
+    /// `[scylla]`: ScyllaDB (or Cassandra) is the state store (distributed
+    /// deployment); absent = the embedded store in `data_dir`.
+    pub scylla: Option<ScyllaConfig>,
+}
+
+/// Environment variable naming Kafka's bootstrap servers (adds `[kafka]`
+/// with its defaults when the file has none).
+pub const KAFKA_BOOTSTRAP_ENV: &str = "ORDERFLOW_KAFKA_BOOTSTRAP";
+/// Environment variable naming ScyllaDB contact points, comma-separated
+/// (adds `[scylla]` with its defaults when the file has none).
+pub const SCYLLA_NODES_ENV: &str = "ORDERFLOW_SCYLLA_NODES";
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port...]` of the brokers.
+    pub bootstrap_servers: String,
+    /// Consumer group of the instances: they share the partitions of
+    /// `orders` (runners) and `order-status` (sinks).
+    pub group_id: String,
+    /// Prefix of the topic names (`{prefix}orders`, `{prefix}order-status`),
+    /// so several deployments (or tests) can share one cluster.
+    pub topic_prefix: String,
+    /// A member not heard from in this time loses its partitions.
+    pub session_timeout_ms: u64,
+    /// Timeout of one produce (retries included) and of admin calls.
+    pub request_timeout_ms: u64,
+    /// Replication factor of topics orderflow creates (1 on one broker).
+    pub replication_factor: u16,
+    /// How long the producer waits to fill a batch (librdkafka `linger.ms`).
+    pub linger_ms: u64,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            group_id: "orderflow".into(),
+            topic_prefix: String::new(),
+            session_timeout_ms: 10_000,
+            request_timeout_ms: 30_000,
+            replication_factor: 1,
+            linger_ms: 1,
+        }
+    }
+}
+
+/// Consistency level of CQL statements (`scylla.consistency`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CqlConsistency {
+    One,
+    #[default]
+    LocalQuorum,
+    Quorum,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScyllaConfig {
+    /// Contact points, `host:port`.
+    pub nodes: Vec<String>,
+    pub keyspace: String,
+    /// Replication factor `orderflow migrate` creates the keyspace with.
+    pub replication_factor: u16,
+    /// Timeout of one CQL request.
+    pub request_timeout_ms: u64,
+    /// Consistency of reads and writes; lightweight transactions use the
+    /// matching serial consistency (`LOCAL_SERIAL` or `SERIAL`).
+    pub consistency: CqlConsistency,
+}
+
+impl Default for ScyllaConfig {
+    fn default() -> Self {
+        ScyllaConfig {
+            nodes: vec!["127.0.0.1:9042".into()],
+            keyspace: "orderflow".into(),
+            replication_factor: 1,
+            request_timeout_ms: 5_000,
+            consistency: CqlConsistency::LocalQuorum,
+        }
+    }
 }
 
 pub use crate::sinks::notifications::config::NotificationsConfig;
@@ -159,6 +246,70 @@ pub struct HttpConfig {
     pub retry_after_s: u32,
     /// Most SSE streams open at once.
     pub max_sse_streams: usize,
+    /// A request head (request line and headers) must be complete this long
+    /// after the connection opened (TLS handshake included) or after the
+    /// first byte of a later request, else the connection is closed. A
+    /// deadline, not an inactivity timer: a client dripping bytes
+    /// (slowloris) does not extend it.
+    pub header_timeout_ms: u64,
+    /// A request body must be complete this long after its head, else the
+    /// request answers 408 `body_timeout` and the connection closes.
+    pub body_timeout_ms: u64,
+    /// A keep-alive connection with no request for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Connections open at once (SSE streams included); more are closed at
+    /// accept and counted in `orderflow_http_connections_refused_total`.
+    pub max_connections: usize,
+    /// Requests per second allowed per client IP (IPv6: per /64), as a
+    /// token bucket refilled at this rate; 0 = no rate limit (the default:
+    /// behind a proxy every client shares the proxy's address).
+    pub rate_limit_per_s: u32,
+    /// Bucket size of the rate limit: requests a client may send at once.
+    pub rate_limit_burst: u32,
+    /// `[http.tls]`: serve HTTPS only, with this certificate; absent =
+    /// plain HTTP.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[http.tls]`: PEM files of the server's certificate chain (leaf first)
+/// and its private key (PKCS#8, PKCS#1 or SEC1). Read once at start.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+}
+
+/// Admission control of new orders (`[intake]`): what intake sheds, with
+/// 503 `overloaded` and `Retry-After`, before an order costs a log append.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntakeConfig {
+    /// Orders (HTTP requests or produce batches) being taken at once, from
+    /// parsing to the durable answer.
+    pub max_inflight: usize,
+    /// Per `orders` partition: records appended but not yet read by the
+    /// partition's runner above which new orders for it are shed.
+    pub max_backlog_records: u64,
+    /// Process resident set size above which new orders are shed; 0 = no bound.
+    pub max_rss_bytes: u64,
+}
+
+/// `[metrics]`: what the Prometheus metrics keep.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// k of `orderflow_out_of_stock_top_skus`: one series per SKU, so at
+    /// most [`crate::sinks::saga_health::MAX_TOP_SKUS`]; 0 turns it off.
+    pub top_out_of_stock_skus: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            top_out_of_stock_skus: crate::sinks::metrics::DEFAULT_TOP_SKUS,
+        }
+    }
 }
 
 impl Default for Config {
@@ -173,7 +324,11 @@ impl Default for Config {
             processor: ProcessorConfig::default(),
             gateway: GatewayConfig::default(),
             http: HttpConfig::default(),
+            intake: IntakeConfig::default(),
+            metrics: MetricsConfig::default(),
             notifications: None,
+            kafka: None,
+            scylla: None,
         }
     }
 }
@@ -229,9 +384,31 @@ impl Default for HttpConfig {
             body_limit_bytes: 64 * 1024,
             retry_after_s: 1,
             max_sse_streams: 10_000,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 10_000,
+            rate_limit_per_s: 0,
+            rate_limit_burst: 100,
+            tls: None,
         }
     }
 }
+
+impl Default for IntakeConfig {
+    fn default() -> Self {
+        IntakeConfig {
+            max_inflight: 256,
+            max_backlog_records: 20_000,
+            max_rss_bytes: 0,
+        }
+    }
+}
+
+/// Smallest non-zero `intake.max_rss_bytes`: below it no process runs at all.
+pub const MIN_RSS_BOUND_BYTES: u64 = 1024 * 1024;
+/// Largest `intake.max_rss_bytes` (1 PiB).
+pub const MAX_RSS_BOUND_BYTES: u64 = 1 << 50;
 
 #[derive(thiserror::Error, Debug)]
 pub enum ConfigError {
@@ -271,13 +448,14 @@ impl Config {
 
     /// Checks every limit; the message names the key and the allowed range.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn range<T: PartialOrd + std::fmt::Display>(
+        fn range<T: PartialOrd + Copy + std::fmt::Display>(
             key: &str,
             v: T,
             lo: T,
             hi: T,
         ) -> Result<(), ConfigError> {
-            if v < lo || v > hi {
+            // Not `v < lo || v > hi`, which a TOML `nan` passes.
+            if !(lo..=hi).contains(&v) {
                 return Err(ConfigError::Invalid(format!(
                     "`{key}` = {v} is out of range [{lo}, {hi}]"
                 )));
@@ -374,11 +552,179 @@ impl Config {
             1,
             1 << 20,
         )?;
+        self.http.validate()?;
+        range("intake.max_inflight", self.intake.max_inflight, 1, 1 << 20)?;
+        range(
+            "intake.max_backlog_records",
+            self.intake.max_backlog_records,
+            1,
+            1 << 40,
+        )?;
+        range(
+            "metrics.top_out_of_stock_skus",
+            self.metrics.top_out_of_stock_skus,
+            0,
+            crate::sinks::saga_health::MAX_TOP_SKUS,
+        )?;
+        let rss = self.intake.max_rss_bytes;
+        if rss != 0 && !(MIN_RSS_BOUND_BYTES..=MAX_RSS_BOUND_BYTES).contains(&rss) {
+            return Err(ConfigError::Invalid(format!(
+                "`intake.max_rss_bytes` = {rss} is out of range [{MIN_RSS_BOUND_BYTES}, {MAX_RSS_BOUND_BYTES}] (or 0: no bound)"
+            )));
+        }
         if let Some(n) = &self.notifications {
             n.validate().map_err(ConfigError::Invalid)?;
         }
+        if let Some(k) = &self.kafka {
+            k.validate()?;
+        }
+        if let Some(s) = &self.scylla {
+            s.validate()?;
+        }
         Ok(())
     }
+}
+
+impl HttpConfig {
+    /// Checks the server's deadlines, limits and TLS keys (called by
+    /// [`Config::validate`]); the TLS files themselves are read at start.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let ranges: [(&str, u64, u64, u64); 6] = [
+            (
+                "http.header_timeout_ms",
+                self.header_timeout_ms,
+                100,
+                300_000,
+            ),
+            ("http.body_timeout_ms", self.body_timeout_ms, 100, 3_600_000),
+            ("http.idle_timeout_ms", self.idle_timeout_ms, 100, 3_600_000),
+            (
+                "http.max_connections",
+                self.max_connections as u64,
+                1,
+                1_000_000,
+            ),
+            (
+                "http.rate_limit_per_s",
+                self.rate_limit_per_s.into(),
+                0,
+                1_000_000,
+            ),
+            (
+                "http.rate_limit_burst",
+                self.rate_limit_burst.into(),
+                1,
+                1_000_000,
+            ),
+        ];
+        check_ranges(&ranges)?;
+        if let Some(tls) = &self.tls {
+            for (key, path) in [
+                ("http.tls.cert_path", &tls.cert_path),
+                ("http.tls.key_path", &tls.key_path),
+            ] {
+                if path.as_os_str().is_empty() {
+                    return Err(ConfigError::Invalid(format!(
+                        "`{key}` must name a PEM file"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl KafkaConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.bootstrap_servers.trim().is_empty() || self.group_id.trim().is_empty() {
+            return Err(ConfigError::Invalid(
+                "`kafka.bootstrap_servers` and `kafka.group_id` must not be empty".into(),
+            ));
+        }
+        // Kafka's legal topic characters; the longest name must fit 249.
+        let prefix_ok = self.topic_prefix.len() <= 200
+            && self
+                .topic_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !prefix_ok {
+            return Err(ConfigError::Invalid(format!(
+                "`kafka.topic_prefix` = {:?}: at most 200 of letters, digits, `.`, `_`, `-`",
+                self.topic_prefix
+            )));
+        }
+        let ranges: [(&str, u64, u64, u64); 4] = [
+            (
+                "kafka.session_timeout_ms",
+                self.session_timeout_ms,
+                1_000,
+                300_000,
+            ),
+            (
+                "kafka.request_timeout_ms",
+                self.request_timeout_ms,
+                100,
+                600_000,
+            ),
+            (
+                "kafka.replication_factor",
+                self.replication_factor.into(),
+                1,
+                16,
+            ),
+            ("kafka.linger_ms", self.linger_ms, 0, 1_000),
+        ];
+        check_ranges(&ranges)
+    }
+}
+
+impl ScyllaConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.nodes.is_empty() || self.nodes.iter().any(|n| n.trim().is_empty()) {
+            return Err(ConfigError::Invalid(
+                "`scylla.nodes` needs at least one `host:port`".into(),
+            ));
+        }
+        let valid_name = |k: &str| {
+            !k.is_empty()
+                && k.len() <= 48
+                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && k.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        };
+        if !valid_name(&self.keyspace) {
+            return Err(ConfigError::Invalid(format!(
+                "`scylla.keyspace` = {:?}: a letter, then letters, digits or `_`, at most 48",
+                self.keyspace
+            )));
+        }
+        let ranges: [(&str, u64, u64, u64); 2] = [
+            (
+                "scylla.replication_factor",
+                self.replication_factor.into(),
+                1,
+                16,
+            ),
+            (
+                "scylla.request_timeout_ms",
+                self.request_timeout_ms,
+                10,
+                600_000,
+            ),
+        ];
+        check_ranges(&ranges)
+    }
+}
+
+/// `(key, value, lo, hi)`: each value must lie in `[lo, hi]`.
+fn check_ranges(ranges: &[(&str, u64, u64, u64)]) -> Result<(), ConfigError> {
+    for &(key, v, lo, hi) in ranges {
+        if v < lo || v > hi {
+            return Err(ConfigError::Invalid(format!(
+                "`{key}` = {v} is out of range [{lo}, {hi}]"
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl GatewayConfig {
@@ -419,11 +765,7 @@ impl GatewayConfig {
                 10_000,
             ),
         ];
-        for (key, v, lo, hi) in ranges {
-            if v < lo || v > hi {
-                return invalid(format!("`{key}` = {v} is out of range [{lo}, {hi}]"));
-            }
-        }
+        check_ranges(&ranges)?;
         if self.breaker_min_calls < 1 || self.breaker_min_calls > self.breaker_window {
             return invalid(format!(
                 "`gateway.breaker_min_calls` = {} is out of range [1, {}] (at most `gateway.breaker_window`)",
@@ -499,6 +841,41 @@ mod tests {
         );
     }
 
+    /// The compose deployment's file is valid and turns on both distributed backends.
+    #[test]
+    fn docker_config_is_valid() {
+        let c = Config::from_toml(include_str!("../docker/orderflow.toml")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.kafka.unwrap().bootstrap_servers, "kafka:9092");
+        assert_eq!(c.scylla.unwrap().nodes, vec!["scylla:9042".to_owned()]);
+    }
+
+    /// Distributed sections validate their names and ranges precisely.
+    #[test]
+    fn distributed_sections_are_checked() {
+        let bad_prefix = Config::from_toml("[kafka]\ntopic_prefix = \"a b\"\n").unwrap();
+        let e = bad_prefix.validate().unwrap_err().to_string();
+        assert!(e.contains("kafka.topic_prefix"), "{e}");
+        let bad_keyspace = Config::from_toml("[scylla]\nkeyspace = \"1x\"\n").unwrap();
+        let e = bad_keyspace.validate().unwrap_err().to_string();
+        assert!(e.contains("scylla.keyspace"), "{e}");
+        let bad_timeout = Config::from_toml("[kafka]\nsession_timeout_ms = 10\n").unwrap();
+        let e = bad_timeout.validate().unwrap_err().to_string();
+        assert!(e.contains("kafka.session_timeout_ms"), "{e}");
+        let e = Config::from_toml("[scylla]\nconsistency = \"all\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("consistency"), "{e}");
+    }
+
+    /// `gateway.failure_rate = nan` (broke the `config` fuzz target's invariant) is out of range.
+    #[test]
+    fn nan_is_out_of_range() {
+        let c = Config::from_toml("[gateway]\nfailure_rate = nan\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("`gateway.failure_rate` = NaN"), "{e}");
+    }
+
     /// Unknown keys and out-of-range values are precise errors.
     #[test]
     fn errors() {
@@ -514,6 +891,56 @@ mod tests {
                 .to_string()
                 .contains("`partitions` = 0")
         );
+    }
+
+    /// `metrics.top_out_of_stock_skus` is read and held to its hard limit.
+    #[test]
+    fn top_out_of_stock_skus_limit() {
+        assert_eq!(Config::default().metrics.top_out_of_stock_skus, 10);
+        let c = Config::from_toml("[metrics]\ntop_out_of_stock_skus = 0\n").unwrap();
+        c.validate().unwrap();
+        let c = Config::from_toml("[metrics]\ntop_out_of_stock_skus = 101\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("`metrics.top_out_of_stock_skus` = 101 is out of range [0, 100]"),
+            "{e}"
+        );
+    }
+
+    /// The `[intake]` limits are read from the file and checked with the key
+    /// and range in the message; 0 turns the memory bound off.
+    #[test]
+    fn intake_section() {
+        let c = Config::from_toml(
+            "[intake]\nmax_inflight = 8\nmax_backlog_records = 100\nmax_rss_bytes = 536870912\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.intake,
+            IntakeConfig {
+                max_inflight: 8,
+                max_backlog_records: 100,
+                max_rss_bytes: 512 * 1024 * 1024,
+            }
+        );
+        assert_eq!(Config::default().intake.max_rss_bytes, 0);
+        let bad = |edit: fn(&mut IntakeConfig), want: &str| {
+            let mut c = Config::default();
+            edit(&mut c.intake);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{e} should name {want}");
+        };
+        bad(|i| i.max_inflight = 0, "`intake.max_inflight` = 0");
+        bad(
+            |i| i.max_backlog_records = 0,
+            "`intake.max_backlog_records` = 0",
+        );
+        bad(|i| i.max_rss_bytes = 1000, "`intake.max_rss_bytes` = 1000");
+        let e = Config::from_toml("[intake]\nmax_rss = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_rss"), "{e}");
     }
 
     /// The `[gateway]` section: kinds, unknown keys, and precise errors for
@@ -573,6 +1000,58 @@ mod tests {
         );
     }
 
+    /// The `[http]` deadlines, limits and `[http.tls]` are checked with
+    /// precise errors; TLS needs both files and takes no other key.
+    #[test]
+    fn http_section() {
+        let c = Config::from_toml(
+            "[http]\nheader_timeout_ms = 500\nmax_connections = 16\nrate_limit_per_s = 5\n[http.tls]\ncert_path = \"c.pem\"\nkey_path = \"k.pem\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.http.header_timeout_ms, 500);
+        assert_eq!(
+            c.http.rate_limit_burst,
+            HttpConfig::default().rate_limit_burst
+        );
+        assert_eq!(c.http.tls.unwrap().cert_path, PathBuf::from("c.pem"));
+        let e = Config::from_toml("[http.tls]\ncert_path = \"c.pem\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key_path"), "{e}");
+        let e = Config::from_toml("[http]\nheader_timeout = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("header_timeout"), "{e}");
+        let bad = |edit: fn(&mut HttpConfig), want: &str| {
+            let mut c = Config::default();
+            edit(&mut c.http);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{e} should name {want}");
+        };
+        bad(
+            |h| h.header_timeout_ms = 10,
+            "`http.header_timeout_ms` = 10 is out of range [100, 300000]",
+        );
+        bad(|h| h.body_timeout_ms = 0, "`http.body_timeout_ms` = 0");
+        bad(|h| h.idle_timeout_ms = 0, "`http.idle_timeout_ms` = 0");
+        bad(|h| h.max_connections = 0, "`http.max_connections` = 0");
+        bad(|h| h.rate_limit_burst = 0, "`http.rate_limit_burst` = 0");
+        bad(
+            |h| h.rate_limit_per_s = 2_000_000,
+            "`http.rate_limit_per_s` = 2000000",
+        );
+        bad(
+            |h| {
+                h.tls = Some(TlsConfig {
+                    cert_path: PathBuf::new(),
+                    key_path: "k.pem".into(),
+                })
+            },
+            "`http.tls.cert_path`",
+        );
+    }
+
     /// The secret key file is read and trimmed; a missing key is a precise
     /// error that never contains a key.
     #[test]
@@ -597,8 +1076,18 @@ mod tests {
 
 /// A secret from the environment (admin token, API keys). Its `Debug` and
 /// `Display` never show it, and comparison takes constant time.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Secret(String);
+
+/// Equality is [`Secret::matches`]: a derived `==` would stop at the first
+/// differing byte and leak, through timing, how much of a guess is right.
+impl PartialEq for Secret {
+    fn eq(&self, other: &Secret) -> bool {
+        self.matches(&other.0)
+    }
+}
+
+impl Eq for Secret {}
 
 impl Secret {
     /// `None` for an absent or empty value.
@@ -649,5 +1138,16 @@ mod secret_tests {
         assert!(s.matches("hunter2-admin"));
         assert!(!s.matches("hunter2-admiN"));
         assert!(!s.matches(""));
+    }
+
+    /// `==` between secrets takes the constant-time path too: equal only
+    /// to the same value, never to a prefix, an extension or a near miss.
+    #[test]
+    fn equality_is_the_constant_time_match() {
+        let s = Secret::new("hunter2-admin");
+        assert_eq!(s, Secret::new("hunter2-admin"));
+        for other in ["hunter2-admi", "hunter2-admin2", "Hunter2-admin", ""] {
+            assert_ne!(s, Secret::new(other), "{other:?}");
+        }
     }
 }

@@ -18,9 +18,16 @@
 //!             `gateway-sim`), the Stripe client, the circuit breaker.
 //! sinks/      consumers of `order-status`: tracking read model + SSE
 //!             fan-out, notifications (signed webhooks, batched email),
-//!             Prometheus metrics.
+//!             Prometheus metrics and the bounded saga-health structures
+//!             behind them (orders in flight, top out-of-stock SKUs).
 //! http/       axum routes, problem+json errors, SSE, the tracking page.
+//! sim/        deterministic simulation of the embedded pipeline (`orderflow
+//!             sim`): the production processors on a simulated disk (torn
+//!             writes, crash points), gateway, clock and scheduler, with
+//!             DESIGN.md's invariants checked after every step.
 //! cli/        clap commands; `app` wires a running instance together.
+//! bench/      `orderflow bench`: seeded workloads offered open-loop to an
+//!             in-process instance, HdrHistogram latency, reports and plots.
 //! config      TOML/env/flag configuration with validation.
 //! ```
 //!
@@ -35,11 +42,13 @@
 //! and metrics.
 
 pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod gateway;
 pub mod http;
 pub mod pipeline;
+pub mod sim;
 pub mod sinks;
 pub mod stages;

@@ -223,3 +223,104 @@ fn replay_command_matches_checkpoints() {
     assert!(lines.iter().all(|l| l["matches"] == true), "{lines:?}");
     assert!(lines.iter().any(|l| l["next_offset"].as_u64().unwrap() > 0));
 }
+
+/// `orderflow replay --order` tells one order's story across partitions:
+/// the line held at home, the reservation that failed on the other SKU's
+/// partition with the stock it saw, and the release that followed.
+#[test]
+fn replay_order_tells_the_story() {
+    let partitions = 8; // the default configuration's
+    let home = "SKU-1";
+    let other = (2..100)
+        .map(|i| format!("SKU-{i}"))
+        .find(|s| {
+            orderflow::pipeline::log::partition_for_key(s.as_bytes(), partitions)
+                != orderflow::pipeline::log::partition_for_key(home.as_bytes(), partitions)
+        })
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start_server(dir.path(), &[]);
+    set_stock(&server.base, home, 5);
+    set_stock(&server.base, &other, 1);
+    let mut body = order_body("story-1", home, 2);
+    body["lines"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"sku": other, "quantity": 3, "unit_price": 5}));
+    let r = client()
+        .post(format!("{}/v1/orders", server.base))
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    wait_until(Duration::from_secs(30), "story-1 to end", || {
+        order_view(&server.base, "story-1").is_some_and(|v| v["status"] == "out_of_stock")
+    });
+    assert!(server.terminate().success());
+
+    let story = |id: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_orderflow"))
+            .args(["replay", "--order", id, "--json", "--data-dir"])
+            .arg(dir.path())
+            .output()
+            .unwrap()
+    };
+    let out = story("story-1");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let steps: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let text = format!("{steps:#?}");
+    let home_p = orderflow::pipeline::log::partition_for_key(home.as_bytes(), partitions);
+    let other_p = orderflow::pipeline::log::partition_for_key(other.as_bytes(), partitions);
+    // The order itself, at home: its line held, 5 → 3 available.
+    let first = &steps[0];
+    assert_eq!(first["partition"], home_p, "{text}");
+    assert!(
+        first["record"]
+            .as_str()
+            .unwrap()
+            .starts_with("order placed"),
+        "{text}"
+    );
+    assert_eq!(first["stock"][home][0]["available"], 5, "{text}");
+    assert_eq!(first["stock"][home][1]["available"], 3, "{text}");
+    // The other SKU's partition saw 1 available for 3 wanted and refused.
+    let reserve = steps
+        .iter()
+        .find(|s| s["partition"] == other_p && s["record"].as_str().unwrap().starts_with("Reserve"))
+        .unwrap_or_else(|| panic!("no Reserve step on p{other_p}: {text}"));
+    assert_eq!(reserve["stock"][&other][0]["available"], 1, "{text}");
+    assert_eq!(reserve["stock"][&other][1]["available"], 1, "{text}");
+    assert!(
+        reserve["sent"][0].as_str().unwrap().contains("held: false"),
+        "{text}"
+    );
+    // Every status the order went through, in order, ending out_of_stock,
+    // and the held line given back.
+    let statuses: Vec<&str> = steps
+        .iter()
+        .flat_map(|s| s["statuses"].as_array().unwrap())
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert_eq!(statuses.first(), Some(&"accepted"), "{text}");
+    assert!(
+        statuses.last().unwrap().starts_with("out_of_stock"),
+        "{text}"
+    );
+    let last_home_stock = steps
+        .iter()
+        .rev()
+        .find_map(|s| s["stock"].get(home))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(last_home_stock[1]["available"], 5, "released: {text}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("ada@example.com"));
+
+    let missing = story("no-such-order");
+    assert_eq!(missing.status.code(), Some(1));
+}

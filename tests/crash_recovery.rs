@@ -2,6 +2,7 @@
 //! is killed with SIGKILL mid-load and restarted on the same data
 //! directory. Nothing acknowledged is lost, every order ends in exactly
 //! one terminal status, and stock is conserved with confirmed = sold.
+//! Run on both deployments: embedded, and Kafka + Cassandra.
 
 mod support;
 
@@ -16,11 +17,26 @@ const STOCK: u64 = 120;
 const THREADS: usize = 4;
 const ORDERS_PER_THREAD: usize = 100;
 
-/// SIGKILL mid-load loses no acknowledged order and never oversells.
+/// SIGKILL mid-load loses no acknowledged order and never oversells (embedded).
 #[test]
-fn sigkill_mid_load_then_restart() {
+fn sigkill_mid_load_then_restart_embedded() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = start_server(dir.path(), &[]);
+    sigkill_mid_load_then_restart(dir.path(), &[]);
+}
+
+/// SIGKILL mid-load loses no acknowledged order and never oversells (Kafka + Cassandra).
+#[test]
+fn sigkill_mid_load_then_restart_distributed() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = distributed_config(dir.path(), "", "");
+    sigkill_mid_load_then_restart(
+        dir.path(),
+        &[("ORDERFLOW_CONFIG", config.to_str().unwrap())],
+    );
+}
+
+fn sigkill_mid_load_then_restart(dir: &std::path::Path, env: &[(&str, &str)]) {
+    let mut server = start_server(dir, env);
     set_stock(&server.base, SKU, STOCK);
 
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -63,7 +79,7 @@ fn sigkill_mid_load_then_restart() {
         "the kill came after the load: nothing was tested"
     );
 
-    let server = start_server(dir.path(), &[]);
+    let server = start_server(dir, env);
     let mut terminal = std::collections::BTreeMap::new();
     wait_until(
         Duration::from_secs(120),

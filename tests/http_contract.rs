@@ -2,12 +2,19 @@
 //! instance (`orderflow::app::start`): every route, every error code that
 //! a client can provoke, idempotency (also across a restart), tracking
 //! tokens, SSE, inventory and the admin produce endpoint.
+//!
+//! One suite, two backends: every case runs on the embedded deployment
+//! (module `embedded`) and on Kafka + Cassandra (module `distributed`,
+//! engines started by `scripts/kafka` and `scripts/cassandra`).
+
+mod support;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use orderflow::app::{App, start};
-use orderflow::config::{Config, Secret};
+use orderflow::config::{Config, KafkaConfig, ScyllaConfig, Secret};
+use orderflow::pipeline::store::scylla::migrate;
 use reqwest::{Client, Response, StatusCode};
 use serde_json::{Value, json};
 
@@ -22,13 +29,87 @@ const TERMINAL: [&str; 5] = [
     "payment_failed",
 ];
 
-fn config(dir: &Path) -> Config {
-    Config {
+/// Which log and state store a case runs on.
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    Embedded,
+    Distributed,
+}
+
+/// The configuration of a case's instance. Distributed, the Kafka topic
+/// prefix, group and keyspace are named after the case's temporary
+/// directory, so a restart in the same directory finds the same data.
+fn config(dir: &Path, backend: Backend) -> Config {
+    let mut c = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.to_path_buf(),
         ..Config::default()
+    };
+    if let Backend::Distributed = backend {
+        let tag: String = dir
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .collect::<String>()
+            .to_ascii_lowercase();
+        let name = format!("hc_{}_{tag}", std::process::id());
+        c.kafka = Some(KafkaConfig {
+            bootstrap_servers: support::kafka_bootstrap(),
+            group_id: name.clone(),
+            topic_prefix: format!("{name}."),
+            session_timeout_ms: 6_000,
+            ..KafkaConfig::default()
+        });
+        c.scylla = Some(ScyllaConfig {
+            nodes: vec![support::cassandra_contact()],
+            keyspace: name,
+            ..ScyllaConfig::default()
+        });
     }
+    c
 }
+
+/// Runs each named case once per backend, as `embedded::NAME` and
+/// `distributed::NAME`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Backend::Embedded).await
+                }
+            )*
+        }
+        mod distributed {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Backend::Distributed).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    order_confirms_and_stock_is_sold,
+    declined_payment_releases_stock,
+    invalid_orders_answer_400_with_codes,
+    too_large_bodies_answer_413,
+    idempotent_by_order_id,
+    idempotent_by_key,
+    idempotent_across_restart,
+    tracking_token_checks,
+    sse_streams_statuses_to_terminal,
+    sse_stream_limit,
+    inventory_needs_admin_token,
+    admin_routes_disabled_without_token,
+    admin_produce_mixed_lines,
+    ops_routes_and_fallbacks,
+);
 
 struct Server {
     app: App,
@@ -38,6 +119,9 @@ struct Server {
 
 impl Server {
     async fn start_with(config: Config, admin: Option<&str>) -> Server {
+        if let Some(scylla) = &config.scylla {
+            migrate(scylla).await.expect("orderflow migrate");
+        }
         let app = start(config, admin.map(Secret::new))
             .await
             .expect("the app starts");
@@ -52,8 +136,8 @@ impl Server {
         }
     }
 
-    async fn start(dir: &Path) -> Server {
-        Server::start_with(config(dir), Some(ADMIN)).await
+    async fn start(dir: &Path, backend: Backend) -> Server {
+        Server::start_with(config(dir, backend), Some(ADMIN)).await
     }
 
     async fn stop(self) {
@@ -254,10 +338,9 @@ async fn read_sse(mut res: Response) -> Vec<SseEvent> {
 }
 
 /// An order for a SKU with stock 5 ends `confirmed`, with the contract's shapes, and the stock shows it sold.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn order_confirms_and_stock_is_sold() {
+async fn order_confirms_and_stock_is_sold(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path()).await;
+    let s = Server::start(dir.path(), backend).await;
     let set = s.set_stock("SKU-1", 5).await;
     assert_eq!(
         set,
@@ -302,10 +385,9 @@ async fn order_confirms_and_stock_is_sold() {
 }
 
 /// `tok_chargeDeclined` ends `payment_declined` and the held stock is released.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn declined_payment_releases_stock() {
+async fn declined_payment_releases_stock(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path()).await;
+    let s = Server::start(dir.path(), backend).await;
     s.set_stock("SKU-D", 5).await;
     let a = s
         .accept(&order(
@@ -336,10 +418,9 @@ async fn declined_payment_releases_stock() {
 }
 
 /// At least 20 invalid orders each answer 400 problem+json with their code; the server stays healthy.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn invalid_orders_answer_400_with_codes() {
+async fn invalid_orders_answer_400_with_codes(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path()).await;
+    let s = Server::start(dir.path(), backend).await;
     let good = order(None, "SKU-1", 1, "tok_visa");
     let with = |f: &dyn Fn(&mut Value)| {
         let mut o = good.clone();
@@ -500,10 +581,9 @@ async fn invalid_orders_answer_400_with_codes() {
 }
 
 /// A body over the limit answers 413 `payload_too_large`; an order over the log's record limit 413 `record_too_large`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn too_large_bodies_answer_413() {
+async fn too_large_bodies_answer_413(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = config(dir.path());
+    let mut c = config(dir.path(), backend);
     c.log.max_record_bytes = 1024;
     let limit = c.http.body_limit_bytes;
     let s = Server::start_with(c, Some(ADMIN)).await;
@@ -546,10 +626,9 @@ async fn too_large_bodies_answer_413() {
 }
 
 /// The same order_id again answers the first answer (same token) and makes no second order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn idempotent_by_order_id() {
+async fn idempotent_by_order_id(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path()).await;
+    let s = Server::start(dir.path(), backend).await;
     s.set_stock("SKU-I", 5).await;
     let body = order(Some("ord-idem"), "SKU-I", 2, "tok_visa");
     let (first, again) = tokio::join!(s.accept(&body), s.accept(&body));
@@ -577,10 +656,9 @@ async fn idempotent_by_order_id() {
 }
 
 /// The same Idempotency-Key (same customer) answers the first answer; another key is another order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn idempotent_by_key() {
+async fn idempotent_by_key(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path()).await;
+    let s = Server::start(dir.path(), backend).await;
     s.set_stock("SKU-K", 5).await;
     let body = order(None, "SKU-K", 1, "tok_visa");
     let post = |key: &'static str| {
@@ -619,10 +697,9 @@ async fn idempotent_by_key() {
 }
 
 /// Idempotency holds across a restart on the same data directory: same answer, same token, one order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn idempotent_across_restart() {
+async fn idempotent_across_restart(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path()).await;
+    let s = Server::start(dir.path(), backend).await;
     s.set_stock("SKU-R", 5).await;
     let by_id = s
         .accept(&order(Some("ord-restart"), "SKU-R", 1, "tok_visa"))
@@ -639,7 +716,7 @@ async fn idempotent_across_restart() {
     let by_key: Value = by_key.json().await.unwrap();
     s.stop().await;
 
-    let s = Server::start(dir.path()).await;
+    let s = Server::start(dir.path(), backend).await;
     assert_eq!(
         s.accept(&order(Some("ord-restart"), "SKU-R", 1, "tok_visa"))
             .await,
@@ -669,10 +746,9 @@ async fn idempotent_across_restart() {
 }
 
 /// A wrong token, no token and an unknown id answer the very same 404; the token works as header or query; the admin token works too.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn tracking_token_checks() {
+async fn tracking_token_checks(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path()).await;
+    let s = Server::start(dir.path(), backend).await;
     let a = s
         .accept(&order(Some("ord-tok"), "SKU-T", 1, "tok_visa"))
         .await;
@@ -739,10 +815,9 @@ async fn tracking_token_checks() {
 }
 
 /// The SSE stream sends the statuses in order and ends after a terminal one; a late subscriber gets the whole history.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sse_streams_statuses_to_terminal() {
+async fn sse_streams_statuses_to_terminal(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path()).await;
+    let s = Server::start(dir.path(), backend).await;
     s.set_stock("SKU-S", 5).await;
     let a = s
         .accept(&order(Some("ord-sse"), "SKU-S", 1, "tok_visa"))
@@ -819,10 +894,9 @@ async fn sse_streams_statuses_to_terminal() {
 }
 
 /// Past `max_sse_streams`, a new stream answers 503 `too_many_streams` with Retry-After.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sse_stream_limit() {
+async fn sse_stream_limit(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = config(dir.path());
+    let mut c = config(dir.path(), backend);
     c.http.max_sse_streams = 1;
     c.gateway.latency_ms = 2_000; // keeps the order open while we look
     let s = Server::start_with(c, Some(ADMIN)).await;
@@ -874,10 +948,9 @@ async fn sse_stream_limit() {
 }
 
 /// Inventory PUT/GET need the admin token: 401 with WWW-Authenticate without it, 400 for bad input, zeros for an unknown SKU.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn inventory_needs_admin_token() {
+async fn inventory_needs_admin_token(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path()).await;
+    let s = Server::start(dir.path(), backend).await;
     let url = s.url("/v1/inventory/SKU-A");
     for req in [
         s.http.get(&url),
@@ -954,10 +1027,9 @@ async fn inventory_needs_admin_token() {
 }
 
 /// With no admin token configured, admin routes answer 403 `admin_disabled`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn admin_routes_disabled_without_token() {
+async fn admin_routes_disabled_without_token(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start_with(config(dir.path()), None).await;
+    let s = Server::start_with(config(dir.path(), backend), None).await;
     let res = s
         .http
         .get(s.url("/v1/inventory/SKU-A"))
@@ -1002,10 +1074,9 @@ async fn admin_routes_disabled_without_token() {
 }
 
 /// The admin produce endpoint answers one NDJSON line per input line; bad lines fail alone and invalid orders end `rejected`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn admin_produce_mixed_lines() {
+async fn admin_produce_mixed_lines(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path()).await;
+    let s = Server::start(dir.path(), backend).await;
     s.set_stock("SKU-P", 5).await;
     let good = order(Some("prod-1"), "SKU-P", 1, "tok_visa");
     let mut invalid = order(Some("prod-bad"), "SKU-P", 1, "tok_visa");
@@ -1086,10 +1157,9 @@ async fn admin_produce_mixed_lines() {
 }
 
 /// Health, readiness and metrics answer; unknown routes and wrong methods are problems; requests are counted by route.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn ops_routes_and_fallbacks() {
+async fn ops_routes_and_fallbacks(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path()).await;
+    let s = Server::start(dir.path(), backend).await;
     let res = s.http.get(s.url("/healthz")).send().await.unwrap();
     assert_eq!(
         (res.status(), res.text().await.unwrap().as_str()),

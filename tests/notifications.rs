@@ -583,45 +583,6 @@ secret_env = "ORDERFLOW_WEBHOOK_SECRET_ALL"
     });
 }
 
-/// Checks the gateway-sim ledger against final order statuses: at most one
-/// capture per intent and one authorized intent per order, every confirmed
-/// order captured once, every other authorization canceled. `Err` says what
-/// is not (yet) so.
-fn ledger_settled(
-    ledger: &serde_json::Value,
-    statuses: &BTreeMap<String, String>,
-) -> Result<(), String> {
-    let mut authorized: BTreeMap<String, Vec<&serde_json::Value>> = BTreeMap::new();
-    for (id, i) in ledger["intents"].as_object().unwrap() {
-        if i["captures"].as_u64().unwrap() > 1 {
-            return Err(format!("intent {id} captured twice: {i}"));
-        }
-        if i["authorized"] == true {
-            let order = i["order_id"].as_str().unwrap_or("").to_owned();
-            authorized.entry(order).or_default().push(i);
-        }
-    }
-    for (order, intents) in &authorized {
-        let [i] = intents.as_slice() else {
-            return Err(format!("order {order} authorized {} times", intents.len()));
-        };
-        if statuses.get(order).map(String::as_str) == Some("confirmed") {
-            if i["status"] != "succeeded" || i["captures"] != 1 {
-                return Err(format!("confirmed order {order} not captured once: {i}"));
-            }
-        } else if i["status"] != "canceled" || i["captures"] != 0 || i["cancels"] == 0 {
-            return Err(format!("order {order} did not confirm, not canceled: {i}"));
-        }
-    }
-    match statuses
-        .iter()
-        .find(|(o, s)| *s == "confirmed" && !authorized.contains_key(*o))
-    {
-        Some((order, _)) => Err(format!("confirmed order {order} has no authorization")),
-        None => Ok(()),
-    }
-}
-
 /// SIGKILL mid-load with Stripe-kind payments (out-of-process gateway-sim) and webhooks, restart: no double capture, voids settled, one terminal notification per order.
 #[test]
 fn payments_and_webhooks_settle_once_across_sigkill() {

@@ -420,50 +420,6 @@ fn metric(base: &str, name_and_labels: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Checks invariant 4 on the gateway-sim ledger for the given final
-/// statuses: at most one capture per intent and one authorized intent per
-/// order; every confirmed order captured exactly once; every authorization
-/// of an order that did not confirm voided. `Err` describes what is not
-/// (yet) so.
-fn ledger_settled(ledger: &Value, statuses: &BTreeMap<String, String>) -> Result<(), String> {
-    let mut authorized_by_order: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
-    for (id, i) in ledger["intents"].as_object().unwrap() {
-        if i["captures"].as_u64().unwrap() > 1 {
-            return Err(format!("intent {id} captured twice: {i}"));
-        }
-        if i["authorized"] == true {
-            let order = i["order_id"].as_str().unwrap_or("").to_owned();
-            authorized_by_order.entry(order).or_default().push(i);
-        }
-    }
-    for (order, intents) in &authorized_by_order {
-        if intents.len() > 1 {
-            return Err(format!("order {order} authorized {} times", intents.len()));
-        }
-        let i = intents[0];
-        match statuses.get(order).map(String::as_str) {
-            Some("confirmed") => {
-                if i["status"] != "succeeded" || i["captures"] != 1 {
-                    return Err(format!("confirmed order {order} not captured once: {i}"));
-                }
-            }
-            _ => {
-                if i["status"] != "canceled" || i["captures"] != 0 {
-                    return Err(format!(
-                        "order {order} did not confirm but its authorization is not voided: {i}"
-                    ));
-                }
-            }
-        }
-    }
-    for (order, s) in statuses {
-        if s == "confirmed" && !authorized_by_order.contains_key(order) {
-            return Err(format!("confirmed order {order} has no authorization"));
-        }
-    }
-    Ok(())
-}
-
 fn wait_ledger_settled(sim: &GatewaySim, statuses: &BTreeMap<String, String>) -> Value {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {

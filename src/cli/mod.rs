@@ -7,9 +7,12 @@
 //! `ORDERFLOW_LOG_FORMAT=json` switches to JSON lines.
 
 mod client;
+mod parked;
 mod produce;
 pub mod replay;
+pub mod sim;
 mod stock;
+pub mod story;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -58,6 +61,12 @@ pub enum Command {
         #[command(subcommand)]
         command: StockCommand,
     },
+    /// The park lane: records a partition set aside (undecodable, or failed
+    /// processing) and those waiting behind them.
+    Parked {
+        #[command(subcommand)]
+        command: ParkedCommand,
+    },
     /// Print an order's status and history (as an operator).
     Status {
         /// The order id.
@@ -65,17 +74,46 @@ pub enum Command {
     },
     /// Rebuild partition state from the log of a stopped instance (effects
     /// suppressed) and compare with its checkpoint; exits 1 on a mismatch.
+    /// With `--order ID`, tell that order's story instead; with `--diff
+    /// DIR`, list the orders this binary would decide differently.
     Replay {
         /// Only this partition (default: all).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "order")]
         partition: Option<u32>,
+        /// Tell the story of this order across partitions, record by
+        /// record, with the stock each record saw; exits 1 if no record
+        /// concerns it.
+        #[arg(long)]
+        order: Option<String>,
+        /// With `--order`: one JSON object per record instead of text.
+        #[arg(long, requires = "order")]
+        json: bool,
+        /// Replay the log of the stopped instance in DIR with this binary
+        /// and list the orders whose outcome would differ from DIR's
+        /// checkpoint (one JSON line each, then a summary); exits 1 if any.
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["order", "partition"])]
+        diff: Option<PathBuf>,
         #[command(flatten)]
         run: RunArgs,
     },
+    /// Create the ScyllaDB keyspace and tables of `[scylla]` unless they
+    /// exist (idempotent); run it before the first `run` that uses them.
+    /// Prints what it created.
+    Migrate(RunArgs),
     /// Run the payment gateway simulator as its own process, speaking the
     /// Stripe API subset orderflow uses (point `gateway.kind = "stripe"`,
     /// `gateway.url` at it). Prints `gateway-sim listening addr=IP:PORT`.
     GatewaySim(GatewaySimArgs),
+    /// Benchmark a whole instance in this process: a seeded workload
+    /// offered open-loop at `--rate` (0 = saturation), latency from intake
+    /// to terminal status; a report to stdout, and `--json`, `--markdown`,
+    /// `--plots` files. Exits 1 if an order was lost or never finished.
+    Bench(Box<crate::bench::BenchArgs>),
+    /// Deterministic simulation of the embedded pipeline: crash points,
+    /// torn writes, gateway failures, invariants checked after every step.
+    /// Exits 1 on a violation, printing a minimal trace and the command
+    /// that reproduces it.
+    Sim(sim::SimArgs),
 }
 
 #[derive(Args, Debug)]
@@ -89,6 +127,30 @@ pub struct GatewaySimArgs {
     /// Probability (0 to 1) that a call fails with 500 or 503.
     #[arg(long, value_name = "F", default_value_t = 0.0)]
     pub failure_rate: f64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ParkedCommand {
+    /// One JSON line per parked record, by partition and offset.
+    List,
+    /// One parked record with its bytes.
+    Show {
+        /// PARTITION:OFFSET
+        #[arg(value_parser = parked::parse_position)]
+        position: (u32, u64),
+    },
+    /// Process the parked records again, in their original order.
+    Retry {
+        /// Only this partition (default: every partition with parked records).
+        #[arg(long)]
+        partition: Option<u32>,
+    },
+    /// Take one record out of the lane for good, unprocessed.
+    Drop {
+        /// PARTITION:OFFSET
+        #[arg(value_parser = parked::parse_position)]
+        position: (u32, u64),
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -216,14 +278,55 @@ pub async fn dispatch(cli: Cli) -> Result<bool, CliError> {
             let c = client::Client::new(file, client)?;
             Ok(stock::get(&c, &sku).await?)
         }
+        Command::Parked { command } => {
+            let c = client::Client::new(file, client)?;
+            Ok(parked::run(&c, command).await?)
+        }
         Command::Status { id } => {
             let c = client::Client::new(file, client)?;
             Ok(client::status(&c, &id).await?)
         }
-        Command::Replay { partition, run } => {
+        Command::Replay {
+            partition,
+            order,
+            json,
+            diff,
+            run,
+        } => {
             let config = run_config(file, &run)?;
-            Ok(replay::run(&config, partition).await?)
+            match (order, diff) {
+                (Some(id), _) => Ok(replay::order_story(&config, &id, json).await?),
+                (None, Some(dir)) => Ok(replay::diff(&config, &dir).await?),
+                (None, None) => Ok(replay::run(&config, partition).await?),
+            }
         }
+        Command::Migrate(args) => {
+            let config = run_config(file, &args)?;
+            let Some(scylla) = &config.scylla else {
+                return Err(CliError::Usage(
+                    "`orderflow migrate` needs a [scylla] section or ORDERFLOW_SCYLLA_NODES".into(),
+                ));
+            };
+            let created = crate::pipeline::store::scylla::migrate(scylla)
+                .await
+                .map_err(anyhow::Error::from)?;
+            if created.is_empty() {
+                println!(
+                    "keyspace {} is up to date: nothing to create",
+                    scylla.keyspace
+                );
+            }
+            for what in created {
+                println!("created {what}");
+            }
+            Ok(true)
+        }
+        Command::Bench(args) => {
+            args.validate().map_err(CliError::Usage)?;
+            let config = base_config(file)?;
+            Ok(crate::bench::run(*args, config).await?)
+        }
+        Command::Sim(args) => sim::run(&args),
         Command::GatewaySim(args) => {
             if !(0.0..=1.0).contains(&args.failure_rate) {
                 return Err(CliError::Usage(format!(
@@ -261,8 +364,32 @@ pub fn run_config(file: Option<&Path>, args: &RunArgs) -> Result<Config, CliErro
     if let Some(p) = args.partitions {
         config.partitions = p;
     }
+    apply_backend_env(&mut config);
     config.validate()?;
     Ok(config)
+}
+
+/// `ORDERFLOW_KAFKA_BOOTSTRAP` and `ORDERFLOW_SCYLLA_NODES` switch to the
+/// distributed backends (keeping the file's other keys of those sections),
+/// so a container needs no config file.
+fn apply_backend_env(config: &mut Config) {
+    use crate::config::{KAFKA_BOOTSTRAP_ENV, SCYLLA_NODES_ENV};
+    if let Some(servers) = std::env::var(KAFKA_BOOTSTRAP_ENV)
+        .ok()
+        .filter(|s| !s.is_empty())
+    {
+        config
+            .kafka
+            .get_or_insert_with(Default::default)
+            .bootstrap_servers = servers;
+    }
+    if let Some(nodes) = std::env::var(SCYLLA_NODES_ENV)
+        .ok()
+        .filter(|s| !s.is_empty())
+    {
+        config.scylla.get_or_insert_with(Default::default).nodes =
+            nodes.split(',').map(|n| n.trim().to_owned()).collect();
+    }
 }
 
 /// Defaults, overridden by the file when one is given.
@@ -380,5 +507,7 @@ mod tests {
             Some(Command::GatewaySim(GatewaySimArgs { latency_ms: 20, .. }))
         ));
         assert!(Cli::try_parse_from(["orderflow", "gateway-sim"]).is_err());
+        let cli = Cli::try_parse_from(["orderflow", "migrate", "--data-dir", "d"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Migrate(_))));
     }
 }

@@ -4,7 +4,7 @@
 //! go in chunks. One result
 //! line per non-blank input line is printed, in input order:
 //! `{"line","partition","offset","order_id"}` or `{"line","error","code"}`.
-//! Lines the server could not take for now (`log_full`, `unavailable`)
+//! Lines the server could not take for now (`log_full`, `overloaded`, `unavailable`)
 //! are retried with backoff before they count as failed.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -207,7 +207,7 @@ async fn send_lines(client: &Client, lines: Lines) -> anyhow::Result<BTreeMap<us
                 }
                 let (number, line) = &batch[k - 1];
                 *v.line_mut() = *number;
-                if matches!(v.code(), Some("log_full" | "unavailable"))
+                if matches!(v.code(), Some("log_full" | "overloaded" | "unavailable"))
                     && attempt + 1 < MAX_ATTEMPTS
                 {
                     again.push((*number, line.clone()));

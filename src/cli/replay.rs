@@ -2,8 +2,12 @@
 //! offset 0 up to the last checkpoint, with every output and effect
 //! suppressed, and compares its hash with the checkpointed state
 //! (invariant 5). Runs on a stopped instance's data directory (it takes the
-//! same lock as `run`).
+//! same lock as `run`). With `--order ID` it tells that order's story
+//! instead (see `story`); with `--diff DIR` it lists the orders whose
+//! outcome this binary would decide differently from DIR's checkpoint.
 
+use std::collections::BTreeSet;
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -16,6 +20,9 @@ use crate::pipeline::log::embedded::EmbeddedLog;
 use crate::pipeline::runner::{load_state, replay};
 use crate::pipeline::store::embedded::EmbeddedStore;
 use crate::sinks::metrics::Metrics;
+use crate::stages::PartitionState;
+
+use super::story;
 
 /// One partition's verdict, printed as a JSON line.
 #[derive(Debug, Serialize)]
@@ -38,17 +45,7 @@ pub async fn run(config: &Config, only: Option<u32>) -> anyhow::Result<bool> {
         );
     }
     let _lock = lock_data_dir(&config.data_dir)?;
-    let topics = [
-        (Topic::Orders, config.partitions),
-        (Topic::OrderStatus, config.status_partitions),
-    ];
-    let log = EmbeddedLog::open(
-        &config.data_dir.join("log"),
-        &topics,
-        &config.log,
-        Arc::new(Metrics::new()),
-    )
-    .context("opening the log")?;
+    let log = open_log(config)?;
     let store = EmbeddedStore::open(&config.data_dir.join("state.redb"))
         .context("opening the state store")?;
     let mut all_match = true;
@@ -68,4 +65,110 @@ pub async fn run(config: &Config, only: Option<u32>) -> anyhow::Result<bool> {
         println!("{}", serde_json::to_string(&report)?);
     }
     Ok(all_match)
+}
+
+/// Prints the story of `order_id` (text, or one JSON line per step);
+/// returns whether any record concerned it.
+pub async fn order_story(config: &Config, order_id: &str, json: bool) -> anyhow::Result<bool> {
+    let _lock = lock_data_dir(&config.data_dir)?;
+    let log = open_log(config)?;
+    let steps = story::collect(&log, order_id, config.processor.retention()).await?;
+    if json {
+        for step in &steps {
+            println!("{}", serde_json::to_string(step)?);
+        }
+    } else {
+        print!("{}", story::render(order_id, &steps));
+    }
+    if steps.is_empty() {
+        eprintln!("no record of the log concerns order {order_id}");
+    }
+    Ok(!steps.is_empty())
+}
+
+/// An order this binary decides differently from the checkpoint.
+#[derive(Debug, Serialize)]
+pub struct OutcomeDiff {
+    pub order_id: String,
+    pub partition: u32,
+    /// What the checkpoint holds: `status (seq N)`, `parked`, or `absent`.
+    pub recorded: String,
+    /// What replaying the same records with this binary gives.
+    pub replayed: String,
+}
+
+/// Replays the log of the stopped instance in `dir` up to each partition's
+/// checkpoint with this binary and prints one JSON line per order whose
+/// outcome differs, then a summary line; returns whether none differs.
+pub async fn diff(config: &Config, dir: &Path) -> anyhow::Result<bool> {
+    let config = Config {
+        data_dir: dir.to_owned(),
+        ..config.clone()
+    };
+    let _lock = lock_data_dir(&config.data_dir)?;
+    let log = open_log(&config)?;
+    let store = EmbeddedStore::open(&config.data_dir.join("state.redb"))
+        .context("opening the state store")?;
+    let (mut orders, mut differ) = (0usize, 0usize);
+    for partition in 0..config.partitions {
+        let (recorded, next_offset) = load_state(&store, partition).await?;
+        let replayed = replay(&log, partition, next_offset, config.processor.retention()).await?;
+        let ids: BTreeSet<&str> = [&recorded, &replayed]
+            .into_iter()
+            .flat_map(|s| {
+                s.orders
+                    .keys()
+                    .map(String::as_str)
+                    .chain(s.parked.values().filter_map(|p| p.order_id.as_deref()))
+            })
+            .collect();
+        orders += ids.len();
+        for id in ids {
+            let (was, now) = (outcome(&recorded, id), outcome(&replayed, id));
+            if was != now {
+                differ += 1;
+                let d = OutcomeDiff {
+                    order_id: id.to_owned(),
+                    partition,
+                    recorded: was,
+                    replayed: now,
+                };
+                println!("{}", serde_json::to_string(&d)?);
+            }
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"orders": orders, "differ": differ, "data_dir": dir})
+    );
+    Ok(differ == 0)
+}
+
+/// An order's outcome in one partition's state.
+fn outcome(state: &PartitionState, order_id: &str) -> String {
+    match state.orders.get(order_id) {
+        Some(rec) => format!("{} (seq {})", rec.status, rec.seq),
+        None if state
+            .parked
+            .values()
+            .any(|p| p.order_id.as_deref() == Some(order_id)) =>
+        {
+            "parked".to_owned()
+        }
+        None => "absent".to_owned(),
+    }
+}
+
+fn open_log(config: &Config) -> anyhow::Result<EmbeddedLog> {
+    let topics = [
+        (Topic::Orders, config.partitions),
+        (Topic::OrderStatus, config.status_partitions),
+    ];
+    EmbeddedLog::open(
+        &config.data_dir.join("log"),
+        &topics,
+        &config.log,
+        Arc::new(Metrics::new()),
+    )
+    .context("opening the log")
 }

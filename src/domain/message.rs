@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 /// How a record's value is encoded. On Kafka this is a header; in the
 /// embedded log a flag byte of the record.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum RecordKind {
     /// The contract's order JSON, written by intake or an upstream producer.
     OrderJson = 0,
@@ -105,6 +105,27 @@ pub enum Message {
     EffectDone { order_id: String, kind: EffectKind },
     /// Admin: set a SKU's available stock. Keyed by the SKU.
     SetStock { sku: String, available: u64 },
+    /// Operator: process this partition's parked records again, in their
+    /// original order (those that still fail are parked again).
+    RetryParked,
+    /// Operator: take the parked record at `offset` out of the lane for
+    /// good, unprocessed.
+    DropParked { offset: u64 },
+}
+
+impl Message {
+    /// The order this message is about, if any.
+    pub fn order_id(&self) -> Option<&str> {
+        match self {
+            Message::Reserve { order_id, .. }
+            | Message::ReservationResult { order_id, .. }
+            | Message::Commit { order_id, .. }
+            | Message::Release { order_id, .. }
+            | Message::PaymentResult { order_id, .. }
+            | Message::EffectDone { order_id, .. } => Some(order_id),
+            Message::SetStock { .. } | Message::RetryParked | Message::DropParked { .. } => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

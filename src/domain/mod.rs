@@ -5,6 +5,7 @@
 pub mod message;
 pub mod order;
 pub mod pan;
+pub mod parked;
 pub mod partition;
 pub mod status;
 

@@ -28,6 +28,19 @@ impl Status {
         Status::PaymentFailed,
     ];
 
+    /// A stored code: the position in `ALL` (new statuses go at its end,
+    /// so stored codes keep their meaning).
+    pub fn code(self) -> u8 {
+        Status::ALL
+            .iter()
+            .position(|s| *s == self)
+            .expect("every status is listed") as u8
+    }
+
+    pub fn from_code(code: u8) -> Option<Status> {
+        Status::ALL.get(usize::from(code)).copied()
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Accepted => "accepted",
@@ -87,6 +100,20 @@ pub struct StatusEvent {
     /// Milliseconds since the Unix epoch, taken from the log record that
     /// caused the transition (never from a clock inside the processor).
     pub at_ms: u64,
+    /// `out_of_stock` only: the SKUs whose stock refused a line (each once,
+    /// in line order), so metrics can name the SKUs that run out. Added
+    /// compatibly: absent on the wire when empty, and readers that predate
+    /// it ignore it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused_skus: Vec<String>,
+    /// Lines whose held stock this transition released (compensation: a
+    /// failed saga undoing its reservations); absent on the wire when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub released_lines: u16,
+}
+
+fn is_zero(n: &u16) -> bool {
+    *n == 0
 }
 
 /// Wire version of a status record on `order-status`. A reader refuses any other.
@@ -157,8 +184,17 @@ mod tests {
             status: Status::Reserved,
             reason: None,
             at_ms: 7,
+            refused_skus: Vec::new(),
+            released_lines: 0,
         };
         assert_eq!(StatusEvent::decode(&e.encode()).unwrap(), e);
+        let oos = StatusEvent {
+            status: Status::OutOfStock,
+            refused_skus: vec!["SKU-1".into()],
+            released_lines: 2,
+            ..e.clone()
+        };
+        assert_eq!(StatusEvent::decode(&oos.encode()).unwrap(), oos);
         let other = rmp_serde::to_vec_named(&WireOut { v: 9, event: &e }).unwrap();
         assert!(
             StatusEvent::decode(&other)
@@ -166,5 +202,32 @@ mod tests {
                 .contains("version 9")
         );
         assert!(StatusEvent::decode(b"\xc1").is_err());
+    }
+
+    /// A record without the optional fields (as written before they
+    /// existed) still decodes, and an event without them writes none.
+    #[test]
+    fn optional_fields_are_compatible() {
+        #[derive(Serialize)]
+        struct Before<'a> {
+            v: u8,
+            order_id: &'a str,
+            seq: u32,
+            status: Status,
+            reason: Option<&'a str>,
+            at_ms: u64,
+        }
+        let old = rmp_serde::to_vec_named(&Before {
+            v: 1,
+            order_id: "o1",
+            seq: 1,
+            status: Status::Accepted,
+            reason: None,
+            at_ms: 5,
+        })
+        .unwrap();
+        let e = StatusEvent::decode(&old).unwrap();
+        assert!(e.refused_skus.is_empty() && e.released_lines == 0);
+        assert_eq!(e.encode(), old, "nothing new on the wire when empty");
     }
 }

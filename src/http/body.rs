@@ -14,6 +14,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum BodyError {
     TooLarge,
     Unreadable,
+    /// Not complete within `http.body_timeout_ms` (see `super::server`).
+    TimedOut,
 }
 
 /// The whole body, or `TooLarge` once it passes `limit` bytes.
@@ -21,7 +23,13 @@ pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, BodyError> 
     let mut stream = body.into_data_stream();
     let mut buf: Vec<u8> = Vec::new();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|_| BodyError::Unreadable)?;
+        let chunk = chunk.map_err(|e| {
+            if super::server::is_body_timeout(&e) {
+                BodyError::TimedOut
+            } else {
+                BodyError::Unreadable
+            }
+        })?;
         if buf.len() + chunk.len() > limit {
             let mut drained = buf.len() + chunk.len();
             let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {

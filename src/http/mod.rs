@@ -3,23 +3,33 @@
 //!
 //! | Route | Auth | Answers |
 //! |---|---|---|
-//! | `POST /v1/orders` | none | 202, 400 `<reason>`, 400 `invalid_idempotency_key`, 413 `payload_too_large`/`record_too_large`, 429 `log_full`, 503 `unavailable`/`shutting_down` |
+//! | `POST /v1/orders` | none | 202, 400 `<reason>`, 400 `invalid_idempotency_key`, 413 `payload_too_large`/`record_too_large`, 429 `log_full`, 503 `overloaded`/`unavailable`/`shutting_down` |
 //! | `GET /v1/orders/{id}` | tracking or admin token | 200, 404 `order_not_found` (unknown id, missing or wrong token alike), 503 `unavailable` |
 //! | `GET /v1/orders/{id}/events` | tracking or admin token | 200 SSE, 404 `order_not_found`, 503 `too_many_streams`/`unavailable` |
 //! | `GET /track/{id}?token=T` | tracking or admin token | 200 HTML tracking page; 404 HTML page (unknown id, missing or wrong token alike), 503 HTML page |
 //! | `PUT /v1/inventory/{sku}` | admin | 200, 400 `invalid_sku`/`invalid_body`, 401 `unauthorized`, 403 `admin_disabled`, 413, 429, 503 `apply_timeout`/`unavailable`/`shutting_down` |
 //! | `GET /v1/inventory/{sku}` | admin | 200 (zeros for an unknown SKU), 400 `invalid_sku`, 401, 403 |
+//! | `GET /v1/admin/parked`, `GET /v1/admin/parked/{p}/{offset}` | admin | 200 JSON (the park lane), 404 `not_parked`/`no_such_partition` |
+//! | `POST /v1/admin/parked/{p}/retry`, `POST /v1/admin/parked/{p}/{offset}/drop` | admin | 202 (the command is in the log), 404 `no_such_partition` |
 //! | `POST /v1/admin/produce` | admin | 200 NDJSON (per-line results), 401, 403, 413, 503 `shutting_down` |
 //! | `GET /metrics`, `/healthz`, `/readyz` | none | 200; `/readyz` 503 `not_ready` |
 //! | anything else | | 404 `not_found`, 405 `method_not_allowed` |
+//!
+//! Every route but the last three may also answer 429 `rate_limited` (per
+//! client, when `http.rate_limit_per_s` is set), and a route with a body
+//! 408 `body_timeout`. Connections, deadlines and TLS: [`server`].
 //!
 //! Bodies, tokens and the `Authorization` header are never logged.
 
 pub mod auth;
 pub mod body;
+pub mod parked;
 pub mod problem;
+pub mod ratelimit;
 pub mod routes;
+pub mod server;
 pub mod sse;
+pub mod tls;
 pub mod tokens;
 pub mod track;
 pub mod views;
@@ -43,6 +53,7 @@ pub struct AppState {
     pub intake: Arc<Intake>,
     pub tracking: Arc<Tracking>,
     pub inventory: Arc<Inventory>,
+    pub parked: Arc<crate::pipeline::parked::ParkLane>,
     pub metrics: Arc<Metrics>,
     pub admin_token: Option<Secret>,
     pub config: HttpConfig,
@@ -91,12 +102,20 @@ pub(crate) struct Ctx {
     pub app: AppState,
     /// Permits for open SSE streams (`config.max_sse_streams`).
     pub sse_permits: Arc<Semaphore>,
+    /// The per-client rate limit; `None` when off.
+    pub rate_limit: Option<Arc<ratelimit::RateLimit>>,
 }
 
 /// The API router of the contract.
 pub fn router(state: AppState) -> Router {
     let ctx = Ctx {
         sse_permits: Arc::new(Semaphore::new(state.config.max_sse_streams)),
+        rate_limit: ratelimit::RateLimit::new(
+            state.config.rate_limit_per_s,
+            state.config.rate_limit_burst,
+            &state.metrics.registry,
+        )
+        .map(Arc::new),
         app: state,
     };
     Router::new()
@@ -109,10 +128,22 @@ pub fn router(state: AppState) -> Router {
             get(routes::get_stock).put(routes::put_stock),
         )
         .route("/v1/admin/produce", post(routes::admin_produce))
+        .route("/v1/admin/parked", get(parked::list))
+        .route("/v1/admin/parked/{partition}/{offset}", get(parked::show))
+        .route("/v1/admin/parked/{partition}/retry", post(parked::retry))
+        .route(
+            "/v1/admin/parked/{partition}/{offset}/drop",
+            post(parked::drop_record),
+        )
         .route("/metrics", get(routes::metrics))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .method_not_allowed_fallback(routes::method_not_allowed)
+        // Inside the request count, so refusals show in it by route.
+        .route_layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            ratelimit::limit,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(
             ctx.clone(),
             routes::count_requests,

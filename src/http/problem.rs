@@ -6,7 +6,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::pipeline::intake::IntakeError;
+use crate::pipeline::intake::{IntakeError, Shed};
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
@@ -199,6 +199,45 @@ impl Problem {
         .retry_after(retry_after_s)
     }
 
+    /// Intake shed a new order before the log (admission control).
+    pub fn overloaded(reason: Shed, retry_after_s: u32) -> Problem {
+        let limit = match reason {
+            Shed::Inflight => "too many orders are being taken at once",
+            Shed::Backlog => "the order's partition is too far behind",
+            Shed::Memory => "the server is above its memory bound",
+        };
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "Overloaded",
+            format!("{limit}; retry later"),
+        )
+        .retry_after(retry_after_s)
+    }
+
+    /// Past the per-client rate limit (`http.rate_limit_per_s`).
+    pub fn rate_limited(retry_after_s: u32) -> Problem {
+        Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "Too many requests",
+            "this client sent more requests than its rate limit allows; retry after `Retry-After` seconds",
+        )
+        .retry_after(retry_after_s)
+    }
+
+    /// The request body did not arrive within `http.body_timeout_ms`. The
+    /// connection is closed after this answer (its unread rest of the body
+    /// would otherwise be taken for the next request).
+    pub fn body_timeout(timeout_ms: u64) -> Problem {
+        Problem::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            "Request timeout",
+            format!("the request body was not received within {timeout_ms} ms"),
+        )
+    }
+
     /// The answer for an intake error. 5xx details stay generic (the
     /// cause is logged by the caller, never a body or a token).
     pub fn from_intake(e: &IntakeError, retry_after_s: u32) -> Problem {
@@ -210,6 +249,7 @@ impl Problem {
                 r.detail.clone(),
             ),
             IntakeError::LogFull => Problem::log_full(retry_after_s),
+            IntakeError::Overloaded(reason) => Problem::overloaded(*reason, retry_after_s),
             IntakeError::Unavailable(_) => Problem::unavailable(retry_after_s),
             IntakeError::RecordTooLarge { max_bytes, .. } => Problem::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -235,6 +275,9 @@ impl IntoResponse for Problem {
         let h = res.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(s) = self.retry_after {
             h.insert(header::RETRY_AFTER, HeaderValue::from(s));
         }

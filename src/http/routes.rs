@@ -51,10 +51,15 @@ pub(crate) async fn method_not_allowed() -> Problem {
     Problem::method_not_allowed()
 }
 
-async fn body_or_problem(body: Body, limit: usize) -> Result<axum::body::Bytes, Problem> {
+async fn body_or_problem(
+    state: &AppState,
+    body: Body,
+    limit: usize,
+) -> Result<axum::body::Bytes, Problem> {
     read_limited(body, limit).await.map_err(|e| match e {
         BodyError::TooLarge => Problem::payload_too_large(limit),
         BodyError::Unreadable => Problem::unreadable_body(),
+        BodyError::TimedOut => Problem::body_timeout(state.config.body_timeout_ms),
     })
 }
 
@@ -90,7 +95,7 @@ pub(crate) async fn post_order(
             _ => return Err(Problem::invalid_idempotency_key()),
         },
     };
-    let body = body_or_problem(body, state.config.body_limit_bytes).await?;
+    let body = body_or_problem(state, body, state.config.body_limit_bytes).await?;
     let accepted = state
         .intake
         .submit(&body, key)
@@ -202,6 +207,10 @@ fn stock_problem(state: &AppState, e: InventoryError) -> Problem {
             tracing::warn!(error = %e, "stock change not logged");
             Problem::unavailable(retry)
         }
+        InventoryError::Store(e) => {
+            tracing::warn!(error = %e, "stock counters unreadable");
+            Problem::unavailable(retry)
+        }
         InventoryError::Timeout(ms) => Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "apply_timeout",
@@ -224,7 +233,12 @@ pub(crate) async fn get_stock(
     if !valid_sku(&sku) {
         return Err(Problem::invalid_sku());
     }
-    Ok(Json(state.inventory.get(&sku).unwrap_or(StockCounts {
+    let counts = state
+        .inventory
+        .get(&sku)
+        .await
+        .map_err(|e| stock_problem(state, e))?;
+    Ok(Json(counts.unwrap_or(StockCounts {
         sku,
         ..StockCounts::default()
     })))
@@ -252,7 +266,7 @@ pub(crate) async fn put_stock(
     if !valid_sku(&sku) {
         return Err(Problem::invalid_sku());
     }
-    let body = body_or_problem(body, state.config.body_limit_bytes).await?;
+    let body = body_or_problem(state, body, state.config.body_limit_bytes).await?;
     let bad = || Problem::invalid_body("expected {\"available\": N} with N a non-negative integer");
     // An object only (serde would also take `[N]` for the struct).
     let value: serde_json::Value = serde_json::from_slice(&body).map_err(|_| bad())?;
@@ -298,6 +312,7 @@ pub(crate) async fn admin_produce(
         return Err(Problem::shutting_down(state.config.retry_after_s));
     }
     let body = body_or_problem(
+        state,
         body,
         state
             .config

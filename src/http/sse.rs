@@ -31,6 +31,11 @@ use crate::sinks::tracking::Tracking;
 const SHUTDOWN_POLL: Duration = Duration::from_millis(250);
 /// Keep-alive comment interval.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// How often a live stream re-reads the read model. In distributed mode
+/// the live feed and the read model are fed by different consumers, so an
+/// event can pass this instance's feed before the subscription exists
+/// while the read model does not hold it yet; the re-read closes that gap.
+const RESYNC_POLLS: u32 = 4;
 
 pub(crate) async fn order_events(
     State(ctx): State<Ctx>,
@@ -70,6 +75,7 @@ pub(crate) async fn order_events(
         backlog: VecDeque::new(),
         last_seq: 0,
         done: false,
+        idle_polls: 0,
         _permit: permit,
     };
     if let Some(v) = view {
@@ -90,6 +96,8 @@ struct EventStream {
     backlog: VecDeque<StatusEvent>,
     last_seq: u32,
     done: bool,
+    /// Shutdown polls since the last event or re-read (`RESYNC_POLLS`).
+    idle_polls: u32,
     /// Held while the stream lives (`max_sse_streams`).
     _permit: OwnedSemaphorePermit,
 }
@@ -110,6 +118,8 @@ impl EventStream {
                 status: h.status,
                 reason,
                 at_ms: h.at_ms,
+                refused_skus: Vec::new(),
+                released_lines: 0,
             });
         }
     }
@@ -155,7 +165,13 @@ impl EventStream {
                         self.resync().await;
                     }
                 },
-                _ = tokio::time::sleep(SHUTDOWN_POLL) => {}
+                _ = tokio::time::sleep(SHUTDOWN_POLL) => {
+                    self.idle_polls += 1;
+                    if self.idle_polls >= RESYNC_POLLS {
+                        self.idle_polls = 0;
+                        self.resync().await;
+                    }
+                }
             }
         }
     }

@@ -7,6 +7,15 @@
 //! HTTP (`POST /v1/orders`, `POST /v1/admin/produce`) and the CLI talk to
 //! intake; intake talks only to the [`Log`] and [`StateStore`] traits.
 //!
+//! Admission control: a new order is shed (503 `overloaded`, with
+//! `Retry-After`) before it costs a log append when the process is above
+//! `intake.max_rss_bytes`, when `intake.max_inflight` orders are being
+//! taken already, or when its partition's runner is more than
+//! `intake.max_backlog_records` behind. Shedding here, and not only at the
+//! log's append queue, keeps that queue free for what orderflow writes
+//! itself (payment results, saga messages, statuses): those are never
+//! shed, and under overload the accepted orders still finish.
+//!
 //! Tracking tokens: a random 256-bit token per order, answered once in clear.
 //! The store keeps its SHA-256 (to check a presented token in constant time)
 //! and a sealed copy (see [`seal_token`]) so the first answer can be given
@@ -14,6 +23,8 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -21,11 +32,13 @@ use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Semaphore, SemaphorePermit};
 
+use crate::config::IntakeConfig;
 use crate::domain::order::{parse_order, valid_id};
 use crate::domain::pan::contains_pan;
 use crate::domain::{RejectReason, Rejection};
+use crate::pipeline::backlog::Backlog;
 use crate::pipeline::log::{Log, LogError, Record, RecordKind, Topic, murmur2, partition_for_key};
 use crate::pipeline::store::{IntakeRecord, StateStore, StoreError};
 use crate::sinks::metrics::Metrics;
@@ -40,6 +53,10 @@ const GUARD_STRIPES: usize = 256;
 const PRODUCE_CHUNK: usize = 256;
 /// Longest `Idempotency-Key` accepted (printable ASCII only).
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+/// The memory guard reads the resident set size at most this often: often
+/// enough to stop a surge within a fraction of a second, rarely enough
+/// that reading `/proc` never shows in a profile.
+pub const RSS_READ_EVERY_MS: u64 = 100;
 
 /// The answer to an accepted order (the first answer, when repeated).
 #[derive(Clone, PartialEq, Eq)]
@@ -82,6 +99,30 @@ pub enum IntakeError {
     /// The record exceeds the log's record limit (HTTP 413).
     #[error("record of {size_bytes} bytes exceeds the log limit of {max_bytes} bytes")]
     RecordTooLarge { size_bytes: usize, max_bytes: usize },
+    /// Shed by admission control before the log (HTTP 503).
+    #[error("overloaded ({}); retry later", .0.as_str())]
+    Overloaded(Shed),
+}
+
+/// The limit that shed an order (`orderflow_intake_shed_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shed {
+    /// `intake.max_inflight` orders were being taken already.
+    Inflight,
+    /// The order's partition was more than `intake.max_backlog_records` behind.
+    Backlog,
+    /// The process was above `intake.max_rss_bytes`.
+    Memory,
+}
+
+impl Shed {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Shed::Inflight => "inflight",
+            Shed::Backlog => "backlog",
+            Shed::Memory => "memory",
+        }
+    }
 }
 
 impl IntakeError {
@@ -92,6 +133,7 @@ impl IntakeError {
             IntakeError::LogFull => "log_full",
             IntakeError::Unavailable(_) => "unavailable",
             IntakeError::RecordTooLarge { .. } => "record_too_large",
+            IntakeError::Overloaded(_) => "overloaded",
         }
     }
 }
@@ -222,6 +264,101 @@ pub fn unseal_token(seal_key: &[u8; 32], order_id: &str, sealed: &[u8]) -> Optio
     Some(encode_token(&raw))
 }
 
+/// The resident set size of this process, from `/proc/self/statm` (Linux);
+/// `None` where it cannot be read.
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok().filter(|p| *p > 0)?)
+}
+
+/// Sheds new orders while the process is above its memory bound. The
+/// reading is refreshed by whichever order comes once it is older than
+/// [`RSS_READ_EVERY_MS`], so an idle process reads nothing.
+struct MemoryGuard {
+    max_rss_bytes: u64,
+    started: Instant,
+    next_read_ms: AtomicU64,
+    over: AtomicBool,
+    gauge: prometheus::IntGauge,
+}
+
+impl MemoryGuard {
+    fn new(max_rss_bytes: u64, gauge: prometheus::IntGauge) -> MemoryGuard {
+        if max_rss_bytes > 0 && resident_bytes().is_none() {
+            tracing::warn!(
+                "`intake.max_rss_bytes` is set but /proc/self/statm is unreadable here: no memory bound applies"
+            );
+        }
+        MemoryGuard {
+            max_rss_bytes,
+            started: Instant::now(),
+            next_read_ms: AtomicU64::new(0),
+            over: AtomicBool::new(false),
+            gauge,
+        }
+    }
+
+    fn over(&self) -> bool {
+        if self.max_rss_bytes == 0 {
+            return false;
+        }
+        let now = self.started.elapsed().as_millis() as u64;
+        let due = self.next_read_ms.load(Ordering::Relaxed);
+        // One reader per period: the others use the last reading.
+        if now >= due
+            && self
+                .next_read_ms
+                .compare_exchange(
+                    due,
+                    now + RSS_READ_EVERY_MS,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+            && let Some(rss) = resident_bytes()
+        {
+            self.gauge.set(i64::try_from(rss).unwrap_or(i64::MAX));
+            self.over.store(rss > self.max_rss_bytes, Ordering::Relaxed);
+        }
+        self.over.load(Ordering::Relaxed)
+    }
+}
+
+/// Intake's limits; see the module documentation.
+struct Admission {
+    inflight: Semaphore,
+    max_backlog_records: u64,
+    /// `None`: nothing reports partition progress (intake alone, in tests).
+    backlog: Option<Arc<Backlog>>,
+    memory: MemoryGuard,
+}
+
+impl Admission {
+    fn new(config: &IntakeConfig, backlog: Option<Arc<Backlog>>, metrics: &Metrics) -> Admission {
+        Admission {
+            inflight: Semaphore::new(config.max_inflight),
+            max_backlog_records: config.max_backlog_records,
+            backlog,
+            memory: MemoryGuard::new(config.max_rss_bytes, metrics.process_resident_bytes.clone()),
+        }
+    }
+}
+
+/// An order being taken: holds its `intake.max_inflight` slot.
+struct Taking<'a> {
+    _permit: SemaphorePermit<'a>,
+    gauge: &'a prometheus::IntGauge,
+}
+
+impl Drop for Taking<'_> {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
 pub struct Intake {
     log: Arc<dyn Log>,
     store: Arc<dyn StateStore>,
@@ -230,6 +367,7 @@ pub struct Intake {
     /// Serializes submits that hash to the same stripe, so two identical
     /// requests at once append once (the second finds the first's record).
     guards: Vec<Mutex<()>>,
+    admission: Admission,
 }
 
 impl Intake {
@@ -240,13 +378,72 @@ impl Intake {
     ) -> Result<Intake, StoreError> {
         let seal_key = store.secret(SEAL_SECRET).await?;
         let guards = (0..GUARD_STRIPES).map(|_| Mutex::new(())).collect();
+        let admission = Admission::new(&IntakeConfig::default(), None, &metrics);
         Ok(Intake {
             log,
             store,
             metrics,
             seal_key,
             guards,
+            admission,
         })
+    }
+
+    /// Sets the admission limits; `backlog` is where this instance's
+    /// runners report their progress.
+    pub fn with_admission(mut self, config: &IntakeConfig, backlog: Arc<Backlog>) -> Intake {
+        self.admission = Admission::new(config, Some(backlog), &self.metrics);
+        self
+    }
+
+    fn shed(&self, reason: Shed, orders: u64) -> Shed {
+        self.metrics
+            .intake_shed
+            .with_label_values(&[reason.as_str()])
+            .inc_by(orders);
+        reason
+    }
+
+    /// Admits one order (or produce batch of `orders` lines) to be taken,
+    /// cheapest check first, or sheds it.
+    fn admit(&self, orders: u64) -> Result<Taking<'_>, Shed> {
+        let a = &self.admission;
+        if a.memory.over() {
+            return Err(self.shed(Shed::Memory, orders));
+        }
+        let permit = a
+            .inflight
+            .try_acquire()
+            .map_err(|_| self.shed(Shed::Inflight, orders))?;
+        self.metrics.intake_inflight.inc();
+        Ok(Taking {
+            _permit: permit,
+            gauge: &self.metrics.intake_inflight,
+        })
+    }
+
+    /// Sheds `orders` new orders for `partition` if its runner is too far behind.
+    fn check_backlog(&self, partition: u32, orders: u64) -> Result<(), Shed> {
+        let a = &self.admission;
+        let lag = a
+            .backlog
+            .as_ref()
+            .and_then(|b| b.lag(self.log.as_ref(), partition));
+        match lag {
+            Some(lag) if lag > a.max_backlog_records => Err(self.shed(Shed::Backlog, orders)),
+            _ => Ok(()),
+        }
+    }
+
+    /// A log error of `orders` new orders; a full append queue counts as shed.
+    fn log_error(&self, e: LogError, orders: u64) -> IntakeError {
+        if matches!(e, LogError::Full { .. }) {
+            self.metrics
+                .intake_shed
+                .with_label_values(&["log_full"])
+                .inc_by(orders);
+        }
+        IntakeError::from(e)
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -280,6 +477,7 @@ impl Intake {
         body: &[u8],
         idempotency_key: Option<&str>,
     ) -> Result<Accepted, IntakeError> {
+        let _taking = self.admit(1).map_err(IntakeError::Overloaded)?;
         let parsed = parse_order(body).map_err(IntakeError::Invalid)?;
         let mut order = parsed.order;
         if !parsed.had_order_id {
@@ -299,6 +497,10 @@ impl Intake {
             };
         }
         let order_id = order.order_id.clone();
+        let key = order.home_sku().as_bytes().to_vec();
+        let partition = partition_for_key(&key, self.log.partition_count(Topic::Orders));
+        self.check_backlog(partition, 1)
+            .map_err(IntakeError::Overloaded)?;
         let _guard = self.guard(&order_id).lock().await;
         if let Some(existing) = self.store.get_intake(&order_id).await? {
             return self.answer(&existing);
@@ -313,14 +515,14 @@ impl Intake {
         let token = encode_token(&raw);
         let record = Record {
             kind: RecordKind::OrderJson,
-            key: order.home_sku().as_bytes().to_vec(),
+            key,
             value: order.to_json(),
         };
-        let partition = partition_for_key(&record.key, self.log.partition_count(Topic::Orders));
         let offset = self
             .log
             .append(Topic::Orders, partition, vec![record])
-            .await?;
+            .await
+            .map_err(|e| self.log_error(e, 1))?;
         let mine = IntakeRecord {
             order_id: order_id.clone(),
             token_sha256: token_digest(&token),
@@ -368,12 +570,16 @@ impl Intake {
     /// to validate (an invalid order ends `rejected`). Keyed like an upstream producer
     /// would: `lines[0].sku`, else `order_id`, else the empty key.
     pub async fn produce_raw(&self, line: &[u8]) -> Result<Produced, IntakeError> {
+        let _taking = self.admit(1).map_err(IntakeError::Overloaded)?;
         let (record, order_id) = raw_record(line)?;
         let partition = partition_for_key(&record.key, self.log.partition_count(Topic::Orders));
+        self.check_backlog(partition, 1)
+            .map_err(IntakeError::Overloaded)?;
         let offset = self
             .log
             .append(Topic::Orders, partition, vec![record])
-            .await?;
+            .await
+            .map_err(|e| self.log_error(e, 1))?;
         Ok(Produced {
             partition,
             offset,
@@ -383,8 +589,19 @@ impl Intake {
 
     /// [`Intake::produce_raw`] for many lines: one append per partition
     /// (and chunk), partitions in parallel, the lines of one partition in
-    /// input order. The results are in input order.
+    /// input order. The results are in input order. Admission control
+    /// applies per batch (memory, in-flight: one slot) and per partition
+    /// (backlog); a shed line answers `overloaded`.
     pub async fn produce_raw_batch(&self, lines: &[&[u8]]) -> Vec<Result<Produced, IntakeError>> {
+        let _taking = match self.admit(lines.len() as u64) {
+            Ok(t) => t,
+            Err(reason) => {
+                return lines
+                    .iter()
+                    .map(|_| Err(IntakeError::Overloaded(reason)))
+                    .collect();
+            }
+        };
         let count = self.log.partition_count(Topic::Orders);
         let mut results: Vec<Option<Result<Produced, IntakeError>>> =
             (0..lines.len()).map(|_| None).collect();
@@ -401,6 +618,15 @@ impl Intake {
                 Err(e) => results[i] = Some(Err(e)),
             }
         }
+        by_partition.retain(|&partition, items| {
+            let shed = self.check_backlog(partition, items.len() as u64).is_err();
+            if shed {
+                for (i, _, _) in items.iter() {
+                    results[*i] = Some(Err(IntakeError::Overloaded(Shed::Backlog)));
+                }
+            }
+            !shed
+        });
         let jobs = by_partition
             .into_iter()
             .map(|(partition, items)| self.produce_partition(partition, items));
@@ -460,6 +686,12 @@ impl Intake {
                 Err(e) => {
                     let message = e.to_string();
                     let retryable_full = matches!(e, LogError::Full { .. });
+                    if retryable_full {
+                        self.metrics
+                            .intake_shed
+                            .with_label_values(&["log_full"])
+                            .inc_by(chunk.len() as u64);
+                    }
                     for (i, _, _) in chunk {
                         let err = if retryable_full {
                             IntakeError::LogFull
@@ -578,8 +810,9 @@ mod tests {
         ) -> Result<Vec<LogRecord>, LogError> {
             Ok(vec![])
         }
-        fn offsets(&self, _: Topic, _: u32) -> Result<(u64, u64), LogError> {
-            Ok((0, 0))
+        fn offsets(&self, _: Topic, partition: u32) -> Result<(u64, u64), LogError> {
+            let parts = self.parts.lock().unwrap();
+            Ok((0, parts.get(&partition).map_or(0, |p| p.len() as u64)))
         }
         fn release_before(&self, _: Topic, _: u32, _: u64) {}
         async fn close(&self) {}
@@ -602,6 +835,16 @@ mod tests {
     impl StateStore for MemStore {
         async fn load_checkpoint(&self, _: u32) -> Result<Option<PartitionCheckpoint>, StoreError> {
             Ok(None)
+        }
+        async fn load_row(
+            &self,
+            _: u32,
+            _: &[u8],
+        ) -> Result<Option<(u64, Option<Vec<u8>>)>, StoreError> {
+            Ok(None)
+        }
+        async fn claim_partition(&self, _: u32) -> Result<u64, StoreError> {
+            Ok(1)
         }
         async fn write_checkpoint(&self, _: CheckpointWrite) -> Result<(), StoreError> {
             Ok(())
@@ -810,6 +1053,119 @@ mod tests {
             i.produce_raw(b"{}").await,
             Err(IntakeError::LogFull)
         ));
+        let full = i.metrics().intake_shed.with_label_values(&["log_full"]);
+        assert_eq!(full.get(), 2);
+    }
+
+    fn limits(max_inflight: usize, max_backlog_records: u64, max_rss_bytes: u64) -> IntakeConfig {
+        IntakeConfig {
+            max_inflight,
+            max_backlog_records,
+            max_rss_bytes,
+        }
+    }
+
+    fn shed_count(i: &Intake, reason: Shed) -> u64 {
+        i.metrics()
+            .intake_shed
+            .with_label_values(&[reason.as_str()])
+            .get()
+    }
+
+    /// Past `max_inflight` orders being taken, the next ones are shed at
+    /// once (no waiting), counted, and never reach the log.
+    #[tokio::test]
+    async fn inflight_limit_sheds_at_once() {
+        let (log, _, i) = intake().await;
+        let i = Arc::new(i.with_admission(&limits(2, 1_000, 0), Arc::new(Backlog::new(8))));
+        // The test runtime has one thread: every task runs until its
+        // append (2 ms in MemLog) before the first one finishes.
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let i = i.clone();
+                tokio::spawn(async move { i.submit(order(None).as_bytes(), None).await })
+            })
+            .collect();
+        let answers: Vec<_> = futures::future::join_all(tasks)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let accepted = answers.iter().filter(|a| a.is_ok()).count();
+        assert_eq!(accepted, 2);
+        assert!(answers.iter().filter_map(|a| a.as_ref().err()).all(|e| {
+            matches!(e, IntakeError::Overloaded(Shed::Inflight)) && e.code() == "overloaded"
+        }));
+        assert_eq!(log.total(), 2);
+        assert_eq!(shed_count(&i, Shed::Inflight), 14);
+        assert_eq!(i.metrics().intake_inflight.get(), 0);
+        // The slots are free again.
+        i.submit(order(None).as_bytes(), None).await.unwrap();
+    }
+
+    /// New orders for a partition whose runner is more than
+    /// `max_backlog_records` behind are shed; other partitions, and
+    /// partitions no runner here owns, are not.
+    #[tokio::test]
+    async fn backlog_limit_sheds_the_lagging_partition() {
+        let (log, _, i) = intake().await;
+        let backlog = Arc::new(Backlog::new(8));
+        let i = i.with_admission(&limits(16, 1, 0), backlog.clone());
+        let p = partition_for_key(b"S-1", 8);
+        let owned = backlog.own(p, 0);
+        i.submit(order(None).as_bytes(), None).await.unwrap();
+        i.submit(order(None).as_bytes(), None).await.unwrap();
+        let e = i.submit(order(None).as_bytes(), None).await.unwrap_err();
+        assert!(matches!(e, IntakeError::Overloaded(Shed::Backlog)), "{e}");
+        let lines: Vec<&[u8]> = vec![
+            br#"{"order_id":"a","lines":[{"sku":"S-1"}]}"#,
+            br#"{"order_id":"b","lines":[{"sku":"T-9"}]}"#,
+        ];
+        assert_ne!(partition_for_key(b"T-9", 8), p);
+        let r = i.produce_raw_batch(&lines).await;
+        assert!(matches!(r[0], Err(IntakeError::Overloaded(Shed::Backlog))));
+        assert!(r[1].is_ok());
+        assert_eq!(shed_count(&i, Shed::Backlog), 2);
+        // The runner caught up: taken again.
+        backlog.processed(p, log.offsets(Topic::Orders, p).unwrap().1);
+        i.submit(order(None).as_bytes(), None).await.unwrap();
+        drop(owned);
+        for _ in 0..3 {
+            i.submit(order(None).as_bytes(), None).await.unwrap();
+        }
+    }
+
+    /// Above `max_rss_bytes` every new order is shed (submit and produce);
+    /// under a bound the process is far below, nothing is.
+    #[tokio::test]
+    async fn memory_guard_sheds_above_the_bound() {
+        let rss = resident_bytes().expect("/proc/self/statm is readable on Linux");
+        assert!(rss > crate::config::MIN_RSS_BOUND_BYTES);
+        let (log, _, i) = intake().await;
+        let tight = i.with_admission(
+            &limits(16, 1_000, crate::config::MIN_RSS_BOUND_BYTES),
+            Arc::new(Backlog::new(8)),
+        );
+        let e = tight
+            .submit(order(None).as_bytes(), None)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, IntakeError::Overloaded(Shed::Memory)), "{e}");
+        let r = tight
+            .produce_raw_batch(&[b"{}".as_slice(), b"{}".as_slice()])
+            .await;
+        assert!(
+            r.iter()
+                .all(|r| matches!(r, Err(IntakeError::Overloaded(Shed::Memory))))
+        );
+        assert_eq!(shed_count(&tight, Shed::Memory), 3);
+        assert!(tight.metrics().process_resident_bytes.get() > 0);
+        assert_eq!(log.total(), 0);
+        let roomy = tight.with_admission(
+            &limits(16, 1_000, crate::config::MAX_RSS_BOUND_BYTES),
+            Arc::new(Backlog::new(8)),
+        );
+        roomy.submit(order(None).as_bytes(), None).await.unwrap();
     }
 
     /// Raw lines are written as is, keyed by SKU, then order id; non-JSON fails.

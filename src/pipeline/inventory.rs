@@ -1,9 +1,13 @@
 //! The inventory query and admin interface. Stock counters are owned by the
 //! partition processors; runners publish the counters they change here after
 //! each batch, and a stock change is itself a log message (`SetStock`), so
-//! the single writer per SKU is never bypassed.
+//! the single writer per SKU is never bypassed. A SKU whose partition
+//! another instance owns (distributed deployment) is read from that
+//! partition's last checkpoint in the shared store (at most
+//! `checkpoint.every_ms` old).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -13,6 +17,12 @@ use tokio::sync::watch;
 use crate::domain::order::valid_sku;
 use crate::domain::{Envelope, Message};
 use crate::pipeline::log::{Log, LogError, Record, RecordKind, Topic, partition_for_key};
+use crate::pipeline::store::{StateStore, StoreError};
+use crate::stages::state::{decode_stock_row, stock_row_key};
+
+/// How often a stock change on a partition owned elsewhere looks at the
+/// store for the checkpoint that includes it.
+const REMOTE_POLL_MS: u64 = 50;
 
 /// Longest an admin stock change waits to be applied by its processor.
 pub const APPLY_TIMEOUT_MS: u64 = 10_000;
@@ -33,6 +43,8 @@ pub enum InventoryError {
     Log(#[from] LogError),
     #[error("the stock change was logged but not applied within {0} ms")]
     Timeout(u64),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 pub struct Inventory {
@@ -40,23 +52,62 @@ pub struct Inventory {
     counts: DashMap<String, StockCounts>,
     /// Per `orders` partition: the next offset its processor will apply.
     processed: Vec<watch::Sender<u64>>,
+    /// Per `orders` partition: whether a runner of this instance owns it.
+    owned: Vec<AtomicBool>,
+    store: Arc<dyn StateStore>,
 }
 
 impl Inventory {
-    pub fn new(log: Arc<dyn Log>) -> Inventory {
+    pub fn new(log: Arc<dyn Log>, store: Arc<dyn StateStore>) -> Inventory {
         let partitions = log.partition_count(Topic::Orders);
-        let processed = (0..partitions).map(|_| watch::channel(0).0).collect();
         Inventory {
             log,
             counts: DashMap::new(),
-            processed,
+            processed: (0..partitions).map(|_| watch::channel(0).0).collect(),
+            owned: (0..partitions).map(|_| AtomicBool::new(false)).collect(),
+            store,
         }
     }
 
-    /// The counters as of the last processed batch; `None` for a SKU that
-    /// never had stock.
-    pub fn get(&self, sku: &str) -> Option<StockCounts> {
-        self.counts.get(sku).map(|c| c.clone())
+    /// The supervisor tells which partitions this instance runs.
+    pub fn set_owned(&self, partition: u32, owned: bool) {
+        self.owned[partition as usize].store(owned, Ordering::SeqCst);
+    }
+
+    fn partition_of(&self, sku: &str) -> u32 {
+        partition_for_key(sku.as_bytes(), self.log.partition_count(Topic::Orders))
+    }
+
+    /// The counters as of the last processed batch (or, for a partition
+    /// owned elsewhere, its last checkpoint); `None` for a SKU that never
+    /// had stock.
+    pub async fn get(&self, sku: &str) -> Result<Option<StockCounts>, InventoryError> {
+        let partition = self.partition_of(sku);
+        if self.owned[partition as usize].load(Ordering::SeqCst) {
+            return Ok(self.counts.get(sku).map(|c| c.clone()));
+        }
+        Ok(self.checkpointed(partition, sku).await?.1)
+    }
+
+    /// `(next_offset, counters)` of `sku` in its partition's last checkpoint.
+    async fn checkpointed(
+        &self,
+        partition: u32,
+        sku: &str,
+    ) -> Result<(u64, Option<StockCounts>), InventoryError> {
+        let Some((next, row)) = self.store.load_row(partition, &stock_row_key(sku)).await? else {
+            return Ok((0, None));
+        };
+        let counts = row
+            .map(|bytes| decode_stock_row(&bytes).map_err(StoreError::Corrupt))
+            .transpose()?
+            .map(|s| StockCounts {
+                sku: sku.to_owned(),
+                available: s.available,
+                reserved: s.reserved,
+                sold: s.sold,
+            });
+        Ok((next, counts))
     }
 
     /// Sets `sku`'s available stock through the log and waits until its
@@ -77,24 +128,35 @@ impl Inventory {
             key: sku.as_bytes().to_vec(),
             value: msg.encode(),
         };
-        let partition = partition_for_key(sku.as_bytes(), self.log.partition_count(Topic::Orders));
+        let partition = self.partition_of(sku);
         let offset = self
             .log
             .append(Topic::Orders, partition, vec![record])
             .await?;
-        let mut rx = self.processed[partition as usize].subscribe();
-        let applied = tokio::time::timeout(
-            Duration::from_millis(APPLY_TIMEOUT_MS),
-            rx.wait_for(|next| *next > offset),
-        )
-        .await;
-        match applied {
-            Ok(Ok(_)) => Ok(self.get(sku).unwrap_or(StockCounts {
-                sku: sku.to_owned(),
-                ..Default::default()
-            })),
-            _ => Err(InventoryError::Timeout(APPLY_TIMEOUT_MS)),
-        }
+        let timeout = Duration::from_millis(APPLY_TIMEOUT_MS);
+        let counts = if self.owned[partition as usize].load(Ordering::SeqCst) {
+            let mut rx = self.processed[partition as usize].subscribe();
+            match tokio::time::timeout(timeout, rx.wait_for(|next| *next > offset)).await {
+                Ok(Ok(_)) => self.counts.get(sku).map(|c| c.clone()),
+                _ => return Err(InventoryError::Timeout(APPLY_TIMEOUT_MS)),
+            }
+        } else {
+            let waited = tokio::time::timeout(timeout, async {
+                loop {
+                    let (next, counts) = self.checkpointed(partition, sku).await?;
+                    if next > offset {
+                        return Ok::<_, InventoryError>(counts);
+                    }
+                    tokio::time::sleep(Duration::from_millis(REMOTE_POLL_MS)).await;
+                }
+            })
+            .await;
+            waited.map_err(|_| InventoryError::Timeout(APPLY_TIMEOUT_MS))??
+        };
+        Ok(counts.unwrap_or(StockCounts {
+            sku: sku.to_owned(),
+            ..Default::default()
+        }))
     }
 
     /// Called by a runner after a batch: publish counters, then progress.

@@ -3,8 +3,9 @@
 //! then reads the log in order, feeds each record to the processor, makes
 //! the processor's output durable (saga messages to `orders`, statuses to
 //! `order-status`), hands effects to the executor and checkpoints every N
-//! messages or T ms. A checkpoint is written only after everything emitted
-//! before it is durable, so recovery (checkpoint + replay) never loses an
+//! messages or T ms, in the background (one write in flight at a time, so
+//! the partition does not wait for the store). A checkpoint is written only
+//! after everything emitted before it is durable, so recovery (checkpoint + replay) never loses an
 //! emitted message; replays re-emit with the same ids and receivers dedupe.
 
 use std::collections::BTreeMap;
@@ -16,10 +17,12 @@ use tokio::sync::watch;
 use crate::config::CheckpointConfig;
 use crate::domain::RecordKind;
 use crate::domain::partition::partition_for_key;
+use crate::pipeline::backlog::Backlog;
 use crate::pipeline::effects::EffectSender;
 use crate::pipeline::inventory::{Inventory, StockCounts};
 use crate::pipeline::log::{Log, LogError, LogRecord, Record, Topic};
-use crate::pipeline::store::{CheckpointWrite, StateStore, StoreError};
+use crate::pipeline::store::{CheckpointWrite, StateStore, StoreError, with_retries};
+use crate::pipeline::supervisor::Stop;
 use crate::sinks::metrics::Metrics;
 use crate::stages::processor::{Input, Retention};
 use crate::stages::{Output, PartitionState, Processor};
@@ -29,6 +32,10 @@ pub const READ_BATCH_RECORDS: usize = 4096;
 /// How long a read waits for new records before the runner looks at its
 /// checkpoint timer and shutdown signal again.
 const READ_WAIT_MS: u64 = 50;
+/// A checkpoint is due once this many state rows changed, whatever the
+/// message count: it is written as one batch, and a CQL batch holds at
+/// most 65,534 statements (one read batch adds at most ~12 rows a record).
+pub const MAX_CHECKPOINT_ROWS: usize = 16_384;
 /// Longest back-off while the log is busy (`Full`).
 const MAX_APPEND_BACKOFF_MS: u64 = 1_000;
 
@@ -40,6 +47,8 @@ pub enum RunnerError {
     Store { partition: u32, source: StoreError },
     #[error("partition {partition}: checkpoint is unreadable: {detail}")]
     BadCheckpoint { partition: u32, detail: String },
+    #[error("partition {partition}: the checkpoint write failed: {detail}")]
+    CheckpointTask { partition: u32, detail: String },
     #[error("partition {partition}: the effect executor stopped")]
     ExecutorGone { partition: u32 },
 }
@@ -57,6 +66,10 @@ pub struct RunnerDeps {
     pub epoch: u64,
     /// Receives one permit once this partition has recovered (readiness).
     pub recovered: Arc<tokio::sync::Semaphore>,
+    /// Where intake reads how far behind this partition is.
+    pub backlog: Arc<Backlog>,
+    /// Test seam of the park lane (`Processor::poison_customer`).
+    pub poison_customer: Option<String>,
 }
 
 /// What a runner reports when it stops cleanly.
@@ -85,16 +98,22 @@ pub async fn load_state(
     Ok((state, cp.next_offset))
 }
 
-/// Runs partition `partition` until `shutdown` turns true, then drains
-/// what it read, checkpoints and returns.
+/// Runs partition `partition` until `stop` leaves `Stop::Run`; then, for
+/// `Drain`, processes what the log holds now, for `Now` only the batch in
+/// hand (ownership moves: the next owner replays the rest), checkpoints
+/// and returns.
 pub async fn run(
     partition: u32,
     deps: RunnerDeps,
-    mut shutdown: watch::Receiver<bool>,
+    mut stop: watch::Receiver<Stop>,
 ) -> Result<RunnerExit, RunnerError> {
+    let started = Instant::now();
     let partitions = deps.log.partition_count(Topic::Orders);
     let (state, mut next) = load_state(deps.store.as_ref(), partition).await?;
-    let mut processor = Processor::new(partition, partitions, state).with_retention(deps.retention);
+    let _owned = deps.backlog.own(partition, next);
+    let mut processor = Processor::new(partition, partitions, state)
+        .with_retention(deps.retention)
+        .with_poison_customer(deps.poison_customer.clone());
     publish_all_stock(&deps, &processor, next);
     for effect in processor.pending_effects() {
         deps.effects
@@ -109,6 +128,7 @@ pub async fn run(
         .offsets(Topic::Orders, partition)
         .map_err(|source| RunnerError::Log { partition, source })?;
     let mut recovering = true;
+    let replay_from = next;
     tracing::info!(
         partition,
         next_offset = next,
@@ -121,15 +141,34 @@ pub async fn run(
         .with_label_values(&["orders", &partition.to_string()]);
     let mut out = Output::default();
     let mut since_checkpoint: u64 = 0;
+    let mut writing: Option<CheckpointTask> = None;
     let mut last_checkpoint = Instant::now();
     let every = Duration::from_millis(deps.checkpoint.every_ms);
     loop {
         if recovering && next >= catch_up_to {
             recovering = false;
-            tracing::info!(partition, next_offset = next, "partition recovered");
+            let replayed = next.saturating_sub(replay_from);
+            deps.metrics
+                .partition_replayed_records
+                .with_label_values(&[&partition.to_string()])
+                .inc_by(replayed);
+            deps.metrics
+                .partition_restore_latency
+                .observe(started.elapsed().as_secs_f64());
+            tracing::info!(
+                partition,
+                next_offset = next,
+                replayed,
+                restore_ms = started.elapsed().as_millis() as u64,
+                "partition recovered"
+            );
             deps.recovered.add_permits(1);
         }
-        let stopping = *shutdown.borrow();
+        let mode = *stop.borrow();
+        if mode == Stop::Now {
+            break;
+        }
+        let stopping = mode == Stop::Drain;
         let wait = if stopping {
             Duration::ZERO
         } else {
@@ -137,7 +176,12 @@ pub async fn run(
         };
         let records = tokio::select! {
             r = deps.log.read(Topic::Orders, partition, next, READ_BATCH_RECORDS, wait) => r.map_err(|source| RunnerError::Log { partition, source })?,
-            _ = shutdown.changed(), if !stopping => continue,
+            changed = stop.changed(), if !stopping => {
+                if changed.is_err() {
+                    break; // the supervisor is gone: stop as for `Now`
+                }
+                continue;
+            }
         };
         if records.is_empty() && stopping {
             break;
@@ -153,18 +197,32 @@ pub async fn run(
         }
         flush_output(&deps, partition, &mut out).await?;
         publish_stock(&deps, &processor, &out, partition, next);
+        publish_parked(&deps, &processor, partition);
+        deps.backlog.processed(partition, next);
         if let Ok((_, high)) = deps.log.offsets(Topic::Orders, partition) {
             lag.set(high.saturating_sub(next) as i64);
         }
-        if since_checkpoint >= deps.checkpoint.every_messages
-            || (since_checkpoint > 0 && last_checkpoint.elapsed() >= every)
-        {
-            checkpoint(&deps, partition, &mut processor, next).await?;
+        let too_many_rows = processor.state.dirty.len() >= MAX_CHECKPOINT_ROWS;
+        let due = since_checkpoint >= deps.checkpoint.every_messages
+            || too_many_rows
+            || (since_checkpoint > 0 && last_checkpoint.elapsed() >= every);
+        // One checkpoint in flight at a time. A due one waits for the
+        // previous to finish, without blocking the partition, unless the
+        // changed rows reach the limit of one write.
+        let previous_done = writing.as_ref().is_none_or(|w| w.is_finished());
+        if due && (previous_done || too_many_rows) {
+            finish_checkpoint(&mut writing, partition).await?;
+            writing = Some(start_checkpoint(&deps, partition, &mut processor, next));
             since_checkpoint = 0;
             last_checkpoint = Instant::now();
         }
     }
-    checkpoint(&deps, partition, &mut processor, next).await?;
+    finish_checkpoint(&mut writing, partition).await?;
+    finish_checkpoint(
+        &mut Some(start_checkpoint(&deps, partition, &mut processor, next)),
+        partition,
+    )
+    .await?;
     Ok(RunnerExit {
         partition,
         next_offset: next,
@@ -191,6 +249,33 @@ async fn flush_output(
 ) -> Result<(), RunnerError> {
     let orders_n = deps.log.partition_count(Topic::Orders);
     let status_n = deps.log.partition_count(Topic::OrderStatus);
+    let batches = output_batches(out, partition, orders_n, status_n);
+    let appends = batches
+        .into_iter()
+        .map(|((topic, p), records)| append_with_retry(deps.log.as_ref(), topic, p, records));
+    for result in futures::future::join_all(appends).await {
+        result.map_err(|source| RunnerError::Log { partition, source })?;
+    }
+    for effect in out.effects.drain(..) {
+        deps.effects
+            .submit(effect)
+            .await
+            .map_err(|_| RunnerError::ExecutorGone { partition })?;
+    }
+    Ok(())
+}
+
+/// Takes the records `out` asks to append, by topic and partition (order
+/// kept within each): saga messages to `orders` by key, statuses to
+/// `order-status` by order id, park-lane events to the source partition's
+/// lane. Public for the simulation (`crate::sim`), which appends them to
+/// its simulated logs.
+pub fn output_batches(
+    out: &mut Output,
+    partition: u32,
+    orders_n: u32,
+    status_n: u32,
+) -> BTreeMap<(Topic, u32), Vec<Record>> {
     let mut batches: BTreeMap<(Topic, u32), Vec<Record>> = BTreeMap::new();
     for m in out.messages.drain(..) {
         let p = partition_for_key(m.key.as_bytes(), orders_n);
@@ -212,23 +297,24 @@ async fn flush_output(
                 value,
             });
     }
-    let appends = batches
-        .into_iter()
-        .map(|((topic, p), records)| append_with_retry(deps.log.as_ref(), topic, p, records));
-    for result in futures::future::join_all(appends).await {
-        result.map_err(|source| RunnerError::Log { partition, source })?;
+    // The park lane's partition is the source partition's number.
+    for event in out.parked.drain(..) {
+        batches
+            .entry((Topic::Parked, partition))
+            .or_default()
+            .push(Record {
+                kind: RecordKind::Internal,
+                key: Vec::new(),
+                value: event.encode(),
+            });
     }
-    for effect in out.effects.drain(..) {
-        deps.effects
-            .submit(effect)
-            .await
-            .map_err(|_| RunnerError::ExecutorGone { partition })?;
-    }
-    Ok(())
+    batches
 }
 
-/// Appends, backing off while the log is only full; other errors are fatal
-/// for the runner (it must not checkpoint past output it could not write).
+/// Appends, backing off while the log is only full, or unavailable for a
+/// while by its own account (`may_recover`: a full disk, until space is
+/// freed); other errors are fatal for the runner (it must not checkpoint
+/// past output it could not write).
 pub(crate) async fn append_with_retry(
     log: &dyn Log,
     topic: Topic,
@@ -236,23 +322,41 @@ pub(crate) async fn append_with_retry(
     records: Vec<Record>,
 ) -> Result<u64, LogError> {
     let mut delay_ms = 1;
+    let mut warned = false;
     loop {
         match log.append(topic, partition, records.clone()).await {
-            Err(LogError::Full { .. }) => {
-                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-                delay_ms = (delay_ms * 2).min(MAX_APPEND_BACKOFF_MS);
+            Err(LogError::Full { .. }) => {}
+            Err(LogError::Unavailable(reason)) if log.may_recover() => {
+                if !warned {
+                    warned = true;
+                    tracing::warn!(
+                        topic = topic.name(),
+                        partition,
+                        %reason,
+                        "append failed; retrying until the log takes writes again"
+                    );
+                }
             }
             other => return other,
         }
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        delay_ms = (delay_ms * 2).min(MAX_APPEND_BACKOFF_MS);
     }
 }
 
-async fn checkpoint(
+/// A checkpoint being written while the partition goes on.
+type CheckpointTask = tokio::task::JoinHandle<Result<(), RunnerError>>;
+
+/// Starts writing the rows changed so far with offset `next`, in the
+/// background: the checkpoint covers only output already durable (flushed
+/// before), and the next one starts only after this one finished, so they
+/// land in order.
+fn start_checkpoint(
     deps: &RunnerDeps,
     partition: u32,
     processor: &mut Processor,
     next: u64,
-) -> Result<(), RunnerError> {
+) -> CheckpointTask {
     let started = Instant::now();
     let (puts, deletes) = processor.state.take_changes();
     let write = CheckpointWrite {
@@ -262,16 +366,52 @@ async fn checkpoint(
         puts,
         deletes,
     };
-    deps.store
-        .write_checkpoint(write)
-        .await
-        .map_err(|source| RunnerError::Store { partition, source })?;
-    deps.log.release_before(Topic::Orders, partition, next);
+    let (store, log, metrics) = (deps.store.clone(), deps.log.clone(), deps.metrics.clone());
+    tokio::spawn(async move {
+        // Repeating a checkpoint is safe: same rows, same offset, same epoch.
+        with_retries("write_checkpoint", || store.write_checkpoint(write.clone()))
+            .await
+            .map_err(|source| RunnerError::Store { partition, source })?;
+        log.release_before(Topic::Orders, partition, next);
+        metrics
+            .checkpoint_latency
+            .with_label_values(&[&partition.to_string()])
+            .observe(started.elapsed().as_secs_f64());
+        Ok(())
+    })
+}
+
+/// Waits for the checkpoint in flight, if any, and returns its outcome.
+async fn finish_checkpoint(
+    writing: &mut Option<CheckpointTask>,
+    partition: u32,
+) -> Result<(), RunnerError> {
+    match writing.take() {
+        None => Ok(()),
+        Some(task) => task.await.map_err(|e| RunnerError::CheckpointTask {
+            partition,
+            detail: e.to_string(),
+        })?,
+    }
+}
+
+/// Park-lane gauges. The age uses the wall clock: it is a metric, not a
+/// state transition.
+fn publish_parked(deps: &RunnerDeps, processor: &Processor, partition: u32) {
+    let label = partition.to_string();
+    let parked = &processor.state.parked;
     deps.metrics
-        .checkpoint_latency
-        .with_label_values(&[&partition.to_string()])
-        .observe(started.elapsed().as_secs_f64());
-    Ok(())
+        .parked_records
+        .with_label_values(&[&label])
+        .set(parked.len() as i64);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let oldest_ms = parked.values().map(|r| r.timestamp_ms).min();
+    deps.metrics
+        .parked_oldest_age
+        .with_label_values(&[&label])
+        .set(oldest_ms.map_or(0.0, |t| now_ms.saturating_sub(t) as f64 / 1000.0));
 }
 
 fn counts(processor: &Processor, sku: &str) -> StockCounts {
@@ -319,6 +459,34 @@ pub async fn replay(
     until: u64,
     retention: Retention,
 ) -> Result<PartitionState, LogError> {
+    replay_inspected(log, partition, until, retention, &mut ()).await
+}
+
+/// Watches a replay record by record (`orderflow replay --order`).
+pub trait Inspect {
+    /// Called before `record` is applied to `state`; `true` asks for
+    /// [`Inspect::after`] on it.
+    fn before(&mut self, record: &LogRecord, state: &PartitionState) -> bool;
+    /// What applying `record` produced and the state it left.
+    fn after(&mut self, record: &LogRecord, state: &PartitionState, out: &Output);
+}
+
+impl Inspect for () {
+    fn before(&mut self, _: &LogRecord, _: &PartitionState) -> bool {
+        false
+    }
+    fn after(&mut self, _: &LogRecord, _: &PartitionState, _: &Output) {}
+}
+
+/// [`replay`], showing `inspect` the records it asks for (up to `until`,
+/// or the end of the log).
+pub async fn replay_inspected(
+    log: &dyn Log,
+    partition: u32,
+    until: u64,
+    retention: Retention,
+    inspect: &mut dyn Inspect,
+) -> Result<PartitionState, LogError> {
     let partitions = log.partition_count(Topic::Orders);
     let mut processor =
         Processor::new(partition, partitions, PartitionState::default()).with_retention(retention);
@@ -338,7 +506,16 @@ pub async fn replay(
             break;
         }
         for r in records.iter().take_while(|r| r.offset < until) {
+            let watched = inspect.before(r, &processor.state);
+            if watched {
+                // Only this record's output: earlier ones of the batch pile up.
+                out.clear();
+            }
             processor.apply(input(r), &mut out);
+            if watched {
+                inspect.after(r, &processor.state, &out);
+                out.clear();
+            }
             next = r.offset + 1;
         }
         out.clear();

@@ -2,12 +2,16 @@
 //! registry and served at `GET /metrics`. Names follow Prometheus
 //! conventions: `orderflow_` prefix, base units, `_total` for counters.
 
+use std::sync::Mutex;
+
+use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
-use crate::domain::StatusEvent;
+use crate::domain::{Status, StatusEvent};
+use crate::sinks::saga_health::{InFlight, TopK};
 
 /// Buckets for fast internal operations (fsync, checkpoint, appends).
 const IO_BUCKETS_S: &[f64] = &[
@@ -18,6 +22,22 @@ const IO_BUCKETS_S: &[f64] = &[
 const STAGE_BUCKETS_S: &[f64] = &[
     0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
+/// Buckets for whole orders, placed → terminal: stage latencies plus the
+/// payment deadline (30 s by default) and retries after gateway outages.
+const ORDER_BUCKETS_S: &[f64] = &[
+    0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 900.0,
+];
+/// Default of `metrics.top_out_of_stock_skus`.
+pub const DEFAULT_TOP_SKUS: usize = 10;
+
+/// What the saga-health gauges are computed from at each scrape.
+struct SagaHealth {
+    in_flight: InFlight,
+    top_oos: TopK,
+    /// SKUs that have a series in the top-k gauge now.
+    exported: Vec<String>,
+}
 
 pub struct Metrics {
     pub registry: Registry,
@@ -46,35 +66,76 @@ pub struct Metrics {
     pub notification_latency: HistogramVec,
     /// Emails per SMTP batch (one connection each).
     pub email_batch_size: Histogram,
+    /// Partitions this instance owns, by topic (consumer-group assignment).
+    pub partitions_owned: IntGaugeVec,
+    /// Consumer-group rebalances seen, by event (`assigned`, `revoked`).
+    pub rebalances: IntCounterVec,
+    /// Time from taking a partition to having replayed its tail.
+    pub partition_restore_latency: Histogram,
+    /// Records replayed after loading a checkpoint (the tail).
+    pub partition_replayed_records: IntCounterVec,
+    /// Checkpoint writes refused because a newer owner claimed the partition.
+    pub checkpoint_fenced: IntCounterVec,
+    /// Records in a partition's park lane now.
+    pub parked_records: IntGaugeVec,
+    /// Age of the oldest parked record of a partition (0 when none).
+    pub parked_oldest_age: prometheus::GaugeVec,
+    /// State store request latency, by operation.
+    pub store_latency: HistogramVec,
+    /// State store requests that failed, by operation and error kind.
+    pub store_errors: IntCounterVec,
+    /// New orders intake refused before the log, by the limit that refused
+    /// them (`inflight`, `backlog`, `memory`, `log_full`).
+    pub intake_shed: IntCounterVec,
+    /// Orders intake is taking now (counted against `intake.max_inflight`).
+    pub intake_inflight: IntGauge,
+    /// The resident set size intake's memory guard last read.
+    pub process_resident_bytes: IntGauge,
+    /// Accepted order → terminal status, by terminal status.
+    pub order_duration: HistogramVec,
+    /// Accepted orders not terminal yet (refreshed at each scrape).
+    pub sagas_in_flight: IntGauge,
+    /// Age of the oldest of them (refreshed at each scrape).
+    pub saga_oldest_age: Gauge,
+    /// Failed sagas undoing work, by terminal status and action
+    /// (`release_stock`, `void_payment`).
+    pub saga_compensations: IntCounterVec,
+    /// Estimated out-of-stock orders per SKU, for the top-k SKUs only
+    /// (refreshed at each scrape).
+    pub out_of_stock_top_skus: IntGaugeVec,
+    saga: Mutex<SagaHealth>,
 }
 
 impl Metrics {
     pub fn new() -> Metrics {
+        Metrics::with_top_skus(DEFAULT_TOP_SKUS)
+    }
+
+    /// Metrics whose out-of-stock gauge names the `top_skus` SKUs refusing
+    /// most orders (capped at [`crate::sinks::saga_health::MAX_TOP_SKUS`]).
+    pub fn with_top_skus(top_skus: usize) -> Metrics {
         let registry = Registry::new();
         let hist = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
-            let h = HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-                labels,
+            registered(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                    labels,
+                )
+                .expect("valid histogram"),
             )
-            .expect("valid histogram");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("unique metric");
-            h
         };
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
+            registered(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter"),
+            )
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
-            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
+            registered(
+                &registry,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge"),
+            )
         };
         Metrics {
             orders: counter(
@@ -164,40 +225,261 @@ impl Metrics {
                 &["endpoint"],
                 STAGE_BUCKETS_S,
             ),
-            email_batch_size: {
-                let h = Histogram::with_opts(
+            email_batch_size: registered(
+                &registry,
+                Histogram::with_opts(
                     HistogramOpts::new(
                         "orderflow_notification_email_batch_size",
                         "Emails sent per SMTP batch (one connection each).",
                     )
                     .buckets(vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 500.0]),
                 )
-                .expect("valid histogram");
-                registry
-                    .register(Box::new(h.clone()))
-                    .expect("unique metric");
+                .expect("valid histogram"),
+            ),
+            partitions_owned: gauge(
+                "orderflow_partitions_owned",
+                "Partitions this instance owns, by topic.",
+                &["topic"],
+            ),
+            rebalances: counter(
+                "orderflow_rebalances_total",
+                "Consumer-group rebalances seen, by event (assigned, revoked).",
+                &["event"],
+            ),
+            partition_restore_latency: registered(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "orderflow_partition_restore_seconds",
+                        "Time from taking a partition to having loaded its checkpoint and replayed its tail.",
+                    )
+                    .buckets(STAGE_BUCKETS_S.to_vec()),
+                )
+                .expect("valid histogram"),
+            ),
+            partition_replayed_records: counter(
+                "orderflow_partition_replayed_records_total",
+                "Records replayed after a checkpoint was loaded, per partition.",
+                &["partition"],
+            ),
+            checkpoint_fenced: counter(
+                "orderflow_checkpoint_fenced_total",
+                "Checkpoint writes refused because a newer owner claimed the partition.",
+                &["partition"],
+            ),
+            parked_records: gauge(
+                "orderflow_parked_records",
+                "Records in a partition's park lane.",
+                &["partition"],
+            ),
+            parked_oldest_age: registered(
+                &registry,
+                prometheus::GaugeVec::new(
+                    Opts::new(
+                        "orderflow_parked_oldest_age_seconds",
+                        "Age of the oldest record in a partition's park lane (0 when empty).",
+                    ),
+                    &["partition"],
+                )
+                .expect("valid gauge"),
+            ),
+            store_latency: hist(
+                "orderflow_store_request_seconds",
+                "State store request latency, by operation.",
+                &["op"],
+                IO_BUCKETS_S,
+            ),
+            store_errors: counter(
+                "orderflow_store_errors_total",
+                "State store requests that failed, by operation and error kind.",
+                &["op", "kind"],
+            ),
+            intake_shed: counter(
+                "orderflow_intake_shed_total",
+                "New orders refused by intake before the log, by the limit that refused them.",
+                &["reason"],
+            ),
+            intake_inflight: registered(
+                &registry,
+                IntGauge::new(
+                    "orderflow_intake_inflight",
+                    "Orders intake is taking now (parse to durable answer).",
+                )
+                .expect("valid gauge"),
+            ),
+            process_resident_bytes: registered(
+                &registry,
+                IntGauge::new(
+                    "orderflow_process_resident_bytes",
+                    "Resident set size of the process, as intake's memory guard last read it (0 without a bound).",
+                )
+                .expect("valid gauge"),
+            ),
+            order_duration: {
+                let h = hist(
+                    "orderflow_order_duration_seconds",
+                    "Time from an order's acceptance (placed) to its terminal status, by terminal status.",
+                    &["status"],
+                    ORDER_BUCKETS_S,
+                );
+                // Series born at 0: a series first scraped with its first
+                // orders already in it would hide them from `rate`.
+                for status in [
+                    Status::Confirmed,
+                    Status::OutOfStock,
+                    Status::PaymentDeclined,
+                    Status::PaymentFailed,
+                ] {
+                    h.with_label_values(&[status.as_str()]);
+                }
                 h
             },
+            sagas_in_flight: registered(
+                &registry,
+                IntGauge::new(
+                    "orderflow_sagas_in_flight",
+                    "Accepted orders not yet terminal, of the order-status partitions this instance consumes.",
+                )
+                .expect("valid gauge"),
+            ),
+            saga_oldest_age: registered(
+                &registry,
+                Gauge::new(
+                    "orderflow_saga_oldest_age_seconds",
+                    "Age of the oldest accepted order not yet terminal (0 when none).",
+                )
+                .expect("valid gauge"),
+            ),
+            saga_compensations: {
+                let c = counter(
+                    "orderflow_saga_compensations_total",
+                    "Failed orders undoing work, by terminal status and action (release_stock, void_payment).",
+                    &["status", "action"],
+                );
+                // Every combination the processor makes, at 0 from the
+                // start, so that `rate` sees the first failures too.
+                for (status, action) in [
+                    (Status::OutOfStock, "release_stock"),
+                    (Status::PaymentDeclined, "release_stock"),
+                    (Status::PaymentFailed, "release_stock"),
+                    (Status::PaymentFailed, "void_payment"),
+                ] {
+                    c.with_label_values(&[status.as_str(), action]);
+                }
+                c
+            },
+            out_of_stock_top_skus: gauge(
+                "orderflow_out_of_stock_top_skus",
+                "Out-of-stock orders per SKU (space-saving estimate, an upper bound), for the top-k SKUs only.",
+                &["sku"],
+            ),
+            saga: Mutex::new(SagaHealth {
+                in_flight: InFlight::default(),
+                top_oos: TopK::new(top_skus),
+                exported: Vec::new(),
+            }),
             registry,
         }
     }
 
-    /// Counts a status transition applied to the read model; `prev_at_ms`
-    /// is the time of the order's previous status, if known.
-    pub fn observe_status(&self, event: &StatusEvent, prev_at_ms: Option<u64>) {
+    /// Counts a status transition that the tracking sink of `order-status`
+    /// partition `partition` applied to the read model; `prev_at_ms` and
+    /// `placed_at_ms` are the times of the order's previous and first
+    /// statuses, if it had any.
+    pub fn observe_status(
+        &self,
+        partition: u32,
+        event: &StatusEvent,
+        prev_at_ms: Option<u64>,
+        placed_at_ms: Option<u64>,
+    ) {
+        let status = event.status;
         self.orders
-            .with_label_values(&[event.status.as_str(), event.reason.as_deref().unwrap_or("")])
+            .with_label_values(&[status.as_str(), event.reason.as_deref().unwrap_or("")])
             .inc();
         if let Some(prev) = prev_at_ms {
-            let secs = event.at_ms.saturating_sub(prev) as f64 / 1000.0;
             self.stage_latency
-                .with_label_values(&[event.status.as_str()])
-                .observe(secs);
+                .with_label_values(&[status.as_str()])
+                .observe(seconds_between(prev, event.at_ms));
         }
+        if status.is_terminal()
+            && let Some(placed) = placed_at_ms
+        {
+            self.order_duration
+                .with_label_values(&[status.as_str()])
+                .observe(seconds_between(placed, event.at_ms));
+        }
+        if event.released_lines > 0 {
+            self.saga_compensations
+                .with_label_values(&[status.as_str(), "release_stock"])
+                .inc();
+        }
+        // The processor voids by the authorization key after every
+        // `payment_failed`: the gateway may have authorized before failing.
+        if status == Status::PaymentFailed {
+            self.saga_compensations
+                .with_label_values(&[status.as_str(), "void_payment"])
+                .inc();
+        }
+        let mut saga = self.saga.lock().expect("saga health lock");
+        if status == Status::Accepted {
+            saga.in_flight
+                .accepted(partition, &event.order_id, event.at_ms);
+        } else if status.is_terminal() && placed_at_ms.is_some() {
+            saga.in_flight.finished(partition, &event.order_id);
+        }
+        for sku in &event.refused_skus {
+            saga.top_oos.add(sku);
+        }
+    }
+
+    /// The tracking sink stopped consuming `partition` (it moved to
+    /// another instance, or this one stops): its orders in flight are no
+    /// longer ours to watch.
+    pub fn forget_status_partition(&self, partition: u32) {
+        let mut saga = self.saga.lock().expect("saga health lock");
+        saga.in_flight.forget_partition(partition);
+    }
+
+    /// Sets the gauges derived from the saga-health structures: done per
+    /// scrape rather than per event, so a burst of failures costs no sorting.
+    fn refresh_saga_health(&self, now_ms: u64) {
+        let mut saga = self.saga.lock().expect("saga health lock");
+        self.sagas_in_flight.set(saga.in_flight.len() as i64);
+        let age = saga
+            .in_flight
+            .oldest_at_ms()
+            .map_or(0.0, |at| seconds_between(at, now_ms));
+        self.saga_oldest_age.set(age);
+        let top: Vec<(String, u64)> = saga
+            .top_oos
+            .top()
+            .into_iter()
+            .map(|(sku, n)| (sku.to_owned(), n))
+            .collect();
+        // A SKU that left the top-k loses its series, so the gauge's
+        // label set stays bounded by k.
+        for gone in saga
+            .exported
+            .iter()
+            .filter(|s| !top.iter().any(|(t, _)| t == *s))
+        {
+            let _ = self.out_of_stock_top_skus.remove_label_values(&[gone]);
+        }
+        for (sku, n) in &top {
+            self.out_of_stock_top_skus
+                .with_label_values(&[sku])
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
+        saga.exported = top.into_iter().map(|(sku, _)| sku).collect();
     }
 
     /// The text exposition format served at `/metrics`.
     pub fn render(&self) -> String {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.refresh_saga_health(now_ms);
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)
@@ -206,8 +488,148 @@ impl Metrics {
     }
 }
 
+/// Registers `metric` in `registry` and returns it; names are unique by
+/// construction here, so a clash is a bug.
+fn registered<M: Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+/// Seconds from `from_ms` to `to_ms`, 0 if the clocks disagree.
+fn seconds_between(from_ms: u64, to_ms: u64) -> f64 {
+    to_ms.saturating_sub(from_ms) as f64 / 1000.0
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(order_id: &str, seq: u32, status: Status, at_ms: u64) -> StatusEvent {
+        StatusEvent {
+            order_id: order_id.into(),
+            seq,
+            status,
+            reason: None,
+            at_ms,
+            refused_skus: Vec::new(),
+            released_lines: 0,
+        }
+    }
+
+    fn line_of<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(prefix))
+    }
+
+    /// Saga health follows the events: orders in flight and the oldest
+    /// one's age, placed → terminal durations, compensations.
+    #[test]
+    fn saga_health_from_status_events() {
+        let m = Metrics::new();
+        m.observe_status(0, &event("a", 1, Status::Accepted, 1_000), None, None);
+        m.observe_status(1, &event("b", 1, Status::Accepted, 5_000), None, None);
+        let text = m.render();
+        assert_eq!(
+            line_of(&text, "orderflow_sagas_in_flight "),
+            Some("orderflow_sagas_in_flight 2")
+        );
+        let age: f64 = line_of(&text, "orderflow_saga_oldest_age_seconds ")
+            .unwrap()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(age > 1e6, "age from a 1970 acceptance: {age}");
+
+        let mut declined = event("a", 3, Status::PaymentDeclined, 3_500);
+        declined.released_lines = 2;
+        m.observe_status(0, &declined, Some(2_000), Some(1_000));
+        let mut failed = event("b", 3, Status::PaymentFailed, 6_000);
+        failed.released_lines = 1;
+        m.observe_status(1, &failed, Some(5_500), Some(5_000));
+        m.observe_status(2, &event("r", 1, Status::Rejected, 7_000), None, None);
+        let text = m.render();
+        assert_eq!(m.sagas_in_flight.get(), 0);
+        assert_eq!(m.saga_oldest_age.get(), 0.0);
+        let duration = |status: &str| {
+            let h = m.order_duration.with_label_values(&[status]);
+            (h.get_sample_count(), h.get_sample_sum())
+        };
+        assert_eq!(duration("payment_declined"), (1, 2.5));
+        assert_eq!(duration("payment_failed"), (1, 1.0));
+        assert_eq!(
+            duration("rejected"),
+            (0, 0.0),
+            "never accepted: no duration"
+        );
+        let comp = |status: &str, action: &str| {
+            m.saga_compensations
+                .with_label_values(&[status, action])
+                .get()
+        };
+        assert_eq!(comp("payment_declined", "release_stock"), 1);
+        assert_eq!(comp("payment_failed", "release_stock"), 1);
+        assert_eq!(comp("payment_failed", "void_payment"), 1);
+        assert_eq!(comp("out_of_stock", "release_stock"), 0);
+        assert!(text.contains(
+            "orderflow_saga_compensations_total{action=\"release_stock\",status=\"out_of_stock\"} 0"
+        ));
+    }
+
+    /// A partition that moves away takes its orders in flight along.
+    #[test]
+    fn forgetting_a_partition_drops_its_orders() {
+        let m = Metrics::new();
+        m.observe_status(4, &event("a", 1, Status::Accepted, 1_000), None, None);
+        m.observe_status(5, &event("b", 1, Status::Accepted, 2_000), None, None);
+        m.forget_status_partition(4);
+        m.render();
+        assert_eq!(m.sagas_in_flight.get(), 1);
+    }
+
+    /// The top-k gauge names the SKUs refusing most orders, and a SKU that
+    /// drops out of the top-k loses its series.
+    #[test]
+    fn top_out_of_stock_skus_bounded_labels() {
+        let m = Metrics::with_top_skus(2);
+        let oos = |id: &str, skus: &[&str]| {
+            let mut e = event(id, 2, Status::OutOfStock, 2_000);
+            e.refused_skus = skus.iter().map(|s| s.to_string()).collect();
+            m.observe_status(0, &e, Some(1_000), Some(1_000));
+        };
+        oos("o1", &["A"]);
+        oos("o2", &["A", "B"]);
+        oos("o3", &["C"]);
+        let text = m.render();
+        assert!(
+            text.contains("orderflow_out_of_stock_top_skus{sku=\"A\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("orderflow_out_of_stock_top_skus{sku=\"B\"} 1"));
+        assert!(!text.contains("sku=\"C\""), "k = 2");
+        for i in 0..3 {
+            oos(&format!("c{i}"), &["C"]);
+        }
+        let text = m.render();
+        assert!(text.contains("orderflow_out_of_stock_top_skus{sku=\"C\"} 4"));
+        assert!(!text.contains("sku=\"B\""), "B left the top-k: {text}");
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("orderflow_out_of_stock_top_skus{"))
+            .count();
+        assert_eq!(series, 2);
+        let off = Metrics::with_top_skus(0);
+        let mut e = event("x", 2, Status::OutOfStock, 2_000);
+        e.refused_skus = vec!["A".into()];
+        off.observe_status(0, &e, Some(1_000), Some(1_000));
+        assert!(!off.render().contains("orderflow_out_of_stock_top_skus{"));
     }
 }

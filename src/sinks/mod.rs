@@ -3,4 +3,5 @@
 
 pub mod metrics;
 pub mod notifications;
+pub mod saga_health;
 pub mod tracking;

@@ -9,7 +9,8 @@ use dashmap::DashMap;
 use tokio::sync::broadcast;
 
 use crate::domain::StatusEvent;
-use crate::pipeline::store::{Applied, StateStore, StoreError, TrackingView};
+use crate::pipeline::store::{Applied, StateStore, StoreError, TrackingView, with_retries};
+use crate::pipeline::supervisor::Stop;
 use crate::sinks::metrics::Metrics;
 
 /// Events buffered per live subscription before a slow client lags.
@@ -77,17 +78,28 @@ impl Tracking {
         self.live.len()
     }
 
-    /// Hands newly applied events to live subscribers and metrics.
-    pub fn publish(&self, applied: &[Applied]) {
-        for Applied { event, prev_at_ms } in applied {
-            self.metrics.observe_status(event, *prev_at_ms);
-            // A terminal status is the last event of an order: its channel
-            // goes, and so does one nobody listens to any more.
-            self.live.remove_if(&event.order_id, |_, tx| {
-                let _ = tx.send(event.clone());
-                event.status.is_terminal() || tx.receiver_count() == 0
-            });
+    /// Hands events newly applied from `order-status` partition
+    /// `partition` to live subscribers and metrics.
+    pub fn publish(&self, partition: u32, applied: &[Applied]) {
+        for a in applied {
+            self.metrics
+                .observe_status(partition, &a.event, a.prev_at_ms, a.placed_at_ms);
+            self.fan_out(&a.event);
         }
+    }
+
+    /// Hands an event to this instance's live subscribers. A terminal
+    /// status is the last event of an order: its channel goes, and so does
+    /// one nobody listens to any more.
+    fn fan_out(&self, event: &StatusEvent) {
+        self.live.remove_if(&event.order_id, |_, tx| {
+            let _ = tx.send(event.clone());
+            event.status.is_terminal() || tx.receiver_count() == 0
+        });
+    }
+
+    fn has_subscriber(&self, order_id: &[u8]) -> bool {
+        std::str::from_utf8(order_id).is_ok_and(|id| self.live.contains_key(id))
     }
 
     pub fn store(&self) -> &Arc<dyn StateStore> {
@@ -113,13 +125,30 @@ pub enum SinkError {
 }
 
 /// Consumes one `order-status` partition into the read model from `next`
-/// until `shutdown`, after which it drains what is there and returns.
+/// until `stop` leaves `Stop::Run`: `Drain` applies what the log holds
+/// now first, `Now` only the batch in hand (the next owner goes on from
+/// the stored position).
 pub async fn run_sink(
     tracking: Arc<Tracking>,
     log: Arc<dyn crate::pipeline::log::Log>,
     partition: u32,
+    next: u64,
+    stop: tokio::sync::watch::Receiver<Stop>,
+) -> Result<(), SinkError> {
+    let metrics = tracking.metrics.clone();
+    let result = consume(tracking, log, partition, next, stop).await;
+    // Whoever consumes the partition next watches its orders in flight;
+    // kept here they would look stuck forever.
+    metrics.forget_status_partition(partition);
+    result
+}
+
+async fn consume(
+    tracking: Arc<Tracking>,
+    log: Arc<dyn crate::pipeline::log::Log>,
+    partition: u32,
     mut next: u64,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    mut stop: tokio::sync::watch::Receiver<Stop>,
 ) -> Result<(), SinkError> {
     use crate::pipeline::log::Topic;
     use std::time::Duration;
@@ -128,11 +157,20 @@ pub async fn run_sink(
         .partition_lag
         .with_label_values(&["order-status", &partition.to_string()]);
     loop {
-        let stopping = *shutdown.borrow();
+        let mode = *stop.borrow();
+        if mode == Stop::Now {
+            return Ok(());
+        }
+        let stopping = mode == Stop::Drain;
         let wait = Duration::from_millis(if stopping { 0 } else { SINK_READ_WAIT_MS });
         let records = tokio::select! {
             r = log.read(Topic::OrderStatus, partition, next, SINK_BATCH_RECORDS, wait) => r.map_err(|source| SinkError::Log { partition, source })?,
-            _ = shutdown.changed(), if !stopping => continue,
+            changed = stop.changed(), if !stopping => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                continue;
+            }
         };
         let Some(last) = records.last() else {
             if stopping {
@@ -150,15 +188,51 @@ pub async fn run_sink(
                 }
             }
         }
-        let applied = tracking
-            .store
-            .apply_tracking(SINK_NAME, &[(partition, next)], &events)
-            .await
-            .map_err(|source| SinkError::Store { partition, source })?;
-        tracking.publish(&applied);
+        // Applying is idempotent (deduped by seq), so a retry is safe.
+        let position = [(partition, next)];
+        let applied = with_retries("apply_tracking", || {
+            tracking.store.apply_tracking(SINK_NAME, &position, &events)
+        })
+        .await
+        .map_err(|source| SinkError::Store { partition, source })?;
+        tracking.publish(partition, &applied);
         log.release_before(Topic::OrderStatus, partition, next);
         if let Ok((_, high)) = log.offsets(Topic::OrderStatus, partition) {
             lag.set(high.saturating_sub(next) as i64);
+        }
+    }
+}
+
+/// Distributed deployment: every instance follows every `order-status`
+/// partition from its end, so a customer's live stream works on any
+/// instance while the partition's read model is written by its owner.
+/// Only records of orders someone here is watching are decoded; SSE
+/// streams dedupe by `seq` what the owner's sink also hands them.
+pub async fn run_live_feed(
+    tracking: Arc<Tracking>,
+    log: Arc<dyn crate::pipeline::log::Log>,
+    partition: u32,
+    mut stop: tokio::sync::watch::Receiver<Stop>,
+) -> Result<(), SinkError> {
+    use crate::pipeline::log::Topic;
+    use std::time::Duration;
+    let (_, mut next) = log
+        .offsets(Topic::OrderStatus, partition)
+        .map_err(|source| SinkError::Log { partition, source })?;
+    let wait = Duration::from_millis(SINK_READ_WAIT_MS);
+    loop {
+        let records = tokio::select! {
+            r = log.read(Topic::OrderStatus, partition, next, SINK_BATCH_RECORDS, wait) => r.map_err(|source| SinkError::Log { partition, source })?,
+            _ = async { let _ = stop.wait_for(|s| *s != Stop::Run).await; } => return Ok(()),
+        };
+        let Some(last) = records.last() else {
+            continue;
+        };
+        next = last.offset + 1;
+        for r in records.iter().filter(|r| tracking.has_subscriber(&r.key)) {
+            if let Ok(event) = StatusEvent::decode(&r.value) {
+                tracking.fan_out(&event);
+            }
         }
     }
 }
@@ -176,6 +250,8 @@ mod tests {
             status,
             reason: None,
             at_ms: u64::from(seq),
+            refused_skus: Vec::new(),
+            released_lines: 0,
         }
     }
 
@@ -188,15 +264,23 @@ mod tests {
             Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
         let t = Tracking::new(store, Arc::new(Metrics::new()));
         let mut sub = t.subscribe("o1");
-        t.publish(&[Applied {
-            event: event(1, Status::Accepted),
-            prev_at_ms: None,
-        }]);
+        t.publish(
+            0,
+            &[Applied {
+                event: event(1, Status::Accepted),
+                prev_at_ms: None,
+                placed_at_ms: None,
+            }],
+        );
         assert_eq!(sub.recv().await.unwrap().seq, 1);
-        t.publish(&[Applied {
-            event: event(2, Status::OutOfStock),
-            prev_at_ms: Some(1),
-        }]);
+        t.publish(
+            0,
+            &[Applied {
+                event: event(2, Status::OutOfStock),
+                prev_at_ms: Some(1),
+                placed_at_ms: Some(1),
+            }],
+        );
         assert_eq!(sub.recv().await.unwrap().status, Status::OutOfStock);
         assert_eq!(t.live_channels(), 0, "a terminal status closes the channel");
         drop(sub);

@@ -51,12 +51,24 @@ pub(crate) fn result(ctx: &mut Ctx<'_>, order_id: &str, outcome: PaymentOutcome)
             ctx.start_effect(capture);
         }
         PaymentOutcome::Declined { code } => {
-            settle_lines(ctx, order_id, false);
-            ctx.set_status(order_id, Status::PaymentDeclined, Some(code));
+            let released = settle_lines(ctx, order_id, false);
+            ctx.set_status_with(
+                order_id,
+                Status::PaymentDeclined,
+                Some(code),
+                Vec::new(),
+                released,
+            );
         }
         PaymentOutcome::Failed { reason } => {
-            settle_lines(ctx, order_id, false);
-            ctx.set_status(order_id, Status::PaymentFailed, Some(reason));
+            let released = settle_lines(ctx, order_id, false);
+            ctx.set_status_with(
+                order_id,
+                Status::PaymentFailed,
+                Some(reason),
+                Vec::new(),
+                released,
+            );
             // The gateway may have authorized before failing to answer:
             // void by the order's authorization key to be sure.
             let void = effect(

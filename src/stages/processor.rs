@@ -1,5 +1,8 @@
 //! Dispatch of one log record to the stages, and the context they share.
 
+use serde::Deserialize;
+
+use crate::domain::parked::{ParkEvent, ParkedRecord};
 use crate::domain::partition::partition_for_key;
 use crate::domain::{Effect, Envelope, Message, MsgId, RecordKind, Status, StatusEvent};
 
@@ -16,7 +19,8 @@ pub struct Outgoing {
 
 /// What processing records produced, for the runner to carry out: append
 /// `messages` and `statuses` durably, start `effects`, publish the stock of
-/// `stock_touched`. `problems` are records that could not be applied.
+/// `stock_touched`, append `parked` to the park lane. `problems` are
+/// records that could not be applied.
 #[derive(Debug, Default)]
 pub struct Output {
     pub messages: Vec<Outgoing>,
@@ -24,6 +28,7 @@ pub struct Output {
     pub effects: Vec<Effect>,
     pub stock_touched: Vec<String>,
     pub problems: Vec<String>,
+    pub parked: Vec<ParkEvent>,
 }
 
 impl Output {
@@ -33,6 +38,7 @@ impl Output {
         self.effects.clear();
         self.stock_touched.clear();
         self.problems.clear();
+        self.parked.clear();
     }
 }
 
@@ -42,6 +48,9 @@ pub struct Processor {
     pub partitions: u32,
     pub state: PartitionState,
     pub retention: Retention,
+    /// Test seam: orders of this customer fail processing as if they hit a
+    /// bug, to exercise the park lane (see `crate::app`, debug builds only).
+    pub poison_customer: Option<String>,
 }
 
 /// How long a terminal order is remembered (so a repeated order id is one
@@ -110,6 +119,19 @@ impl Ctx<'_> {
 
     /// Moves an order to `status`, emitting the status event.
     pub fn set_status(&mut self, order_id: &str, status: Status, reason: Option<String>) {
+        self.set_status_with(order_id, status, reason, Vec::new(), 0);
+    }
+
+    /// [`Ctx::set_status`] with the event's saga details: the SKUs that
+    /// refused a line and the lines whose stock this transition released.
+    pub fn set_status_with(
+        &mut self,
+        order_id: &str,
+        status: Status,
+        reason: Option<String>,
+        refused_skus: Vec<String>,
+        released_lines: u16,
+    ) {
         let rec = self
             .state
             .orders
@@ -139,6 +161,8 @@ impl Ctx<'_> {
             status,
             reason,
             at_ms: self.at_ms,
+            refused_skus,
+            released_lines,
         };
         self.state.touch(StateKey::Order(order_id.to_owned()));
         self.out.statuses.push(event);
@@ -172,7 +196,13 @@ impl Processor {
             partitions,
             state,
             retention: Retention::default(),
+            poison_customer: None,
         }
+    }
+
+    pub fn with_poison_customer(mut self, customer: Option<String>) -> Processor {
+        self.poison_customer = customer;
+        self
     }
 
     pub fn with_retention(mut self, retention: Retention) -> Processor {
@@ -195,13 +225,74 @@ impl Processor {
         }
     }
 
-    /// Applies one record. Never panics on bad input: an undecodable record
-    /// is reported in `out.problems` and skipped.
+    /// Applies one record. Never panics on bad input: a record that cannot
+    /// be decoded or processed goes to the park lane, and so do later
+    /// records with its key or about its order, until an operator retries
+    /// or drops it.
     pub fn apply(&mut self, input: Input<'_>, out: &mut Output) {
         // Expire before (a resent, forgotten id is a new order) and after
         // (an order that just finished may push the count over the cap).
         self.expire(input.timestamp_ms);
-        let mut ctx = Ctx {
+        self.apply_record(input, false, out);
+        self.expire(input.timestamp_ms);
+    }
+
+    /// `retried`: the record comes out of the park lane, so the per-source
+    /// dedupe must not drop it for ids applied while it waited.
+    fn apply_record(&mut self, input: Input<'_>, retried: bool, out: &mut Output) {
+        let envelope = match input.kind {
+            RecordKind::OrderJson => None,
+            RecordKind::Internal => Some(Envelope::decode(input.value)),
+        };
+        if let Some(Ok(env)) = &envelope {
+            match env.body {
+                Message::RetryParked => return self.retry_parked(input.timestamp_ms, out),
+                Message::DropParked { offset } => return self.drop_parked(offset, out),
+                _ => {}
+            }
+        }
+        let order_id = match &envelope {
+            Some(Ok(env)) => env.body.order_id().map(str::to_owned),
+            Some(Err(_)) => None,
+            None if !self.state.blocked.is_empty() => peek::<IdOnly>(input.value).order_id,
+            None => None,
+        };
+        // A record holding a card number is never set aside (the lane keeps
+        // records as they are): it is refused at once instead.
+        let blocked = self.state.blocked_by(input.key, order_id.as_deref());
+        if blocked.is_some() && crate::domain::pan::contains_pan(input.value) {
+            match input.kind {
+                RecordKind::OrderJson => {
+                    validation::order_placed(&mut self.ctx(&input, out), input.value)
+                }
+                RecordKind::Internal => out.problems.push(format!(
+                    "offset {}: a record holding a card number was dropped",
+                    input.offset
+                )),
+            }
+            return;
+        }
+        if let Some(at) = blocked {
+            let reason = format!("waits behind the parked record at offset {at}");
+            return self.park(&input, order_id, reason, out);
+        }
+        match envelope {
+            None => {
+                if let Some(poison) = &self.poison_customer
+                    && peek::<CustomerOnly>(input.value).customer_id.as_ref() == Some(poison)
+                {
+                    let order_id = peek::<IdOnly>(input.value).order_id;
+                    return self.park(&input, order_id, "injected processing fault".into(), out);
+                }
+                validation::order_placed(&mut self.ctx(&input, out), input.value)
+            }
+            Some(Ok(env)) => apply_message(&mut self.ctx(&input, out), env, retried),
+            Some(Err(e)) => self.park(&input, None, e, out),
+        }
+    }
+
+    fn ctx<'a>(&'a mut self, input: &Input<'a>, out: &'a mut Output) -> Ctx<'a> {
+        Ctx {
             partition: self.partition,
             partitions: self.partitions,
             offset: input.offset,
@@ -210,18 +301,75 @@ impl Processor {
             next_index: 0,
             state: &mut self.state,
             out,
-        };
-        match input.kind {
-            RecordKind::OrderJson => validation::order_placed(&mut ctx, input.value),
-            RecordKind::Internal => match Envelope::decode(input.value) {
-                Ok(env) => apply_message(&mut ctx, env),
-                Err(e) => ctx
-                    .out
-                    .problems
-                    .push(format!("offset {}: {e}", input.offset)),
-            },
         }
-        self.expire(input.timestamp_ms);
+    }
+
+    fn park(
+        &mut self,
+        input: &Input<'_>,
+        order_id: Option<String>,
+        reason: String,
+        out: &mut Output,
+    ) {
+        // The same bytes parked twice are one record (a source's replay
+        // re-sent it while the first copy waits).
+        if self
+            .state
+            .parked
+            .values()
+            .any(|r| r.kind == input.kind && r.key == input.key && r.value == input.value)
+        {
+            return;
+        }
+        let record = ParkedRecord {
+            partition: self.partition,
+            offset: input.offset,
+            timestamp_ms: input.timestamp_ms,
+            kind: input.kind,
+            key: input.key.to_vec(),
+            value: input.value.to_vec(),
+            reason,
+            order_id,
+        };
+        out.parked.push(ParkEvent::Parked(record.clone()));
+        self.state.park(input.offset, record);
+    }
+
+    /// Takes every parked record out of the lane and applies it again at
+    /// its own position (its emitted ids derive from its own offset), in
+    /// the original order; one that still fails is parked again and holds
+    /// back those behind it again.
+    fn retry_parked(&mut self, now_ms: u64, out: &mut Output) {
+        let offsets: Vec<u64> = self.state.parked.keys().copied().collect();
+        let records: Vec<ParkedRecord> = offsets
+            .into_iter()
+            .filter_map(|o| self.state.unpark(o))
+            .collect();
+        for r in &records {
+            out.parked.push(ParkEvent::Retried {
+                partition: r.partition,
+                offset: r.offset,
+            });
+        }
+        for r in &records {
+            let input = Input {
+                offset: r.offset,
+                timestamp_ms: now_ms,
+                kind: r.kind,
+                key: &r.key,
+                value: &r.value,
+            };
+            self.apply_record(input, true, out);
+        }
+    }
+
+    fn drop_parked(&mut self, offset: u64, out: &mut Output) {
+        if self.state.unpark(offset).is_some() {
+            out.parked.push(ParkEvent::Dropped {
+                partition: self.partition,
+                offset,
+            });
+        }
     }
 
     /// Effects asked for and not yet done: restarted after recovery.
@@ -230,9 +378,31 @@ impl Processor {
     }
 }
 
-fn apply_message(ctx: &mut Ctx<'_>, env: Envelope) {
+/// Only the field a parked-record check needs, read leniently: a body that
+/// is not valid JSON simply has none.
+#[derive(Deserialize, Default)]
+struct IdOnly {
+    order_id: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct CustomerOnly {
+    customer_id: Option<String>,
+}
+
+/// The `order_id` of an order's JSON, if it has one (whether or not the
+/// order is valid).
+pub fn order_id_of(json: &[u8]) -> Option<String> {
+    peek::<IdOnly>(json).order_id
+}
+
+fn peek<T: for<'de> Deserialize<'de> + Default>(json: &[u8]) -> T {
+    serde_json::from_slice(json).unwrap_or_default()
+}
+
+fn apply_message(ctx: &mut Ctx<'_>, env: Envelope, retried: bool) {
     if let Some(id) = env.id
-        && !accept_id(ctx, id)
+        && !accept_id(ctx, id, retried)
     {
         return;
     }
@@ -264,19 +434,19 @@ fn apply_message(ctx: &mut Ctx<'_>, env: Envelope) {
         Message::PaymentResult { order_id, outcome } => payment::result(ctx, &order_id, outcome),
         Message::EffectDone { order_id, kind } => ctx.finish_effect(&order_id, kind),
         Message::SetStock { sku, available } => inventory::set_stock(ctx, &sku, available),
+        // Handled before the lane check (`Processor::apply_record`).
+        Message::RetryParked | Message::DropParked { .. } => {}
     }
 }
 
-/// Per-source dedupe: true if `id` is above the source's watermark.
-fn accept_id(ctx: &mut Ctx<'_>, id: MsgId) -> bool {
+/// Per-source dedupe: true if `id` is above the source's watermark. A
+/// `retried` message (out of the park lane) is applied even below it: it
+/// was held back, never applied, while later ids of its source went on.
+fn accept_id(ctx: &mut Ctx<'_>, id: MsgId, retried: bool) -> bool {
     let pos = (id.src_offset, id.index);
-    if ctx
-        .state
-        .watermarks
-        .get(&id.src_partition)
-        .is_some_and(|w| pos <= *w)
-    {
-        return false;
+    let watermark = ctx.state.watermarks.get(&id.src_partition).copied();
+    if watermark.is_some_and(|w| pos <= w) {
+        return retried;
     }
     ctx.state.watermarks.insert(id.src_partition, pos);
     ctx.state.touch(StateKey::Watermark(id.src_partition));

@@ -18,14 +18,19 @@ pub(crate) fn start(ctx: &mut Ctx<'_>, order: Order) {
     let mut lines: Vec<SagaLine> = Vec::with_capacity(order.lines.len());
     // Local lines first: if one fails, no message leaves the partition.
     let mut local_failed = false;
+    // The local SKU that refused: the lines after it are marked failed
+    // without being tried, so their state alone would blame them too.
+    let mut refused_here = None;
     for (i, l) in order.lines.iter().enumerate() {
         let state = if ctx.partition_of(&l.sku) != ctx.partition {
             LineState::Pending
-        } else if !local_failed && inventory::reserve(ctx, &order_id, i as u16, &l.sku, l.quantity)
-        {
+        } else if local_failed {
+            LineState::Failed
+        } else if inventory::reserve(ctx, &order_id, i as u16, &l.sku, l.quantity) {
             LineState::Held
         } else {
             local_failed = true;
+            refused_here = Some(l.sku.clone());
             LineState::Failed
         };
         lines.push(SagaLine {
@@ -65,7 +70,7 @@ pub(crate) fn start(ctx: &mut Ctx<'_>, order: Order) {
         .get_mut(&order_id)
         .expect("accepted order has a record");
     rec.saga = Some(saga);
-    advance(ctx, &order_id);
+    advance(ctx, &order_id, refused_here);
 }
 
 /// A line's partition answered a `Reserve`.
@@ -90,11 +95,13 @@ pub(crate) fn reservation_result(ctx: &mut Ctx<'_>, order_id: &str, line: u16, h
         LineState::Failed
     };
     ctx.state.touch(StateKey::Order(order_id.to_owned()));
-    advance(ctx, order_id);
+    advance(ctx, order_id, None);
 }
 
-/// Moves the saga on once no line is pending any more.
-fn advance(ctx: &mut Ctx<'_>, order_id: &str) {
+/// Moves the saga on once no line is pending any more. `refused_here` is
+/// the local SKU that refused a line when `start` stopped trying; without
+/// it every failed line was tried, and refused by its own partition.
+fn advance(ctx: &mut Ctx<'_>, order_id: &str, refused_here: Option<String>) {
     let saga = ctx.state.orders[order_id]
         .saga
         .as_ref()
@@ -103,11 +110,25 @@ fn advance(ctx: &mut Ctx<'_>, order_id: &str) {
         return;
     }
     if saga.lines.iter().any(|l| l.state == LineState::Failed) {
-        settle_lines(ctx, order_id, false);
-        ctx.set_status(
+        let refused = match refused_here {
+            Some(sku) => vec![sku],
+            None => {
+                let mut skus: Vec<String> = Vec::new();
+                for l in saga.lines.iter().filter(|l| l.state == LineState::Failed) {
+                    if !skus.contains(&l.sku) {
+                        skus.push(l.sku.clone());
+                    }
+                }
+                skus
+            }
+        };
+        let released = settle_lines(ctx, order_id, false);
+        ctx.set_status_with(
             order_id,
             Status::OutOfStock,
             Some(REASON_OUT_OF_STOCK.to_owned()),
+            refused,
+            released,
         );
         return;
     }
@@ -131,16 +152,19 @@ fn advance(ctx: &mut Ctx<'_>, order_id: &str) {
     ctx.start_effect(effect);
 }
 
-/// Commits (`commit`) or releases every held line of the order's saga.
-pub(crate) fn settle_lines(ctx: &mut Ctx<'_>, order_id: &str, commit: bool) {
+/// Commits (`commit`) or releases every held line of the order's saga;
+/// returns how many lines it settled.
+pub(crate) fn settle_lines(ctx: &mut Ctx<'_>, order_id: &str, commit: bool) -> u16 {
     let saga = ctx.state.orders[order_id]
         .saga
         .clone()
         .expect("settle a live saga");
+    let mut settled = 0;
     for (i, line) in saga.lines.iter().enumerate() {
         if line.state != LineState::Held {
             continue;
         }
+        settled += 1;
         let i = i as u16;
         if ctx.partition_of(&line.sku) == ctx.partition {
             if commit {
@@ -158,4 +182,5 @@ pub(crate) fn settle_lines(ctx: &mut Ctx<'_>, order_id: &str, commit: bool) {
             ctx.emit(&line.sku, msg);
         }
     }
+    settled
 }

@@ -163,6 +163,7 @@ fn decline_releases_and_late_authorization_is_voided() {
     );
     assert_eq!(statuses(&out), [Status::PaymentDeclined]);
     assert_eq!(out.statuses[0].reason.as_deref(), Some("card_declined"));
+    assert_eq!(out.statuses[0].released_lines, 1, "a compensation");
     assert_eq!(h.counts(&sku), (5, 0, 0));
     let late = h.msg(
         &sku,
@@ -201,6 +202,7 @@ fn gateway_failure_voids() {
         },
     );
     assert_eq!(statuses(&out), [Status::PaymentFailed]);
+    assert_eq!(out.statuses[0].released_lines, 1);
     assert_eq!(out.effects[0].kind, EffectKind::Void);
     assert_eq!(h.counts(&sku), (1, 0, 0));
     let done = h.msg(
@@ -284,6 +286,41 @@ fn saga_messages_and_dedupe() {
     assert_eq!(out.effects[0].amount, 1500);
 }
 
+/// An out-of-stock event names only the SKUs that refused (not the lines
+/// never tried after a local refusal) and counts the held lines released.
+#[test]
+fn out_of_stock_names_refusing_skus_and_released_lines() {
+    let (a, b, c) = (sku_on(0, 0), sku_on(0, 1), sku_on(0, 2));
+    let mut h = Harness::new(0);
+    h.stock(&a, 5);
+    h.stock(&b, 1);
+    h.stock(&c, 5);
+    let out = h.order("o1", &[(&a, 1), (&b, 2), (&c, 1), (&b, 1)], "tok_visa");
+    assert_eq!(statuses(&out), [Status::Accepted, Status::OutOfStock]);
+    assert_eq!(out.statuses[1].refused_skus, std::slice::from_ref(&b));
+    assert_eq!(out.statuses[1].released_lines, 1);
+    assert!(out.statuses[0].refused_skus.is_empty());
+    assert_eq!(h.counts(&a), (5, 0, 0));
+
+    // A line refused by another partition: named once the saga settles.
+    let remote = sku_on(1, 0);
+    let out = h.order("o2", &[(&a, 1), (&remote, 2)], "tok_visa");
+    let env = Envelope::decode(&out.messages[0].value).unwrap();
+    let mut r = Harness::new(1);
+    r.stock(&remote, 1);
+    let reply = r.msg(&remote, env.id, env.body);
+    let reply = Envelope::decode(&reply.messages[0].value).unwrap();
+    let out = h.msg(&a, reply.id, reply.body);
+    assert_eq!(statuses(&out), [Status::OutOfStock]);
+    assert_eq!(out.statuses[0].refused_skus, [remote]);
+    assert_eq!(out.statuses[0].released_lines, 1);
+
+    // A single line that cannot be held: nothing to release.
+    let out = h.order("o3", &[(&b, 9)], "tok_visa");
+    assert_eq!(out.statuses[1].refused_skus, [b]);
+    assert_eq!(out.statuses[1].released_lines, 0);
+}
+
 /// An order keyed to the wrong partition is forwarded to its home.
 #[test]
 fn misrouted_order_is_forwarded() {
@@ -330,4 +367,77 @@ fn finished_orders_expire_deterministically() {
     // A reload from rows rebuilds the expiry index.
     let again = h.order("b", &[(&sku, 1)], "tok_visa");
     assert_eq!(again.statuses[0].seq, 1, "a forgotten id is a new order");
+}
+
+/// An undecodable record is parked with its position; later records with its
+/// key wait behind it while other keys go on; a retry applies them in order.
+#[test]
+fn poison_record_parks_its_key_and_retry_keeps_order() {
+    let mut h = Harness::new(0);
+    let (a, b) = (sku_on(0, 0), sku_on(0, 1));
+    h.stock(&a, 1);
+    h.stock(&b, 5);
+    let poison_at = h.offset;
+    let out = h.feed(RecordKind::Internal, &a, b"\xc1 not msgpack");
+    assert!(
+        matches!(&out.parked[..], [crate::domain::parked::ParkEvent::Parked(r)] if r.offset == poison_at)
+    );
+    // Behind it, on the same key: two orders for the one unit of `a`.
+    let first = h.order("o-a1", &[(&a, 1)], "tok_visa");
+    assert!(first.statuses.is_empty() && first.parked.len() == 1);
+    h.order("o-a2", &[(&a, 1)], "tok_visa");
+    // Another key flows.
+    let other = h.order("o-b", &[(&b, 1)], "tok_visa");
+    assert_eq!(statuses(&other), vec![Status::Accepted, Status::Reserved]);
+    // A message about a held-back order waits too, whatever its key.
+    h.msg(
+        &a,
+        None,
+        Message::PaymentResult {
+            order_id: "o-a1".into(),
+            outcome: PaymentOutcome::Declined { code: "x".into() },
+        },
+    );
+    assert_eq!(h.proc.state.parked.len(), 4);
+    // Dropping the poison record, then retrying: the rest in their order.
+    h.msg("ops", None, Message::DropParked { offset: poison_at });
+    let out = h.msg("ops", None, Message::RetryParked);
+    assert!(h.proc.state.parked.is_empty(), "{:?}", h.proc.state.parked);
+    let s = statuses(&out);
+    assert_eq!(
+        s,
+        vec![
+            Status::Accepted,
+            Status::Reserved,
+            Status::Accepted,
+            Status::OutOfStock,
+            Status::PaymentDeclined
+        ],
+        "o-a1 first gets the unit, o-a2 none, then o-a1's decline"
+    );
+    assert_eq!(h.counts(&a), (1, 0, 0));
+}
+
+/// A record that still fails on retry is parked again, with those behind it,
+/// and the same record re-sent while parked is parked once.
+#[test]
+fn retry_of_a_still_failing_record_parks_it_again() {
+    let mut h = Harness::new(0);
+    let a = sku_on(0, 0);
+    h.stock(&a, 3);
+    h.proc.poison_customer = Some("c".into());
+    h.order("o-1", &[(&a, 1)], "tok_visa");
+    h.order("o-1", &[(&a, 1)], "tok_visa");
+    assert_eq!(h.proc.state.parked.len(), 1, "the same bytes park once");
+    h.msg("ops", None, Message::RetryParked);
+    assert_eq!(h.proc.state.parked.len(), 1, "still failing");
+    h.proc.poison_customer = None;
+    let out = h.msg("ops", None, Message::RetryParked);
+    assert!(h.proc.state.parked.is_empty());
+    assert_eq!(statuses(&out), vec![Status::Accepted, Status::Reserved]);
+    // The lane survives a checkpoint round trip.
+    let rows = h.proc.state.all_rows();
+    let back =
+        PartitionState::from_rows(rows.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))).unwrap();
+    assert_eq!(back.hash(), h.proc.state.hash());
 }

@@ -158,14 +158,25 @@ pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Sets a SKU's stock. A `503` (the change is logged but not applied yet,
+/// e.g. while its partition moves between instances) is repeated, as the
+/// contract says is safe.
 pub fn set_stock(base: &str, sku: &str, available: u64) {
-    let r = client()
-        .put(format!("{base}/v1/inventory/{sku}"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&serde_json::json!({ "available": available }))
-        .send()
-        .unwrap();
-    assert!(r.status().is_success(), "set stock: {}", r.status());
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let r = client()
+            .put(format!("{base}/v1/inventory/{sku}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&serde_json::json!({ "available": available }))
+            .send()
+            .unwrap();
+        if r.status() == 503 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        assert!(r.status().is_success(), "set stock: {}", r.status());
+        return;
+    }
 }
 
 pub fn stock(base: &str, sku: &str) -> serde_json::Value {
@@ -282,5 +293,145 @@ pub fn stripe_config(dir: &Path, url: &str, top: &str, extra: &str) -> std::path
         format!("{top}\n[gateway]\nkind = \"stripe\"\nurl = \"{url}\"\n{extra}\n"),
     )
     .unwrap();
+    path
+}
+
+/// Runs `scripts/<engine> start` (idempotent: it reuses a running engine,
+/// and installs it into the ignored `.cache/` first if needed) and returns
+/// the address it prints. `env` wins when set, so CI can start the engine
+/// once up front.
+fn engine_address(env: &str, engine: &str) -> String {
+    if let Ok(addr) = std::env::var(env)
+        && !addr.is_empty()
+    {
+        return addr;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(engine);
+    let out = Command::new(&script)
+        .arg("start")
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} start failed ({})",
+        script.display(),
+        out.status
+    );
+    let addr = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        !addr.is_empty(),
+        "{} start printed no address",
+        script.display()
+    );
+    addr
+}
+
+/// Bootstrap address of the test Kafka broker (`ORDERFLOW_TEST_KAFKA`, or
+/// one `scripts/kafka start` starts).
+pub fn kafka_bootstrap() -> String {
+    static ADDR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ADDR.get_or_init(|| engine_address("ORDERFLOW_TEST_KAFKA", "kafka"))
+        .clone()
+}
+
+/// CQL contact point of the test Cassandra (`ORDERFLOW_TEST_CASSANDRA`, or
+/// one `scripts/cassandra start` starts).
+pub fn cassandra_contact() -> String {
+    static ADDR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ADDR.get_or_init(|| engine_address("ORDERFLOW_TEST_CASSANDRA", "cassandra"))
+        .clone()
+}
+
+/// A name unique to this test process and call, for Kafka topic prefixes,
+/// consumer groups and CQL keyspaces (letters, digits and `_` only).
+pub fn unique_name(what: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{what}_{}_{n}_{nanos}", std::process::id())
+}
+
+/// Checks invariant 4 on the gateway-sim ledger for the given final
+/// statuses: at most one capture per intent and one authorized intent per
+/// order; every confirmed order captured exactly once; every authorization
+/// of an order that did not confirm voided. `Err` describes what is not
+/// (yet) so.
+pub fn ledger_settled(
+    ledger: &serde_json::Value,
+    statuses: &std::collections::BTreeMap<String, String>,
+) -> Result<(), String> {
+    let mut authorized_by_order: std::collections::BTreeMap<String, Vec<&serde_json::Value>> =
+        std::collections::BTreeMap::new();
+    for (id, i) in ledger["intents"].as_object().unwrap() {
+        if i["captures"].as_u64().unwrap() > 1 {
+            return Err(format!("intent {id} captured twice: {i}"));
+        }
+        if i["authorized"] == true {
+            let order = i["order_id"].as_str().unwrap_or("").to_owned();
+            authorized_by_order.entry(order).or_default().push(i);
+        }
+    }
+    for (order, intents) in &authorized_by_order {
+        if intents.len() > 1 {
+            return Err(format!("order {order} authorized {} times", intents.len()));
+        }
+        let i = intents[0];
+        match statuses.get(order).map(String::as_str) {
+            Some("confirmed") => {
+                if i["status"] != "succeeded" || i["captures"] != 1 {
+                    return Err(format!("confirmed order {order} not captured once: {i}"));
+                }
+            }
+            _ => {
+                if i["status"] != "canceled" || i["captures"] != 0 {
+                    return Err(format!(
+                        "order {order} did not confirm but its authorization is not voided: {i}"
+                    ));
+                }
+            }
+        }
+    }
+    for (order, s) in statuses {
+        if s == "confirmed" && !authorized_by_order.contains_key(order) {
+            return Err(format!("confirmed order {order} has no authorization"));
+        }
+    }
+    Ok(())
+}
+
+/// Writes `dir/orderflow.toml` for the distributed deployment on the test
+/// Kafka and Cassandra: `top` (top-level keys) and `sections` (other
+/// tables) of the caller, then `[kafka]` and `[scylla]` on topics, a
+/// consumer group and a keyspace of their own, which `orderflow migrate`
+/// creates. Processes started with `ORDERFLOW_CONFIG` at the returned path
+/// share that deployment (and find it again after a restart).
+pub fn distributed_config(dir: &Path, top: &str, sections: &str) -> std::path::PathBuf {
+    let name = unique_name("d");
+    let path = dir.join("orderflow.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "{top}\n{sections}\n[kafka]\nbootstrap_servers = \"{kafka}\"\ngroup_id = \"{name}\"\ntopic_prefix = \"{name}.\"\nsession_timeout_ms = 6000\n[scylla]\nnodes = [\"{cassandra}\"]\nkeyspace = \"{name}\"\n",
+            kafka = kafka_bootstrap(),
+            cassandra = cassandra_contact(),
+        ),
+    )
+    .unwrap();
+    let migrate = Command::new(env!("CARGO_BIN_EXE_orderflow"))
+        .arg("migrate")
+        .env("ORDERFLOW_CONFIG", &path)
+        .output()
+        .unwrap();
+    assert!(
+        migrate.status.success(),
+        "orderflow migrate: {}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
     path
 }

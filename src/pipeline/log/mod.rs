@@ -3,6 +3,7 @@
 //! and Kafka implement it, and `crate::app` picks one at start-up.
 
 pub mod embedded;
+pub mod kafka;
 pub mod release;
 
 use std::time::Duration;
@@ -19,15 +20,20 @@ pub enum Topic {
     Orders,
     /// Status transitions, keyed by order id.
     OrderStatus,
+    /// The park lane: records an `orders` partition set aside, and what
+    /// became of them (`crate::domain::parked`). Same partition count and
+    /// numbering as `orders`.
+    Parked,
 }
 
 impl Topic {
-    pub const ALL: [Topic; 2] = [Topic::Orders, Topic::OrderStatus];
+    pub const ALL: [Topic; 3] = [Topic::Orders, Topic::OrderStatus, Topic::Parked];
 
     pub fn name(self) -> &'static str {
         match self {
             Topic::Orders => "orders",
             Topic::OrderStatus => "order-status",
+            Topic::Parked => "orders-parked",
         }
     }
 }
@@ -130,6 +136,27 @@ pub trait Log: Send + Sync + 'static {
     /// Everything below `offset` has been checkpointed by every reader of
     /// this partition; retention may delete whole segments below it.
     fn release_before(&self, topic: Topic, partition: u32, offset: u64);
+
+    /// This instance no longer reads `partition` (its ownership moved):
+    /// a backend that fetches ahead stops doing so.
+    fn forget(&self, _topic: Topic, _partition: u32) {}
+
+    /// Asked after an append failed with [`LogError::Unavailable`]: true
+    /// when a later append may succeed without a restart (the embedded log
+    /// after a write found its disk full and rolled it back). A writer that
+    /// must not drop its output then waits and retries instead of stopping.
+    /// False when the log refuses appends for good or is closed, and for
+    /// backends that cannot tell.
+    fn may_recover(&self) -> bool {
+        false
+    }
+
+    /// Resolves, with the reason, once the log refuses appends for good
+    /// (the embedded log after a failed fsync): the instance must stop.
+    /// Never resolves on backends without such a state.
+    async fn failed(&self) -> String {
+        std::future::pending().await
+    }
 
     /// Stops accepting appends and flushes what is queued.
     async fn close(&self);

@@ -99,6 +99,18 @@ impl Log for ReleaseView {
         }
     }
 
+    fn forget(&self, topic: Topic, partition: u32) {
+        self.shared.inner.forget(topic, partition)
+    }
+
+    fn may_recover(&self) -> bool {
+        self.shared.inner.may_recover()
+    }
+
+    async fn failed(&self) -> String {
+        self.shared.inner.failed().await
+    }
+
     async fn close(&self) {
         self.shared.inner.close().await
     }

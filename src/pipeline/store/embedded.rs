@@ -15,7 +15,7 @@
 //!   partition is one contiguous key range;
 //! - `partition_meta`: `partition (u32 BE)` → `next_offset (u64 BE) ++ epoch (u64 BE)`;
 //! - `intake`: `order_id` → MessagePack (named fields) of [`IntakeRecord`];
-//! - `tracking`: `order_id` → MessagePack (named fields) of [`TrackingView`];
+//! - `tracking`: `order_id` → MessagePack of [`TrackingView`] (its compact stored form);
 //! - `sink_positions`: `len(sink) (u32 BE) ++ sink ++ partition (u32 BE)` → `next offset (u64 BE)`;
 //! - `secrets`: `name` → 32 bytes;
 //! - `contacts`: `order_id` → contact email (UTF-8), written by intake;
@@ -25,26 +25,33 @@
 //! Every write is one redb write transaction committed with
 //! [`Durability::Immediate`], except `put_contact` (see there); blocking
 //! redb calls run on tokio's blocking pool.
+//!
+//! I/O errors: after one, redb refuses every later call until the database
+//! is opened again, so the store reopens it (see [`Db`]) and a full disk
+//! ([`StoreError::DiskFull`]) passes once space is freed, without a restart.
 
-use std::collections::BTreeMap;
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Display;
 use std::ops::Bound;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle,
     WriteTransaction,
 };
-use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
     Applied, CheckpointWrite, IntakeRecord, Notified, PartitionCheckpoint, StateStore, StoreError,
-    TrackingView,
+    TrackingView, decode, encode,
 };
 use crate::domain::StatusEvent;
+use crate::pipeline::is_disk_full;
 
 type BytesTable = TableDefinition<'static, &'static [u8], &'static [u8]>;
 
@@ -81,8 +88,158 @@ const ALL_TABLES: [BytesTable; 8] = [
 /// The [`StateStore`] kept in one redb database file.
 #[derive(Clone)]
 pub struct EmbeddedStore {
-    db: Arc<Database>,
+    db: Arc<Db>,
     intake: Arc<IntakeCommitter>,
+}
+
+/// Longest wait of a reopen for the calls still using the failed database
+/// (they fail fast, so this is only an upper bound).
+const REOPEN_WAIT: Duration = Duration::from_secs(5);
+/// Contacts remembered until their order's intake record is durable; past
+/// this many (orders whose append failed never get one) they are forgotten.
+const MAX_UNSYNCED_CONTACTS: usize = 4 * INTAKE_QUEUE_DEPTH;
+
+thread_local! {
+    /// Set by [`redb_err`] when redb reports an I/O failure on this thread,
+    /// for [`Db::run`] to see after the call (the mapped error no longer says).
+    static IO_FAILED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The redb database, reopened after an I/O error.
+///
+/// After a failed read, write or fsync, redb answers every later call with
+/// `PreviousIo` until the `Database` is dropped and opened again, which
+/// repairs it from its last durable commit. On a full disk that would stop
+/// the store for good. Instead, the call that met the error takes the
+/// database out of service and the next call opens it again, after the
+/// calls still running on the old one are done (redb locks the file). While
+/// the disk stays full the reopened database fails the same way, and every
+/// such failure is a retryable `DiskFull`.
+struct Db {
+    path: PathBuf,
+    /// `None` from an I/O error until the next call reopens it.
+    current: Mutex<Option<Arc<Database>>>,
+    /// The database taken out of service, until its last user drops it.
+    retired: Mutex<Weak<Database>>,
+    /// The last I/O error was a full disk, and no call succeeded since.
+    disk_full: AtomicBool,
+    /// Contacts committed without an fsync (`put_contact`) whose order's
+    /// intake record is not yet durable. A reopen loses commits that were
+    /// not made durable, so the intake commit writes these again.
+    unsynced_contacts: Mutex<HashMap<String, String>>,
+}
+
+impl Db {
+    fn new(path: &Path, db: Database) -> Db {
+        Db {
+            path: path.to_owned(),
+            current: Mutex::new(Some(Arc::new(db))),
+            retired: Mutex::new(Weak::new()),
+            disk_full: AtomicBool::new(false),
+            unsynced_contacts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Runs `f` on the database, reopening it first if an I/O error took it
+    /// out of service, and taking it out if `f` meets one.
+    fn run<T>(&self, f: impl FnOnce(&Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let db = self.get().map_err(|e| self.classify(e, true))?;
+        IO_FAILED.set(false);
+        let result = f(&db);
+        let io_failed = IO_FAILED.replace(false);
+        if io_failed {
+            self.retire(db);
+        }
+        match result {
+            Ok(value) => {
+                self.disk_full.store(false, Ordering::Relaxed);
+                Ok(value)
+            }
+            Err(e) => Err(self.classify(e, io_failed)),
+        }
+    }
+
+    /// A failure of a call that met an I/O error while the disk was full
+    /// (`PreviousIo` because another call hit the full disk first, or a
+    /// reopen that cannot repair yet) is as passing as that one.
+    fn classify(&self, e: StoreError, io_failed: bool) -> StoreError {
+        match e {
+            StoreError::DiskFull(_) => {
+                self.disk_full.store(true, Ordering::Relaxed);
+                e
+            }
+            StoreError::Unavailable(detail)
+                if io_failed && self.disk_full.load(Ordering::Relaxed) =>
+            {
+                StoreError::DiskFull(format!("{detail} (after the disk was found full)"))
+            }
+            e => e,
+        }
+    }
+
+    /// The database in service, opened again if it was taken out.
+    fn get(&self) -> Result<Arc<Database>, StoreError> {
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(db) = current.as_ref() {
+            return Ok(Arc::clone(db));
+        }
+        // redb refuses a second open of a file: wait for the calls still
+        // running on the old database (they fail fast) to drop it.
+        let retired = self
+            .retired
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let deadline = Instant::now() + REOPEN_WAIT;
+        while retired.strong_count() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let at = self.path.display();
+        let db = Database::create(&self.path)
+            .map_err(|e| redb_err(e, format_args!("reopening {at} after an I/O error")))?;
+        tracing::info!(path = %at, "state store reopened after an I/O error");
+        let db = Arc::new(db);
+        *current = Some(Arc::clone(&db));
+        Ok(db)
+    }
+
+    /// Takes `failed` out of service (if no other call did already).
+    fn retire(&self, failed: Arc<Database>) {
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if current.as_ref().is_some_and(|db| Arc::ptr_eq(db, &failed)) {
+            *current = None;
+            *self.retired.lock().unwrap_or_else(PoisonError::into_inner) = Arc::downgrade(&failed);
+            tracing::warn!(
+                path = %self.path.display(),
+                "state store I/O error: the database is reopened, from its last durable commit, before the next call"
+            );
+        }
+    }
+
+    fn remember_contact(&self, order_id: String, email: String) {
+        let mut contacts = self
+            .unsynced_contacts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if contacts.len() >= MAX_UNSYNCED_CONTACTS {
+            contacts.clear();
+        }
+        contacts.insert(order_id, email);
+    }
+
+    /// The unsynced contacts of `order_ids`, taken out of the map.
+    fn take_contacts<'a>(
+        &self,
+        order_ids: impl Iterator<Item = &'a str>,
+    ) -> HashMap<String, String> {
+        let mut contacts = self
+            .unsynced_contacts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        order_ids
+            .filter_map(|id| contacts.remove_entry(id))
+            .collect()
+    }
 }
 
 /// The group-commit thread for intake records. Dropping the last handle
@@ -134,7 +291,7 @@ impl EmbeddedStore {
                 .map_err(|e| redb_err(e, format_args!("creating table {}", table.name())))?;
         }
         commit(txn, "creating tables")?;
-        let db = Arc::new(db);
+        let db = Arc::new(Db::new(path, db));
         let intake = spawn_intake_committer(Arc::clone(&db))?;
         Ok(EmbeddedStore { db, intake })
     }
@@ -166,7 +323,7 @@ impl EmbeddedStore {
         F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     {
         let db = Arc::clone(&self.db);
-        tokio::task::spawn_blocking(move || f(&db))
+        tokio::task::spawn_blocking(move || db.run(f))
             .await
             .map_err(|e| StoreError::Unavailable(format!("state store task failed: {e}")))?
     }
@@ -175,7 +332,7 @@ impl EmbeddedStore {
 /// Starts the thread that commits intake records in groups: one write
 /// transaction (and one fsync) for every record waiting, instead of one per
 /// HTTP request. It stops when the store is dropped.
-fn spawn_intake_committer(db: Arc<Database>) -> Result<Arc<IntakeCommitter>, StoreError> {
+fn spawn_intake_committer(db: Arc<Db>) -> Result<Arc<IntakeCommitter>, StoreError> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<IntakeJob>(INTAKE_QUEUE_DEPTH);
     let thread = std::thread::Builder::new()
         .name("orderflow-intake".into())
@@ -189,7 +346,15 @@ fn spawn_intake_committer(db: Arc<Database>) -> Result<Arc<IntakeCommitter>, Sto
                     }
                 }
                 let (records, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-                match put_intake_batch(&db, records) {
+                let contacts = db.take_contacts(records.iter().map(|r| r.order_id.as_str()));
+                let result = db.run(|d| put_intake_batch(d, records, &contacts));
+                if result.is_err() {
+                    // Not durable: the next attempt of these orders needs them.
+                    for (order_id, email) in contacts {
+                        db.remember_contact(order_id, email);
+                    }
+                }
+                match result {
                     Ok(stored) => {
                         for (reply, record) in replies.into_iter().zip(stored) {
                             let _ = reply.send(Ok(record));
@@ -212,9 +377,13 @@ fn spawn_intake_committer(db: Arc<Database>) -> Result<Arc<IntakeCommitter>, Sto
 
 /// Inserts each record unless its order id is stored (the first one wins,
 /// also within the batch); returns the stored record for each, in order.
+/// Writes the `contacts` of the records it inserts again, in the same
+/// transaction: an order's contact is then durable when its intake record
+/// is, even if a reopen lost the commit of `put_contact`.
 fn put_intake_batch(
     db: &Database,
     records: Vec<IntakeRecord>,
+    contacts: &HashMap<String, String>,
 ) -> Result<Vec<IntakeRecord>, StoreError> {
     let txn = begin_write(db)?;
     let mut stored = Vec::with_capacity(records.len());
@@ -222,6 +391,7 @@ fn put_intake_batch(
         let mut table = txn
             .open_table(INTAKE)
             .map_err(|e| redb_err(e, format_args!("opening {INTAKE_T}")))?;
+        let mut contacts_table = None;
         for record in records {
             let key = record.order_id.as_bytes();
             let existing = {
@@ -240,6 +410,19 @@ fn put_intake_batch(
             table
                 .insert(key, bytes.as_slice())
                 .map_err(|e| redb_err(e, format_args!("{INTAKE_T}[{:?}] put", record.order_id)))?;
+            if let Some(email) = contacts.get(&record.order_id) {
+                if contacts_table.is_none() {
+                    contacts_table = Some(
+                        txn.open_table(CONTACTS)
+                            .map_err(|e| redb_err(e, format_args!("opening {CONTACTS_T}")))?,
+                    );
+                }
+                if let Some(contacts_table) = contacts_table.as_mut() {
+                    contacts_table.insert(key, email.as_bytes()).map_err(|e| {
+                        redb_err(e, format_args!("{CONTACTS_T}[{:?}] put", record.order_id))
+                    })?;
+                }
+            }
             stored.push(record);
         }
     }
@@ -299,6 +482,70 @@ impl StateStore for EmbeddedStore {
                 epoch,
                 rows,
             }))
+        })
+        .await
+    }
+
+    async fn load_row(
+        &self,
+        partition: u32,
+        key: &[u8],
+    ) -> Result<Option<(u64, Option<Vec<u8>>)>, StoreError> {
+        let key = key.to_vec();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(|e| redb_err(e, "begin read"))?;
+            let meta = txn
+                .open_table(META)
+                .map_err(|e| redb_err(e, format_args!("opening {META_T}")))?;
+            let prefix = partition.to_be_bytes();
+            let next_offset = match meta
+                .get(prefix.as_slice())
+                .map_err(|e| redb_err(e, format_args!("{META_T}[{partition}]")))?
+            {
+                None => return Ok(None),
+                Some(v) => decode_meta(v.value(), partition)?.0,
+            };
+            let state = txn
+                .open_table(STATE)
+                .map_err(|e| redb_err(e, format_args!("opening {STATE_T}")))?;
+            let mut full = Vec::with_capacity(4 + key.len());
+            composite(&mut full, &prefix, &key);
+            let value = state
+                .get(full.as_slice())
+                .map_err(|e| redb_err(e, format_args!("{STATE_T}[{partition}] get")))?
+                .map(|v| v.value().to_vec());
+            Ok(Some((next_offset, value)))
+        })
+        .await
+    }
+
+    async fn claim_partition(&self, partition: u32) -> Result<u64, StoreError> {
+        self.blocking(move |db| {
+            let prefix = partition.to_be_bytes();
+            let txn = begin_write(db)?;
+            let epoch = {
+                let mut meta = txn
+                    .open_table(META)
+                    .map_err(|e| redb_err(e, format_args!("opening {META_T}")))?;
+                let (next_offset, stored_epoch) = {
+                    let stored = meta
+                        .get(prefix.as_slice())
+                        .map_err(|e| redb_err(e, format_args!("{META_T}[{partition}]")))?;
+                    match stored {
+                        None => (0, 0),
+                        Some(v) => decode_meta(v.value(), partition)?,
+                    }
+                };
+                let epoch = stored_epoch + 1;
+                meta.insert(
+                    prefix.as_slice(),
+                    encode_meta(next_offset, epoch).as_slice(),
+                )
+                .map_err(|e| redb_err(e, format_args!("{META_T}[{partition}] put")))?;
+                epoch
+            };
+            commit(txn, format_args!("claim of partition {partition}"))?;
+            Ok(epoch)
         })
         .await
     }
@@ -448,8 +695,10 @@ impl StateStore for EmbeddedStore {
         let events = events.to_vec();
         self.blocking(move |db| {
             let txn = begin_write(db)?;
-            // Per event: `Some(time of the order's previous status)` if new.
-            let mut applied: Vec<Option<Option<u64>>> = vec![None; events.len()];
+            // Per event, if new: `Some((time of the order's previous status,
+            // time of its first))`.
+            type Times = (Option<u64>, Option<u64>);
+            let mut applied: Vec<Option<Times>> = vec![None; events.len()];
             {
                 let mut views = txn
                     .open_table(TRACKING)
@@ -467,16 +716,16 @@ impl StateStore for EmbeddedStore {
                                 .map_err(|e| redb_err(e, format_args!("{TRACKING_T}[{id:?}]")))?;
                             let view = stored
                                 .map(|v| decode::<TrackingView>(v.value(), TRACKING_T, id))
-                                .transpose()?;
+                                .transpose()?
+                                .map(|v| v.keyed(id));
                             slot.insert((view, false))
                         }
                     };
-                    let prev_at_ms = view
-                        .as_ref()
-                        .and_then(|v| v.history.last())
-                        .map(|h| h.at_ms);
+                    let history = view.as_ref().map(|v| v.history.as_slice());
+                    let prev_at_ms = history.and_then(|h| h.last()).map(|h| h.at_ms);
+                    let placed_at_ms = history.and_then(|h| h.first()).map(|h| h.at_ms);
                     if TrackingView::apply(view, event) {
-                        *applied = Some(prev_at_ms);
+                        *applied = Some((prev_at_ms, placed_at_ms));
                         *dirty = true;
                     }
                 }
@@ -525,14 +774,21 @@ impl StateStore for EmbeddedStore {
             Ok(events
                 .into_iter()
                 .zip(applied)
-                .filter_map(|(event, new)| new.map(|prev_at_ms| Applied { event, prev_at_ms }))
+                .filter_map(|(event, new)| {
+                    new.map(|(prev_at_ms, placed_at_ms)| Applied {
+                        event,
+                        prev_at_ms,
+                        placed_at_ms,
+                    })
+                })
                 .collect())
         })
         .await
     }
 
     async fn get_tracking(&self, order_id: &str) -> Result<Option<TrackingView>, StoreError> {
-        self.get_row(TRACKING, order_id).await
+        let view: Option<TrackingView> = self.get_row(TRACKING, order_id).await?;
+        Ok(view.map(|v| v.keyed(order_id)))
     }
 
     async fn secret(&self, name: &str) -> Result<[u8; 32], StoreError> {
@@ -598,9 +854,11 @@ impl StateStore for EmbeddedStore {
                     .insert(order_id.as_bytes(), email.as_bytes())
                     .map_err(|e| redb_err(e, format_args!("{CONTACTS_T}[{order_id:?}] put")))?;
             }
-            commit(txn, format_args!("{CONTACTS_T}[{order_id:?}]"))
+            commit(txn, format_args!("{CONTACTS_T}[{order_id:?}]"))?;
+            Ok((order_id, email))
         })
         .await
+        .map(|(order_id, email)| self.db.remember_contact(order_id, email))
     }
 
     async fn get_contacts(&self, order_ids: &[String]) -> Result<Vec<Option<String>>, StoreError> {
@@ -764,7 +1022,12 @@ fn commit(txn: WriteTransaction, what: impl Display) -> Result<(), StoreError> {
 /// Maps a redb error: damaged or mismatched data is `Corrupt`, the rest
 /// (I/O, closed database, file locked by another process) `Unavailable`.
 fn redb_err(err: impl Into<redb::Error>, what: impl Display) -> StoreError {
-    match err.into() {
+    let err = err.into();
+    if matches!(err, redb::Error::Io(_) | redb::Error::PreviousIo) {
+        IO_FAILED.set(true);
+    }
+    match err {
+        redb::Error::Io(e) if is_disk_full(&e) => StoreError::DiskFull(format!("{what}: {e}")),
         redb::Error::Corrupted(msg) => StoreError::Corrupt(format!("{what}: {msg}")),
         err @ (redb::Error::TableTypeMismatch { .. }
         | redb::Error::TableIsMultimap(_)
@@ -830,17 +1093,6 @@ fn decode_secret(bytes: &[u8], name: &str) -> Result<[u8; 32], StoreError> {
     })
 }
 
-fn encode<T: Serialize>(value: &T, table: &str, key: &str) -> Result<Vec<u8>, StoreError> {
-    // Encoding our own plain structs cannot fail in practice; report it as
-    // unavailable rather than panic if it ever does.
-    rmp_serde::to_vec_named(value)
-        .map_err(|e| StoreError::Unavailable(format!("encoding {table}[{key:?}]: {e}")))
-}
-
-fn decode<T: DeserializeOwned>(bytes: &[u8], table: &str, key: &str) -> Result<T, StoreError> {
-    rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{table}[{key:?}]: {e}")))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -887,6 +1139,8 @@ mod tests {
             status,
             reason: None,
             at_ms: 1_000 + u64::from(seq),
+            refused_skus: Vec::new(),
+            released_lines: 0,
         }
     }
 
@@ -1010,6 +1264,35 @@ mod tests {
             (after.next_offset, after.epoch, after.rows),
             (160, 6, vec![row("b", "2")])
         );
+    }
+
+    /// Each claim returns a higher epoch and fences checkpoints of the ones before.
+    #[tokio::test]
+    async fn claim_raises_the_epoch_and_fences_the_former_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_in(&dir);
+        let first = store.claim_partition(3).await.unwrap();
+        store
+            .write_checkpoint(checkpoint(3, first, 10, &[("a", "1")], &[]))
+            .await
+            .unwrap();
+        let second = store.claim_partition(3).await.unwrap();
+        assert!(second > first);
+        let stale = store
+            .write_checkpoint(checkpoint(3, first, 20, &[("a", "2")], &[]))
+            .await;
+        assert!(matches!(stale, Err(StoreError::Fenced { .. })), "{stale:?}");
+        let cp = store.load_checkpoint(3).await.unwrap().unwrap();
+        assert_eq!(
+            (cp.next_offset, cp.epoch, cp.rows),
+            (10, second, vec![row("a", "1")])
+        );
+        assert_eq!(
+            store.load_row(3, b"a").await.unwrap(),
+            Some((10, Some(b"1".to_vec())))
+        );
+        assert_eq!(store.load_row(3, b"b").await.unwrap(), Some((10, None)));
+        assert_eq!(store.load_row(4, b"a").await.unwrap(), None);
     }
 
     /// Everything written is still there after the database file is closed and reopened.
@@ -1208,7 +1491,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store_in(&dir);
         {
-            let txn = store.db.begin_write().unwrap();
+            let txn = store.db.get().unwrap().begin_write().unwrap();
             for (table, key) in [
                 (INTAKE, b"ord-x".as_slice()),
                 (TRACKING, b"ord-x"),

@@ -320,6 +320,8 @@ mod tests {
             status: Status::Confirmed,
             reason: None,
             at_ms: 0,
+            refused_skus: Vec::new(),
+            released_lines: 0,
         };
         assert_eq!(render(&e).0, "Order ord-7 confirmed");
         e.status = Status::OutOfStock;

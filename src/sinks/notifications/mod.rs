@@ -55,14 +55,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus::IntGauge;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 pub use self::config::{EmailConfig, EventFilter, NotificationsConfig, SmtpTls, WebhookConfig};
 pub use self::webhook::{VerifyError, sign, verify_signature};
 use crate::domain::StatusEvent;
 use crate::pipeline::log::{Log, LogError, Topic};
-use crate::pipeline::store::{Notified, StateStore, StoreError};
+use crate::pipeline::store::{Notified, StateStore, StoreError, with_retries};
+use crate::pipeline::supervisor::Stop;
 use crate::sinks::metrics::Metrics;
 
 /// Name of the notifications sink's positions in the state store.
@@ -184,33 +185,22 @@ pub struct Notifier {
     metrics: Arc<Metrics>,
 }
 
-/// The running sink: its partition tasks and the email batcher.
+/// The running sink's shared part: the notifier the partition tasks use
+/// and the email batcher.
 pub struct Running {
-    tasks: Vec<JoinHandle<Result<(), NotifyError>>>,
+    pub notifier: Arc<Notifier>,
     mailer: Option<JoinHandle<()>>,
 }
 
 impl Running {
-    /// Waits for every partition task (after the shutdown signal) and then
-    /// for the email batcher; returns the first error.
-    pub async fn join(self) -> anyhow::Result<()> {
-        let mut first_error: Option<anyhow::Error> = None;
-        for t in self.tasks {
-            match t.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    first_error.get_or_insert(e.into());
-                }
-                Err(e) => {
-                    first_error.get_or_insert(e.into());
-                }
-            }
-        }
+    /// After every partition task has stopped: waits for the email batcher
+    /// to send what it holds.
+    pub async fn join(self) {
+        drop(self.notifier);
         if let Some(m) = self.mailer {
             // Ends once the last partition task dropped the notifier.
             let _ = m.await;
         }
-        first_error.map_or(Ok(()), Err)
     }
 }
 
@@ -269,56 +259,43 @@ impl Notifier {
     }
 }
 
-/// Starts one task per `order-status` partition from the stored positions.
-/// A task that fails (log or store error) reports on `fatal`.
-pub async fn start(
+/// Builds the targets and starts the email batcher. The partition tasks
+/// ([`run_partition`]) are started by whoever owns the partitions.
+pub fn start(
     config: &NotificationsConfig,
     store: Arc<dyn StateStore>,
-    log: Arc<dyn Log>,
     metrics: Arc<Metrics>,
-    shutdown: watch::Receiver<bool>,
-    fatal: mpsc::Sender<String>,
 ) -> anyhow::Result<Running> {
-    let (notifier, mailer) = Notifier::new(config, store.clone(), metrics)
-        .map_err(|e| anyhow::anyhow!("notifications: {e}"))?;
-    let notifier = Arc::new(notifier);
-    // A partition without a position (notifications just turned on) starts
-    // at the log's end: only status changes from now on are notified, not
-    // the history. That start is recorded at once, so a crash cannot skip
-    // what comes after it.
-    let mut positions = store.sink_positions(SINK_NAME).await?;
-    let mut fresh = Vec::new();
-    for partition in 0..log.partition_count(Topic::OrderStatus) {
-        if let std::collections::btree_map::Entry::Vacant(slot) = positions.entry(partition) {
-            let (_, high) = log.offsets(Topic::OrderStatus, partition)?;
-            fresh.push((partition, high));
-            slot.insert(high);
-        }
-    }
-    store.record_notified(SINK_NAME, &fresh, &[]).await?;
-    let mut tasks = Vec::new();
-    for partition in 0..log.partition_count(Topic::OrderStatus) {
-        let next = positions.get(&partition).copied().unwrap_or(0);
-        let (n, l, rx, fatal) = (
-            notifier.clone(),
-            log.clone(),
-            shutdown.clone(),
-            fatal.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let result = run_partition(n, l, partition, next, rx).await;
-            if let Err(e) = &result {
-                tracing::error!(error = %e, "notifications sink failed");
-                let _ = fatal.send(e.to_string()).await;
-            }
-            result
-        }));
-    }
+    let (notifier, mailer) =
+        Notifier::new(config, store, metrics).map_err(|e| anyhow::anyhow!("notifications: {e}"))?;
     tracing::info!(
         targets = notifier.targets.len(),
         "notifications sink started"
     );
-    Ok(Running { tasks, mailer })
+    Ok(Running {
+        notifier: Arc::new(notifier),
+        mailer,
+    })
+}
+
+/// Where partition `partition`'s task starts: its stored position, or for
+/// a partition without one (notifications just turned on) the log's end,
+/// so that only status changes from now on are notified, not the history.
+/// That start is recorded at once, so a crash cannot skip what follows.
+async fn start_position(n: &Notifier, log: &dyn Log, partition: u32) -> Result<u64, NotifyError> {
+    let store_err = |source| NotifyError::Store { partition, source };
+    let positions = n.store.sink_positions(SINK_NAME).await.map_err(store_err)?;
+    if let Some(&next) = positions.get(&partition) {
+        return Ok(next);
+    }
+    let (_, high) = log
+        .offsets(Topic::OrderStatus, partition)
+        .map_err(|source| NotifyError::Log { partition, source })?;
+    n.store
+        .record_notified(SINK_NAME, &[(partition, high)], &[])
+        .await
+        .map_err(store_err)?;
+    Ok(high)
 }
 
 /// One delivery: an event for a target.
@@ -430,13 +407,25 @@ struct Partition {
     shutdown: watch::Receiver<bool>,
 }
 
-async fn run_partition(
+/// Delivers the status events of one `order-status` partition until `stop`
+/// leaves `Stop::Run`; then reads no more, lets the deliveries in flight
+/// settle (or be interrupted) and records what settled.
+pub async fn run_partition(
     n: Arc<Notifier>,
     log: Arc<dyn Log>,
     partition: u32,
-    next: u64,
-    mut shutdown: watch::Receiver<bool>,
+    stop: watch::Receiver<Stop>,
 ) -> Result<(), NotifyError> {
+    let next = start_position(&n, log.as_ref(), partition).await?;
+    // Deliveries only need "stopping or not".
+    let (shutdown_tx, mut shutdown) = watch::channel(false);
+    let mut stop = stop;
+    tokio::spawn(async move {
+        let _ = stop.wait_for(|s| *s != Stop::Run).await;
+        shutdown_tx.send_replace(true);
+        // Keep the sender until every receiver is gone, so nobody sees it close.
+        shutdown_tx.closed().await;
+    });
     let mut p = Partition {
         n,
         log: log.clone(),
@@ -535,10 +524,8 @@ impl Partition {
             .iter()
             .map(|(t, id)| (self.n.targets[*t].key.clone(), id.clone()))
             .collect();
-        let stored = self
-            .n
-            .store
-            .notified(&keys)
+        let store = &self.n.store;
+        let stored = with_retries("notified", || store.notified(&keys))
             .await
             .map_err(|e| self.store_err(e))?;
         let mut floors: HashMap<(usize, String), u32> = lookup
@@ -557,10 +544,8 @@ impl Partition {
         let contacts: HashMap<String, Option<String>> = if email_ids.is_empty() {
             HashMap::new()
         } else {
-            let found = self
-                .n
-                .store
-                .get_contacts(&email_ids)
+            let store = &self.n.store;
+            let found = with_retries("get_contacts", || store.get_contacts(&email_ids))
                 .await
                 .map_err(|e| self.store_err(e))?;
             email_ids.into_iter().zip(found).collect()
@@ -694,11 +679,13 @@ impl Partition {
         {
             return Ok(());
         }
-        self.n
-            .store
-            .record_notified(SINK_NAME, &[(self.partition, position)], &self.settled)
-            .await
-            .map_err(|e| self.store_err(e))?;
+        // Recording keeps the larger seq and offset: safe to repeat.
+        let (store, at) = (&self.n.store, [(self.partition, position)]);
+        with_retries("record_notified", || {
+            store.record_notified(SINK_NAME, &at, &self.settled)
+        })
+        .await
+        .map_err(|e| self.store_err(e))?;
         self.settled.clear();
         self.permits.clear();
         self.written_position = self.written_position.max(position);

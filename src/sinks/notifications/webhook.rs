@@ -261,6 +261,8 @@ mod tests {
             status: Status::PaymentDeclined,
             reason: Some("card_declined".into()),
             at_ms: 1_714_566_600_250,
+            refused_skus: Vec::new(),
+            released_lines: 0,
         }
     }
 

@@ -10,9 +10,19 @@
 //! queue of appends and group-commits them: write a batch, one `fdatasync`,
 //! then acknowledge. `append` returns only once its records are durable; a
 //! full queue fails at once with [`LogError::Full`] (back-pressure, never an
-//! unbounded wait). A failed write or fsync makes the whole log refuse every
-//! later append: after a failed fsync the kernel may have dropped the dirty
-//! pages, so nothing written after it could be trusted.
+//! unbounded wait).
+//!
+//! Disk faults: a write that finds the disk full (ENOSPC, EDQUOT) fails only
+//! its batch. The writer truncates the segment back to its last durable
+//! length (and fsyncs that), so no torn frame stays behind, answers the
+//! batch with [`LogError::Unavailable`] naming the full disk and tries
+//! again with the next batch: appends resume once space is freed, without
+//! a restart. Any other failure (a failed fsync, another write error, a
+//! rollback that fails itself) makes the whole log refuse every later
+//! append and resolves [`Log::failed`], on which the instance stops: after
+//! a failed fsync the kernel may have dropped the dirty pages, so what the
+//! file holds can no longer be trusted. Tests inject these faults through
+//! [`faults`] (debug builds only).
 //!
 //! Timestamps: the writer stamps every record with the wall clock (ms since
 //! the Unix epoch) when it writes the batch, never going backwards within a
@@ -31,6 +41,7 @@
 //!
 //! One process must own a data directory: nothing here locks it.
 
+mod faults;
 mod reader;
 pub mod segment;
 mod writer;
@@ -39,13 +50,14 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use prometheus::Histogram;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
+use self::faults::Faults;
 use self::reader::{Located, ReadCursor};
 use self::segment::{HARD_MAX_RECORD_BYTES, IndexEntry, MAX_KEY_BYTES};
 use self::writer::{ActiveSegment, PendingAppend, Writer, WriterConfig, WriterMetrics, WriterMsg};
@@ -64,6 +76,9 @@ pub struct EmbeddedLog {
     topics: Vec<TopicPartitions>,
     closed: AtomicBool,
     health: Arc<Health>,
+    /// Test-only I/O faults (see [`faults`]); inert in release builds.
+    #[cfg_attr(not(test), allow(dead_code))]
+    faults: Arc<Faults>,
     max_record_bytes: usize,
     append_queue_depth: usize,
 }
@@ -85,19 +100,48 @@ struct PartitionHandle {
 }
 
 /// Whether the log can still be trusted with writes.
-#[derive(Default)]
 struct Health {
-    failure: OnceLock<String>,
+    /// The failure that made the log refuse appends for good, if any.
+    failure: watch::Sender<Option<String>>,
+}
+
+impl Default for Health {
+    fn default() -> Health {
+        Health {
+            failure: watch::Sender::new(None),
+        }
+    }
 }
 
 impl Health {
     fn failure(&self) -> Option<String> {
-        self.failure.get().cloned()
+        self.failure.borrow().clone()
     }
 
     /// Records the first failure; later ones add nothing.
     fn fail(&self, reason: String) {
-        let _ = self.failure.set(reason);
+        self.failure.send_if_modified(|failure| {
+            if failure.is_some() {
+                return false;
+            }
+            *failure = Some(reason);
+            true
+        });
+    }
+
+    /// Resolves with the failure once there is one.
+    async fn failed(&self) -> String {
+        let mut failure = self.failure.subscribe();
+        let reason = failure
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|f| f.clone());
+        match reason {
+            Some(reason) => reason,
+            // Unreachable: `self` holds the sender.
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -142,6 +186,11 @@ struct PartitionShared {
     /// Woken after every publish of the high-watermark.
     appended: Notify,
     cursors: Mutex<Vec<ReadCursor>>,
+    /// Counts rollbacks: the writer truncating unpublished bytes away after
+    /// a write found the disk full. A cursor's read-ahead buffer may hold
+    /// such bytes, and new records later take their place, so a cursor
+    /// opened before a rollback is never reused after it.
+    rollbacks: AtomicU64,
 }
 
 impl PartitionShared {
@@ -205,10 +254,22 @@ impl PartitionShared {
 
     fn put_cursor(&self, cursor: ReadCursor) {
         let mut cursors = self.cursors.lock().unwrap_or_else(PoisonError::into_inner);
+        // Checked under the lock `rolled_back` takes, so a cursor is either
+        // refused here or dropped there.
+        if cursor.rollbacks != self.rollbacks.load(Ordering::Acquire) {
+            return;
+        }
         if cursors.len() >= MAX_CACHED_CURSORS {
             cursors.remove(0);
         }
         cursors.push(cursor);
+    }
+
+    /// The writer truncated unpublished bytes: no cursor from before is reused.
+    fn rolled_back(&self) {
+        let mut cursors = self.cursors.lock().unwrap_or_else(PoisonError::into_inner);
+        self.rollbacks.fetch_add(1, Ordering::AcqRel);
+        cursors.clear();
     }
 
     /// Closes cursors on segments retention deleted, releasing their disk space.
@@ -290,12 +351,7 @@ impl EmbeddedLog {
         }
         create_dirs(dir, config.fsync)?;
         let health = Arc::new(Health::default());
-        let writer_config = WriterConfig {
-            segment_size_bytes: config.segment_size_bytes,
-            retention_bytes: config.retention_bytes,
-            max_batch_records: config.max_batch_records,
-            fsync: config.fsync,
-        };
+        let faults = Arc::new(Faults::from_env());
         let mut opened: Vec<TopicPartitions> = Vec::with_capacity(topics.len());
         for &(topic, count) in topics {
             if opened.iter().any(|t| t.topic == topic) {
@@ -319,9 +375,9 @@ impl EmbeddedLog {
                     partition,
                     partition_dir,
                     config,
-                    writer_config,
                     &metrics,
                     &health,
+                    &faults,
                 )?);
             }
             opened.push(TopicPartitions { topic, partitions });
@@ -330,6 +386,7 @@ impl EmbeddedLog {
             topics: opened,
             closed: AtomicBool::new(false),
             health,
+            faults,
             max_record_bytes: config.max_record_bytes,
             append_queue_depth: config.append_queue_depth,
         })
@@ -388,9 +445,9 @@ fn open_partition(
     partition: u32,
     dir: PathBuf,
     config: &LogConfig,
-    writer_config: WriterConfig,
     metrics: &Metrics,
     health: &Arc<Health>,
+    faults: &Arc<Faults>,
 ) -> Result<PartitionHandle, LogError> {
     create_dirs(&dir, config.fsync)?;
     let mut bases = Vec::new();
@@ -483,6 +540,7 @@ fn open_partition(
         released_before: AtomicU64::new(0),
         appended: Notify::new(),
         cursors: Mutex::new(Vec::with_capacity(MAX_CACHED_CURSORS)),
+        rollbacks: AtomicU64::new(0),
     });
     let label = [topic.name()];
     let queue_depth =
@@ -492,7 +550,13 @@ fn open_partition(
     let writer = Writer {
         shared: shared.clone(),
         health: health.clone(),
-        config: writer_config,
+        faults: faults.clone(),
+        config: WriterConfig {
+            segment_size_bytes: config.segment_size_bytes,
+            retention_bytes: config.retention_bytes,
+            max_batch_records: config.max_batch_records,
+            fsync: config.fsync,
+        },
         metrics: WriterMetrics {
             fsync_latency: metrics.log_fsync_latency.with_label_values(&label),
             batch_records: metrics.log_batch_records.with_label_values(&label),
@@ -505,6 +569,7 @@ fn open_partition(
         buf: Vec::new(),
         pending_index: Vec::new(),
         unpublished_records: 0,
+        disk_full: false,
     };
     let (queue, receiver) = mpsc::channel(config.append_queue_depth);
     std::thread::Builder::new()
@@ -619,6 +684,17 @@ impl Log for EmbeddedLog {
 
     fn offsets(&self, topic: Topic, partition: u32) -> Result<(u64, u64), LogError> {
         Ok(self.handle(topic, partition)?.shared.offsets())
+    }
+
+    /// True unless the log refuses appends for good or is closed: an
+    /// `Unavailable` append was then a full disk, which the writer rolled
+    /// back, and the next append may succeed once space is freed.
+    fn may_recover(&self) -> bool {
+        self.refusal().is_none()
+    }
+
+    async fn failed(&self) -> String {
+        self.health.failed().await
     }
 
     fn release_before(&self, topic: Topic, partition: u32, offset: u64) {

@@ -15,9 +15,10 @@ use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use super::PartitionShared;
-use super::segment::{FRAME_HEADER_BYTES, decode_payload, parse_header, payload_len_valid};
+use super::segment::{FRAME_HEADER_BYTES, decode_frame, parse_header, payload_len_valid};
 use crate::pipeline::log::{LogError, LogRecord};
 
 /// Read-ahead buffer of a cursor.
@@ -34,6 +35,8 @@ pub(super) struct ReadCursor {
     /// Offset of the record at `position`.
     pub next_offset: u64,
     position: u64,
+    /// The partition's rollback count when the cursor was opened.
+    pub rollbacks: u64,
 }
 
 /// Where to find an offset: from the segment list, under its lock.
@@ -95,7 +98,7 @@ fn read_into(
 ) -> Result<(), ReadError> {
     let mut next = from;
     let mut bytes = 0usize;
-    let mut payload = Vec::new();
+    let mut frame = Vec::new();
     while next < end && (records.is_empty() || bytes < READ_MAX_BYTES) {
         let Some(located) = shared.locate(next) else {
             return Err(ReadError::SegmentGone);
@@ -104,7 +107,10 @@ fn read_into(
             .as_ref()
             .is_some_and(|c| c.segment_base == located.segment_base && c.next_offset == next);
         if !reusable {
-            *cursor = Some(open_cursor(&located, next)?);
+            // Loaded before the file is read: a rollback after this point
+            // makes the cursor stale, and `put_cursor` then drops it.
+            let rollbacks = shared.rollbacks.load(Ordering::Acquire);
+            *cursor = Some(open_cursor(&located, next, rollbacks)?);
         }
         let Some(c) = cursor.as_mut() else {
             return Err(ReadError::SegmentGone);
@@ -116,7 +122,7 @@ fn read_into(
             return Err(ReadError::SegmentGone);
         }
         while next < stop && (records.is_empty() || bytes < READ_MAX_BYTES) {
-            let record = c.read_record(&mut payload)?;
+            let record = c.read_record(&mut frame)?;
             bytes += record.key.len() + record.value.len();
             records.push(record);
             next += 1;
@@ -125,7 +131,7 @@ fn read_into(
     Ok(())
 }
 
-fn open_cursor(located: &Located, offset: u64) -> Result<ReadCursor, ReadError> {
+fn open_cursor(located: &Located, offset: u64, rollbacks: u64) -> Result<ReadCursor, ReadError> {
     let file = match File::open(&located.path) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ReadError::SegmentGone),
@@ -141,6 +147,7 @@ fn open_cursor(located: &Located, offset: u64) -> Result<ReadCursor, ReadError> 
         reader,
         next_offset: located.index_offset,
         position: located.index_position,
+        rollbacks,
     };
     while cursor.next_offset < offset {
         cursor.skip_record()?;
@@ -165,18 +172,20 @@ impl ReadCursor {
         })
     }
 
-    fn read_header(&mut self) -> Result<(u32, u32), LogError> {
+    /// The header and its payload length, checked before anything is
+    /// sized by it.
+    fn read_header(&mut self) -> Result<([u8; FRAME_HEADER_BYTES], u32), LogError> {
         let mut header = [0u8; FRAME_HEADER_BYTES];
         self.read_exact(&mut header)?;
-        let (len, crc) = parse_header(header);
+        let (len, _) = parse_header(header);
         if !payload_len_valid(len) {
             return Err(self.corrupt(format!("invalid frame length {len}")));
         }
-        Ok((len, crc))
+        Ok((header, len))
     }
 
     fn skip_record(&mut self) -> Result<(), LogError> {
-        let (len, _) = self.read_header()?;
+        let (_, len) = self.read_header()?;
         self.reader
             .seek_relative(i64::from(len))
             .map_err(|e| io_error(&self.path, e))?;
@@ -185,19 +194,18 @@ impl ReadCursor {
         Ok(())
     }
 
-    /// Reads and checks the record at the cursor; `payload` is scratch space.
-    fn read_record(&mut self, payload: &mut Vec<u8>) -> Result<LogRecord, LogError> {
-        let (len, crc) = self.read_header()?;
+    /// Reads and checks the record at the cursor; `frame` is scratch space.
+    fn read_record(&mut self, frame: &mut Vec<u8>) -> Result<LogRecord, LogError> {
+        let (header, len) = self.read_header()?;
         // A durable frame was checked at open or written by this process;
         // `len` is bounded by MAX_PAYLOAD_BYTES above even if the file
         // changed behind our back.
-        payload.resize(len as usize, 0);
-        self.read_exact(payload)?;
-        if crc32c::crc32c(payload) != crc {
-            return Err(self.corrupt("checksum mismatch"));
-        }
-        let record = match decode_payload(payload) {
-            Ok(p) => LogRecord {
+        frame.clear();
+        frame.extend_from_slice(&header);
+        frame.resize(FRAME_HEADER_BYTES + len as usize, 0);
+        self.read_exact(&mut frame[FRAME_HEADER_BYTES..])?;
+        let record = match decode_frame(frame) {
+            Ok((p, _)) => LogRecord {
                 offset: self.next_offset,
                 timestamp_ms: p.timestamp_ms,
                 kind: p.kind,

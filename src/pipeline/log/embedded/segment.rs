@@ -83,8 +83,9 @@ pub(super) fn frame_bytes(key: &[u8], value: &[u8]) -> usize {
 }
 
 /// Appends one frame to `buf`. The caller has checked the lengths (see
-/// [`frame_bytes`]), so the narrowing casts below cannot truncate.
-pub(super) fn encode_frame(
+/// [`frame_bytes`]), so the narrowing casts below cannot truncate. Public
+/// so the simulation (`crate::sim`) writes the very frames the writer does.
+pub fn encode_frame(
     buf: &mut Vec<u8>,
     kind: RecordKind,
     timestamp_ms: u64,
@@ -121,7 +122,7 @@ pub(super) fn payload_len_valid(len: u32) -> bool {
 }
 
 /// A decoded payload, borrowing the frame bytes.
-pub(super) struct Payload<'a> {
+pub struct Payload<'a> {
     pub kind: RecordKind,
     pub timestamp_ms: u64,
     pub key: &'a [u8],
@@ -155,6 +156,30 @@ pub(super) fn decode_payload(payload: &[u8]) -> Result<Payload<'_>, String> {
         key,
         value,
     })
+}
+
+/// Decodes the frame at the start of `bytes` (header, length, checksum,
+/// payload) and returns it with the bytes it took; the error says what is
+/// wrong. Public so the fuzz target drives the very decoder the reader uses.
+pub fn decode_frame(bytes: &[u8]) -> Result<(Payload<'_>, usize), String> {
+    let Some((header, rest)) = bytes.split_first_chunk::<FRAME_HEADER_BYTES>() else {
+        return Err(format!("{} bytes, less than a frame header", bytes.len()));
+    };
+    let (len, crc) = parse_header(*header);
+    if !payload_len_valid(len) {
+        return Err(format!("invalid frame length {len}"));
+    }
+    let Some(payload) = rest.get(..len as usize) else {
+        return Err(format!(
+            "frame of {len} bytes runs past the end ({} bytes left)",
+            rest.len()
+        ));
+    };
+    if crc32c::crc32c(payload) != crc {
+        return Err("checksum mismatch".into());
+    }
+    let record = decode_payload(payload)?;
+    Ok((record, FRAME_HEADER_BYTES + payload.len()))
 }
 
 /// A sparse index entry: the record with `offset` starts at byte `position`.
@@ -328,7 +353,12 @@ fn find_valid_frame_after(path: &Path, damaged_at: u64, file_len: u64) -> Result
     file.take(tail_len)
         .read_to_end(&mut tail)
         .map_err(|e| io_error(path, e))?;
+    Ok(resync(&tail, damaged_at))
+}
 
+/// Looks for a valid frame starting anywhere in `tail` after its first
+/// byte; `tail` starts at the damage, byte `damaged_at` of the segment.
+fn resync(tail: &[u8], damaged_at: u64) -> Resync {
     let mut crc_budget_bytes = RESYNC_CRC_BUDGET_BYTES;
     for start in 1..tail.len() {
         let Some((header, body)) = tail[start..].split_first_chunk::<FRAME_HEADER_BYTES>() else {
@@ -346,16 +376,71 @@ fn find_valid_frame_after(path: &Path, damaged_at: u64, file_len: u64) -> Result
         crc_budget_bytes = match crc_budget_bytes.checked_sub(u64::from(len)) {
             Some(left) => left,
             None => {
-                return Ok(Resync::GaveUp(
+                return Resync::GaveUp(
                     "the search for a following valid record exceeded its budget".into(),
-                ));
+                );
             }
         };
         if crc32c::crc32c(payload) == crc {
-            return Ok(Resync::FoundAt(damaged_at + start as u64));
+            return Resync::FoundAt(damaged_at + start as u64);
         }
     }
-    Ok(Resync::NoneFound)
+    Resync::NoneFound
+}
+
+/// What recovery keeps of a partition's last segment.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RecoveredTail {
+    /// Whole valid frames kept.
+    pub record_count: u64,
+    /// Bytes kept: the segment is truncated to this length.
+    pub valid_bytes: usize,
+    /// Why bytes after `valid_bytes` were dropped as a torn tail, if any.
+    pub torn: Option<String>,
+}
+
+/// [`recover_segment`]'s decision for a partition's last segment held in
+/// memory: the same frame checks ([`decode_frame`]) and the same torn-tail
+/// rule (damage is a torn tail only if no valid frame follows it, else the
+/// segment is corrupt). Public for the simulation (`crate::sim`), whose
+/// disk is a byte buffer.
+pub fn recover_last_segment(bytes: &[u8]) -> Result<RecoveredTail, String> {
+    let mut position = 0;
+    let mut record_count = 0;
+    let damage = loop {
+        if position == bytes.len() {
+            break None;
+        }
+        match decode_frame(&bytes[position..]) {
+            Ok((_, used)) => {
+                position += used;
+                record_count += 1;
+            }
+            Err(detail) => break Some(detail),
+        }
+    };
+    let recovered = |torn| RecoveredTail {
+        record_count,
+        valid_bytes: position,
+        torn,
+    };
+    let Some(detail) = damage else {
+        return Ok(recovered(None));
+    };
+    let tail = &bytes[position..];
+    if tail.len() as u64 > RESYNC_MAX_BYTES {
+        return Err(format!(
+            "{detail}; {} bytes follow the damage, more than the {RESYNC_MAX_BYTES} a torn tail is searched in",
+            tail.len()
+        ));
+    }
+    match resync(tail, position as u64) {
+        Resync::NoneFound => Ok(recovered(Some(detail))),
+        Resync::FoundAt(next) => Err(format!(
+            "{detail} at byte {position}; a valid record follows at byte {next}, so this is not a torn tail"
+        )),
+        Resync::GaveUp(why) => Err(format!("{detail}; {why}")),
+    }
 }
 
 #[cfg(test)]
@@ -433,10 +518,25 @@ mod tests {
             let good_len = bytes.len() as u64;
             bytes.extend_from_slice(&garbage);
             std::fs::write(&path, &bytes).unwrap();
+            let in_memory = recover_last_segment(&bytes);
             if let Ok(scanned) = recover_segment(&path, 0, is_last) {
                 prop_assert!(scanned.record_count >= good as u64);
                 prop_assert!(scanned.size_bytes >= good_len);
                 prop_assert_eq!(std::fs::metadata(&path).unwrap().len(), scanned.size_bytes);
+            }
+            if is_last {
+                std::fs::write(&path, &bytes).unwrap();
+                let on_disk = recover_segment(&path, 0, true);
+                // The simulation's in-memory recovery decides as the file scan does.
+                match (on_disk, in_memory) {
+                    (Ok(d), Ok(m)) => {
+                        prop_assert_eq!(d.record_count, m.record_count);
+                        prop_assert_eq!(d.size_bytes, m.valid_bytes as u64);
+                        prop_assert_eq!(m.torn.is_some(), m.valid_bytes < bytes.len());
+                    }
+                    (Err(_), Err(_)) => {}
+                    (d, m) => prop_assert!(false, "file scan {:?}, in memory {:?}", d.map(|s| s.record_count), m),
+                }
             }
         }
     }

@@ -633,3 +633,213 @@ fn open_refuses_bad_setup() {
     };
     assert!(EmbeddedLog::open(dir.path(), &TOPICS, &zero_depth, metrics).is_err());
 }
+
+/// Disk faults injected through the log's I/O seam (debug builds only).
+#[cfg(debug_assertions)]
+mod disk_faults {
+    use super::*;
+    use crate::pipeline::log::embedded::faults::Fault;
+
+    fn values(records: &[LogRecord]) -> Vec<String> {
+        records
+            .iter()
+            .map(|r| String::from_utf8(r.value.clone()).unwrap())
+            .collect()
+    }
+
+    fn file_len(path: &Path) -> u64 {
+        std::fs::metadata(path).unwrap().len()
+    }
+
+    async fn append_values(log: &EmbeddedLog, values: &[String]) -> Result<u64, LogError> {
+        let records = values.iter().map(|v| record("k", v)).collect();
+        log.append(Topic::Orders, 0, records).await
+    }
+
+    fn named(prefix: &str, n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("{prefix}-{i:04}")).collect()
+    }
+
+    /// A write that finds the disk full fails only its batch, with a message
+    /// naming the full disk; the torn bytes are truncated away, the next
+    /// append once space is back takes the next offset, and a reopen finds
+    /// nothing to repair.
+    #[tokio::test]
+    async fn disk_full_write_is_rolled_back_and_appends_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), &config());
+        let before = named("before", 10);
+        for v in &before {
+            append_values(&log, std::slice::from_ref(v)).await.unwrap();
+        }
+        let segment = segment_files(dir.path(), Topic::Orders, 0).pop().unwrap();
+        let durable = file_len(&segment);
+
+        log.faults.arm(Fault::WriteEnospc, true);
+        for _ in 0..3 {
+            let err = append_values(&log, &named("lost", 5)).await.unwrap_err();
+            assert!(
+                matches!(&err, LogError::Unavailable(m) if m.contains("disk full")),
+                "{err}"
+            );
+            assert!(log.may_recover(), "a full disk is not a failure for good");
+            assert_eq!(file_len(&segment), durable, "the partial write is gone");
+            assert_eq!(log.offsets(Topic::Orders, 0).unwrap(), (0, 10));
+        }
+        log.faults.arm(Fault::WriteEnospc, false);
+
+        let after = named("after", 2);
+        assert_eq!(append_values(&log, &after).await.unwrap(), 10);
+        let expected: Vec<String> = before.iter().chain(&after).cloned().collect();
+        assert_eq!(
+            values(&read_all(&log, Topic::Orders, 0, 0, 100).await),
+            expected
+        );
+        log.close().await;
+        let len = file_len(&segment);
+
+        let log = open(dir.path(), &config());
+        assert_eq!(file_len(&segment), len, "no torn tail to truncate");
+        assert_eq!(
+            values(&read_all(&log, Topic::Orders, 0, 0, 100).await),
+            expected
+        );
+    }
+
+    /// A full disk right after a segment roll rolls the new segment back to
+    /// empty; appends then continue in it.
+    #[tokio::test]
+    async fn disk_full_after_a_segment_roll() {
+        let dir = tempfile::tempdir().unwrap();
+        let frame = segment::frame_bytes(b"k", b"full-0000") as u64;
+        let config = LogConfig {
+            segment_size_bytes: 10 * frame,
+            ..config()
+        };
+        let log = open(dir.path(), &config);
+        let first = named("full", 10);
+        for v in &first {
+            append_values(&log, std::slice::from_ref(v)).await.unwrap();
+        }
+        assert_eq!(segment_files(dir.path(), Topic::Orders, 0).len(), 1);
+
+        log.faults.arm(Fault::WriteEnospc, true);
+        let err = append_values(&log, &named("lost", 3)).await.unwrap_err();
+        assert!(matches!(&err, LogError::Unavailable(m) if m.contains("disk full")));
+        log.faults.arm(Fault::WriteEnospc, false);
+        let files = segment_files(dir.path(), Topic::Orders, 0);
+        assert_eq!(files.len(), 2, "the roll happened before the write");
+        assert_eq!(file_len(&files[0]), 10 * frame);
+        assert_eq!(file_len(&files[1]), 0, "the new segment was rolled back");
+
+        let next = named("next", 3);
+        assert_eq!(append_values(&log, &next).await.unwrap(), 10);
+        let expected: Vec<String> = first.iter().chain(&next).cloned().collect();
+        assert_eq!(
+            values(&read_all(&log, Topic::Orders, 0, 0, 100).await),
+            expected
+        );
+        log.close().await;
+        let log = open(dir.path(), &config);
+        assert_eq!(
+            values(&read_all(&log, Topic::Orders, 0, 0, 100).await),
+            expected
+        );
+    }
+
+    /// A failed fsync makes the log refuse every later append on every
+    /// partition, with a message naming the file, and resolves `failed`;
+    /// what was durable before stays readable.
+    #[tokio::test]
+    async fn failed_fsync_fails_the_log_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), &config());
+        let before = named("before", 3);
+        append_values(&log, &before).await.unwrap();
+
+        log.faults.arm(Fault::Fsync, true);
+        let err = append_values(&log, &named("lost", 1)).await.unwrap_err();
+        let LogError::Unavailable(message) = &err else {
+            panic!("{err}");
+        };
+        assert!(message.starts_with("fsync failed on "), "{message}");
+        assert!(message.contains(".seg"), "names the segment: {message}");
+        assert!(
+            message.ends_with("the log cannot be trusted; stopping"),
+            "{message}"
+        );
+        assert!(!log.may_recover());
+        let failed = tokio::time::timeout(Duration::from_secs(10), log.failed())
+            .await
+            .expect("failed() resolves");
+        assert_eq!(&failed, message);
+
+        log.faults.arm(Fault::Fsync, false);
+        for (topic, partition) in [(Topic::Orders, 0), (Topic::OrderStatus, 1)] {
+            let err = log
+                .append(topic, partition, vec![record("k", "later")])
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&err, LogError::Unavailable(m) if m == message),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            values(&read_all(&log, Topic::Orders, 0, 0, 100).await),
+            before
+        );
+    }
+
+    /// When truncating a torn write fails too, the log can no longer vouch
+    /// for the file: it refuses appends for good.
+    #[tokio::test]
+    async fn failed_rollback_fails_the_log_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), &config());
+        append_values(&log, &named("before", 2)).await.unwrap();
+        log.faults.arm(Fault::WriteEnospc, true);
+        log.faults.arm(Fault::Truncate, true);
+        let err = append_values(&log, &named("lost", 2)).await.unwrap_err();
+        assert!(
+            matches!(&err, LogError::Unavailable(m)
+                if m.contains("disk full") && m.ends_with("the log cannot be trusted; stopping")),
+            "{err}"
+        );
+        assert!(!log.may_recover());
+        log.faults.arm(Fault::WriteEnospc, false);
+        log.faults.arm(Fault::Truncate, false);
+        assert!(append_values(&log, &named("later", 1)).await.is_err());
+    }
+
+    /// Read cursors opened before a rollback are never reused after it:
+    /// their read-ahead may hold bytes that were truncated away.
+    #[tokio::test]
+    async fn rollback_retires_read_cursors() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), &config());
+        append_values(&log, &named("v", 2)).await.unwrap();
+        let shared = log.handle(Topic::Orders, 0).unwrap().shared.clone();
+        let read_first = || log.read(Topic::Orders, 0, 0, 1, Duration::ZERO);
+
+        // Cached by a read, dropped by the rollback.
+        assert_eq!(read_first().await.unwrap().len(), 1);
+        log.faults.arm(Fault::WriteEnospc, true);
+        append_values(&log, &named("lost", 1)).await.unwrap_err();
+        log.faults.arm(Fault::WriteEnospc, false);
+        assert!(shared.take_cursor(1).is_none());
+
+        // In use during the rollback, refused when handed back.
+        assert_eq!(read_first().await.unwrap().len(), 1);
+        let cursor = shared.take_cursor(1).expect("cached by the read");
+        shared.rolled_back();
+        shared.put_cursor(cursor);
+        assert!(shared.take_cursor(1).is_none());
+
+        append_values(&log, &named("w", 1)).await.unwrap();
+        assert_eq!(
+            values(&read_all(&log, Topic::Orders, 0, 0, 1).await),
+            ["v-0000", "v-0001", "w-0000"]
+        );
+    }
+}

@@ -6,21 +6,25 @@
 //! durable high-watermark to readers and only then acknowledges every
 //! appender of the batch. An OS thread rather than a tokio task because it
 //! spends its life in blocking `write`/`fdatasync` calls.
+//!
+//! A batch that fails on a full disk is rolled back (see
+//! [`Writer::roll_back`]); any other failure fails the whole log.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus::{Histogram, IntGauge};
 use tokio::sync::{mpsc, oneshot};
 
+use super::faults::Faults;
 use super::segment::{
     INDEX_INTERVAL_BYTES, IndexEntry, encode_frame, frame_bytes, segment_file_name,
 };
 use super::{Health, PartitionShared, SegmentInfo, sync_dir};
+use crate::pipeline::is_disk_full;
 use crate::pipeline::log::{LogError, Record};
 
 /// Encoded frames are handed to the kernel once this many bytes are
@@ -73,9 +77,26 @@ pub(super) struct ActiveSegment {
     pub last_index_position: u64,
 }
 
+/// Why a batch could not be made durable.
+enum Failure {
+    /// The disk is full. Nothing of the batch after the last fsync was
+    /// published, so truncating it away leaves the log as it was.
+    DiskFull(String),
+    /// The log cannot be trusted any more (a failed fsync above all).
+    Fatal(String),
+}
+
+fn fsync_failed(path: &Path, e: &std::io::Error) -> Failure {
+    Failure::Fatal(format!(
+        "fsync failed on {}: {e}: the log cannot be trusted; stopping",
+        path.display()
+    ))
+}
+
 pub(super) struct Writer {
     pub shared: Arc<PartitionShared>,
     pub health: Arc<Health>,
+    pub faults: Arc<Faults>,
     pub config: WriterConfig,
     pub metrics: WriterMetrics,
     pub active: ActiveSegment,
@@ -92,6 +113,8 @@ pub(super) struct Writer {
     pub pending_index: Vec<IndexEntry>,
     /// Records written since the last publish.
     pub unpublished_records: u64,
+    /// The last batch failed on a full disk (said once, until one succeeds).
+    pub disk_full: bool,
 }
 
 impl Writer {
@@ -164,35 +187,117 @@ impl Writer {
             }
             return;
         }
-        match self.write_batch(batch) {
+        let reason = match self.write_batch(batch) {
             Ok(first_offsets) => {
+                if std::mem::take(&mut self.disk_full) {
+                    tracing::info!(
+                        topic = self.shared.topic.name(),
+                        partition = self.shared.partition,
+                        "log writes resumed: the disk has space again"
+                    );
+                }
                 for (append, first) in batch.drain(..).zip(first_offsets) {
                     // The appender may have stopped waiting; its records are
                     // durable either way.
                     let _ = append.ack.send(Ok(first));
                 }
+                return;
             }
-            Err(reason) => {
-                tracing::error!(
-                    topic = self.shared.topic.name(),
-                    partition = self.shared.partition,
-                    %reason,
-                    "log write failed; the log refuses all further appends"
-                );
-                // Whatever was written after the last good fsync cannot be
-                // trusted (fsync may have dropped the dirty pages), so no
-                // later write may pretend to follow it.
-                self.health.fail(reason.clone());
-                for append in batch.drain(..) {
-                    let _ = append.ack.send(Err(LogError::Unavailable(reason.clone())));
+            Err(Failure::DiskFull(reason)) => match self.roll_back() {
+                Ok(()) => {
+                    if !std::mem::replace(&mut self.disk_full, true) {
+                        tracing::error!(
+                            topic = self.shared.topic.name(),
+                            partition = self.shared.partition,
+                            %reason,
+                            "log write failed: the disk is full; rolled back to the last durable record, appends fail until space is freed"
+                        );
+                    }
+                    reason
                 }
-            }
+                Err(why) => self.fail(format!(
+                    "{reason}; then truncating the partial write failed: {why}: the log cannot be trusted; stopping"
+                )),
+            },
+            Err(Failure::Fatal(reason)) => self.fail(reason),
+        };
+        // Appends of a batch that was partly published before a segment
+        // roll fail too: their callers retry, and receivers dedupe.
+        for append in batch.drain(..) {
+            let _ = append.ack.send(Err(LogError::Unavailable(reason.clone())));
         }
+    }
+
+    /// Makes the log refuse every later append; returns `reason`.
+    fn fail(&self, reason: String) -> String {
+        tracing::error!(
+            topic = self.shared.topic.name(),
+            partition = self.shared.partition,
+            %reason,
+            "log write failed; the log refuses all further appends"
+        );
+        // Whatever was written after the last good fsync cannot be trusted
+        // (fsync may have dropped the dirty pages), so no later write may
+        // pretend to follow it.
+        self.health.fail(reason.clone());
+        reason
+    }
+
+    /// After a write found the disk full: truncates the active segment back
+    /// to its published (durable) length, makes that durable and forgets
+    /// everything unpublished, so the next batch starts right after the
+    /// last durable record and no torn frame stays in the file. Published
+    /// records are untouched: the rollback never goes below what readers
+    /// were shown or appenders were told.
+    fn roll_back(&mut self) -> Result<(), String> {
+        self.buf.clear();
+        self.pending_index.clear();
+        self.unpublished_records = 0;
+        let durable = {
+            let segments = self
+                .shared
+                .segments
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            segments
+                .back()
+                .filter(|s| s.base_offset == self.active.base_offset)
+                .map(|s| {
+                    (
+                        s.size_bytes,
+                        s.record_count,
+                        s.index.last().map_or(0, |e| e.position),
+                    )
+                })
+        };
+        let Some((size_bytes, record_count, last_index_position)) = durable else {
+            return Err(format!(
+                "{} is not the partition's last published segment",
+                self.active.path.display()
+            ));
+        };
+        let path = self.active.path.display();
+        self.faults
+            .set_len(&self.active.file, size_bytes)
+            .map_err(|e| format!("truncating {path} to {size_bytes} bytes: {e}"))?;
+        if self.config.fsync {
+            self.faults
+                .sync_data(&self.active.file)
+                .map_err(|e| format!("fsync of {path} after truncating it: {e}"))?;
+        }
+        // The file is append-only again from here on; readers must not
+        // keep bytes they may have read ahead beyond the durable end.
+        self.shared.rolled_back();
+        self.active.size_bytes = size_bytes;
+        self.active.record_count = record_count;
+        self.active.last_index_position = last_index_position;
+        self.next_offset = self.shared.high_offset.load(Ordering::Acquire);
+        Ok(())
     }
 
     /// Encodes, writes and syncs every record of the batch; returns the first
     /// offset of each append.
-    fn write_batch(&mut self, batch: &[PendingAppend]) -> Result<Vec<u64>, String> {
+    fn write_batch(&mut self, batch: &[PendingAppend]) -> Result<Vec<u64>, Failure> {
         // One clock read per batch: every record of a group commit carries
         // the same timestamp.
         let timestamp_ms = wall_clock_ms().max(self.last_timestamp_ms);
@@ -238,27 +343,35 @@ impl Writer {
         Ok(first_offsets)
     }
 
-    fn flush_buffer(&mut self) -> Result<(), String> {
+    fn flush_buffer(&mut self) -> Result<(), Failure> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let result = self.active.file.write_all(&self.buf);
+        let result = self.faults.write_all(&mut self.active.file, &self.buf);
         self.buf.clear();
-        result.map_err(|e| format!("write failed: {}: {e}", self.active.path.display()))
+        result.map_err(|e| {
+            let path = self.active.path.display();
+            if is_disk_full(&e) {
+                Failure::DiskFull(format!("disk full: writing {path} failed: {e}"))
+            } else {
+                Failure::Fatal(format!(
+                    "write failed on {path}: {e}: the log cannot be trusted; stopping"
+                ))
+            }
+        })
     }
 
     /// Makes everything written durable, then shows it to readers.
-    fn sync_and_publish(&mut self) -> Result<(), String> {
+    fn sync_and_publish(&mut self) -> Result<(), Failure> {
         self.flush_buffer()?;
         if self.unpublished_records == 0 {
             return Ok(());
         }
         if self.config.fsync {
             let started = Instant::now();
-            self.active
-                .file
-                .sync_data()
-                .map_err(|e| format!("fsync failed: {}: {e}", self.active.path.display()))?;
+            self.faults
+                .sync_data(&self.active.file)
+                .map_err(|e| fsync_failed(&self.active.path, &e))?;
             self.metrics
                 .fsync_latency
                 .observe(started.elapsed().as_secs_f64());
@@ -290,19 +403,27 @@ impl Writer {
 
     /// Starts a new segment at `next_offset`. The previous one is already
     /// synced and published.
-    fn roll(&mut self) -> Result<(), String> {
+    fn roll(&mut self) -> Result<(), Failure> {
         let base_offset = self.next_offset;
         let path: Arc<Path> = self.shared.dir.join(segment_file_name(base_offset)).into();
         let file = OpenOptions::new()
             .create_new(true)
             .append(true)
             .open(&path)
-            .map_err(|e| format!("cannot create segment {}: {e}", path.display()))?;
+            .map_err(|e| {
+                if is_disk_full(&e) {
+                    Failure::DiskFull(format!(
+                        "disk full: cannot create segment {}: {e}",
+                        path.display()
+                    ))
+                } else {
+                    Failure::Fatal(format!("cannot create segment {}: {e}", path.display()))
+                }
+            })?;
         if self.config.fsync {
             // The new file's directory entry must be durable before any of
             // its records is acknowledged.
-            sync_dir(&self.shared.dir)
-                .map_err(|e| format!("fsync failed: {}: {e}", self.shared.dir.display()))?;
+            sync_dir(&self.shared.dir).map_err(|e| fsync_failed(&self.shared.dir, &e))?;
         }
         self.shared
             .segments_mut()

@@ -1,0 +1,82 @@
+//! The park lane's records (`orders-parked`): what a partition processor
+//! set aside, and what became of it. A record is parked when it cannot be
+//! decoded or processed, or when it depends on one that was (same record
+//! key, i.e. SKU, or same order): per-key order is kept while other keys go
+//! on. Operators retry or drop parked records (`orderflow parked`), through
+//! control messages on `orders`, so the decision is part of the log and
+//! replays make it again.
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::message::RecordKind;
+
+/// Wire version of [`ParkEvent`].
+pub const PARK_WIRE_VERSION: u8 = 1;
+
+/// A record set aside, exactly as it was read, with why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParkedRecord {
+    /// Its position: `orders` partition and offset.
+    pub partition: u32,
+    pub offset: u64,
+    /// Log time of the record (ms since the epoch).
+    pub timestamp_ms: u64,
+    pub kind: RecordKind,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub reason: String,
+    /// The order it belongs to, when that could be read.
+    pub order_id: Option<String>,
+}
+
+/// What happened to a parked record, as the lane records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ParkEvent {
+    Parked(ParkedRecord),
+    /// Taken out of the lane by a retry and processed again (it may have
+    /// been parked again, as a new `Parked` event with the same position).
+    Retried {
+        partition: u32,
+        offset: u64,
+    },
+    /// Taken out of the lane by an operator, never processed.
+    Dropped {
+        partition: u32,
+        offset: u64,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Wire {
+    v: u8,
+    event: ParkEvent,
+}
+
+impl ParkEvent {
+    pub fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(&Wire {
+            v: PARK_WIRE_VERSION,
+            event: self.clone(),
+        })
+        .expect("a park event always serializes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<ParkEvent, String> {
+        let w: Wire =
+            rmp_serde::from_slice(bytes).map_err(|e| format!("undecodable park event: {e}"))?;
+        if w.v != PARK_WIRE_VERSION {
+            return Err(format!("unsupported park event version {}", w.v));
+        }
+        Ok(w.event)
+    }
+
+    /// `(partition, offset)` of the record the event is about.
+    pub fn position(&self) -> (u32, u64) {
+        match self {
+            ParkEvent::Parked(r) => (r.partition, r.offset),
+            ParkEvent::Retried { partition, offset } | ParkEvent::Dropped { partition, offset } => {
+                (*partition, *offset)
+            }
+        }
+    }
+}

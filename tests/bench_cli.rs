@@ -1,0 +1,203 @@
+//! `orderflow bench` end to end: the real binary runs each workload for a
+//! few seconds and writes its reports; the figures must agree with what
+//! the workload offered (the flash sale sells its stock exactly, declines
+//! show up as declines, nothing is lost) and the files must be what they
+//! claim to be.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Runs `orderflow bench` with `args` plus short durations and every
+/// report file in `dir`; returns the JSON report.
+fn bench(dir: &Path, args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_orderflow"))
+        .arg("bench")
+        .args([
+            "--seconds",
+            "2",
+            "--warmup-seconds",
+            "1",
+            "--partitions",
+            "4",
+        ])
+        .args(["--data-parent", dir.to_str().unwrap()])
+        .arg("--json")
+        .arg(dir.join("report.json"))
+        .arg("--markdown")
+        .arg(dir.join("report.md"))
+        .arg("--plots")
+        .arg(dir)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench {args:?} failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("latency   p50"), "{stdout}");
+    serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap()
+}
+
+fn status(report: &Value, s: &str) -> u64 {
+    report["statuses"][s].as_u64().unwrap_or(0)
+}
+
+fn terminal_total(report: &Value) -> u64 {
+    report["statuses"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum()
+}
+
+/// A flash sale sells exactly its stock and refuses the rest; the report
+/// records the machine, the configuration, and writes real PNG plots.
+#[test]
+fn flash_sale_sells_exactly_its_stock() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = bench(
+        dir.path(),
+        &[
+            "--workload",
+            "flash-sale",
+            "--flash-stock",
+            "100",
+            "--rate",
+            "400",
+        ],
+    );
+    assert_eq!(status(&r, "confirmed"), 100, "{}", r["statuses"]);
+    assert!(status(&r, "out_of_stock") > 900, "{}", r["statuses"]);
+    assert_eq!(r["lost"], 0);
+    assert_eq!(r["incomplete"], 0);
+    assert_eq!(r["config"]["workload"]["kind"], "flash-sale");
+    assert!(r["machine"]["cores"].as_u64().unwrap() >= 1);
+    assert!(r["peak_rss_mib"].as_f64().unwrap() > 0.0);
+    assert!(r["cpu_us_per_order"].as_f64().unwrap() > 0.0);
+    assert!(r["latency"]["samples"].as_u64().unwrap() > 0);
+    for png in ["latency-percentiles.png", "timeline.png"] {
+        let bytes = std::fs::read(dir.path().join(png)).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "{png} is no PNG");
+        assert!(bytes.len() > 10_000, "{png}: {} bytes", bytes.len());
+    }
+    let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+    assert!(md.contains("| achieved (orders/s) |"), "{md}");
+    assert!(
+        md.contains("![latency percentiles](latency-percentiles.png)"),
+        "{md}"
+    );
+}
+
+/// Multi-line orders with declines: every order ends, the declined ones
+/// as declines, and no order is lost.
+#[test]
+fn multi_line_orders_with_declines_all_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = bench(
+        dir.path(),
+        &[
+            "--workload",
+            "multi-line",
+            "--decline-ratio",
+            "0.2",
+            "--rate",
+            "300",
+            "--skus",
+            "50",
+        ],
+    );
+    let total = terminal_total(&r);
+    let declined = status(&r, "payment_declined");
+    assert!(total >= 900, "{}", r["statuses"]);
+    assert!(
+        declined * 10 > total && declined * 10 < total * 3,
+        "about 20 % declined: {declined} of {total}"
+    );
+    assert_eq!(
+        status(&r, "confirmed") + declined,
+        total,
+        "{}",
+        r["statuses"]
+    );
+    assert_eq!(r["lost"], 0);
+}
+
+/// Saturation with Zipf demand reports a rate, and its timeline covers
+/// the run.
+#[test]
+fn zipf_saturation_reports_a_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = bench(
+        dir.path(),
+        &["--workload", "zipf", "--rate", "0", "--max-inflight", "500"],
+    );
+    assert_eq!(r["mode"], "saturation");
+    assert!(r["achieved_rate"].as_f64().unwrap() > 0.0);
+    assert!(
+        r["timeline"].as_array().unwrap().len() >= 3,
+        "{}",
+        r["timeline"]
+    );
+    assert_eq!(status(&r, "confirmed"), terminal_total(&r));
+}
+
+/// Limits are refused with the flag's name and a usage exit code.
+#[test]
+fn bad_arguments_are_usage_errors() {
+    for args in [
+        &["--decline-ratio", "2"][..],
+        &["--workload", "multi-line", "--max-lines", "9"],
+        &["--seconds", "0"],
+        &["--rate", "999999999"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_orderflow"))
+            .arg("bench")
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(args[args.len() - 2]), "{args:?}: {err}");
+    }
+}
+
+/// With `--postgres`, the same flash sale runs against PostgreSQL row
+/// locking: it too sells exactly its stock, and the report has the ratio.
+#[test]
+fn postgres_baseline_runs_the_same_workload() {
+    let url = std::env::var("ORDERFLOW_TEST_POSTGRES")
+        .expect("ORDERFLOW_TEST_POSTGRES: scripts/test starts PostgreSQL (scripts/postgres)");
+    let dir = tempfile::tempdir().unwrap();
+    let r = bench(
+        dir.path(),
+        &[
+            "--workload",
+            "flash-sale",
+            "--flash-stock",
+            "50",
+            "--rate",
+            "200",
+            "--postgres",
+            &url,
+            "--connections",
+            "4",
+        ],
+    );
+    let b = &r["baseline"];
+    assert_eq!(b["outcomes"]["confirmed"], 50, "{b}");
+    assert!(b["outcomes"]["out_of_stock"].as_u64().unwrap() > 400, "{b}");
+    assert_eq!(b["stock_conserved"], true);
+    assert!(b["latency"]["samples"].as_u64().unwrap() > 0, "{b}");
+    let ratio = r["ratio_vs_baseline"].as_f64().unwrap();
+    let expected = r["achieved_rate"].as_f64().unwrap() / b["achieved_rate"].as_f64().unwrap();
+    assert!((ratio - expected).abs() < 1e-6, "{ratio} vs {expected}");
+    let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+    assert!(md.contains("orderflow / PostgreSQL"), "{md}");
+}

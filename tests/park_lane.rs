@@ -1,0 +1,219 @@
+//! The park lane end to end on the real binary: an order that fails
+//! processing (the debug build's fault seam) is parked with the orders
+//! behind it on its SKU while other SKUs flow; after a restart without the
+//! fault, `orderflow parked retry` processes them in their original order.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+
+const POISON: &str = "cus-poison";
+
+fn parked(base: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_orderflow"))
+        .arg("parked")
+        .args(args)
+        .args(["--server", base])
+        .env("ORDERFLOW_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn listed(base: &str) -> Vec<Value> {
+    let (ok, text) = parked(base, &["list"]);
+    assert!(ok, "parked list failed");
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn post(base: &str, body: &Value) {
+    let r = client()
+        .post(format!("{base}/v1/orders"))
+        .json(body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202);
+}
+
+fn metric(base: &str, name: &str) -> f64 {
+    let text = client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Poison order parked with its SKU's later orders; other keys flow; retry after the fix keeps the order.
+#[test]
+fn poison_is_parked_and_retry_keeps_key_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start_server(dir.path(), &[("ORDERFLOW_FAULT_POISON_CUSTOMER", POISON)]);
+    let base = server.base.clone();
+    set_stock(&base, "PK-A", 2);
+    set_stock(&base, "PK-B", 10);
+    let mut poison = order_body("pk-1", "PK-A", 1);
+    poison["customer_id"] = POISON.into();
+    post(&base, &poison);
+    post(&base, &order_body("pk-2", "PK-A", 1));
+    post(&base, &order_body("pk-3", "PK-A", 1));
+    for i in 0..5 {
+        post(&base, &order_body(&format!("pk-b{i}"), "PK-B", 1));
+    }
+    // Other keys keep flowing while PK-A's orders wait.
+    wait_until(Duration::from_secs(60), "PK-B orders confirmed", || {
+        (0..5).all(|i| {
+            order_view(&base, &format!("pk-b{i}")).is_some_and(|v| v["status"] == "confirmed")
+        })
+    });
+    wait_until(Duration::from_secs(30), "three records parked", || {
+        listed(&base).len() == 3
+    });
+    let lane = listed(&base);
+    let ids: Vec<&str> = lane
+        .iter()
+        .map(|r| r["order_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["pk-1", "pk-2", "pk-3"], "{lane:?}");
+    assert!(lane[0]["reason"].as_str().unwrap().contains("injected"));
+    assert!(lane[1]["reason"].as_str().unwrap().contains("waits behind"));
+    // Intake knows them (`accepted`), the processor has not run them.
+    for id in ["pk-1", "pk-2", "pk-3"] {
+        let v = order_view(&base, id).unwrap();
+        assert_eq!(
+            v["status"], "accepted",
+            "{id} must not be processed yet: {v}"
+        );
+    }
+    assert_eq!(metric(&base, "orderflow_parked_records"), 3.0);
+    let position = format!("{}:{}", lane[0]["partition"], lane[0]["offset"]);
+    let (ok, shown) = parked(&base, &["show", &position]);
+    assert!(ok && shown.contains("pk-1"), "{shown}");
+    assert_eq!(stock(&base, "PK-A")["available"], 2);
+
+    // The fault is fixed (restart without it); the lane survived.
+    assert!(server.terminate().success());
+    let server = start_server(dir.path(), &[]);
+    let base = server.base.clone();
+    assert_eq!(listed(&base).len(), 3);
+    let (ok, _) = parked(&base, &["retry"]);
+    assert!(ok, "parked retry failed");
+    wait_until(Duration::from_secs(60), "parked orders processed", || {
+        ["pk-1", "pk-2", "pk-3"].iter().all(|id| {
+            order_view(&base, id).is_some_and(|v| is_terminal(v["status"].as_str().unwrap()))
+        })
+    });
+    // In their original order: the first two get the two units.
+    let status = |id: &str| order_view(&base, id).unwrap()["status"].clone();
+    assert_eq!(status("pk-1"), "confirmed");
+    assert_eq!(status("pk-2"), "confirmed");
+    assert_eq!(status("pk-3"), "out_of_stock");
+    wait_until(Duration::from_secs(30), "lane empty", || {
+        listed(&base).is_empty()
+    });
+    wait_until(Duration::from_secs(30), "gauge at zero", || {
+        metric(&base, "orderflow_parked_records") == 0.0
+    });
+    let s = stock(&base, "PK-A");
+    assert_eq!(
+        (s["available"].clone(), s["sold"].clone()),
+        (0.into(), 2.into()),
+        "{s}"
+    );
+}
+
+/// A parked record can be dropped: it leaves the lane unprocessed.
+#[test]
+fn drop_removes_a_parked_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path(), &[("ORDERFLOW_FAULT_POISON_CUSTOMER", POISON)]);
+    let base = server.base.clone();
+    set_stock(&base, "PK-D", 5);
+    let mut poison = order_body("pd-1", "PK-D", 1);
+    poison["customer_id"] = POISON.into();
+    post(&base, &poison);
+    wait_until(Duration::from_secs(30), "parked", || {
+        listed(&base).len() == 1
+    });
+    let r = &listed(&base)[0];
+    let position = format!("{}:{}", r["partition"], r["offset"]);
+    let (ok, _) = parked(&base, &["drop", &position]);
+    assert!(ok);
+    wait_until(Duration::from_secs(30), "dropped", || {
+        listed(&base).is_empty()
+    });
+    // The key flows again; the dropped order never ran.
+    post(&base, &order_body("pd-2", "PK-D", 1));
+    wait_until(Duration::from_secs(30), "pd-2 confirmed", || {
+        order_view(&base, "pd-2").is_some_and(|v| v["status"] == "confirmed")
+    });
+    assert_eq!(order_view(&base, "pd-1").unwrap()["status"], "accepted");
+    let (ok, _) = parked(&base, &["show", "999:0"]);
+    assert!(!ok, "an unknown partition is an error");
+}
+
+/// `replay --diff` lists exactly the orders this binary decides otherwise:
+/// here those a faulty run parked, which a replay without the fault runs.
+#[test]
+fn replay_diff_lists_orders_decided_differently() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start_server(dir.path(), &[("ORDERFLOW_FAULT_POISON_CUSTOMER", POISON)]);
+    let base = server.base.clone();
+    set_stock(&base, "PK-A", 2);
+    set_stock(&base, "PK-B", 10);
+    let mut poison = order_body("df-1", "PK-A", 1);
+    poison["customer_id"] = POISON.into();
+    post(&base, &poison);
+    post(&base, &order_body("df-2", "PK-A", 1));
+    for i in 0..3 {
+        post(&base, &order_body(&format!("df-b{i}"), "PK-B", 1));
+    }
+    wait_until(Duration::from_secs(60), "PK-B orders confirmed", || {
+        (0..3).all(|i| {
+            order_view(&base, &format!("df-b{i}")).is_some_and(|v| v["status"] == "confirmed")
+        })
+    });
+    wait_until(Duration::from_secs(30), "two records parked", || {
+        listed(&base).len() == 2
+    });
+    assert!(server.terminate().success());
+
+    let out = Command::new(env!("CARGO_BIN_EXE_orderflow"))
+        .args(["replay", "--diff"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (summary, diffs) = lines.split_last().unwrap();
+    let ids: Vec<&str> = diffs
+        .iter()
+        .map(|d| d["order_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["df-1", "df-2"], "{text}");
+    assert!(
+        diffs
+            .iter()
+            .all(|d| d["recorded"] == "parked" && d["replayed"] != "parked"),
+        "{text}"
+    );
+    assert_eq!(summary["differ"], 2, "{text}");
+    assert!(summary["orders"].as_u64().unwrap() >= 5, "{text}");
+}
