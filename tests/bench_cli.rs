@@ -148,6 +148,66 @@ fn zipf_saturation_reports_a_rate() {
     assert_eq!(status(&r, "confirmed"), terminal_total(&r));
 }
 
+/// `--search` bisects open-loop rates below the closed-loop ceiling and
+/// measures at the highest one that met the SLO; every verdict agrees
+/// with the trial's own figures.
+#[test]
+fn search_finds_a_sustained_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let slo_ms = 2_000.0;
+    let r = bench(
+        dir.path(),
+        &[
+            "--search",
+            "--search-trials",
+            "2",
+            "--trial-seconds",
+            "1",
+            "--slo-p99-ms",
+            "2000",
+            "--max-inflight",
+            "1000",
+        ],
+    );
+    let search = &r["search"];
+    let trials = search["trials"].as_array().unwrap();
+    assert_eq!(trials.len(), 3, "{search}");
+    assert_eq!(trials[0]["rate"], 0, "the first trial is the ceiling");
+    let ceiling = search["ceiling_rate"].as_f64().unwrap();
+    assert!(ceiling > 0.0, "{search}");
+    let first = trials[1]["rate"].as_u64().unwrap();
+    assert_eq!(first, (ceiling.round() as u64) / 2, "{search}");
+    let mut best = 0;
+    for t in &trials[1..] {
+        let rate = t["rate"].as_u64().unwrap();
+        assert!(rate > 0 && rate as f64 <= ceiling, "{t}");
+        let met = t["achieved_rate"].as_f64().unwrap() >= 0.95 * rate as f64
+            && t["p99_ms"].as_f64().unwrap() <= slo_ms
+            && t["incomplete"] == 0
+            && t["lost"] == 0;
+        assert_eq!(t["sustainable"].as_bool().unwrap(), met, "{t}");
+        if met {
+            best = best.max(rate);
+        }
+    }
+    assert!(
+        best > 0,
+        "half the ceiling is sustained with a 2 s SLO: {search}"
+    );
+    assert_eq!(search["rate"], best);
+    assert_eq!(
+        r["config"]["rate"], best,
+        "the measured run is at the rate found"
+    );
+    assert_eq!(r["mode"], "open-loop");
+    assert!(
+        r["io_per_order"]
+            .as_str()
+            .unwrap()
+            .contains("orders records")
+    );
+}
+
 /// Limits are refused with the flag's name and a usage exit code.
 #[test]
 fn bad_arguments_are_usage_errors() {
@@ -156,6 +216,8 @@ fn bad_arguments_are_usage_errors() {
         &["--workload", "multi-line", "--max-lines", "9"],
         &["--seconds", "0"],
         &["--rate", "999999999"],
+        &["--search", "--search-trials", "0"],
+        &["--search", "--slo-p99-ms", "0"],
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_orderflow"))
             .arg("bench")

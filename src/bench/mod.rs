@@ -16,6 +16,7 @@ mod driver;
 mod plot;
 pub mod postgres;
 mod report;
+mod search;
 pub mod workload;
 
 use std::path::{Path, PathBuf};
@@ -112,6 +113,21 @@ pub struct BenchArgs {
     /// fresh keyspace is migrated for the run.
     #[arg(long, value_name = "HOST:PORT")]
     pub scylla: Option<String>,
+    /// First find the highest sustainable open-loop rate (a closed-loop
+    /// ceiling, then bisecting trials on fresh instances), then measure
+    /// there; `--rate` is ignored.
+    #[arg(long)]
+    pub search: bool,
+    /// `--search`: a trial is sustainable only with p99 at most this.
+    #[arg(long, default_value_t = 100.0)]
+    pub slo_p99_ms: f64,
+    /// `--search`: open-loop trials after the ceiling (each halves the
+    /// interval).
+    #[arg(long, default_value_t = 6)]
+    pub search_trials: u32,
+    /// `--search`: measured seconds of each trial.
+    #[arg(long, default_value_t = 5.0)]
+    pub trial_seconds: f64,
     /// Then run the same workload and schedule against PostgreSQL at URL
     /// (orders and inventory tables, `SELECT … FOR UPDATE`; see
     /// `scripts/postgres`) and report the ratio.
@@ -186,6 +202,27 @@ impl BenchArgs {
                 postgres::CONNECTIONS.end()
             ));
         }
+        if self.search {
+            if !(self.slo_p99_ms > 0.0 && self.slo_p99_ms <= 3_600_000.0) {
+                return Err(format!(
+                    "--slo-p99-ms {} is out of range (0, 3600000]",
+                    self.slo_p99_ms
+                ));
+            }
+            if !(1..=search::MAX_TRIALS).contains(&self.search_trials) {
+                return Err(format!(
+                    "--search-trials {} is out of range [1, {}]",
+                    self.search_trials,
+                    search::MAX_TRIALS
+                ));
+            }
+            if !(self.trial_seconds >= 1.0 && self.trial_seconds <= 600.0) {
+                return Err(format!(
+                    "--trial-seconds {} is out of range [1, 600]",
+                    self.trial_seconds
+                ));
+            }
+        }
         if self.drain_seconds > 3_600 {
             return Err(format!(
                 "--drain-seconds {} is out of range [0, 3600]",
@@ -226,11 +263,41 @@ impl BenchArgs {
     }
 }
 
-/// Runs one benchmark and writes its reports; `Ok(false)` if an order was
-/// lost or never finished.
-pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<bool> {
+/// Runs one benchmark (after a rate search with `--search`) and writes its
+/// reports; `Ok(false)` if an order was lost or never finished.
+pub async fn run(mut args: BenchArgs, base: Config) -> anyhow::Result<bool> {
     args.validate().map_err(anyhow::Error::msg)?;
     let machine = Machine::detect();
+    let search = match args.search {
+        true => {
+            let found =
+                search::run(&args, |trial| measure(trial, base.clone(), machine.clone())).await?;
+            if found.rate == 0 {
+                anyhow::bail!(
+                    "no open-loop rate was sustained with p99 <= {} ms (trials: {:?})",
+                    found.slo_p99_ms,
+                    found.trials
+                );
+            }
+            args.rate = found.rate;
+            Some(found)
+        }
+        false => None,
+    };
+    let mut report = measure(args.clone(), base, machine).await?;
+    report.search = search;
+    if let Some(url) = &args.postgres {
+        let spec = args.workload();
+        let base = baseline::run(url, args.connections, &args.drive_options(), &spec).await?;
+        report.ratio_vs_baseline = Some(report::ratio(report.achieved_rate, base.achieved_rate));
+        report.baseline = Some(base);
+    }
+    write_reports(&args, &report)?;
+    Ok(report.lost == 0 && report.incomplete == 0)
+}
+
+/// One measured run on a fresh instance and data directory.
+async fn measure(args: BenchArgs, base: Config, machine: Machine) -> anyhow::Result<Report> {
     let parent = args.data_parent.clone().unwrap_or_else(std::env::temp_dir);
     let data = tempfile::Builder::new()
         .prefix("orderflow-bench-")
@@ -310,18 +377,13 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<bool> {
     report.drained_s = (window.drained_s * 100.0).round() / 100.0;
     report.full_retries = shared.full_retries.load(Ordering::Relaxed);
     report.lost = shared.lost.load(Ordering::Relaxed);
-    if let Some(url) = &args.postgres {
-        let base = baseline::run(url, args.connections, &options, &spec).await?;
-        report.ratio_vs_baseline = Some(report::ratio(report.achieved_rate, base.achieved_rate));
-        report.baseline = Some(base);
-    }
-    write_reports(&args, &report, &io)?;
-    Ok(report.lost == 0 && incomplete == 0)
+    report.io_per_order = io;
+    Ok(report)
 }
 
 /// Text to stdout; JSON, Markdown and plots where asked.
-fn write_reports(args: &BenchArgs, report: &Report, io: &str) -> anyhow::Result<()> {
-    println!("{}  per order {io}", report.text());
+fn write_reports(args: &BenchArgs, report: &Report) -> anyhow::Result<()> {
+    println!("{}", report.text());
     let plots = match &args.plots {
         Some(dir) => Some(plot::write(report, dir)?),
         None => None,

@@ -8,6 +8,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use super::baseline::BaselineResult;
+use super::search::Search;
 use crate::pipeline::log::{Log, Topic};
 use crate::sinks::metrics::Metrics;
 
@@ -315,6 +316,10 @@ pub struct Report {
     /// achieved rate divided by its.
     pub baseline: Option<BaselineResult>,
     pub ratio_vs_baseline: Option<f64>,
+    /// Log records per topic and store requests per operation, per order.
+    pub io_per_order: String,
+    /// `--search`: how the measured rate was found.
+    pub search: Option<Search>,
 }
 
 /// The raw figures a report is made from.
@@ -367,6 +372,8 @@ impl Report {
                 .collect(),
             baseline: None,
             ratio_vs_baseline: None,
+            io_per_order: String::new(),
+            search: None,
         }
     }
 
@@ -443,6 +450,7 @@ impl Report {
             "  checkpoint {:.1}/s ({:.2} ms mean); orders lag at window end {} records",
             i.checkpoints_per_s, i.checkpoint_mean_ms, i.orders_lag_at_end
         );
+        let _ = writeln!(s, "  per order {}", self.io_per_order);
         let _ = writeln!(
             s,
             "  cores     this process {:.2}, elsewhere {:.2}, hypervisor steal {:.2} (of {}){}",
@@ -456,6 +464,9 @@ impl Report {
                 ""
             }
         );
+        if let Some(search) = &self.search {
+            let _ = writeln!(s, "  search    {}", search.summary());
+        }
         if let (Some(b), Some(ratio)) = (&self.baseline, self.ratio_vs_baseline) {
             let bl = &b.latency;
             let _ = writeln!(
@@ -523,6 +534,9 @@ impl Report {
             .map(|(k, v)| format!("{k} {v}"))
             .collect();
         let _ = writeln!(s, "| terminal statuses | {} |", statuses.join(", "));
+        if let Some(search) = &self.search {
+            let _ = writeln!(s, "\nRate search: {}.", search.summary());
+        }
         if let (Some(b), Some(ratio)) = (&self.baseline, self.ratio_vs_baseline) {
             let _ = writeln!(
                 s,
