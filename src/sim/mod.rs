@@ -71,7 +71,8 @@ const RECENT_IDS: u32 = 20;
 pub enum Bug {
     /// A crash also cuts into the last durable record.
     TearDurable,
-    /// A runner checkpoints before its output is durable.
+    /// A runner checkpoints before its output is durable (past the runner
+    /// core's guard, on purpose).
     CheckpointUnflushed,
 }
 
