@@ -1,37 +1,53 @@
-//! The simulated effect executor, following the production executor's
-//! rules (`crate::pipeline::effects`) in simulated time: an authorization
-//! makes at most `MAX_ATTEMPTS` attempts within a payment deadline that
-//! includes the call in flight, then ends `payment_failed` /
-//! `gateway_unavailable`; a capture or void is retried until it is done.
-//! Calls take a latency; a failure may come before the gateway executed
-//! the call or after (the answer is lost, the money moved), which is what
-//! makes void-by-order necessary.
+//! The simulated effect executor: calls take a simulated latency, and a
+//! failure may come before the gateway executed the call or after (the
+//! answer is lost, the money moved), which is what makes void-by-order
+//! necessary. What to do after each answer (retry after how long, park,
+//! give up) is the production retry policy
+//! (`crate::pipeline::effects::policy`), with the parameters of
+//! [`gateway_config`] and a jitter drawn from the step's seeded entropy: an
+//! authorization makes at most `MAX_ATTEMPTS` attempts within a payment
+//! deadline that includes the call in flight, then ends `payment_failed` /
+//! `gateway_unavailable`; a capture or void is retried, and parked between
+//! rounds, until it is done. There is no circuit breaker and no in-flight
+//! limit: an outage is calls failing, and a parked call is a queued one.
 
 use std::collections::VecDeque;
 
 use rand::Rng;
 use rand::rngs::StdRng;
 
-use crate::domain::{Effect, EffectKind, Message, PaymentOutcome};
+use crate::config::GatewayConfig;
+use crate::domain::{Effect, Message, PaymentOutcome};
 use crate::pipeline::effects::REASON_GATEWAY_UNAVAILABLE;
+use crate::pipeline::effects::policy::{Answer, Decision, RetryPolicy, Tries};
 
 use super::Breach;
 use super::gateway::SimGateway;
 
+/// The simulation's `[gateway]` retry settings.
 pub const MAX_ATTEMPTS: u32 = 3;
 pub const PAYMENT_DEADLINE_MS: u64 = 5_000;
 const RETRY_BASE_MS: u64 = 100;
-const MAX_BACKOFF_MS: u64 = 5_000;
 pub const MAX_LATENCY_MS: u64 = 300;
 /// Share of calls that fail (half before, half after executing).
 pub const FAILURE_RATE: f64 = 0.1;
 
+/// The gateway settings the simulated executor runs the policy with.
+pub fn gateway_config() -> GatewayConfig {
+    GatewayConfig {
+        max_attempts: MAX_ATTEMPTS,
+        payment_deadline_ms: PAYMENT_DEADLINE_MS,
+        retry_base_ms: RETRY_BASE_MS,
+        ..GatewayConfig::default()
+    }
+}
+
 #[derive(Debug)]
 struct Job {
     effect: Effect,
-    attempt: u32,
-    /// Authorizations only.
-    deadline_ms: Option<u64>,
+    /// From the first attempt on (an authorization's deadline starts
+    /// when its call first starts, as in production).
+    tries: Option<Tries>,
     not_before_ms: u64,
 }
 
@@ -41,25 +57,36 @@ struct Call {
     done_ms: u64,
     /// `None`: the gateway was unavailable, or its answer was lost.
     answer: Option<Message>,
+    /// The policy's jitter for this call's retry, if it needs one.
+    jitter: u64,
 }
 
 /// A result to append to `orders`, keyed by the effect's reply key.
 pub type Report = (String, Message);
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Executor {
+    policy: RetryPolicy,
     queue: VecDeque<Job>,
     inflight: Vec<Call>,
 }
 
+impl Default for Executor {
+    fn default() -> Executor {
+        Executor {
+            policy: RetryPolicy::new(&gateway_config()),
+            queue: VecDeque::new(),
+            inflight: Vec::new(),
+        }
+    }
+}
+
 impl Executor {
+    /// Queues an effect handed over at `now_ms`.
     pub fn submit(&mut self, effect: Effect, now_ms: u64) {
-        let deadline_ms =
-            (effect.kind == EffectKind::Authorize).then_some(now_ms + PAYMENT_DEADLINE_MS);
         self.queue.push_back(Job {
             effect,
-            attempt: 1,
-            deadline_ms,
+            tries: None,
             not_before_ms: now_ms,
         });
     }
@@ -99,10 +126,16 @@ impl Executor {
                 i += 1;
                 continue;
             }
-            let job = self.queue.remove(i).expect("index checked");
+            let mut job = self.queue.remove(i).expect("index checked");
+            let kind = job.effect.kind;
+            let tries = job
+                .tries
+                .get_or_insert_with(|| self.policy.start(kind, now_ms));
+            let deadline_ms = tries.deadline_ms();
             let latency = rng.random_range(1..=MAX_LATENCY_MS);
             let fails_before = outage || rng.random_bool(failure_rate / 2.0);
             let fails_after = rng.random_bool(failure_rate / 2.0);
+            let jitter = rng.random();
             let mut done_ms = now_ms + latency;
             let mut answer = match fails_before {
                 true => None,
@@ -112,7 +145,7 @@ impl Executor {
                 answer = None;
             }
             // The deadline cuts a slow call short: executed, answer lost.
-            if let Some(deadline) = job.deadline_ms.filter(|d| done_ms > *d) {
+            if let Some(deadline) = deadline_ms.filter(|d| done_ms > *d) {
                 done_ms = deadline;
                 answer = None;
             }
@@ -120,6 +153,7 @@ impl Executor {
                 job,
                 done_ms,
                 answer,
+                jitter,
             });
             started += 1;
         }
@@ -141,38 +175,45 @@ impl Executor {
         due.sort_by_key(|c| c.done_ms);
         let mut reports = Vec::new();
         for call in due {
-            match call.answer {
-                Some(body) => reports.push((call.job.effect.reply_key.clone(), body)),
-                None => self.retry(call.job, call.done_ms, &mut reports),
+            if let Some(report) = self.decide(call) {
+                reports.push(report);
             }
         }
         reports
     }
 
-    fn retry(&mut self, mut job: Job, now_ms: u64, reports: &mut Vec<Report>) {
-        let delay = backoff(job.attempt);
-        let give_up = job
-            .deadline_ms
-            .is_some_and(|d| job.attempt >= MAX_ATTEMPTS || now_ms + delay >= d);
-        if give_up {
-            let body = Message::PaymentResult {
-                order_id: job.effect.order_id.clone(),
-                outcome: PaymentOutcome::Failed {
-                    reason: REASON_GATEWAY_UNAVAILABLE.to_owned(),
-                },
-            };
-            reports.push((job.effect.reply_key, body));
-            return;
+    /// The policy's decision on a call's answer: its report, or a retry.
+    fn decide(&mut self, call: Call) -> Option<Report> {
+        let Call {
+            mut job,
+            done_ms,
+            answer,
+            jitter,
+        } = call;
+        let class = match answer {
+            Some(_) => Answer::Ok,
+            None => Answer::Retryable,
+        };
+        let tries = job.tries.as_mut().expect("a call that ran has started");
+        match self.policy.decide(tries, class, done_ms, jitter) {
+            Decision::Done => {
+                let body = answer.expect("only an answer is done");
+                Some((job.effect.reply_key, body))
+            }
+            Decision::GiveUp => {
+                let body = Message::PaymentResult {
+                    order_id: job.effect.order_id.clone(),
+                    outcome: PaymentOutcome::Failed {
+                        reason: REASON_GATEWAY_UNAVAILABLE.to_owned(),
+                    },
+                };
+                Some((job.effect.reply_key, body))
+            }
+            Decision::RetryAfter { delay_ms } | Decision::Park { delay_ms } => {
+                job.not_before_ms = done_ms + delay_ms;
+                self.queue.push_back(job);
+                None
+            }
         }
-        job.attempt += 1;
-        job.not_before_ms = now_ms + delay;
-        self.queue.push_back(job);
     }
-}
-
-/// `RETRY_BASE_MS × 2^(attempt-1)`, capped; no jitter (sim time is exact).
-fn backoff(attempt: u32) -> u64 {
-    RETRY_BASE_MS
-        .saturating_mul(1 << (attempt - 1).min(16))
-        .min(MAX_BACKOFF_MS)
 }

@@ -1,16 +1,33 @@
-//! Deterministic simulation of the whole embedded pipeline in one thread:
-//! every partition's production `Processor` behind the runner's rules, a
-//! simulated disk per log partition (production frames and torn-tail
-//! recovery, crash points, torn writes), a simulated gateway (latency,
-//! failures, outages, a ledger), multi-SKU sagas, a simulated clock and a
-//! seeded scheduler. DESIGN.md's invariants are checked after every step
-//! and at the end; a failing seed reproduces exactly and is shrunk to a
-//! minimal trace.
+//! Deterministic simulation of the whole embedded pipeline in one thread.
+//! DESIGN.md's invariants are checked after every step and at the end; a
+//! failing seed reproduces exactly and is shrunk to a minimal trace.
+//!
+//! Production code, run as is:
+//! - every partition's `Processor` and `PartitionState` (checkpoint rows,
+//!   hash), the message and status encodings, the partitioner;
+//! - the partition runner's core (`pipeline::runner::core::PartitionCore`):
+//!   what a batch appends where (`runner::output_batches`), effects held
+//!   until the output is durable, the checkpoint-due rules (on the
+//!   simulated clock), the refusal of a checkpoint past unconfirmed output,
+//!   recovery from a checkpoint with its outbox;
+//! - the effect executor's retry policy (`pipeline::effects::policy`):
+//!   attempts, payment deadline, back-off and its jitter, an
+//!   authorization's give-up, a capture's or void's parking;
+//! - the log's frame codec and its torn-tail recovery rule.
+//!
+//! Simulated: the disks (page cache, fsync, crash points, torn writes),
+//! the payment gateway (latency, failures before or after executing,
+//! outages, a ledger; no circuit breaker), the clock, and the scheduling
+//! that production leaves to tokio (which runner reads when, when an fsync
+//! lands, when calls start and answer), chosen by a seeded scheduler. The
+//! async shells around the two cores (`runner::run`, the executor's tasks,
+//! the checkpoint task, the reporter) are not run: `world` and `executor`
+//! play their part, in simulated time.
 //!
 //! - `disk`        one log partition's bytes, fsync, crash, recovery
 //! - `gateway`     authorize / capture / void and the payment ledger
-//! - `executor`    the effect executor's attempts, deadline and retries
-//! - `world`       partitions, runners, checkpoints, producer, consumer
+//! - `executor`    gateway calls in simulated time, under the retry policy
+//! - `world`       partitions, runner cores, checkpoints, producer, consumer
 //! - `invariants`  what is checked, and when
 //!
 //! Determinism: all randomness comes from `StdRng::seed_from_u64`, either
@@ -54,7 +71,8 @@ const RECENT_IDS: u32 = 20;
 pub enum Bug {
     /// A crash also cuts into the last durable record.
     TearDurable,
-    /// A runner checkpoints before its output is durable.
+    /// A runner checkpoints before its output is durable (past the runner
+    /// core's guard, on purpose).
     CheckpointUnflushed,
 }
 
@@ -117,7 +135,8 @@ pub enum Step {
     Restock { sku: u16, available: u64 },
     /// The runner of partition `p` processes up to `count` records.
     Process { p: u32, count: u32 },
-    /// The runner of `p` checkpoints (if its output is durable).
+    /// The runner of `p` checkpoints now, due or not, as a stop or an
+    /// ownership move makes it (if its output is durable).
     Checkpoint { p: u32 },
     /// The executor starts up to `count` gateway calls.
     Effects { count: u32, entropy: u64 },

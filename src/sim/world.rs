@@ -1,16 +1,24 @@
-//! The simulated world: every `orders` partition with its runner (the
-//! production `Processor` behind the runner's rules), the `order-status`
-//! partitions and their consumer, the producer, the effect executor and
-//! the gateway, all driven one step at a time on a simulated clock.
+//! The simulated world: every `orders` partition with its runner, the
+//! `order-status` partitions and their consumer, the producer, the effect
+//! executor and the gateway, all driven one step at a time on a simulated
+//! clock.
 //!
-//! The runner's rules, as in `crate::pipeline::runner`: it reads only
-//! durable records; after a batch it appends the processor's output and
-//! waits until that output is durable before it reads on, hands effects
-//! to the executor or checkpoints; a checkpoint is atomic (the rows and
-//! the next offset together); after a crash it loads its checkpoint,
-//! resubmits its outbox and replays the tail. An append that a crash
-//! drops before it was durable fails the runner that waited for it, which
-//! restarts the same way.
+//! Each runner is the production runner core
+//! (`crate::pipeline::runner::core::PartitionCore`): it applies a batch to
+//! the production `Processor`, says what to append where, holds the
+//! batch's effects until the output is confirmed durable, decides when a
+//! checkpoint is due (by the simulated clock) and refuses one past output
+//! that is not durable. What this module adds is what production does with
+//! I/O: it reads only durable records from the simulated disks, appends the
+//! output to them and confirms it once an fsync made it durable (the
+//! runner waits until then, as `runner::run` awaits its appends); it
+//! applies a checkpoint write atomically (rows and offset together, as one
+//! redb transaction); after a crash it recovers a new core from the
+//! checkpoint, resubmits its outbox and replays the tail. An append that a
+//! crash drops before it was durable fails the runner that waited for it,
+//! which restarts the same way. Checkpoints happen when the core says they
+//! are due, after each batch, and when a `Checkpoint` step forces one (as a
+//! stop or an ownership move does in production).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -18,10 +26,12 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
+use crate::config::CheckpointConfig;
 use crate::domain::partition::partition_for_key;
-use crate::domain::{Effect, Envelope, Message, RecordKind, Status, StatusEvent};
-use crate::pipeline::log::Topic;
-use crate::pipeline::runner::output_batches;
+use crate::domain::{Envelope, Message, RecordKind, Status, StatusEvent};
+use crate::pipeline::log::{Record, Topic};
+use crate::pipeline::runner::core::{CheckpointDue, PartitionCore};
+use crate::pipeline::store::CheckpointWrite;
 use crate::stages::state::Stock;
 use crate::stages::{Output, PartitionState, Processor};
 
@@ -31,6 +41,14 @@ use super::gateway::{DECLINED_TOKEN, SimGateway};
 use super::invariants::{StatusView, check_settled, check_stock};
 use super::{Breach, Bug, Step};
 
+/// The runners' checkpoint rules: production's, with a message count
+/// small enough for a run of a few thousand steps to reach it.
+const CHECKPOINT: CheckpointConfig = CheckpointConfig {
+    every_messages: 100,
+    every_ms: 1_000,
+};
+/// Ownership epoch of every checkpoint (one process owns every partition).
+const EPOCH: u64 = 1;
 /// Simulated wall clock at the start (ms since the Unix epoch).
 const START_MS: u64 = 1_700_000_000_000;
 /// Rounds the final drain may take before it counts as stuck.
@@ -44,19 +62,48 @@ enum LogRef {
 }
 
 struct Runner {
-    processor: Processor,
-    /// Next offset to read.
-    next: u64,
-    /// Output appended but not yet durable: the runner waits for it.
+    core: PartitionCore,
+    /// Output appended but not yet durable: the runner waits for it before
+    /// it confirms the output to its core.
     waiting: Vec<(LogRef, u64)>,
-    /// Effects handed to the executor once the output is durable.
-    held_effects: Vec<Effect>,
+}
+
+impl Runner {
+    /// A runner recovered from checkpoint `cp` at `now_ms`.
+    fn recover(p: u32, partitions: u32, cp: &Checkpoint, now_ms: u64) -> Result<Runner, Breach> {
+        let rows = cp.rows.iter().map(|(k, v)| (k.as_slice(), v.as_slice()));
+        let state = PartitionState::from_rows(rows)
+            .map_err(|e| Breach::new("checkpoint-loads", format!("partition {p}: {e}")))?;
+        let processor = processor(p, partitions, state);
+        // `order-status` has as many partitions as `orders` here.
+        let core = PartitionCore::recover(processor, cp.next, partitions, CHECKPOINT, now_ms);
+        Ok(Runner {
+            core,
+            waiting: Vec::new(),
+        })
+    }
+
+    fn state(&self) -> &PartitionState {
+        self.core.state()
+    }
 }
 
 #[derive(Default)]
 struct Checkpoint {
     rows: BTreeMap<Vec<u8>, Vec<u8>>,
     next: u64,
+}
+
+impl Checkpoint {
+    /// Applies a write atomically: rows and offset together.
+    fn write(&mut self, write: CheckpointWrite) {
+        assert_eq!(write.epoch, EPOCH, "a checkpoint of another owner");
+        for key in write.deletes {
+            self.rows.remove(&key);
+        }
+        self.rows.extend(write.puts);
+        self.next = write.next_offset;
+    }
 }
 
 struct Placed {
@@ -146,13 +193,9 @@ impl World {
             orders: (0..n).map(|_| SimDisk::default()).collect(),
             statuses: (0..n).map(|_| SimDisk::default()).collect(),
             runners: (0..partitions)
-                .map(|p| Runner {
-                    processor: processor(p, partitions, PartitionState::default()),
-                    next: 0,
-                    waiting: Vec::new(),
-                    held_effects: Vec::new(),
-                })
-                .collect(),
+                .map(|p| Runner::recover(p, partitions, &Checkpoint::default(), START_MS))
+                .collect::<Result<_, _>>()
+                .expect("an empty checkpoint loads"),
             checkpoints: (0..n).map(|_| Checkpoint::default()).collect(),
             executor: Executor::default(),
             gateway: SimGateway::default(),
@@ -270,36 +313,43 @@ impl World {
         if !self.try_flush(p) {
             return Ok(()); // still waiting for its last output to be durable
         }
-        let mut out = Output::default();
         let disk = &self.orders[p];
         let runner = &mut self.runners[p];
-        let end = disk.durable().min(runner.next.saturating_add(count as u64));
-        for offset in runner.next..end {
-            let input = disk.input(offset).map_err(|e| {
-                Breach::new(
-                    "log-readable",
-                    format!("partition {p} offset {offset}: {e}"),
-                )
-            })?;
-            runner.processor.apply(input, &mut out);
-            runner.next = offset + 1;
-        }
-        if let Some(problem) = out.problems.first() {
+        let next = runner.core.next_offset();
+        let end = disk.durable().min(next.saturating_add(count as u64));
+        let records = (next..end)
+            .map(|offset| {
+                disk.input(offset).map_err(|e| {
+                    Breach::new(
+                        "log-readable",
+                        format!("partition {p} offset {offset}: {e}"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let flush = runner.core.apply(records);
+        if let Some(problem) = flush.problems.first() {
             return Err(Breach::new(
                 "records-apply",
                 format!("partition {p}: {problem}"),
             ));
         }
-        self.append_output(p, out)
+        self.append_output(p, flush.appends)?;
+        // Nothing to wait for confirms at once, as an empty append returns.
+        self.try_flush(p);
+        Ok(())
     }
 
-    /// The runner's flush, routed by the production runner's own grouping
-    /// (saga messages to `orders`, statuses to `order-status`); effects
-    /// wait until the output is durable.
-    fn append_output(&mut self, p: usize, mut out: Output) -> Result<(), Breach> {
-        let n = self.n as u32;
+    /// Appends a batch's output, routed by the core (saga messages to
+    /// `orders`, statuses to `order-status`); the runner waits until it is
+    /// durable.
+    fn append_output(
+        &mut self,
+        p: usize,
+        appends: BTreeMap<(Topic, u32), Vec<Record>>,
+    ) -> Result<(), Breach> {
         let runner = &mut self.runners[p];
-        for ((topic, q), records) in output_batches(&mut out, p as u32, n, n) {
+        for ((topic, q), records) in appends {
             let (disk, log) = match topic {
                 Topic::Orders => (&mut self.orders[q as usize], LogRef::Orders(q as usize)),
                 Topic::OrderStatus => (&mut self.statuses[q as usize], LogRef::Status(q as usize)),
@@ -315,12 +365,13 @@ impl World {
                 runner.waiting.push((log, offset));
             }
         }
-        runner.held_effects.append(&mut out.effects);
         Ok(())
     }
 
-    /// Whether the runner of `p` has no output waiting to be durable; once
-    /// it has none, its held effects go to the executor.
+    /// Whether the runner of `p` has no output waiting to be durable. Once
+    /// it has none, the output is confirmed to its core, the effects the
+    /// core held go to the executor, and a checkpoint is taken if the core
+    /// says one is due (as `runner::run` does after every batch).
     fn try_flush(&mut self, p: usize) -> bool {
         let runner = &mut self.runners[p];
         let (orders, statuses) = (&self.orders, &self.statuses);
@@ -332,27 +383,33 @@ impl World {
             return false;
         }
         runner.waiting.clear();
-        for effect in runner.held_effects.drain(..) {
-            self.executor.submit(effect, self.clock_ms);
+        if runner.core.is_unconfirmed() {
+            for effect in runner.core.confirm_durable() {
+                self.executor.submit(effect, self.clock_ms);
+            }
+        }
+        // Checkpoint writes are instant here: none is ever in flight.
+        if runner.core.checkpoint_due(self.clock_ms) != CheckpointDue::No {
+            let write = runner.core.take_checkpoint(EPOCH, self.clock_ms);
+            self.checkpoints[p].write(write);
         }
         true
     }
 
-    /// An atomic checkpoint (rows and next offset together, as one redb
-    /// transaction), taken only once the output before it is durable.
+    /// A checkpoint the scheduler forces, taken only once the output before
+    /// it is durable (the injected bug takes it anyway, past the core's
+    /// guard).
     fn checkpoint(&mut self, p: usize) {
         let flushed = self.try_flush(p);
-        if !flushed && self.bug != Some(Bug::CheckpointUnflushed) {
-            return;
-        }
         let runner = &mut self.runners[p];
-        let (puts, deletes) = runner.processor.state.take_changes();
-        let cp = &mut self.checkpoints[p];
-        for key in deletes {
-            cp.rows.remove(&key);
-        }
-        cp.rows.extend(puts);
-        cp.next = runner.next;
+        let write = match (flushed, self.bug) {
+            (true, _) => runner.core.take_checkpoint(EPOCH, self.clock_ms),
+            (false, Some(Bug::CheckpointUnflushed)) => {
+                runner.core.checkpoint_unguarded(EPOCH, self.clock_ms)
+            }
+            (false, _) => return,
+        };
+        self.checkpoints[p].write(write);
     }
 
     fn run_effects(&mut self, count: usize, entropy: u64) -> Result<(), Breach> {
@@ -416,20 +473,11 @@ impl World {
 
     /// Load the checkpoint, resubmit the outbox, replay from its offset.
     fn restart_runner(&mut self, p: usize) -> Result<(), Breach> {
-        let cp = &self.checkpoints[p];
-        let rows = cp.rows.iter().map(|(k, v)| (k.as_slice(), v.as_slice()));
-        let state = PartitionState::from_rows(rows)
-            .map_err(|e| Breach::new("checkpoint-loads", format!("partition {p}: {e}")))?;
-        let processor = processor(p as u32, self.n as u32, state);
-        for effect in processor.pending_effects() {
+        let runner = Runner::recover(p as u32, self.n as u32, &self.checkpoints[p], self.clock_ms)?;
+        for effect in runner.core.pending_effects() {
             self.executor.submit(effect, self.clock_ms);
         }
-        self.runners[p] = Runner {
-            processor,
-            next: cp.next,
-            waiting: Vec::new(),
-            held_effects: Vec::new(),
-        };
+        self.runners[p] = runner;
         Ok(())
     }
 
@@ -438,7 +486,7 @@ impl World {
         self.acknowledge();
         self.consume_statuses()?;
         for (p, runner) in self.runners.iter().enumerate() {
-            check_stock(p as u32, &runner.processor.state)?;
+            check_stock(p as u32, runner.state())?;
         }
         if !crashed.is_empty() {
             self.check_durable(crashed)?;
@@ -533,10 +581,10 @@ impl World {
             self.after_step(&[])?;
             let mut busy = false;
             for p in 0..self.n {
-                let before = self.runners[p].next;
+                let before = self.runners[p].core.next_offset();
                 self.process(p, usize::MAX)?;
                 let runner = &self.runners[p];
-                busy |= runner.next != before || !runner.waiting.is_empty();
+                busy |= runner.core.next_offset() != before || !runner.waiting.is_empty();
             }
             if !self.executor.is_idle() {
                 busy = true;
@@ -588,7 +636,7 @@ impl World {
             }
         }
         for (p, runner) in self.runners.iter().enumerate() {
-            check_settled(p as u32, &runner.processor.state)?;
+            check_settled(p as u32, runner.state())?;
         }
         self.check_money_and_stock()?;
         self.check_replay()
@@ -638,7 +686,7 @@ impl World {
             ));
         }
         for runner in &self.runners {
-            for (sku, stock) in &runner.processor.state.stock {
+            for (sku, stock) in &runner.state().stock {
                 let want = sold.get(sku.as_str()).copied().unwrap_or(0);
                 if stock.sold != want || stock.reserved != 0 {
                     return Err(Breach::new(
@@ -665,7 +713,7 @@ impl World {
                 replay.apply(input, &mut out);
                 out.clear();
             }
-            let live = self.runners[p].processor.state.hash();
+            let live = self.runners[p].state().hash();
             if replay.state.hash() != live {
                 return Err(Breach::new(
                     "replay-determinism",
@@ -679,7 +727,7 @@ impl World {
     pub fn outcome(&self) -> Outcome {
         let mut h = Sha256::new();
         for runner in &self.runners {
-            h.update(runner.processor.state.hash());
+            h.update(runner.state().hash());
         }
         Outcome {
             stats: self.stats,
@@ -700,7 +748,7 @@ impl World {
     /// The live stock counters of a SKU.
     pub fn stock(&self, sku: &str) -> Option<&Stock> {
         let p = partition_for_key(sku.as_bytes(), self.n as u32) as usize;
-        self.runners[p].processor.state.stock.get(sku)
+        self.runners[p].state().stock.get(sku)
     }
 
     /// An order's last status, as the tracking consumer saw it.

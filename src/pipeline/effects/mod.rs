@@ -29,6 +29,13 @@
 //! - At shutdown (every runner gone) calls in flight and parked effects
 //!   are abandoned: they are still in the checkpointed outbox and run
 //!   again at the next start, under the same idempotency keys.
+//!
+//! The decisions among these rules (retry, park, give up, and after how
+//! long) are [`policy::RetryPolicy`], pure and clock-free, which the
+//! simulation (`crate::sim`) runs too; this module does the I/O around it:
+//! calls, timeouts, sleeps, in-flight slots, metrics and the closing signal.
+
+pub mod policy;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,18 +47,14 @@ use tokio::time::Instant;
 
 use crate::config::GatewayConfig;
 use crate::domain::{Effect, EffectKind, Envelope, Message, PaymentOutcome, RecordKind};
-use crate::gateway::breaker::CIRCUIT_OPEN;
 use crate::gateway::{AuthorizeOutcome, AuthorizeRequest, GatewayError, PaymentGateway};
 use crate::pipeline::log::{Log, Record, Topic};
 use crate::sinks::metrics::Metrics;
 
+use policy::{Answer, Decision, RetryPolicy, Tries};
+
 /// Effects queued for the executor before runners wait (back-pressure).
 pub const EFFECT_QUEUE_DEPTH: usize = 65_536;
-/// Longest back-off between two attempts.
-const MAX_BACKOFF_MS: u64 = 5_000;
-/// First and longest wait of a parked capture or void.
-const PARK_FIRST: Duration = Duration::from_secs(1);
-const PARK_MAX: Duration = Duration::from_secs(30);
 /// Reason of `payment_failed` when every attempt failed.
 pub const REASON_GATEWAY_UNAVAILABLE: &str = "gateway_unavailable";
 
@@ -99,6 +102,7 @@ pub fn spawn(
         gateway,
         retrier: Retrier {
             metrics,
+            policy: RetryPolicy::new(&config),
             config,
             closing,
         },
@@ -167,37 +171,56 @@ fn spawn_reporter(log: Arc<dyn Log>) -> (mpsc::Sender<Record>, tokio::task::Join
 /// How a retried call ended.
 #[derive(Debug, PartialEq, Eq)]
 enum Attempted<T> {
+    /// The last answer: the policy decided `Done` or `GiveUp`.
     Answered(Result<T, GatewayError>),
+    /// A capture or void spent its round on `error`; it waits `wait`
+    /// before the next round.
+    Parked { error: GatewayError, wait: Duration },
     /// The executor is closing: the effect stays in the outbox.
     Closing,
 }
 
-/// Attempts, back-off, deadline and the closing signal, apart from the
-/// log so it can be tested alone.
+/// The retry policy's clock for one effect: milliseconds since its first
+/// attempt, rounded up, so a deadline check errs early, never late.
+#[derive(Clone, Copy, Debug)]
+struct Since(Instant);
+
+impl Since {
+    fn now() -> Since {
+        Since(Instant::now())
+    }
+
+    fn ms(self) -> u64 {
+        self.0.elapsed().as_nanos().div_ceil(1_000_000) as u64
+    }
+
+    fn at(self, ms: u64) -> Instant {
+        self.0 + Duration::from_millis(ms)
+    }
+}
+
+/// Calls, timeouts, back-off sleeps and the closing signal around the
+/// retry policy, apart from the log so it can be tested alone.
 struct Retrier {
     metrics: Arc<Metrics>,
     config: GatewayConfig,
+    policy: RetryPolicy,
     closing: watch::Receiver<bool>,
 }
 
 impl Retrier {
-    /// Calls `f` up to `max_attempts` times, retrying only retryable
-    /// errors, with exponential back-off and jitter, and never past
-    /// `deadline` (the call in flight included).
-    async fn attempts<T, F, Fut>(
-        &self,
-        op: &'static str,
-        deadline: Option<Instant>,
-        mut f: F,
-    ) -> Attempted<T>
+    /// Calls `f` until the policy stops or parks `tries` (one round),
+    /// sleeping the back-offs it asks for; the call in flight is cut at the
+    /// authorization's deadline. `since` is the clock `tries` started on.
+    async fn attempts<T, F, Fut>(&self, tries: &mut Tries, since: Since, mut f: F) -> Attempted<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, GatewayError>>,
     {
+        let op = tries.kind().as_str();
+        let deadline = tries.deadline_ms().map(|ms| since.at(ms));
         let mut closing = self.closing.clone();
-        let mut attempt = 0;
         loop {
-            attempt += 1;
             let started = Instant::now();
             let call = f();
             let result = tokio::select! {
@@ -215,13 +238,8 @@ impl Retrier {
                     }
                 } => r,
             };
-            let outcome = match &result {
-                Ok(_) => "ok",
-                Err(GatewayError::Unavailable(m)) if m == CIRCUIT_OPEN => "circuit_open",
-                Err(e) if e.is_retryable() => "unavailable",
-                Err(_) => "refused",
-            };
-            if outcome != "circuit_open" {
+            let answer = Answer::of(&result);
+            if answer != Answer::CircuitOpen {
                 self.metrics
                     .gateway_latency
                     .with_label_values(&[op])
@@ -229,42 +247,28 @@ impl Retrier {
             }
             self.metrics
                 .gateway_calls
-                .with_label_values(&[op, outcome])
+                .with_label_values(&[op, answer.label()])
                 .inc();
-            if outcome == "circuit_open" && deadline.is_some() {
-                // The breaker answered, not the gateway: an open circuit
-                // spends no attempt of a deadline-bound call, which waits
-                // (up to its deadline) for the gateway to come back instead
-                // of failing every order placed during a short outage.
-                attempt -= 1;
-            }
-            match result {
-                Err(e) if e.is_retryable() && attempt < self.config.max_attempts => {
-                    let delay = self.backoff(attempt.max(1));
-                    if deadline.is_some_and(|d| Instant::now() + delay >= d) {
-                        return Attempted::Answered(Err(e));
-                    }
-                    tracing::debug!(op, attempt, delay_ms = delay.as_millis() as u64, error = %e, "gateway call failed; retrying");
-                    tokio::select! {
-                        biased;
-                        _ = closing.wait_for(|c| *c) => return Attempted::Closing,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
+            let jitter = rand::rng().random();
+            let (delay_ms, error) = match (
+                self.policy.decide(tries, answer, since.ms(), jitter),
+                result,
+            ) {
+                (Decision::RetryAfter { delay_ms }, Err(e)) => (delay_ms, e),
+                (Decision::Park { delay_ms }, Err(error)) => {
+                    let wait = Duration::from_millis(delay_ms);
+                    return Attempted::Parked { error, wait };
                 }
-                other => return Attempted::Answered(other),
+                (Decision::Done | Decision::GiveUp, result) => return Attempted::Answered(result),
+                (decision, Ok(_)) => unreachable!("{decision:?} after a success"),
+            };
+            tracing::debug!(op, attempt = tries.spent(), delay_ms, %error, "gateway call failed; retrying");
+            tokio::select! {
+                biased;
+                _ = closing.wait_for(|c| *c) => return Attempted::Closing,
+                _ = tokio::time::sleep(Duration::from_millis(delay_ms)) => {}
             }
         }
-    }
-
-    /// `retry_base_ms × 2^(attempt-1)`, capped, of which the upper half is jitter.
-    fn backoff(&self, attempt: u32) -> Duration {
-        let base = self
-            .config
-            .retry_base_ms
-            .saturating_mul(1 << (attempt - 1).min(16))
-            .min(MAX_BACKOFF_MS);
-        let jitter = rand::rng().random_range(0..=base / 2);
-        Duration::from_millis(base - base / 2 + jitter)
     }
 
     /// Sleeps `d` unless the executor closes first (then `false`).
@@ -312,11 +316,11 @@ impl Executor {
             token: effect.token.clone(),
             idempotency_key: effect.idempotency_key(),
         };
-        let deadline =
-            Instant::now() + Duration::from_millis(self.retrier.config.payment_deadline_ms);
+        let since = Since::now();
+        let mut tries = self.retrier.policy.start(EffectKind::Authorize, 0);
         let answered = self
             .retrier
-            .attempts("authorize", Some(deadline), || self.gateway.authorize(&req))
+            .attempts(&mut tries, since, || self.gateway.authorize(&req))
             .await;
         authorization_outcome(&effect.order_id, answered)
     }
@@ -328,7 +332,8 @@ impl Executor {
         let key = effect.idempotency_key();
         let op = effect.kind.as_str();
         let mut permit = Some(permit);
-        let mut park = PARK_FIRST;
+        let since = Since::now();
+        let mut tries = self.retrier.policy.start(effect.kind, 0);
         loop {
             let slot = match permit.take() {
                 Some(p) => p,
@@ -344,7 +349,7 @@ impl Executor {
             let answered = match effect.kind {
                 EffectKind::Capture => {
                     self.retrier
-                        .attempts(op, None, || {
+                        .attempts(&mut tries, since, || {
                             self.gateway
                                 .capture(&effect.payment_id, effect.amount, &key)
                         })
@@ -352,7 +357,7 @@ impl Executor {
                 }
                 _ => {
                     self.retrier
-                        .attempts(op, None, || {
+                        .attempts(&mut tries, since, || {
                             self.gateway
                                 .void(&effect.order_id, &effect.payment_id, &key)
                         })
@@ -363,12 +368,16 @@ impl Executor {
             match answered {
                 Attempted::Closing => return false,
                 Attempted::Answered(Ok(())) => return true,
-                Attempted::Answered(Err(GatewayError::Refused(reason))) => {
+                Attempted::Answered(Err(e)) => {
+                    // The policy ends a capture or void only on a refusal.
+                    let reason = match e {
+                        GatewayError::Refused(reason) => reason,
+                        other => other.to_string(),
+                    };
                     tracing::error!(order_id = %effect.order_id, op, %reason, "gateway refused; giving up");
                     return true;
                 }
-                Attempted::Answered(Err(e)) => {
-                    let wait = park + rand_jitter(park / 4);
+                Attempted::Parked { error: e, wait } => {
                     tracing::warn!(order_id = %effect.order_id, op, error = %e, retry_in_ms = wait.as_millis() as u64, "gateway unavailable; parked, will retry");
                     self.parked.inc();
                     let go_on = self.retrier.pause(wait).await;
@@ -376,7 +385,6 @@ impl Executor {
                     if !go_on {
                         return false;
                     }
-                    park = (park * 2).min(PARK_MAX);
                 }
             }
         }
@@ -396,11 +404,6 @@ impl Executor {
     }
 }
 
-fn rand_jitter(max: Duration) -> Duration {
-    let ms = max.as_millis() as u64;
-    Duration::from_millis(rand::rng().random_range(0..=ms))
-}
-
 /// Maps the authorization's last answer; `None` when abandoned.
 fn authorization_outcome(
     order_id: &str,
@@ -414,7 +417,8 @@ fn authorization_outcome(
         Attempted::Answered(Ok(AuthorizeOutcome::Declined { code })) => {
             Some(PaymentOutcome::Declined { code })
         }
-        Attempted::Answered(Err(e)) => {
+        // An authorization never parks (the policy gives up instead).
+        Attempted::Answered(Err(e)) | Attempted::Parked { error: e, .. } => {
             tracing::warn!(order_id = %order_id, error = %e, "authorization failed after retries");
             Some(PaymentOutcome::Failed {
                 reason: REASON_GATEWAY_UNAVAILABLE.to_owned(),
@@ -439,11 +443,24 @@ mod tests {
         (
             Retrier {
                 metrics: Arc::new(Metrics::new()),
+                policy: RetryPolicy::new(&config),
                 config,
                 closing,
             },
             tx,
         )
+    }
+
+    impl Retrier {
+        /// One round of a fresh effect of `kind`.
+        async fn first_round<T, F, Fut>(&self, kind: EffectKind, f: F) -> Attempted<T>
+        where
+            F: FnMut() -> Fut,
+            Fut: std::future::Future<Output = Result<T, GatewayError>>,
+        {
+            let mut tries = self.policy.start(kind, 0);
+            self.attempts(&mut tries, Since::now(), f).await
+        }
     }
 
     /// Retryable failures are retried up to `max_attempts`, refusals never,
@@ -453,7 +470,7 @@ mod tests {
         let (r, _tx) = retrier(4, 60_000);
         let calls = AtomicU32::new(0);
         let got: Attempted<()> = r
-            .attempts("authorize", None, || async {
+            .first_round(EffectKind::Authorize, || async {
                 calls.fetch_add(1, Ordering::SeqCst);
                 Err(GatewayError::Unavailable("503".into()))
             })
@@ -465,7 +482,7 @@ mod tests {
         assert_eq!(calls.swap(0, Ordering::SeqCst), 4);
 
         let got: Attempted<()> = r
-            .attempts("authorize", None, || async {
+            .first_round(EffectKind::Authorize, || async {
                 calls.fetch_add(1, Ordering::SeqCst);
                 Err(GatewayError::Refused("400".into()))
             })
@@ -477,7 +494,7 @@ mod tests {
         assert_eq!(calls.swap(0, Ordering::SeqCst), 1);
 
         let got = r
-            .attempts("authorize", None, || async {
+            .first_round(EffectKind::Authorize, || async {
                 if calls.fetch_add(1, Ordering::SeqCst) < 2 {
                     Err(GatewayError::Unavailable("reset".into()))
                 } else {
@@ -496,9 +513,8 @@ mod tests {
     async fn deadline_bounds_total_time() {
         let (r, _tx) = retrier(100, 2_000);
         let start = Instant::now();
-        let deadline = start + Duration::from_millis(2_000);
         let got: Attempted<AuthorizeOutcome> = r
-            .attempts("authorize", Some(deadline), || async {
+            .first_round(EffectKind::Authorize, || async {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
                 Ok(AuthorizeOutcome::Declined { code: "x".into() })
             })
@@ -514,18 +530,33 @@ mod tests {
         let calls = AtomicU32::new(0);
         let start = Instant::now();
         let got: Attempted<()> = r
-            .attempts(
-                "authorize",
-                Some(start + Duration::from_millis(2_000)),
-                || async {
-                    calls.fetch_add(1, Ordering::SeqCst);
-                    Err(GatewayError::Unavailable("503".into()))
-                },
-            )
+            .first_round(EffectKind::Authorize, || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(GatewayError::Unavailable("503".into()))
+            })
             .await;
         assert!(matches!(got, Attempted::Answered(Err(_))));
         assert!(start.elapsed() < Duration::from_millis(2_000));
         assert!(calls.load(Ordering::SeqCst) < 100);
+    }
+
+    /// A capture that spends its round parks for 1 s plus at most a quarter, keeping the last error.
+    #[tokio::test(start_paused = true)]
+    async fn capture_parks_after_its_round() {
+        let (r, _tx) = retrier(3, 60_000);
+        let calls = AtomicU32::new(0);
+        let got: Attempted<()> = r
+            .first_round(EffectKind::Capture, || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(GatewayError::Unavailable("503".into()))
+            })
+            .await;
+        let Attempted::Parked { error, wait } = got else {
+            panic!("{got:?}")
+        };
+        assert_eq!(error, GatewayError::Unavailable("503".into()));
+        assert!((1_000..=1_250).contains(&wait.as_millis()), "{wait:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
 
     /// Closing abandons a call in flight and a back-off alike.
@@ -537,7 +568,7 @@ mod tests {
             tx.send_replace(true);
         });
         let got: Attempted<()> = r
-            .attempts("capture", None, || async {
+            .first_round(EffectKind::Capture, || async {
                 tokio::time::sleep(Duration::from_secs(10)).await;
                 Ok(())
             })

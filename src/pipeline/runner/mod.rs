@@ -7,6 +7,14 @@
 //! the partition does not wait for the store). A checkpoint is written only
 //! after everything emitted before it is durable, so recovery (checkpoint + replay) never loses an
 //! emitted message; replays re-emit with the same ids and receivers dedupe.
+//!
+//! The decisions (what a batch appends, when effects are released, when a
+//! checkpoint is due and what it holds) are [`core::PartitionCore`], free
+//! of I/O and clocks, which the simulation (`crate::sim`) drives too; [`run`]
+//! is the async shell around it: reads, appends, the executor, the
+//! checkpoint task, metrics and the stop signal.
+
+pub mod core;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -27,15 +35,14 @@ use crate::sinks::metrics::Metrics;
 use crate::stages::processor::{Input, Retention};
 use crate::stages::{Output, PartitionState, Processor};
 
+pub use self::core::MAX_CHECKPOINT_ROWS;
+use self::core::{CheckpointDue, PartitionCore};
+
 /// Records read per batch.
 pub const READ_BATCH_RECORDS: usize = 4096;
 /// How long a read waits for new records before the runner looks at its
 /// checkpoint timer and shutdown signal again.
 const READ_WAIT_MS: u64 = 50;
-/// A checkpoint is due once this many state rows changed, whatever the
-/// message count: it is written as one batch, and a CQL batch holds at
-/// most 65,534 statements (one read batch adds at most ~12 rows a record).
-pub const MAX_CHECKPOINT_ROWS: usize = 16_384;
 /// Longest back-off while the log is busy (`Full`).
 const MAX_APPEND_BACKOFF_MS: u64 = 1_000;
 
@@ -109,13 +116,23 @@ pub async fn run(
 ) -> Result<RunnerExit, RunnerError> {
     let started = Instant::now();
     let partitions = deps.log.partition_count(Topic::Orders);
-    let (state, mut next) = load_state(deps.store.as_ref(), partition).await?;
-    let _owned = deps.backlog.own(partition, next);
-    let mut processor = Processor::new(partition, partitions, state)
+    let status_partitions = deps.log.partition_count(Topic::OrderStatus);
+    let (state, loaded_next) = load_state(deps.store.as_ref(), partition).await?;
+    let _owned = deps.backlog.own(partition, loaded_next);
+    let processor = Processor::new(partition, partitions, state)
         .with_retention(deps.retention)
         .with_poison_customer(deps.poison_customer.clone());
-    publish_all_stock(&deps, &processor, next);
-    for effect in processor.pending_effects() {
+    // The checkpoint clock's origin is set when the loop starts (below):
+    // resubmitting the outbox may wait for the executor's queue.
+    let mut core = PartitionCore::recover(
+        processor,
+        loaded_next,
+        status_partitions,
+        deps.checkpoint.clone(),
+        0,
+    );
+    publish_all_stock(&deps, core.processor(), loaded_next);
+    for effect in core.pending_effects() {
         deps.effects
             .submit(effect)
             .await
@@ -128,10 +145,9 @@ pub async fn run(
         .offsets(Topic::Orders, partition)
         .map_err(|source| RunnerError::Log { partition, source })?;
     let mut recovering = true;
-    let replay_from = next;
     tracing::info!(
         partition,
-        next_offset = next,
+        next_offset = loaded_next,
         catch_up_to,
         "partition checkpoint loaded, replaying the tail"
     );
@@ -139,15 +155,14 @@ pub async fn run(
         .metrics
         .partition_lag
         .with_label_values(&["orders", &partition.to_string()]);
-    let mut out = Output::default();
-    let mut since_checkpoint: u64 = 0;
     let mut writing: Option<CheckpointTask> = None;
-    let mut last_checkpoint = Instant::now();
-    let every = Duration::from_millis(deps.checkpoint.every_ms);
+    let clock = Instant::now();
+    let now_ms = || clock.elapsed().as_millis() as u64;
     loop {
+        let next = core.next_offset();
         if recovering && next >= catch_up_to {
             recovering = false;
-            let replayed = next.saturating_sub(replay_from);
+            let replayed = next.saturating_sub(loaded_next);
             deps.metrics
                 .partition_replayed_records
                 .with_label_values(&[&partition.to_string()])
@@ -186,47 +201,46 @@ pub async fn run(
         if records.is_empty() && stopping {
             break;
         }
-        out.clear();
-        for r in &records {
-            processor.apply(input(r), &mut out);
-            next = r.offset + 1;
-        }
-        since_checkpoint += records.len() as u64;
-        for problem in &out.problems {
+        let flush = core.apply(records.iter().map(input));
+        for problem in &flush.problems {
             tracing::error!(partition, %problem, "record skipped");
         }
-        flush_output(&deps, partition, &mut out).await?;
-        publish_stock(&deps, &processor, &out, partition, next);
-        publish_parked(&deps, &processor, partition);
+        append_all(&deps, partition, flush.appends).await?;
+        for effect in core.confirm_durable() {
+            deps.effects
+                .submit(effect)
+                .await
+                .map_err(|_| RunnerError::ExecutorGone { partition })?;
+        }
+        let next = core.next_offset();
+        publish_stock(&deps, core.processor(), &flush.stock_touched, next);
+        publish_parked(&deps, core.processor(), partition);
         deps.backlog.processed(partition, next);
         if let Ok((_, high)) = deps.log.offsets(Topic::Orders, partition) {
             lag.set(high.saturating_sub(next) as i64);
         }
-        let too_many_rows = processor.state.dirty.len() >= MAX_CHECKPOINT_ROWS;
-        let due = since_checkpoint >= deps.checkpoint.every_messages
-            || too_many_rows
-            || (since_checkpoint > 0 && last_checkpoint.elapsed() >= every);
         // One checkpoint in flight at a time. A due one waits for the
         // previous to finish, without blocking the partition, unless the
         // changed rows reach the limit of one write.
         let previous_done = writing.as_ref().is_none_or(|w| w.is_finished());
-        if due && (previous_done || too_many_rows) {
+        let start = match core.checkpoint_due(now_ms()) {
+            CheckpointDue::No => false,
+            CheckpointDue::WhenIdle => previous_done,
+            CheckpointDue::Now => true,
+        };
+        if start {
             finish_checkpoint(&mut writing, partition).await?;
-            writing = Some(start_checkpoint(&deps, partition, &mut processor, next));
-            since_checkpoint = 0;
-            last_checkpoint = Instant::now();
+            let write = core.take_checkpoint(deps.epoch, now_ms());
+            writing = Some(start_checkpoint(&deps, write));
         }
     }
     finish_checkpoint(&mut writing, partition).await?;
-    finish_checkpoint(
-        &mut Some(start_checkpoint(&deps, partition, &mut processor, next)),
-        partition,
-    )
-    .await?;
+    let last = core.take_checkpoint(deps.epoch, now_ms());
+    finish_checkpoint(&mut Some(start_checkpoint(&deps, last)), partition).await?;
     Ok(RunnerExit {
         partition,
-        next_offset: next,
-        state_hash: processor.state.hash(),
+        next_offset: core.next_offset(),
+        state_hash: core.state().hash(),
     })
 }
 
@@ -240,27 +254,18 @@ fn input(r: &LogRecord) -> Input<'_> {
     }
 }
 
-/// Makes the output durable: messages and statuses grouped by partition
-/// (order kept within each), then hands effects to the executor.
-async fn flush_output(
+/// Makes a batch's output durable: its records grouped by partition
+/// (order kept within each), the partitions in parallel.
+async fn append_all(
     deps: &RunnerDeps,
     partition: u32,
-    out: &mut Output,
+    batches: BTreeMap<(Topic, u32), Vec<Record>>,
 ) -> Result<(), RunnerError> {
-    let orders_n = deps.log.partition_count(Topic::Orders);
-    let status_n = deps.log.partition_count(Topic::OrderStatus);
-    let batches = output_batches(out, partition, orders_n, status_n);
     let appends = batches
         .into_iter()
         .map(|((topic, p), records)| append_with_retry(deps.log.as_ref(), topic, p, records));
     for result in futures::future::join_all(appends).await {
         result.map_err(|source| RunnerError::Log { partition, source })?;
-    }
-    for effect in out.effects.drain(..) {
-        deps.effects
-            .submit(effect)
-            .await
-            .map_err(|_| RunnerError::ExecutorGone { partition })?;
     }
     Ok(())
 }
@@ -347,25 +352,13 @@ pub(crate) async fn append_with_retry(
 /// A checkpoint being written while the partition goes on.
 type CheckpointTask = tokio::task::JoinHandle<Result<(), RunnerError>>;
 
-/// Starts writing the rows changed so far with offset `next`, in the
-/// background: the checkpoint covers only output already durable (flushed
-/// before), and the next one starts only after this one finished, so they
-/// land in order.
-fn start_checkpoint(
-    deps: &RunnerDeps,
-    partition: u32,
-    processor: &mut Processor,
-    next: u64,
-) -> CheckpointTask {
+/// Starts writing `write` (the rows changed so far and the next offset)
+/// in the background: the checkpoint covers only output already durable
+/// (the core refuses otherwise), and the next one starts only after this
+/// one finished, so they land in order.
+fn start_checkpoint(deps: &RunnerDeps, write: CheckpointWrite) -> CheckpointTask {
     let started = Instant::now();
-    let (puts, deletes) = processor.state.take_changes();
-    let write = CheckpointWrite {
-        partition,
-        epoch: deps.epoch,
-        next_offset: next,
-        puts,
-        deletes,
-    };
+    let (partition, next) = (write.partition, write.next_offset);
     let (store, log, metrics) = (deps.store.clone(), deps.log.clone(), deps.metrics.clone());
     tokio::spawn(async move {
         // Repeating a checkpoint is safe: same rows, same offset, same epoch.
@@ -433,19 +426,11 @@ fn publish_all_stock(deps: &RunnerDeps, processor: &Processor, next: u64) {
     deps.inventory.publish(processor.partition, all, next);
 }
 
-fn publish_stock(
-    deps: &RunnerDeps,
-    processor: &Processor,
-    out: &Output,
-    partition: u32,
-    next: u64,
-) {
-    let mut touched: Vec<&String> = out.stock_touched.iter().collect();
-    touched.sort_unstable();
-    touched.dedup();
+/// Publishes the counts of the SKUs a batch touched (sorted, once each).
+fn publish_stock(deps: &RunnerDeps, processor: &Processor, touched: &[String], next: u64) {
     deps.inventory.publish(
-        partition,
-        touched.into_iter().map(|sku| counts(processor, sku)),
+        processor.partition,
+        touched.iter().map(|sku| counts(processor, sku)),
         next,
     );
 }
