@@ -395,8 +395,8 @@ fn wait_terminal(base: &str, ids: &[String]) -> BTreeMap<String, String> {
 fn wait_exit(server: &mut support::Server, limit: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + limit;
     loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            return status;
+        if server.child.try_wait().unwrap().is_some() {
+            return server.wait(); // and the output is complete
         }
         assert!(
             Instant::now() < deadline,

@@ -14,10 +14,22 @@ pub struct Server {
     pub child: Child,
     pub base: String,
     pub output: Output,
+    readers: Readers,
 }
 
 /// Everything a spawned process printed, stdout and stderr interleaved.
 pub type Output = std::sync::Arc<std::sync::Mutex<Vec<u8>>>;
+
+/// The threads copying a process's stdout and stderr into its `Output`.
+/// They end at EOF, once the process exited; joining them after a wait
+/// makes the output complete (else its last lines may still be in flight).
+type Readers = Vec<std::thread::JoinHandle<()>>;
+
+fn join_readers(readers: &mut Readers) {
+    for reader in readers.drain(..) {
+        let _ = reader.join();
+    }
+}
 
 /// Spawns `cmd` with piped output, collects what it prints and waits for
 /// the address that `address_in` finds in one of its lines. The process is
@@ -26,7 +38,7 @@ fn spawn_and_read_address(
     mut cmd: Command,
     what: &str,
     address_in: fn(&str) -> Option<String>,
-) -> (Child, String, Output) {
+) -> (Child, String, Output, Readers) {
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -34,12 +46,13 @@ fn spawn_and_read_address(
         .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
     let output: Output = Default::default();
     let (addr_tx, addr_rx) = mpsc::channel::<String>();
+    let mut readers = Readers::new();
     for stream in [
         Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
         Box::new(child.stderr.take().unwrap()),
     ] {
         let (output, addr_tx) = (output.clone(), addr_tx.clone());
-        std::thread::spawn(move || {
+        readers.push(std::thread::spawn(move || {
             let mut reader = BufReader::new(stream);
             let mut line = Vec::new();
             while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
@@ -49,10 +62,10 @@ fn spawn_and_read_address(
                 output.lock().unwrap().extend_from_slice(&line);
                 line.clear();
             }
-        });
+        }));
     }
     match addr_rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(addr) => (child, addr, output),
+        Ok(addr) => (child, addr, output, readers),
         Err(_) => {
             let _ = child.kill();
             let _ = child.wait();
@@ -73,7 +86,7 @@ pub fn start_server(data_dir: &Path, extra_env: &[(&str, &str)]) -> Server {
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
-    let (child, addr, output) = spawn_and_read_address(cmd, "orderflow", |text| {
+    let (child, addr, output, readers) = spawn_and_read_address(cmd, "orderflow", |text| {
         let i = text.find("addr=")?;
         Some(
             text[i + 5..]
@@ -86,6 +99,7 @@ pub fn start_server(data_dir: &Path, extra_env: &[(&str, &str)]) -> Server {
         child,
         base: format!("http://{addr}"),
         output,
+        readers,
     };
     wait_until(Duration::from_secs(60), "readiness", || {
         client()
@@ -99,17 +113,20 @@ pub fn start_server(data_dir: &Path, extra_env: &[(&str, &str)]) -> Server {
 impl Server {
     pub fn kill(&mut self) {
         let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
+        self.wait();
     }
 
     /// SIGTERM and wait for a clean exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill -TERM");
-        self.child.wait().expect("wait")
+        terminate(&mut self.child, &mut self.readers)
+    }
+
+    /// Waits for the process to exit (by itself or after a signal); its
+    /// output is complete after this.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        let status = self.child.wait().expect("wait");
+        join_readers(&mut self.readers);
+        status
     }
 
     pub fn output_text(&self) -> String {
@@ -218,6 +235,7 @@ pub struct GatewaySim {
     /// `http://IP:PORT`, the `gateway.url` to give orderflow.
     pub url: String,
     pub output: Output,
+    readers: Readers,
 }
 
 /// Starts `orderflow gateway-sim --listen 127.0.0.1:0 ARGS...` and waits for
@@ -230,7 +248,7 @@ pub fn start_gateway_sim(args: &[&str], extra_env: &[(&str, &str)]) -> GatewaySi
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
-    let (child, addr, output) = spawn_and_read_address(cmd, "gateway-sim", |text| {
+    let (child, addr, output, readers) = spawn_and_read_address(cmd, "gateway-sim", |text| {
         text.strip_prefix("gateway-sim listening addr=")
             .map(|rest| rest.trim().to_owned())
     });
@@ -238,6 +256,7 @@ pub fn start_gateway_sim(args: &[&str], extra_env: &[(&str, &str)]) -> GatewaySi
         child,
         url: format!("http://{addr}"),
         output,
+        readers,
     }
 }
 
@@ -268,13 +287,20 @@ impl GatewaySim {
 
     /// SIGTERM and wait for the exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill -TERM");
-        self.child.wait().expect("wait")
+        terminate(&mut self.child, &mut self.readers)
     }
+}
+
+/// SIGTERM, then waits for the exit and for the output to be complete.
+fn terminate(child: &mut Child, readers: &mut Readers) -> std::process::ExitStatus {
+    let pid = child.id().to_string();
+    Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill -TERM");
+    let status = child.wait().expect("wait");
+    join_readers(readers);
+    status
 }
 
 impl Drop for GatewaySim {
