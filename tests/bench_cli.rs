@@ -200,6 +200,11 @@ fn search_finds_a_sustained_rate() {
         "the measured run is at the rate found"
     );
     assert_eq!(r["mode"], "open-loop");
+    let held = r["achieved_rate"].as_f64().unwrap() >= 0.95 * best as f64
+        && r["latency"]["p99_ms"].as_f64().unwrap() <= slo_ms
+        && r["incomplete"] == 0
+        && r["lost"] == 0;
+    assert_eq!(search["confirmed"], held, "the measured run is judged too");
     assert!(
         r["io_per_order"]
             .as_str()

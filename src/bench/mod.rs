@@ -285,7 +285,10 @@ pub async fn run(mut args: BenchArgs, base: Config) -> anyhow::Result<bool> {
         false => None,
     };
     let mut report = measure(args.clone(), base, machine).await?;
-    report.search = search;
+    report.search = search.map(|mut s| {
+        s.confirmed = Some(search::Trial::of(s.rate, &report, s.slo_p99_ms).sustainable);
+        s
+    });
     if let Some(url) = &args.postgres {
         let spec = args.workload();
         let base = baseline::run(url, args.connections, &args.drive_options(), &spec).await?;

@@ -41,10 +41,13 @@ pub struct Search {
     /// Highest sustainable rate found (0 if none).
     pub rate: u64,
     pub trials: Vec<Trial>,
+    /// Whether the measured run at `rate` met the same criteria: short
+    /// trials can miss stalls that a longer run meets.
+    pub confirmed: Option<bool>,
 }
 
 impl Trial {
-    fn of(rate: u64, report: &Report, slo_p99_ms: f64) -> Trial {
+    pub fn of(rate: u64, report: &Report, slo_p99_ms: f64) -> Trial {
         let sustainable = rate > 0
             && report.achieved_rate >= MIN_ACHIEVED_SHARE * rate as f64
             && report.latency.p99_ms <= slo_p99_ms
@@ -124,6 +127,7 @@ where
         ceiling_rate: ceiling.achieved_rate,
         rate: lo,
         trials,
+        confirmed: None,
     })
 }
 
@@ -139,8 +143,15 @@ impl Search {
                 format!("{}/s {verdict} (p99 {:.1} ms)", t.rate, t.p99_ms)
             })
             .collect();
+        let measured = match self.confirmed {
+            Some(true) => "; the measured run held it",
+            Some(false) => {
+                "; the measured run did NOT hold it (longer --trial-seconds meet the stalls it met)"
+            }
+            None => "",
+        };
         format!(
-            "highest sustained open-loop rate {}/s with p99 <= {} ms (closed-loop ceiling {:.0}/s; trials: {})",
+            "highest sustained open-loop rate {}/s with p99 <= {} ms (closed-loop ceiling {:.0}/s; trials: {}){measured}",
             self.rate,
             self.slo_p99_ms,
             self.ceiling_rate,
