@@ -1,13 +1,22 @@
 //! `GET /v1/orders/{id}/events`: Server-Sent Events of an order's status
 //! changes. Subscribes first, then sends the history so far, then live
-//! events, deduplicated by `seq`; ends after a terminal status (or when
-//! the instance shuts down). Each event is `event: status`, `id: <seq>`,
-//! `data: {"order_id","seq","status","reason","at"}`.
+//! events, in `seq` order without repeats; ends after a terminal status
+//! (or when the instance shuts down). Each event is `event: status`,
+//! `id: <seq>`, `data: {"order_id","seq","status","reason","at"}`.
+//!
+//! In distributed mode the live feed (every instance reads `order-status`)
+//! and the read model (written by the status partition's owner) are fed by
+//! different consumers, so either can run ahead of the other. A live event
+//! past a gap in `seq` waits while the read model is re-read to fill the
+//! gap (at most `GAP_WAIT`, then the stream goes on with the gap rather
+//! than stall), and a stream with nothing to send re-reads the read model
+//! every `RESYNC_POLLS` polls in case an event passed the feed before the
+//! subscription existed.
 
-use std::collections::VecDeque;
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
@@ -31,11 +40,10 @@ use crate::sinks::tracking::Tracking;
 const SHUTDOWN_POLL: Duration = Duration::from_millis(250);
 /// Keep-alive comment interval.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
-/// How often a live stream re-reads the read model. In distributed mode
-/// the live feed and the read model are fed by different consumers, so an
-/// event can pass this instance's feed before the subscription exists
-/// while the read model does not hold it yet; the re-read closes that gap.
+/// Polls with nothing to send before a stream re-reads the read model.
 const RESYNC_POLLS: u32 = 4;
+/// Longest a live event waits for the read model to fill a gap before it.
+const GAP_WAIT: Duration = Duration::from_secs(5);
 
 pub(crate) async fn order_events(
     State(ctx): State<Ctx>,
@@ -72,8 +80,9 @@ pub(crate) async fn order_events(
         health: state.health.clone(),
         rx,
         closed: false,
-        backlog: VecDeque::new(),
+        pending: BTreeMap::new(),
         last_seq: 0,
+        gap_since: None,
         done: false,
         idle_polls: 0,
         _permit: permit,
@@ -93,8 +102,11 @@ struct EventStream {
     rx: crate::sinks::tracking::Subscription,
     /// The live channel is gone: poll the read model instead.
     closed: bool,
-    backlog: VecDeque<StatusEvent>,
+    /// Events not sent yet, by `seq`.
+    pending: BTreeMap<u32, StatusEvent>,
     last_seq: u32,
+    /// Since when the next pending event waits behind a gap in `seq`.
+    gap_since: Option<Instant>,
     done: bool,
     /// Shutdown polls since the last event or re-read (`RESYNC_POLLS`).
     idle_polls: u32,
@@ -112,7 +124,7 @@ impl EventStream {
             } else {
                 None
             };
-            self.backlog.push_back(StatusEvent {
+            self.queue(StatusEvent {
                 order_id: v.order_id.clone(),
                 seq: h.seq,
                 status: h.status,
@@ -124,21 +136,40 @@ impl EventStream {
         }
     }
 
+    /// Keeps `ev` for sending unless it was sent already.
+    fn queue(&mut self, ev: StatusEvent) {
+        if ev.seq > self.last_seq {
+            self.pending.entry(ev.seq).or_insert(ev);
+        }
+    }
+
     async fn resync(&mut self) {
         if let Ok(Some(v)) = self.tracking.get(&self.order_id).await {
             self.queue_view(&v);
         }
     }
 
+    /// The next event to send: the one right after the last sent, or the
+    /// first after a gap once the gap has waited `GAP_WAIT` to be filled.
+    fn next_ready(&mut self) -> Option<StatusEvent> {
+        let (&seq, _) = self.pending.first_key_value()?;
+        let waited_out = self.gap_since.is_some_and(|t| t.elapsed() >= GAP_WAIT);
+        if seq != self.last_seq + 1 && !waited_out {
+            self.gap_since.get_or_insert_with(Instant::now);
+            return None;
+        }
+        self.gap_since = None;
+        self.pending.pop_first().map(|(_, ev)| ev)
+    }
+
     /// The next event to send, or `None` to end the stream.
     async fn next_event(&mut self) -> Option<Event> {
         loop {
-            while let Some(ev) = self.backlog.pop_front() {
-                if ev.seq <= self.last_seq {
-                    continue;
-                }
+            if let Some(ev) = self.next_ready() {
+                debug_assert!(ev.seq > self.last_seq, "sent in seq order, once");
                 self.last_seq = ev.seq;
                 self.done = ev.status.is_terminal();
+                self.idle_polls = 0;
                 let data = serde_json::to_string(&EventView::new(&ev))
                     .expect("an event always serializes");
                 return Some(
@@ -158,7 +189,7 @@ impl EventStream {
             }
             tokio::select! {
                 r = self.rx.recv() => match r {
-                    Ok(ev) => self.backlog.push_back(ev),
+                    Ok(ev) => self.queue(ev),
                     Err(RecvError::Lagged(_)) => self.resync().await,
                     Err(RecvError::Closed) => {
                         self.closed = true;
@@ -166,8 +197,9 @@ impl EventStream {
                     }
                 },
                 _ = tokio::time::sleep(SHUTDOWN_POLL) => {
+                    // Behind a gap, re-read at every poll; else now and then.
                     self.idle_polls += 1;
-                    if self.idle_polls >= RESYNC_POLLS {
+                    if self.gap_since.is_some() || self.idle_polls >= RESYNC_POLLS {
                         self.idle_polls = 0;
                         self.resync().await;
                     }
