@@ -156,8 +156,6 @@ fn main() {
         .map(|n| order_records(n, args.skus))
         .collect();
     apply_all(&mut p, &warm, &mut offset, &mut out);
-    // Checkpoints clear the dirty set; here nothing checkpoints.
-    p.state.dirty.clear();
 
     let (allocs, bytes) = (
         ALLOCS.load(Ordering::Relaxed),

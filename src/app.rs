@@ -37,6 +37,7 @@ use crate::pipeline::store::StateStore;
 use crate::pipeline::store::embedded::EmbeddedStore;
 use crate::pipeline::store::scylla::ScyllaStore;
 use crate::pipeline::supervisor::{self, Stop};
+use crate::pipeline::tokens::TokenKeys;
 use crate::sinks::metrics::Metrics;
 use crate::sinks::notifications;
 use crate::sinks::tracking::{self, Tracking};
@@ -50,7 +51,7 @@ pub struct App {
     http: JoinHandle<std::io::Result<()>>,
     supervisor: JoinHandle<Vec<RunnerExit>>,
     membership: Box<dyn Membership>,
-    live_feed: Option<Vec<JoinHandle<()>>>,
+    read_model: Vec<JoinHandle<()>>,
     notifications: Option<notifications::Running>,
     executor: JoinHandle<()>,
     log: Arc<dyn Log>,
@@ -175,7 +176,12 @@ async fn start_inner(
         config.gateway.clone(),
     );
     let inventory = Arc::new(Inventory::new(log.clone(), store.clone()));
-    let tracking = Arc::new(Tracking::new(store.clone(), metrics.clone()));
+    let tracking = Arc::new(Tracking::new(
+        config.status_partitions,
+        config.tracking.limits(),
+        metrics.clone(),
+    ));
+    let keys = token_keys(&config, store.as_ref()).await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (fatal_tx, fatal_rx) = mpsc::channel::<String>(64);
     // A log that refuses appends for good (a failed fsync) cannot be
@@ -216,7 +222,7 @@ async fn start_inner(
         metrics: metrics.clone(),
         backlog: backlog.clone(),
         checkpoint: config.checkpoint.clone(),
-        retention: config.processor.retention(),
+        limits: config.processor.limits(),
         tracking: tracking.clone(),
         tracking_log,
         notifications: notifications
@@ -240,18 +246,20 @@ async fn start_inner(
     let (changes_tx, changes_rx) = mpsc::channel(16);
     let supervisor = tokio::spawn(supervisor::run(deps, changes_rx, shutdown_rx.clone()));
     membership.start(changes_tx)?;
-    let live_feed = match &config.kafka {
-        Some(k) => {
-            Some(start_live_feed(k, &config, &metrics, &tracking, shutdown_rx.clone()).await?)
-        }
-        None => None,
-    };
+    let read_model = start_read_model(
+        &config,
+        &metrics,
+        &log,
+        &store,
+        &tracking,
+        &fatal_tx,
+        shutdown_rx.clone(),
+    )
+    .await?;
 
     health.accepting.store(true, Ordering::SeqCst);
     let intake = Arc::new(
-        Intake::new(log.clone(), store.clone(), metrics.clone())
-            .await?
-            .with_admission(&config.intake, backlog),
+        Intake::new(log.clone(), keys, metrics.clone()).with_admission(&config.intake, backlog),
     );
     let state = AppState {
         intake,
@@ -282,7 +290,7 @@ async fn start_inner(
         http,
         supervisor,
         membership,
-        live_feed,
+        read_model,
         notifications: notifications.map(|(n, _)| n),
         executor,
         log,
@@ -319,11 +327,7 @@ fn poison_customer() -> Option<String> {
 /// The log backend: Kafka when `[kafka]` is configured, else the embedded
 /// segment log in `data_dir/log`. The one place it is chosen.
 async fn open_log(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<dyn Log>> {
-    let topics = [
-        (Topic::Orders, config.partitions),
-        (Topic::OrderStatus, config.status_partitions),
-        (Topic::Parked, config.partitions),
-    ];
+    let topics = topics(config);
     Ok(match &config.kafka {
         Some(k) => Arc::new(
             KafkaLog::connect(k, &topics, config.log.max_record_bytes, metrics.clone())
@@ -355,43 +359,76 @@ async fn open_store(
     })
 }
 
-/// Distributed: follows every `order-status` partition for this
-/// instance's live SSE streams, through a log client of its own (its reads
-/// must not disturb the sinks' positions on the shared one).
-async fn start_live_feed(
-    kafka: &crate::config::KafkaConfig,
+/// The tracking token keys: from the environment or `[tokens]` files, else
+/// the state store's shared secret (created once, the same on every
+/// instance). Never logged; only where they came from is.
+async fn token_keys(config: &Config, store: &dyn StateStore) -> anyhow::Result<TokenKeys> {
+    let (current, previous) = config.tokens.keys()?;
+    let (key, source) = match current {
+        Some(found) => found,
+        None => (
+            store.secret(TOKEN_SECRET).await?.to_vec(),
+            format!("the state store's `{TOKEN_SECRET}` secret"),
+        ),
+    };
+    tracing::info!(source = %source, rotating = previous.is_some(), "tracking token key loaded");
+    Ok(TokenKeys::new(key, previous, &source)?)
+}
+
+/// Name of the state store's secret that tracking tokens are derived from
+/// when no key is configured.
+pub const TOKEN_SECRET: &str = "tracking-token-key";
+
+/// Starts the read model's consumers: one per `order-status` partition, on
+/// every instance. Distributed, they read through a Kafka client of their
+/// own (their reads must not disturb the sinks' positions on the shared one).
+async fn start_read_model(
     config: &Config,
     metrics: &Arc<Metrics>,
+    log: &Arc<dyn Log>,
+    store: &Arc<dyn StateStore>,
     tracking: &Arc<Tracking>,
+    fatal: &mpsc::Sender<String>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
-    let topics = [
-        (Topic::Orders, config.partitions),
-        (Topic::OrderStatus, config.status_partitions),
-        (Topic::Parked, config.partitions),
-    ];
-    let log: Arc<dyn Log> = Arc::new(
-        KafkaLog::connect(kafka, &topics, config.log.max_record_bytes, metrics.clone())
+    let log: Arc<dyn Log> = match &config.kafka {
+        Some(kafka) => Arc::new(
+            KafkaLog::connect(
+                kafka,
+                &topics(config),
+                config.log.max_record_bytes,
+                metrics.clone(),
+            )
             .await
-            .context("cannot open the Kafka log for the live feed")?,
-    );
-    let (stop_tx, stop_rx) = watch::channel(Stop::Run);
-    let mut stop = stop;
-    tokio::spawn(async move {
-        let _ = stop.wait_for(|s| *s).await;
-        stop_tx.send_replace(Stop::Now);
-        stop_tx.closed().await;
-    });
+            .context("cannot open the Kafka log for the read model")?,
+        ),
+        None => log.clone(),
+    };
     Ok((0..config.status_partitions)
         .map(|p| {
-            let (t, l, rx) = (tracking.clone(), log.clone(), stop_rx.clone());
+            let (t, l, s, rx, fatal) = (
+                tracking.clone(),
+                log.clone(),
+                store.clone(),
+                stop.clone(),
+                fatal.clone(),
+            );
             tokio::spawn(async move {
-                if let Err(e) = tracking::run_live_feed(t, l, p, rx).await {
-                    tracing::warn!(error = %e, "live feed stopped");
+                if let Err(e) = tracking::run_consumer(t, l, s, p, rx).await {
+                    tracing::error!(error = %e, "read model consumer failed");
+                    let _ = fatal.send(e.to_string()).await;
                 }
             })
         })
         .collect())
+}
+
+fn topics(config: &Config) -> [(Topic, u32); 3] {
+    [
+        (Topic::Orders, config.partitions),
+        (Topic::OrderStatus, config.status_partitions),
+        (Topic::Parked, config.partitions),
+    ]
 }
 
 impl App {
@@ -425,7 +462,7 @@ impl App {
         if let Some(n) = self.notifications {
             n.join().await;
         }
-        for task in self.live_feed.into_iter().flatten() {
+        for task in self.read_model {
             let _ = task.await;
         }
         let mut first_error = None;

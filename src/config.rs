@@ -21,6 +21,8 @@ pub struct Config {
     pub log: LogConfig,
     pub checkpoint: CheckpointConfig,
     pub processor: ProcessorConfig,
+    pub tracking: TrackingConfig,
+    pub tokens: TokensConfig,
     pub gateway: GatewayConfig,
     pub http: HttpConfig,
     pub intake: IntakeConfig,
@@ -116,32 +118,130 @@ impl Default for ScyllaConfig {
 
 pub use crate::sinks::notifications::config::NotificationsConfig;
 
+/// `[processor]`: the bounds of each `orders` partition's state
+/// (docs/design.md, "Bounds"). All are per partition and deterministic.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProcessorConfig {
     /// How long (log time) a finished order is remembered, so the same
     /// order id again is recognised as the same order.
     pub order_retention_ms: u64,
-    /// Finished orders remembered per partition at most (oldest forgotten first).
+    /// Finished orders remembered at most (oldest forgotten first).
     pub max_remembered_orders: usize,
+    /// Orders in flight plus effects pending; a new order beyond ends
+    /// `rejected` (`partition_busy`).
+    pub max_inflight_orders: usize,
+    /// Lines held at once; a `Reserve` beyond is answered "not held".
+    pub max_holds: usize,
+    /// SKUs with stock; a stock change for a new SKU beyond is refused.
+    pub max_skus: usize,
+    /// The park lane: records and bytes; a record beyond is refused.
+    pub max_parked_records: usize,
+    pub max_parked_bytes: usize,
 }
 
 impl Default for ProcessorConfig {
     fn default() -> Self {
-        let r = crate::stages::processor::Retention::default();
+        let l = crate::stages::processor::Limits::default();
         ProcessorConfig {
-            order_retention_ms: r.max_age_ms,
-            max_remembered_orders: r.max_orders,
+            order_retention_ms: l.finished.max_age_ms,
+            max_remembered_orders: l.finished.max_entries,
+            max_inflight_orders: l.max_inflight_orders,
+            max_holds: l.max_holds,
+            max_skus: l.max_skus,
+            max_parked_records: l.max_parked_records,
+            max_parked_bytes: l.max_parked_bytes,
         }
     }
 }
 
 impl ProcessorConfig {
-    pub fn retention(&self) -> crate::stages::processor::Retention {
-        crate::stages::processor::Retention {
-            max_age_ms: self.order_retention_ms,
-            max_orders: self.max_remembered_orders,
+    pub fn limits(&self) -> crate::stages::processor::Limits {
+        crate::stages::processor::Limits {
+            finished: crate::stages::finished::FinishedLimits {
+                max_age_ms: self.order_retention_ms,
+                max_entries: self.max_remembered_orders,
+            },
+            max_inflight_orders: self.max_inflight_orders,
+            max_holds: self.max_holds,
+            max_skus: self.max_skus,
+            max_parked_records: self.max_parked_records,
+            max_parked_bytes: self.max_parked_bytes,
         }
+    }
+}
+
+/// `[tracking]`: the bounds of the tracking read model every instance
+/// keeps in memory (docs/design.md, "The tracking read model").
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrackingConfig {
+    /// How long after its first status (log time) an order stays visible.
+    pub retention_ms: u64,
+    /// Orders held at most, over all partitions (oldest forgotten first).
+    pub max_orders: usize,
+}
+
+impl Default for TrackingConfig {
+    fn default() -> Self {
+        TrackingConfig {
+            retention_ms: 7 * 86_400_000,
+            max_orders: 1_000_000,
+        }
+    }
+}
+
+impl TrackingConfig {
+    pub fn limits(&self) -> crate::sinks::tracking::ModelLimits {
+        crate::sinks::tracking::ModelLimits {
+            max_orders: self.max_orders,
+            retention_ms: self.retention_ms,
+        }
+    }
+}
+
+/// Environment variable with the key tracking tokens are derived with.
+pub const TOKEN_SECRET_ENV: &str = "ORDERFLOW_TOKEN_SECRET";
+/// Environment variable with the previous key, accepted during a rotation.
+pub const TOKEN_SECRET_PREVIOUS_ENV: &str = "ORDERFLOW_TOKEN_SECRET_PREVIOUS";
+
+/// `[tokens]`: where the tracking token key comes from. The environment
+/// wins over the files; with neither, a random key kept in the state store
+/// (shared by every instance) is used.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokensConfig {
+    pub secret_file: Option<PathBuf>,
+    pub previous_secret_file: Option<PathBuf>,
+}
+
+/// A configured key and where it came from (a variable's name or a path).
+pub type SourcedKey = (Vec<u8>, String);
+
+impl TokensConfig {
+    /// `(current, previous)` keys from the environment or the files, with
+    /// where they came from; `None` for the current key when neither is set.
+    pub fn keys(&self) -> Result<(Option<SourcedKey>, Option<Vec<u8>>), ConfigError> {
+        let read = |env: &str, file: &Option<PathBuf>| -> Result<Option<SourcedKey>, ConfigError> {
+            if let Some(secret) = Secret::from_env(env) {
+                return Ok(Some((secret.expose().as_bytes().to_vec(), env.to_owned())));
+            }
+            let Some(path) = file else { return Ok(None) };
+            let text = std::fs::read(path).map_err(|source| ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let key = text.trim_ascii_end().to_vec();
+            Ok(Some((key, path.display().to_string())))
+        };
+        let current = read(TOKEN_SECRET_ENV, &self.secret_file)?;
+        let previous = read(TOKEN_SECRET_PREVIOUS_ENV, &self.previous_secret_file)?;
+        if current.is_none() && previous.is_some() {
+            return Err(ConfigError::Invalid(format!(
+                "a previous tracking token key is set without a current one: set {TOKEN_SECRET_ENV} or `tokens.secret_file`"
+            )));
+        }
+        Ok((current, previous.map(|(key, _)| key)))
     }
 }
 
@@ -322,6 +422,8 @@ impl Default for Config {
             log: LogConfig::default(),
             checkpoint: CheckpointConfig::default(),
             processor: ProcessorConfig::default(),
+            tracking: TrackingConfig::default(),
+            tokens: TokensConfig::default(),
             gateway: GatewayConfig::default(),
             http: HttpConfig::default(),
             intake: IntakeConfig::default(),
@@ -522,6 +624,39 @@ impl Config {
             self.processor.max_remembered_orders,
             1_000,
             1 << 30,
+        )?;
+        let p = &self.processor;
+        range(
+            "processor.max_inflight_orders",
+            p.max_inflight_orders,
+            100,
+            1 << 24,
+        )?;
+        range("processor.max_holds", p.max_holds, 100, 1 << 26)?;
+        range("processor.max_skus", p.max_skus, 1, 1 << 26)?;
+        range(
+            "processor.max_parked_records",
+            p.max_parked_records,
+            1,
+            1 << 20,
+        )?;
+        range(
+            "processor.max_parked_bytes",
+            p.max_parked_bytes,
+            self.log.max_record_bytes,
+            1 << 34,
+        )?;
+        range(
+            "tracking.retention_ms",
+            self.tracking.retention_ms,
+            60_000,
+            365 * 86_400_000,
+        )?;
+        range(
+            "tracking.max_orders",
+            self.tracking.max_orders,
+            1_000,
+            1 << 28,
         )?;
         range("gateway.latency_ms", self.gateway.latency_ms, 0, 60_000)?;
         range("gateway.failure_rate", self.gateway.failure_rate, 0.0, 1.0)?;

@@ -19,7 +19,7 @@ use orderflow::pipeline::log::embedded::EmbeddedLog;
 use orderflow::pipeline::runner::{load_state, replay};
 use orderflow::pipeline::store::embedded::EmbeddedStore;
 use orderflow::sinks::metrics::Metrics;
-use orderflow::stages::processor::Retention;
+use orderflow::stages::processor::Limits;
 use proptest::prelude::*;
 use support::*;
 
@@ -249,8 +249,8 @@ fn check_replay(dir: &std::path::Path) {
         .unwrap();
         let store = EmbeddedStore::open(&dir.join("state.redb")).unwrap();
         for p in 0..PARTITIONS {
-            let (live, next) = load_state(&store, p).await.unwrap();
-            let replayed = replay(&log, p, next, Retention::default()).await.unwrap();
+            let (live, next, _) = load_state(&store, p, &Limits::default()).await.unwrap();
+            let replayed = replay(&log, p, next, Limits::default()).await.unwrap();
             assert_eq!(
                 replayed.hash(),
                 live.hash(),

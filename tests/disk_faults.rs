@@ -15,7 +15,7 @@ use orderflow::config::LogConfig;
 use orderflow::pipeline::log::embedded::EmbeddedLog;
 use orderflow::pipeline::log::{Log, LogError, Record, RecordKind, Topic};
 use orderflow::pipeline::store::embedded::EmbeddedStore;
-use orderflow::pipeline::store::{CheckpointWrite, IntakeRecord, StateStore, StoreError};
+use orderflow::pipeline::store::{BlobRef, Scope, SnapshotWrite, StateStore, StoreError};
 use orderflow::sinks::metrics::Metrics;
 use support::{client, is_terminal, order_view, set_stock, start_server, wait_until};
 
@@ -232,32 +232,24 @@ async fn log_on_a_full_disk_rolls_back_and_resumes() {
     log.close().await;
 }
 
-fn intake(order_id: &str) -> IntakeRecord {
-    IntakeRecord {
-        order_id: order_id.to_owned(),
-        token_sha256: [7; 32],
-        sealed_token: vec![1; 32],
-        partition: 0,
-        offset: 0,
-    }
-}
-
-fn checkpoint(epoch: u64, n: u64, row_bytes: usize) -> CheckpointWrite {
-    CheckpointWrite {
+/// Snapshot `n` of partition 0: one blob of `blob_bytes`, replacing the last.
+fn checkpoint(epoch: u64, n: u64, blob_bytes: usize) -> SnapshotWrite {
+    let blob = |id: u64| BlobRef { epoch, id };
+    SnapshotWrite {
+        scope: Scope::Orders,
         partition: 0,
         epoch,
         next_offset: n + 1,
-        puts: vec![(format!("row-{n:06}").into_bytes(), vec![n as u8; row_bytes])],
-        deletes: Vec::new(),
+        manifest: n.to_le_bytes().to_vec(),
+        blobs: vec![(blob(n), vec![n as u8; blob_bytes])],
+        drop: n.checked_sub(1).map(blob).into_iter().collect(),
     }
 }
 
-/// The embedded state store (redb) on a real full disk: a write fails with
-/// the retryable `DiskFull`, and once space is freed the next call succeeds
-/// without a restart (redb refuses every call after an I/O error until the
-/// store reopens it), keeping everything committed before, including a
-/// contact committed without an fsync right before the failure (the reopen
-/// drops that commit; the intake record's commit writes the contact again).
+/// The embedded state store (redb) on a real full disk: a commit fails
+/// with the retryable `DiskFull`, and once space is freed the next call
+/// succeeds without a restart (redb refuses every call after an I/O error
+/// until the store reopens it), keeping everything committed before.
 #[tokio::test]
 async fn store_on_a_full_disk_fails_retryably_and_reopens() {
     const SMALL: usize = 16 * 1024;
@@ -266,32 +258,24 @@ async fn store_on_a_full_disk_fails_retryably_and_reopens() {
     let room = disk.spare("room", 256 * 1024);
     let path = disk.path().join("state.redb");
     let store = EmbeddedStore::open(&path).unwrap();
-    let epoch = store.claim_partition(0).await.unwrap();
-    store.put_intake(intake("ord-before")).await.unwrap();
+    let epoch = store.claim(Scope::Orders, 0).await.unwrap();
     let mut n = 0;
     for _ in 0..3 {
-        store
-            .write_checkpoint(checkpoint(epoch, n, SMALL))
-            .await
-            .unwrap();
+        store.commit(&checkpoint(epoch, n, SMALL)).await.unwrap();
         n += 1;
     }
 
     disk.fill();
     // Room for a small commit, not for a large one.
     std::fs::remove_file(room).unwrap();
-    store
-        .put_contact("ord-pending", "ada@example.com")
-        .await
-        .unwrap();
     let err = store
-        .write_checkpoint(checkpoint(epoch, n, 1 << 20))
+        .commit(&checkpoint(epoch, n, 1 << 20))
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::DiskFull(_)), "{err}");
     assert!(err.is_retryable());
     let again = store
-        .write_checkpoint(checkpoint(epoch, n, 1 << 20))
+        .commit(&checkpoint(epoch, n, 1 << 20))
         .await
         .unwrap_err();
     assert!(
@@ -301,26 +285,23 @@ async fn store_on_a_full_disk_fails_retryably_and_reopens() {
 
     std::fs::remove_file(spare).unwrap();
     store
-        .write_checkpoint(checkpoint(epoch, n, SMALL))
+        .commit(&checkpoint(epoch, n, SMALL))
         .await
         .expect("the first write after space is freed succeeds");
-    n += 1;
-    let stored = store.put_intake(intake("ord-pending")).await.unwrap();
-    assert_eq!(stored.order_id, "ord-pending");
     let check = |store: EmbeddedStore| async move {
-        assert!(store.get_intake("ord-before").await.unwrap().is_some());
-        assert!(store.get_intake("ord-pending").await.unwrap().is_some());
-        assert_eq!(
-            store
-                .get_contacts(&["ord-pending".to_owned()])
-                .await
-                .unwrap(),
-            vec![Some("ada@example.com".to_owned())],
-            "the contact is durable with its intake record"
-        );
-        let cp = store.load_checkpoint(0).await.unwrap().unwrap();
-        assert_eq!(cp.next_offset, n);
-        assert_eq!(cp.rows.len() as u64, n);
+        let snapshot = store.load(Scope::Orders, 0).await.unwrap().unwrap();
+        assert_eq!(snapshot.next_offset, n + 1);
+        assert_eq!(snapshot.manifest, n.to_le_bytes());
+        let blobs = store
+            .read_blobs(
+                Scope::Orders,
+                0,
+                &[BlobRef { epoch, id: n }, BlobRef { epoch, id: n - 1 }],
+            )
+            .await
+            .unwrap();
+        assert_eq!(blobs[0].as_deref(), Some(vec![n as u8; SMALL].as_slice()));
+        assert!(blobs[1].is_none(), "the replaced blob is deleted");
     };
     check(store.clone()).await;
     drop(store);

@@ -5,23 +5,19 @@
 //!
 //! Each case is one async fn taking a [`Backend`]; `contract!` turns it
 //! into one `#[tokio::test]` per backend. Cases only the CQL store has
-//! (schema, size limits, raw stored bytes) follow at the end.
+//! (schema, raw stored bytes, request metrics) follow at the end.
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use ::scylla::client::session::Session;
 use ::scylla::client::session_builder::SessionBuilder;
 use orderflow::config::ScyllaConfig;
-use orderflow::domain::{Status, StatusEvent};
 use orderflow::pipeline::store::embedded::EmbeddedStore;
-use orderflow::pipeline::store::scylla::{MAX_CHECKPOINT_BYTES, ScyllaStore, migrate};
-use orderflow::pipeline::store::{
-    Applied, CheckpointWrite, IntakeRecord, Notified, PartitionCheckpoint, StateStore, StoreError,
-};
+use orderflow::pipeline::store::scylla::{ScyllaStore, migrate};
+use orderflow::pipeline::store::{BlobRef, Scope, Snapshot, SnapshotWrite, StateStore, StoreError};
 use orderflow::sinks::metrics::Metrics;
 
 /// Where a test's store keeps its data. `open` gives a fresh handle on the
@@ -128,266 +124,205 @@ macro_rules! contract {
 }
 
 contract! {
-    /// Puts then deletes across two checkpoints load back as the merged rows, in key order.
-    checkpoint_roundtrip_puts_then_deletes;
-    /// Within one write, the last of repeated puts wins and a key both put and deleted ends deleted.
-    checkpoint_write_dedupes_its_rows;
-    /// Loading a partition returns only its own rows, including at the ends of the u32 range.
-    partitions_are_isolated;
-    /// A checkpoint with a lower epoch than the stored one is refused and changes nothing.
-    fencing_refuses_lower_epoch_and_leaves_data_unchanged;
-    /// Each claim returns a higher epoch and fences the former owner, whose write leaves nothing.
-    claim_raises_the_epoch_and_fences_the_former_owner;
+    /// A partition never committed loads nothing, also after a claim; unknown blobs read as absent.
+    never_committed_loads_nothing;
+    /// A commit's blobs, manifest and offset load back; a later commit's drops delete blobs.
+    commit_roundtrip_with_blobs_and_drops;
+    /// Scopes and partitions (to the ends of the u32 range) never see each other's snapshots or blobs.
+    scopes_and_partitions_are_isolated;
+    /// A commit by a former owner (lower epoch) is refused and leaves the snapshot as it was.
+    fencing_refuses_a_former_owner;
+    /// A commit with an epoch nobody claimed is refused.
+    commit_without_claim_is_refused;
     /// Concurrent claims (from several instances) each get a different epoch.
     concurrent_claims_get_distinct_epochs;
-    /// A checkpoint of 20,000 rows round-trips (and shows the write latency).
-    large_checkpoint_roundtrips;
-    /// The first intake record for an order id wins; a second put returns it unchanged.
-    put_intake_first_wins;
-    /// Concurrent puts from several instances keep one record per order id, the same for every caller.
-    concurrent_put_intake_is_first_wins_per_id;
-    /// A repeated (order_id, seq) is skipped, and sink positions only move forward, per sink.
-    apply_tracking_dedupes_and_positions_only_move_forward;
+    /// A snapshot of 64 blobs of 256 KiB (16 MiB) commits and reads back (and shows the latency).
+    large_snapshot_roundtrips;
+    /// Repeating a commit, or deleting blobs twice, changes nothing more.
+    commits_and_deletes_are_idempotent;
     /// A secret is created once and stays the same across calls, instances and reopening.
     secret_stable_across_reopen;
-    /// Contacts read back per order id; settled seqs and positions only move forward and persist.
-    contacts_and_notified_roundtrip;
-    /// Everything written is still there through a new handle on the same data.
+    /// Everything committed is still there through a new handle on the same data.
     data_survives_reopen;
 }
 
-fn row(k: &str, v: &str) -> (Vec<u8>, Vec<u8>) {
-    (k.as_bytes().to_vec(), v.as_bytes().to_vec())
+fn blob(epoch: u64, id: u64) -> BlobRef {
+    BlobRef { epoch, id }
 }
 
-fn checkpoint(
+fn write(
+    scope: Scope,
     partition: u32,
     epoch: u64,
     next_offset: u64,
-    puts: &[(&str, &str)],
-    deletes: &[&str],
-) -> CheckpointWrite {
-    CheckpointWrite {
+    blobs: &[(u64, &str)],
+    drop: &[u64],
+) -> SnapshotWrite {
+    SnapshotWrite {
+        scope,
         partition,
         epoch,
         next_offset,
-        puts: puts.iter().map(|(k, v)| row(k, v)).collect(),
-        deletes: deletes.iter().map(|k| k.as_bytes().to_vec()).collect(),
+        manifest: format!("manifest {next_offset}").into_bytes(),
+        blobs: blobs
+            .iter()
+            .map(|(id, data)| (blob(epoch, *id), data.as_bytes().to_vec()))
+            .collect(),
+        drop: drop.iter().map(|id| blob(epoch, *id)).collect(),
     }
 }
 
-fn intake(order_id: &str, offset: u64) -> IntakeRecord {
-    IntakeRecord {
-        order_id: order_id.to_owned(),
-        token_sha256: [7; 32],
-        sealed_token: vec![1, 2, 3],
-        partition: 3,
-        offset,
-    }
-}
-
-fn event(order_id: &str, seq: u32, status: Status) -> StatusEvent {
-    StatusEvent {
-        order_id: order_id.to_owned(),
-        seq,
-        status,
-        reason: None,
-        at_ms: 1_000 + u64::from(seq),
-        refused_skus: Vec::new(),
-        released_lines: 0,
-    }
-}
-
-fn notified(target: &str, order_id: &str, seq: u32) -> Notified {
-    Notified {
-        target: target.into(),
-        order_id: order_id.into(),
-        seq,
-    }
-}
-
-async fn checkpoint_roundtrip_puts_then_deletes(b: &Backend) {
-    let store = b.open().await;
-    assert_eq!(store.load_checkpoint(0).await.unwrap(), None);
+/// The bytes of blobs `ids` of `epoch`, as text (`None`: absent).
+async fn read(
+    store: &Arc<dyn StateStore>,
+    scope: Scope,
+    partition: u32,
+    epoch: u64,
+    ids: &[u64],
+) -> Vec<Option<String>> {
+    let refs: Vec<BlobRef> = ids.iter().map(|id| blob(epoch, *id)).collect();
     store
-        .write_checkpoint(checkpoint(
-            0,
+        .read_blobs(scope, partition, &refs)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.map(|b| String::from_utf8(b).unwrap()))
+        .collect()
+}
+
+async fn never_committed_loads_nothing(b: &Backend) {
+    let store = b.open().await;
+    assert_eq!(store.load(Scope::Orders, 0).await.unwrap(), None);
+    assert_eq!(store.claim(Scope::Orders, 0).await.unwrap(), 1);
+    assert_eq!(store.load(Scope::Orders, 0).await.unwrap(), None);
+    assert_eq!(
+        read(&store, Scope::Orders, 0, 1, &[0, 1]).await,
+        [None, None]
+    );
+}
+
+async fn commit_roundtrip_with_blobs_and_drops(b: &Backend) {
+    let store = b.open().await;
+    let epoch = store.claim(Scope::Orders, 1).await.unwrap();
+    store
+        .commit(&write(
+            Scope::Orders,
             1,
+            epoch,
             10,
-            &[("b", "2"), ("a", "1"), ("c", "3")],
+            &[(0, "a"), (1, "b")],
             &[],
         ))
         .await
         .unwrap();
     assert_eq!(
-        store.load_checkpoint(0).await.unwrap(),
-        Some(PartitionCheckpoint {
+        store.load(Scope::Orders, 1).await.unwrap(),
+        Some(Snapshot {
+            epoch,
             next_offset: 10,
-            epoch: 1,
-            rows: vec![row("a", "1"), row("b", "2"), row("c", "3")]
+            manifest: b"manifest 10".to_vec(),
         })
     );
+    assert_eq!(
+        read(&store, Scope::Orders, 1, epoch, &[0, 1]).await,
+        [Some("a".into()), Some("b".into())]
+    );
     store
-        .write_checkpoint(checkpoint(
-            0,
-            1,
-            25,
-            &[("b", "20"), ("d", "4")],
-            &["a", "zz-absent"],
-        ))
+        .commit(&write(Scope::Orders, 1, epoch, 20, &[(2, "c")], &[0]))
         .await
         .unwrap();
     assert_eq!(
-        store.load_checkpoint(0).await.unwrap(),
-        Some(PartitionCheckpoint {
-            next_offset: 25,
-            epoch: 1,
-            rows: vec![row("b", "20"), row("c", "3"), row("d", "4")]
-        })
-    );
-}
-
-async fn checkpoint_write_dedupes_its_rows(b: &Backend) {
-    let store = b.open().await;
-    store
-        .write_checkpoint(checkpoint(1, 1, 5, &[("keep", "old"), ("gone", "x")], &[]))
-        .await
-        .unwrap();
-    store
-        .write_checkpoint(checkpoint(
-            1,
-            1,
-            6,
-            &[
-                ("k", "first"),
-                ("gone", "revived?"),
-                ("k", "last"),
-                ("new", "1"),
-                ("new", "2"),
-            ],
-            &["gone", "new"],
-        ))
-        .await
-        .unwrap();
-    let cp = store.load_checkpoint(1).await.unwrap().unwrap();
-    assert_eq!(
-        (cp.next_offset, cp.rows),
-        (6, vec![row("k", "last"), row("keep", "old")])
-    );
-}
-
-async fn partitions_are_isolated(b: &Backend) {
-    let store = b.open().await;
-    for p in [0, 1, 2, u32::MAX] {
-        let key = format!("k{p}");
         store
-            .write_checkpoint(checkpoint(
-                p,
-                1,
-                u64::from(p) + 1,
-                &[(&key, "v"), ("", "empty-key")],
-                &[],
-            ))
+            .load(Scope::Orders, 1)
             .await
-            .unwrap();
-    }
-    for p in [0, 1, 2, u32::MAX] {
-        let cp = store.load_checkpoint(p).await.unwrap().unwrap();
-        assert_eq!(cp.next_offset, u64::from(p) + 1);
-        assert_eq!(
-            cp.rows,
-            vec![row("", "empty-key"), row(&format!("k{p}"), "v")]
-        );
-    }
-    assert_eq!(store.load_checkpoint(3).await.unwrap(), None);
+            .unwrap()
+            .unwrap()
+            .next_offset,
+        20
+    );
+    assert_eq!(
+        read(&store, Scope::Orders, 1, epoch, &[0, 1, 2]).await,
+        [None, Some("b".into()), Some("c".into())]
+    );
 }
 
-async fn fencing_refuses_lower_epoch_and_leaves_data_unchanged(b: &Backend) {
+async fn scopes_and_partitions_are_isolated(b: &Backend) {
     let store = b.open().await;
-    store
-        .write_checkpoint(checkpoint(7, 5, 100, &[("a", "1"), ("b", "2")], &[]))
+    for (scope, partition) in [
+        (Scope::Orders, 0),
+        (Scope::Orders, u32::MAX),
+        (Scope::Tracking, 0),
+        (Scope::Notifications, 0),
+    ] {
+        let epoch = store.claim(scope, partition).await.unwrap();
+        assert_eq!(epoch, 1, "{scope:?}/{partition}: an epoch of its own");
+        let tag = format!("{}-{partition}", scope.name());
+        let w = SnapshotWrite {
+            manifest: tag.clone().into_bytes(),
+            ..write(scope, partition, epoch, 5, &[(0, &tag)], &[])
+        };
+        store.commit(&w).await.unwrap();
+    }
+    for (scope, partition) in [
+        (Scope::Orders, 0),
+        (Scope::Orders, u32::MAX),
+        (Scope::Tracking, 0),
+        (Scope::Notifications, 0),
+    ] {
+        let tag = format!("{}-{partition}", scope.name());
+        let loaded = store.load(scope, partition).await.unwrap().unwrap();
+        assert_eq!(loaded.manifest, tag.as_bytes());
+        assert_eq!(read(&store, scope, partition, 1, &[0]).await, [Some(tag)]);
+    }
+    assert_eq!(store.load(Scope::Orders, 1).await.unwrap(), None);
+    assert_eq!(store.load(Scope::Tracking, 1).await.unwrap(), None);
+}
+
+async fn fencing_refuses_a_former_owner(b: &Backend) {
+    let instances = b.instances(2).await;
+    let (old, new) = (&instances[0], &instances[1]);
+    let first = old.claim(Scope::Orders, 3).await.unwrap();
+    old.commit(&write(Scope::Orders, 3, first, 10, &[(0, "old")], &[]))
         .await
         .unwrap();
-    let before = store.load_checkpoint(7).await.unwrap();
-    let err = store
-        .write_checkpoint(checkpoint(7, 4, 200, &[("a", "stale"), ("c", "3")], &["b"]))
+    let second = new.claim(Scope::Orders, 3).await.unwrap();
+    assert!(second > first);
+    let before = new.load(Scope::Orders, 3).await.unwrap();
+    let err = old
+        .commit(&write(Scope::Orders, 3, first, 99, &[(1, "zombie")], &[0]))
         .await
         .unwrap_err();
     assert!(
-        matches!(
-            err,
-            StoreError::Fenced {
-                partition: 7,
-                epoch: 4,
-                stored_epoch: 5
-            }
-        ),
+        matches!(err, StoreError::Fenced { epoch, stored_epoch, .. } if epoch == first && stored_epoch == second),
         "{err:?}"
     );
     assert!(!err.is_retryable());
-    assert_eq!(store.load_checkpoint(7).await.unwrap(), before);
-
-    // The same epoch and a newer one are accepted; the newer epoch is stored.
-    store
-        .write_checkpoint(checkpoint(7, 5, 150, &[], &[]))
-        .await
-        .unwrap();
-    store
-        .write_checkpoint(checkpoint(7, 6, 160, &[], &["a"]))
-        .await
-        .unwrap();
-    let after = store.load_checkpoint(7).await.unwrap().unwrap();
+    assert_eq!(new.load(Scope::Orders, 3).await.unwrap(), before);
     assert_eq!(
-        (after.next_offset, after.epoch, after.rows),
-        (160, 6, vec![row("b", "2")])
+        read(new, Scope::Orders, 3, first, &[0]).await,
+        [Some("old".into())],
+        "a fenced commit deletes nothing"
+    );
+    new.commit(&write(Scope::Orders, 3, second, 30, &[(0, "new")], &[]))
+        .await
+        .unwrap();
+    assert_eq!(
+        new.load(Scope::Orders, 3).await.unwrap().unwrap().epoch,
+        second
     );
 }
 
-async fn claim_raises_the_epoch_and_fences_the_former_owner(b: &Backend) {
-    let [old_owner, new_owner] = <[_; 2]>::try_from(b.instances(2).await).ok().unwrap();
-    assert_eq!(old_owner.load_row(3, b"a").await.unwrap(), None);
-    let first = old_owner.claim_partition(3).await.unwrap();
-    // Claimed but never checkpointed: no rows, offset 0.
-    let claimed = old_owner.load_checkpoint(3).await.unwrap().unwrap();
-    assert_eq!(
-        (claimed.next_offset, claimed.epoch, claimed.rows.len()),
-        (0, first, 0)
-    );
-    assert_eq!(old_owner.load_row(3, b"a").await.unwrap(), Some((0, None)));
-    old_owner
-        .write_checkpoint(checkpoint(3, first, 10, &[("a", "1")], &[]))
+async fn commit_without_claim_is_refused(b: &Backend) {
+    let store = b.open().await;
+    let err = store
+        .commit(&write(Scope::Orders, 6, 5, 1, &[], &[]))
         .await
-        .unwrap();
-
-    let second = new_owner.claim_partition(3).await.unwrap();
-    assert!(second > first);
-    let stale = old_owner
-        .write_checkpoint(checkpoint(3, first, 20, &[("a", "2"), ("b", "x")], &["a"]))
-        .await;
+        .unwrap_err();
     assert!(
-        matches!(stale, Err(StoreError::Fenced { partition: 3, epoch, stored_epoch })
-            if epoch == first && stored_epoch == second),
-        "{stale:?}"
+        matches!(&err, StoreError::Corrupt(msg) if msg.contains("never claimed")),
+        "{err:?}"
     );
-    let cp = new_owner.load_checkpoint(3).await.unwrap().unwrap();
-    assert_eq!(
-        (cp.next_offset, cp.epoch, cp.rows),
-        (10, second, vec![row("a", "1")])
-    );
-    assert_eq!(
-        new_owner.load_row(3, b"a").await.unwrap(),
-        Some((10, Some(b"1".to_vec())))
-    );
-    assert_eq!(new_owner.load_row(3, b"b").await.unwrap(), Some((10, None)));
-    assert_eq!(new_owner.load_row(4, b"a").await.unwrap(), None);
-    new_owner
-        .write_checkpoint(checkpoint(3, second, 30, &[("a", "3")], &[]))
-        .await
-        .unwrap();
-    assert_eq!(
-        new_owner.load_checkpoint(3).await.unwrap().unwrap().epoch,
-        second
-    );
+    assert_eq!(store.load(Scope::Orders, 6).await.unwrap(), None);
 }
 
 async fn concurrent_claims_get_distinct_epochs(b: &Backend) {
@@ -396,7 +331,7 @@ async fn concurrent_claims_get_distinct_epochs(b: &Backend) {
     for i in 0..12 {
         let store = instances[i % instances.len()].clone();
         tasks.push(tokio::spawn(async move {
-            store.claim_partition(9).await.unwrap()
+            store.claim(Scope::Orders, 9).await.unwrap()
         }));
     }
     let mut epochs = Vec::new();
@@ -405,268 +340,110 @@ async fn concurrent_claims_get_distinct_epochs(b: &Backend) {
     }
     epochs.sort_unstable();
     assert_eq!(epochs, (1..=12).collect::<Vec<u64>>());
-    let cp = instances[0].load_checkpoint(9).await.unwrap().unwrap();
-    assert_eq!(cp.epoch, 12);
+    instances[0]
+        .commit(&write(Scope::Orders, 9, 12, 1, &[], &[]))
+        .await
+        .unwrap();
 }
 
-/// `n` rows of a realistic size: 16-byte keys, 64-byte values.
-fn many_rows(n: usize, tag: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
-    (0..n)
-        .map(|i| {
-            let key = format!("sku-{i:012}").into_bytes();
-            let value = format!("{tag}:{i:060}").into_bytes();
-            (key, value)
-        })
-        .collect()
-}
-
-async fn large_checkpoint_roundtrips(b: &Backend) {
+async fn large_snapshot_roundtrips(b: &Backend) {
     let store = b.open().await;
-    let epoch = store.claim_partition(5).await.unwrap();
-    for (n, next_offset) in [(1_000, 1_000), (20_000, 21_000)] {
-        let puts = many_rows(n, &format!("v{n}"));
-        let write = CheckpointWrite {
-            partition: 5,
-            epoch,
-            next_offset,
-            puts: puts.clone(),
-            deletes: Vec::new(),
-        };
-        let started = Instant::now();
-        store.write_checkpoint(write).await.unwrap();
-        let wrote = started.elapsed();
-        let started = Instant::now();
-        let cp = store.load_checkpoint(5).await.unwrap().unwrap();
-        let loaded = started.elapsed();
-        eprintln!(
-            "{}: checkpoint of {n} rows written in {wrote:?}, loaded in {loaded:?}",
-            match b {
-                Backend::Embedded(_) => "embedded",
-                Backend::Cassandra(_) => "cassandra",
-            }
-        );
-        assert_eq!(cp.next_offset, next_offset);
-        // The 20,000 overwrite the first 1,000 keys and add the rest.
-        assert_eq!(cp.rows, puts);
-    }
-}
-
-async fn put_intake_first_wins(b: &Backend) {
-    let store = b.open().await;
-    assert_eq!(store.get_intake("ord-1").await.unwrap(), None);
-    assert_eq!(
-        store.put_intake(intake("ord-1", 1)).await.unwrap(),
-        intake("ord-1", 1)
-    );
-    assert_eq!(
-        store.put_intake(intake("ord-1", 2)).await.unwrap(),
-        intake("ord-1", 1)
-    );
-    assert_eq!(
-        store.get_intake("ord-1").await.unwrap(),
-        Some(intake("ord-1", 1))
-    );
-    assert_eq!(
-        store.put_intake(intake("ord-2", 2)).await.unwrap(),
-        intake("ord-2", 2)
-    );
-}
-
-async fn concurrent_put_intake_is_first_wins_per_id(b: &Backend) {
-    let instances = b.instances(2).await;
-    let mut tasks = Vec::new();
-    for i in 0..200u64 {
-        let store = instances[i as usize % 2].clone();
-        tasks.push(tokio::spawn(async move {
-            let id = format!("ord-{}", i % 40);
-            (id.clone(), store.put_intake(intake(&id, i)).await.unwrap())
-        }));
-    }
-    let mut winners: BTreeMap<String, IntakeRecord> = BTreeMap::new();
-    for t in tasks {
-        let (id, stored) = t.await.unwrap();
-        let first = winners.entry(id.clone()).or_insert_with(|| stored.clone());
-        assert_eq!(*first, stored, "{id} has one record");
-    }
-    assert_eq!(winners.len(), 40);
-    for (id, record) in &winners {
-        for store in &instances {
-            assert_eq!(store.get_intake(id).await.unwrap().as_ref(), Some(record));
+    let epoch = store.claim(Scope::Orders, 5).await.unwrap();
+    let page = vec![7u8; 256 * 1024];
+    let blobs: Vec<(BlobRef, Vec<u8>)> =
+        (0..64).map(|id| (blob(epoch, id), page.clone())).collect();
+    let w = SnapshotWrite {
+        blobs: blobs.clone(),
+        ..write(Scope::Orders, 5, epoch, 1, &[], &[])
+    };
+    let started = Instant::now();
+    store.commit(&w).await.unwrap();
+    let wrote = started.elapsed();
+    let refs: Vec<BlobRef> = blobs.iter().map(|(r, _)| *r).collect();
+    let started = Instant::now();
+    let back = store.read_blobs(Scope::Orders, 5, &refs).await.unwrap();
+    let loaded = started.elapsed();
+    eprintln!(
+        "{}: 16 MiB snapshot committed in {wrote:?}, read in {loaded:?}",
+        match b {
+            Backend::Embedded(_) => "embedded",
+            Backend::Cassandra(_) => "cassandra",
         }
-    }
+    );
+    assert!(back.iter().all(|b| b.as_deref() == Some(page.as_slice())));
 }
 
-async fn apply_tracking_dedupes_and_positions_only_move_forward(b: &Backend) {
+async fn commits_and_deletes_are_idempotent(b: &Backend) {
     let store = b.open().await;
-    let batch = [
-        event("a", 1, Status::Accepted),
-        event("b", 1, Status::Accepted),
-        event("a", 2, Status::Reserved),
-    ];
-    let events = |applied: Vec<Applied>| applied.into_iter().map(|a| a.event).collect::<Vec<_>>();
-    let new = store
-        .apply_tracking("tracking", &[(0, 10), (1, 4)], &batch)
+    let epoch = store.claim(Scope::Notifications, 2).await.unwrap();
+    let w = write(
+        Scope::Notifications,
+        2,
+        epoch,
+        7,
+        &[(0, "x"), (1, "y")],
+        &[],
+    );
+    store.commit(&w).await.unwrap();
+    store.commit(&w).await.unwrap();
+    let gone = [blob(epoch, 0)];
+    store
+        .delete_blobs(Scope::Notifications, 2, &gone)
+        .await
+        .unwrap();
+    store
+        .delete_blobs(Scope::Notifications, 2, &gone)
+        .await
+        .unwrap();
+    store
+        .delete_blobs(Scope::Notifications, 2, &[])
         .await
         .unwrap();
     assert_eq!(
-        new[2].prev_at_ms,
-        Some(event("a", 1, Status::Accepted).at_ms)
-    );
-    assert_eq!(events(new), batch.to_vec());
-
-    // Replayed events (also within one batch) are dropped; new ones are returned in input order.
-    let replay = [
-        event("a", 2, Status::Reserved),
-        event("b", 2, Status::OutOfStock),
-        event("a", 1, Status::Accepted),
-        event("b", 2, Status::OutOfStock),
-    ];
-    let new = store
-        .apply_tracking("tracking", &[(0, 7), (1, 9), (2, 1)], &replay)
-        .await
-        .unwrap();
-    assert_eq!(new.len(), 1);
-    assert_eq!(
-        new[0].prev_at_ms,
-        Some(event("b", 1, Status::Accepted).at_ms)
-    );
-    assert_eq!(events(new), vec![event("b", 2, Status::OutOfStock)]);
-
-    let a = store.get_tracking("a").await.unwrap().unwrap();
-    assert_eq!((a.order_id.as_str(), a.status), ("a", Status::Reserved));
-    assert_eq!(
-        a.history.iter().map(|h| h.seq).collect::<Vec<_>>(),
-        vec![1, 2]
-    );
-    let b_view = store.get_tracking("b").await.unwrap().unwrap();
-    assert_eq!(
-        (b_view.status, b_view.history.len()),
-        (Status::OutOfStock, 2)
-    );
-    assert_eq!(store.get_tracking("c").await.unwrap(), None);
-
-    assert_eq!(
-        store.sink_positions("tracking").await.unwrap(),
-        BTreeMap::from([(0, 10), (1, 9), (2, 1)])
+        read(&store, Scope::Notifications, 2, epoch, &[0, 1]).await,
+        [None, Some("y".into())]
     );
     assert_eq!(
-        store.sink_positions("track").await.unwrap(),
-        BTreeMap::new()
+        store
+            .load(Scope::Notifications, 2)
+            .await
+            .unwrap()
+            .unwrap()
+            .next_offset,
+        7
     );
-    store.apply_tracking("track", &[(0, 1)], &[]).await.unwrap();
-    assert_eq!(
-        store.sink_positions("track").await.unwrap(),
-        BTreeMap::from([(0, 1)])
-    );
-    assert_eq!(store.sink_positions("tracking").await.unwrap()[&0], 10);
 }
 
 async fn secret_stable_across_reopen(b: &Backend) {
     let first = {
-        let store = b.open().await;
-        let first = store.secret("sealing").await.unwrap();
-        assert_eq!(store.secret("sealing").await.unwrap(), first);
-        assert_ne!(store.secret("other").await.unwrap(), first);
+        let instances = b.instances(2).await;
+        let first = instances[0].secret("sealing").await.unwrap();
+        assert_eq!(instances[1].secret("sealing").await.unwrap(), first);
+        assert_ne!(instances[0].secret("other").await.unwrap(), first);
         first
     };
-    let instances = b.instances(2).await;
-    for store in &instances {
-        assert_eq!(store.secret("sealing").await.unwrap(), first);
-    }
-    // Instances racing to create the same secret all end with the same one.
-    let racing = futures::future::join_all(instances.iter().map(|s| s.secret("fresh"))).await;
-    let racing: Vec<[u8; 32]> = racing.into_iter().map(Result::unwrap).collect();
-    assert!(racing.iter().all(|s| *s == racing[0]), "{racing:?}");
-}
-
-async fn contacts_and_notified_roundtrip(b: &Backend) {
-    let ids = ["o1".to_owned(), "o2".to_owned()];
-    {
-        let store = b.open().await;
-        store.put_contact("o1", "ada@example.com").await.unwrap();
-        assert_eq!(
-            store.get_contacts(&ids).await.unwrap(),
-            vec![Some("ada@example.com".to_owned()), None]
-        );
-        assert_eq!(
-            store.get_contacts(&[]).await.unwrap(),
-            Vec::<Option<String>>::new()
-        );
-        store
-            .record_notified(
-                "notifications",
-                &[(0, 7)],
-                &[notified("webhook:a", "o1", 2), notified("email", "o1", 4)],
-            )
-            .await
-            .unwrap();
-        // A lower seq and a lower position never move anything back.
-        store
-            .record_notified(
-                "notifications",
-                &[(0, 3), (1, 2)],
-                &[
-                    notified("webhook:a", "o1", 1),
-                    notified("webhook:a", "o2", 1),
-                ],
-            )
-            .await
-            .unwrap();
-    }
     let store = b.open().await;
-    let keys = [
-        ("webhook:a".to_owned(), "o1".to_owned()),
-        ("webhook:a".to_owned(), "o2".to_owned()),
-        ("email".to_owned(), "o1".to_owned()),
-        ("webhook:b".to_owned(), "o1".to_owned()),
-    ];
-    assert_eq!(
-        store.notified(&keys).await.unwrap(),
-        vec![Some(2), Some(1), Some(4), None]
-    );
-    assert_eq!(
-        store.sink_positions("notifications").await.unwrap(),
-        BTreeMap::from([(0, 7), (1, 2)])
-    );
-    assert_eq!(
-        store.get_contacts(&ids[..1]).await.unwrap(),
-        vec![Some("ada@example.com".to_owned())]
-    );
+    assert_eq!(store.secret("sealing").await.unwrap(), first);
 }
 
 async fn data_survives_reopen(b: &Backend) {
-    let (cp, view) = {
+    let epoch = {
         let store = b.open().await;
+        let epoch = store.claim(Scope::Orders, 2).await.unwrap();
         store
-            .write_checkpoint(checkpoint(2, 3, 42, &[("sku", "stock")], &[]))
+            .commit(&write(Scope::Orders, 2, epoch, 11, &[(0, "kept")], &[]))
             .await
             .unwrap();
-        store.put_intake(intake("ord-1", 9)).await.unwrap();
-        store
-            .apply_tracking(
-                "tracking",
-                &[(0, 5)],
-                &[event("ord-1", 1, Status::Accepted)],
-            )
-            .await
-            .unwrap();
-        (
-            store.load_checkpoint(2).await.unwrap(),
-            store.get_tracking("ord-1").await.unwrap(),
-        )
+        epoch
     };
-    assert!(cp.is_some() && view.is_some());
     let store = b.open().await;
-    assert_eq!(store.load_checkpoint(2).await.unwrap(), cp);
+    let loaded = store.load(Scope::Orders, 2).await.unwrap().unwrap();
+    assert_eq!((loaded.epoch, loaded.next_offset), (epoch, 11));
     assert_eq!(
-        store.get_intake("ord-1").await.unwrap(),
-        Some(intake("ord-1", 9))
+        read(&store, Scope::Orders, 2, epoch, &[0]).await,
+        [Some("kept".into())]
     );
-    assert_eq!(store.get_tracking("ord-1").await.unwrap(), view);
-    assert_eq!(
-        store.sink_positions("tracking").await.unwrap(),
-        BTreeMap::from([(0, 5)])
-    );
+    assert_eq!(store.claim(Scope::Orders, 2).await.unwrap(), epoch + 1);
 }
 
 // Cases of the CQL store alone.
@@ -676,9 +453,45 @@ async fn data_survives_reopen(b: &Backend) {
 async fn cassandra_migrate_is_idempotent() {
     let config = cassandra_config(support::unique_name("ks"));
     let created = migrate(&config).await.unwrap();
-    assert_eq!(created.len(), 8, "{created:?}");
+    assert_eq!(created.len(), 4, "{created:?}");
     assert!(created[0].starts_with(&format!("keyspace {}", config.keyspace)));
     assert_eq!(migrate(&config).await.unwrap(), Vec::<String>::new());
+    ScyllaStore::connect(&config, None).await.unwrap();
+    Backend::Cassandra(config).finish().await;
+}
+
+/// `migrate` on a keyspace of the per-order layout names its old tables and drops none.
+#[tokio::test]
+async fn cassandra_migrate_names_the_old_tables() {
+    let config = cassandra_config(support::unique_name("ks"));
+    let session = raw_session().await;
+    session
+        .query_unpaged(
+            format!(
+                "CREATE KEYSPACE {} WITH replication = \
+                 {{'class': 'SimpleStrategy', 'replication_factor': 1}}",
+                config.keyspace
+            ),
+            (),
+        )
+        .await
+        .unwrap();
+    session
+        .query_unpaged(
+            format!(
+                "CREATE TABLE {}.intake (order_id text PRIMARY KEY, record blob)",
+                config.keyspace
+            ),
+            (),
+        )
+        .await
+        .unwrap();
+    let report = migrate(&config).await.unwrap();
+    let note = report.last().unwrap();
+    assert!(
+        note.contains("intake") && note.contains("DROP TABLE"),
+        "{report:?}"
+    );
     ScyllaStore::connect(&config, None).await.unwrap();
     Backend::Cassandra(config).finish().await;
 }
@@ -712,7 +525,7 @@ async fn cassandra_connect_without_schema_is_a_clear_error() {
     assert!(
         matches!(err, StoreError::Unavailable(_))
             && msg.contains(&format!(
-                "keyspace {} has no table partition_state: run `orderflow migrate` first",
+                "keyspace {} has no table snapshots: run `orderflow migrate` first",
                 config.keyspace
             )),
         "{msg}"
@@ -722,7 +535,7 @@ async fn cassandra_connect_without_schema_is_a_clear_error() {
     session
         .query_unpaged(
             format!(
-                "CREATE TABLE {}.partition_state (partition int PRIMARY KEY, value text)",
+                "CREATE TABLE {}.snapshots (scope tinyint PRIMARY KEY, value text)",
                 config.keyspace
             ),
             (),
@@ -733,49 +546,13 @@ async fn cassandra_connect_without_schema_is_a_clear_error() {
         .await
         .unwrap_err()
         .to_string();
-    assert!(msg.contains("partition_state has no column key"), "{msg}");
+    assert!(msg.contains("snapshots has no column partition"), "{msg}");
     Backend::Cassandra(config).finish().await;
 }
 
-/// A checkpoint just under the size limit is written; one over it is refused, naming the limit.
+/// Undecodable stored values give `Corrupt` naming the table and key, never a panic.
 #[tokio::test]
-async fn cassandra_checkpoint_size_limit_is_explicit() {
-    let backend = Backend::cassandra().await;
-    let store = backend.open().await;
-    let value = vec![7u8; 64 * 1024];
-    let rows = MAX_CHECKPOINT_BYTES / (value.len() + 16 + 64) - 1;
-    let puts: Vec<_> = (0..rows)
-        .map(|i| (format!("{i:08}").into_bytes(), value.clone()))
-        .collect();
-    let write = |puts: Vec<(Vec<u8>, Vec<u8>)>| CheckpointWrite {
-        partition: 0,
-        epoch: 1,
-        next_offset: 1,
-        puts,
-        deletes: Vec::new(),
-    };
-    store.write_checkpoint(write(puts.clone())).await.unwrap();
-    assert_eq!(
-        store.load_checkpoint(0).await.unwrap().unwrap().rows.len(),
-        rows
-    );
-
-    let mut over = puts;
-    over.extend((0..20).map(|i| (format!("x{i:07}").into_bytes(), value.clone())));
-    let err = store.write_checkpoint(write(over)).await.unwrap_err();
-    let msg = err.to_string();
-    assert!(
-        matches!(err, StoreError::Unavailable(_))
-            && msg.contains("too large for one conditional batch")
-            && msg.contains(&format!("limit {MAX_CHECKPOINT_BYTES}")),
-        "{msg}"
-    );
-    backend.finish().await;
-}
-
-/// Undecodable stored bytes give `Corrupt` naming the table and key, never a panic.
-#[tokio::test]
-async fn cassandra_bad_stored_bytes_are_corrupt_not_panic() {
+async fn cassandra_bad_stored_values_are_corrupt_not_panic() {
     let backend = Backend::cassandra().await;
     let Backend::Cassandra(config) = &backend else {
         unreachable!()
@@ -783,46 +560,34 @@ async fn cassandra_bad_stored_bytes_are_corrupt_not_panic() {
     let store = backend.open().await;
     let ks = &config.keyspace;
     let session = raw_session().await;
-    let junk = vec![0xc1u8, 0xff];
-    for (table, key) in [("intake", "order_id"), ("tracking", "order_id")] {
-        let cols = if table == "intake" {
-            "record"
-        } else {
-            "\"view\""
-        };
-        session
-            .query_unpaged(
-                format!("INSERT INTO {ks}.{table} ({key}, {cols}) VALUES (?, ?)"),
-                ("ord-x", junk.clone()),
-            )
-            .await
-            .unwrap();
-    }
     session
         .query_unpaged(
             format!("INSERT INTO {ks}.secrets (name, value) VALUES (?, ?)"),
-            ("s", junk.clone()),
+            ("s", vec![0xc1u8, 0xff]),
         )
         .await
         .unwrap();
     session
         .query_unpaged(
-            format!("UPDATE {ks}.partition_state SET epoch = -1 WHERE partition = 9"),
+            format!("UPDATE {ks}.snapshots SET epoch = -1 WHERE scope = 1 AND partition = 9"),
+            (),
+        )
+        .await
+        .unwrap();
+    session
+        .query_unpaged(
+            format!(
+                "UPDATE {ks}.snapshots SET epoch = 1, next_offset = 3 WHERE scope = 1 AND partition = 8"
+            ),
             (),
         )
         .await
         .unwrap();
     let errors = [
-        store.get_intake("ord-x").await.unwrap_err(),
-        store.put_intake(intake("ord-x", 1)).await.unwrap_err(),
-        store.get_tracking("ord-x").await.unwrap_err(),
-        store
-            .apply_tracking("t", &[], &[event("ord-x", 1, Status::Accepted)])
-            .await
-            .unwrap_err(),
         store.secret("s").await.unwrap_err(),
-        store.load_checkpoint(9).await.unwrap_err(),
-        store.claim_partition(9).await.unwrap_err(),
+        store.load(Scope::Orders, 9).await.unwrap_err(),
+        store.claim(Scope::Orders, 9).await.unwrap_err(),
+        store.load(Scope::Orders, 8).await.unwrap_err(),
     ];
     for err in errors {
         assert!(
@@ -833,7 +598,7 @@ async fn cassandra_bad_stored_bytes_are_corrupt_not_panic() {
     backend.finish().await;
 }
 
-/// Requests are timed per operation, failures counted by kind, and a fenced write counted per partition.
+/// Requests are timed per operation (one blob, one request), and a fenced commit counted per partition.
 #[tokio::test]
 async fn cassandra_requests_are_measured() {
     let backend = Backend::cassandra().await;
@@ -844,49 +609,42 @@ async fn cassandra_requests_are_measured() {
     let store = ScyllaStore::connect(config, Some(metrics.clone()))
         .await
         .unwrap();
-    let first = store.claim_partition(4).await.unwrap();
+    let first = store.claim(Scope::Orders, 4).await.unwrap();
     store
-        .write_checkpoint(checkpoint(4, first, 1, &[("a", "1")], &[]))
+        .commit(&write(
+            Scope::Orders,
+            4,
+            first,
+            1,
+            &[(0, "a"), (1, "b")],
+            &[],
+        ))
         .await
         .unwrap();
-    store.claim_partition(4).await.unwrap();
+    store.claim(Scope::Orders, 4).await.unwrap();
     let fenced = store
-        .write_checkpoint(checkpoint(4, first, 2, &[("a", "2")], &[]))
+        .commit(&write(Scope::Orders, 4, first, 2, &[(2, "c")], &[0]))
         .await;
     assert!(
         matches!(fenced, Err(StoreError::Fenced { .. })),
         "{fenced:?}"
     );
-    let huge = vec![0u8; MAX_CHECKPOINT_BYTES];
-    let too_large = store
-        .write_checkpoint(CheckpointWrite {
-            partition: 4,
-            epoch: first + 1,
-            next_offset: 3,
-            puts: vec![(b"huge".to_vec(), huge)],
-            deletes: Vec::new(),
-        })
-        .await;
-    assert!(matches!(too_large, Err(StoreError::Unavailable(_))));
-    store.put_intake(intake("ord-1", 1)).await.unwrap();
 
-    let latency = |op: &str| {
+    let requests = |op: &str| {
         metrics
             .store_latency
             .with_label_values(&[op])
             .get_sample_count()
     };
-    assert_eq!(latency("claim_read"), 2);
-    assert_eq!(latency("claim"), 2);
-    assert_eq!(latency("write_checkpoint"), 2);
-    assert_eq!(latency("put_intake"), 1);
+    assert_eq!(requests("claim_read"), 2);
+    assert_eq!(requests("claim"), 2);
+    assert_eq!(requests("commit"), 2);
     assert_eq!(
-        metrics
-            .store_errors
-            .with_label_values(&["write_checkpoint", "too_large"])
-            .get(),
-        1
+        requests("blob_write"),
+        3,
+        "the fenced commit wrote its blob first"
     );
+    assert_eq!(requests("blob_delete"), 0, "and deleted nothing");
     assert_eq!(metrics.checkpoint_fenced.with_label_values(&["4"]).get(), 1);
     drop(store);
     backend.finish().await;

@@ -1,6 +1,6 @@
 //! Writes the committed seed corpora (`fuzz/seeds/<target>/`) from the real
 //! encoders: segment bytes written by the embedded log, envelopes and status
-//! events from their `encode`, checkpoint rows of a processor that ran real
+//! events from their `encode`, snapshots of a processor that ran real
 //! orders, and the order and config examples of the docs. Run from the
 //! repository root after a format change:
 //!
@@ -21,9 +21,10 @@ use orderflow::pipeline::log::embedded::EmbeddedLog;
 use orderflow::pipeline::log::{Log, Record, Topic};
 use orderflow::sinks::metrics::Metrics;
 use orderflow::stages::processor::Input;
+use orderflow::stages::snapshot;
 use orderflow::stages::{Output, PartitionState, Processor};
 
-/// The contract's order (DESIGN.md), and the README's `curl` order without an id.
+/// The contract's order (docs/design.md), and the README's `curl` order without an id.
 const DESIGN_ORDER: &str = r#"{"order_id": "ord-1001", "customer_id": "cus-42", "currency": "USD",
  "lines": [{"sku": "SKU-1", "quantity": 2, "unit_price": 1999}],
  "payment": {"token": "tok_visa"},
@@ -200,6 +201,14 @@ fn statuses() -> Vec<StatusEvent> {
                 Vec::new()
             },
             released_lines: u16::from(status == Status::OutOfStock),
+            src: Some(MsgId {
+                src_partition: 2,
+                src_offset: 40 + i as u64,
+                index: 0,
+            }),
+            email: status
+                .is_terminal()
+                .then(|| "ada@example.com".into()),
         })
         .collect()
 }
@@ -241,7 +250,7 @@ fn config_seeds(dir: &Path, root: &Path) {
 }
 
 /// Processes real records with a one-partition processor (every SKU local)
-/// and returns its checkpoint rows, framed as the `state_rows` target reads them.
+/// and returns its snapshot, framed as the `snapshot` target reads it.
 fn state_seed(records: &[(RecordKind, &str, Vec<u8>)]) -> Vec<u8> {
     let mut processor = Processor::new(0, 1, PartitionState::default());
     let mut out = Output::default();
@@ -255,12 +264,13 @@ fn state_seed(records: &[(RecordKind, &str, Vec<u8>)]) -> Vec<u8> {
         };
         processor.apply(input, &mut out);
     }
+    let (manifest, blobs) = snapshot::full(&processor.state, 0);
     let mut framed = Vec::new();
-    for (key, value) in processor.state.all_rows() {
-        for field in [&key, &value] {
-            framed.extend_from_slice(&(field.len() as u16).to_le_bytes());
-            framed.extend_from_slice(field);
-        }
+    let fields = std::iter::once(manifest.encode())
+        .chain(manifest.blobs().into_iter().map(|b| blobs[&b].clone()));
+    for field in fields {
+        framed.extend_from_slice(&(field.len() as u32).to_le_bytes());
+        framed.extend_from_slice(&field);
     }
     framed
 }
@@ -296,20 +306,20 @@ fn state_seeds(dir: &Path) {
         );
         (RecordKind::Internal, "SKU-1", env.encode())
     };
-    write(dir, "stock-only.rows", &state_seed(&[stock("SKU-1", 10)]));
+    write(dir, "stock-only.snapshot", &state_seed(&[stock("SKU-1", 10)]));
     write(
         dir,
-        "order-held.rows",
+        "order-held.snapshot",
         &state_seed(&[stock("SKU-1", 10), order.clone()]),
     );
     write(
         dir,
-        "order-authorized.rows",
+        "order-authorized.snapshot",
         &state_seed(&[stock("SKU-1", 10), order.clone(), authorized("ord-1001")]),
     );
     write(
         dir,
-        "saga-two-lines.rows",
+        "saga-two-lines.snapshot",
         &state_seed(&[
             stock("SKU-1", 10),
             stock("SKU-2", 10),
@@ -318,7 +328,7 @@ fn state_seeds(dir: &Path) {
     );
     write(
         dir,
-        "out-of-stock.rows",
+        "out-of-stock.snapshot",
         &state_seed(&[stock("SKU-1", 1), order]),
     );
     // A saga message from another partition: a hold and that source's watermark.
@@ -338,7 +348,7 @@ fn state_seeds(dir: &Path) {
     );
     write(
         dir,
-        "remote-hold-watermark.rows",
+        "remote-hold-watermark.snapshot",
         &state_seed(&[
             stock("SKU-1", 10),
             (RecordKind::Internal, "SKU-1", reserve.encode()),
@@ -347,7 +357,7 @@ fn state_seeds(dir: &Path) {
     // An undecodable record goes to the park lane.
     write(
         dir,
-        "parked.rows",
+        "parked.snapshot",
         &state_seed(&[
             stock("SKU-1", 10),
             (RecordKind::Internal, "SKU-1", b"\xc1 not msgpack".to_vec()),
@@ -442,7 +452,7 @@ async fn main() {
     order_seeds(&seeds.join("order"));
     message_seeds(&seeds.join("message"));
     config_seeds(&seeds.join("config"), &root);
-    state_seeds(&seeds.join("state_rows"));
+    state_seeds(&seeds.join("snapshot"));
     log_seeds(&seeds).await;
     println!("seeds written under {}", seeds.display());
 }

@@ -6,7 +6,7 @@
 //! instead (see `story`); with `--diff DIR` it lists the orders whose
 //! outcome this binary would decide differently from DIR's checkpoint.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -50,8 +50,9 @@ pub async fn run(config: &Config, only: Option<u32>) -> anyhow::Result<bool> {
         .context("opening the state store")?;
     let mut all_match = true;
     for partition in (0..config.partitions).filter(|p| only.is_none_or(|o| o == *p)) {
-        let (live, next_offset) = load_state(&store, partition).await?;
-        let replayed = replay(&log, partition, next_offset, config.processor.retention()).await?;
+        let limits = config.processor.limits();
+        let (live, next_offset, _) = load_state(&store, partition, &limits).await?;
+        let replayed = replay(&log, partition, next_offset, limits).await?;
         let (checkpoint_hash, replay_hash) = (live.hash(), replayed.hash());
         let matches = checkpoint_hash == replay_hash;
         let report = PartitionReplay {
@@ -72,7 +73,7 @@ pub async fn run(config: &Config, only: Option<u32>) -> anyhow::Result<bool> {
 pub async fn order_story(config: &Config, order_id: &str, json: bool) -> anyhow::Result<bool> {
     let _lock = lock_data_dir(&config.data_dir)?;
     let log = open_log(config)?;
-    let steps = story::collect(&log, order_id, config.processor.retention()).await?;
+    let steps = story::collect(&log, order_id, config.processor.limits()).await?;
     if json {
         for step in &steps {
             println!("{}", serde_json::to_string(step)?);
@@ -86,7 +87,9 @@ pub async fn order_story(config: &Config, order_id: &str, json: bool) -> anyhow:
     Ok(!steps.is_empty())
 }
 
-/// An order this binary decides differently from the checkpoint.
+/// An order this binary decides differently from the checkpoint. A
+/// finished order is remembered by its key only (the first 16 bytes of
+/// SHA-256 of its id, in hex), so that is what names it.
 #[derive(Debug, Serialize)]
 pub struct OutcomeDiff {
     pub order_id: String,
@@ -110,25 +113,21 @@ pub async fn diff(config: &Config, dir: &Path) -> anyhow::Result<bool> {
     let store = EmbeddedStore::open(&config.data_dir.join("state.redb"))
         .context("opening the state store")?;
     let (mut orders, mut differ) = (0usize, 0usize);
+    let limits = config.processor.limits();
     for partition in 0..config.partitions {
-        let (recorded, next_offset) = load_state(&store, partition).await?;
-        let replayed = replay(&log, partition, next_offset, config.processor.retention()).await?;
-        let ids: BTreeSet<&str> = [&recorded, &replayed]
-            .into_iter()
-            .flat_map(|s| {
-                s.orders
-                    .keys()
-                    .map(String::as_str)
-                    .chain(s.parked.values().filter_map(|p| p.order_id.as_deref()))
-            })
-            .collect();
+        let (recorded, next_offset, _) = load_state(&store, partition, &limits).await?;
+        let replayed = replay(&log, partition, next_offset, limits).await?;
+        let (was, now) = (outcomes(&recorded), outcomes(&replayed));
+        let ids: BTreeSet<&String> = was.keys().chain(now.keys()).collect();
         orders += ids.len();
         for id in ids {
-            let (was, now) = (outcome(&recorded, id), outcome(&replayed, id));
+            let absent = || "absent".to_owned();
+            let was = was.get(id).cloned().unwrap_or_else(absent);
+            let now = now.get(id).cloned().unwrap_or_else(absent);
             if was != now {
                 differ += 1;
                 let d = OutcomeDiff {
-                    order_id: id.to_owned(),
+                    order_id: id.clone(),
                     partition,
                     recorded: was,
                     replayed: now,
@@ -144,19 +143,27 @@ pub async fn diff(config: &Config, dir: &Path) -> anyhow::Result<bool> {
     Ok(differ == 0)
 }
 
-/// An order's outcome in one partition's state.
-fn outcome(state: &PartitionState, order_id: &str) -> String {
-    match state.orders.get(order_id) {
-        Some(rec) => format!("{} (seq {})", rec.status, rec.seq),
-        None if state
-            .parked
-            .values()
-            .any(|p| p.order_id.as_deref() == Some(order_id)) =>
-        {
-            "parked".to_owned()
-        }
-        None => "absent".to_owned(),
+/// Every order's outcome in one partition's state: in flight (by id),
+/// parked (by id), finished (by key, in hex).
+fn outcomes(state: &PartitionState) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (_, e) in state.finished.iter() {
+        let outcome = if e.confirmed() {
+            "confirmed"
+        } else {
+            "not confirmed"
+        };
+        out.insert(hex::encode(e.key.0), format!("finished ({outcome})"));
     }
+    for p in state.parked.values() {
+        if let Some(id) = &p.order_id {
+            out.insert(id.clone(), "parked".to_owned());
+        }
+    }
+    for (id, rec) in &state.orders {
+        out.insert(id.clone(), format!("{} (seq {})", rec.status, rec.seq));
+    }
+    out
 }
 
 fn open_log(config: &Config) -> anyhow::Result<EmbeddedLog> {

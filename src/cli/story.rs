@@ -14,13 +14,14 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::Serialize;
 
+use crate::domain::OrderKey;
 use crate::domain::order::parse_order;
 use crate::domain::parked::ParkEvent;
 use crate::domain::{Envelope, Message, RecordKind};
 use crate::pipeline::log::{Log, LogError, LogRecord, Topic, partition_for_key};
 use crate::pipeline::runner::{Inspect, replay_inspected};
-use crate::stages::processor::{Retention, order_id_of};
-use crate::stages::state::Stock;
+use crate::stages::processor::{Limits, order_id_of};
+use crate::stages::state::{Stock, StockTable};
 use crate::stages::{Output, PartitionState};
 
 /// Most steps one story keeps: an order has a handful of records (about
@@ -60,7 +61,7 @@ struct Collector<'a> {
     order_id: &'a str,
     partition: u32,
     partitions: u32,
-    stock_before: BTreeMap<String, Stock>,
+    stock_before: StockTable,
     /// The watched record's message, decoded once in `before`; `None` for
     /// an order's JSON.
     envelope: Option<Envelope>,
@@ -150,7 +151,7 @@ impl Inspect for Collector<'_> {
                 .map(|e| format!("{} {} {}", e.kind.as_str(), e.amount, e.currency))
                 .collect(),
             problems,
-            order_after: order_after(state, self.order_id),
+            order_after: order_after(state, self.order_id, record.timestamp_ms),
             cause: envelope
                 .and_then(|env| env.id)
                 .map(|id| (id.src_partition, id.src_offset)),
@@ -181,8 +182,14 @@ fn describe(record: &LogRecord, envelope: Option<&Envelope>) -> String {
     }
 }
 
-fn order_after(state: &PartitionState, order_id: &str) -> Option<String> {
+fn order_after(state: &PartitionState, order_id: &str, now_ms: u64) -> Option<String> {
     let mut parts = Vec::new();
+    if let Some(done) = state.finished.get(&OrderKey::of(order_id), now_ms) {
+        parts.push(match done.confirmed() {
+            true => "finished, confirmed".to_owned(),
+            false => "finished, not confirmed".to_owned(),
+        });
+    }
     if let Some(rec) = state.orders.get(order_id) {
         parts.push(format!("{} (seq {})", rec.status, rec.seq));
         if let Some(saga) = &rec.saga {
@@ -207,11 +214,7 @@ fn order_after(state: &PartitionState, order_id: &str) -> Option<String> {
 
 /// Replays every partition of `log` to its end and returns the order's
 /// steps in causal order.
-pub async fn collect(
-    log: &dyn Log,
-    order_id: &str,
-    retention: Retention,
-) -> Result<Vec<Step>, LogError> {
+pub async fn collect(log: &dyn Log, order_id: &str, limits: Limits) -> Result<Vec<Step>, LogError> {
     let partitions = log.partition_count(Topic::Orders);
     let mut per_partition = Vec::new();
     for partition in 0..partitions {
@@ -219,11 +222,11 @@ pub async fn collect(
             order_id,
             partition,
             partitions,
-            stock_before: BTreeMap::new(),
+            stock_before: StockTable::default(),
             envelope: None,
             steps: Vec::new(),
         };
-        replay_inspected(log, partition, u64::MAX, retention, &mut collector).await?;
+        replay_inspected(log, partition, u64::MAX, limits, &mut collector).await?;
         per_partition.push(VecDeque::from(collector.steps));
     }
     let mut steps = causal_order(per_partition);

@@ -40,10 +40,14 @@ pub enum RejectReason {
     InvalidEmail,
     PanDetected,
     DuplicateOrderId,
+    /// The home partition had `processor.max_inflight_orders` in flight.
+    PartitionBusy,
+    /// The record could not be set aside: the park lane was at its bound.
+    ParkLaneFull,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 18] = [
+    pub const ALL: [RejectReason; 20] = [
         RejectReason::MalformedJson,
         RejectReason::NotAnObject,
         RejectReason::UnknownField,
@@ -62,6 +66,8 @@ impl RejectReason {
         RejectReason::InvalidEmail,
         RejectReason::PanDetected,
         RejectReason::DuplicateOrderId,
+        RejectReason::PartitionBusy,
+        RejectReason::ParkLaneFull,
     ];
 
     pub fn code(self) -> &'static str {
@@ -84,6 +90,8 @@ impl RejectReason {
             RejectReason::InvalidEmail => "invalid_email",
             RejectReason::PanDetected => "pan_detected",
             RejectReason::DuplicateOrderId => "duplicate_order_id",
+            RejectReason::PartitionBusy => "partition_busy",
+            RejectReason::ParkLaneFull => "park_lane_full",
         }
     }
 }

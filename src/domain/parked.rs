@@ -44,6 +44,10 @@ pub enum ParkEvent {
         partition: u32,
         offset: u64,
     },
+    /// Not set aside: the lane was at its bound (`processor.max_parked_*`).
+    /// The record is kept here, bytes included, for an operator to act on;
+    /// it never entered the lane.
+    Refused(ParkedRecord),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -73,7 +77,7 @@ impl ParkEvent {
     /// `(partition, offset)` of the record the event is about.
     pub fn position(&self) -> (u32, u64) {
         match self {
-            ParkEvent::Parked(r) => (r.partition, r.offset),
+            ParkEvent::Parked(r) | ParkEvent::Refused(r) => (r.partition, r.offset),
             ParkEvent::Retried { partition, offset } | ParkEvent::Dropped { partition, offset } => {
                 (*partition, *offset)
             }

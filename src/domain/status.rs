@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::message::MsgId;
+
 /// Every status an order can have. The last four are terminal failures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -110,6 +112,18 @@ pub struct StatusEvent {
     /// failed saga undoing its reservations); absent on the wire when 0.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub released_lines: u16,
+    /// The deterministic id of the transition: (home partition, offset of
+    /// the record that caused it, index among that record's statuses). A
+    /// replay re-emits the same ids, so a consumer that keeps the highest
+    /// id per source partition recognises its duplicates in O(partitions)
+    /// memory. Absent on records written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src: Option<MsgId>,
+    /// The order's contact email, on terminal statuses only, for the
+    /// notifications sink (nothing else stores it). Never shown by the
+    /// read model, SSE, webhooks or logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
 }
 
 fn is_zero(n: &u16) -> bool {
@@ -186,8 +200,20 @@ mod tests {
             at_ms: 7,
             refused_skus: Vec::new(),
             released_lines: 0,
+            src: None,
+            email: None,
         };
         assert_eq!(StatusEvent::decode(&e.encode()).unwrap(), e);
+        let full = StatusEvent {
+            src: Some(MsgId {
+                src_partition: 3,
+                src_offset: 99,
+                index: 1,
+            }),
+            email: Some("ada@example.com".into()),
+            ..e.clone()
+        };
+        assert_eq!(StatusEvent::decode(&full.encode()).unwrap(), full);
         let oos = StatusEvent {
             status: Status::OutOfStock,
             refused_skus: vec!["SKU-1".into()],
@@ -228,6 +254,7 @@ mod tests {
         .unwrap();
         let e = StatusEvent::decode(&old).unwrap();
         assert!(e.refused_skus.is_empty() && e.released_lines == 0);
+        assert!(e.src.is_none() && e.email.is_none());
         assert_eq!(e.encode(), old, "nothing new on the wire when empty");
     }
 }

@@ -30,7 +30,6 @@ pub mod routes;
 pub mod server;
 pub mod sse;
 pub mod tls;
-pub mod tokens;
 pub mod track;
 pub mod views;
 

@@ -4,14 +4,13 @@
 //! (or when the instance shuts down). Each event is `event: status`,
 //! `id: <seq>`, `data: {"order_id","seq","status","reason","at"}`.
 //!
-//! In distributed mode the live feed (every instance reads `order-status`)
-//! and the read model (written by the status partition's owner) are fed by
-//! different consumers, so either can run ahead of the other. A live event
-//! past a gap in `seq` waits while the read model is re-read to fill the
-//! gap (at most `GAP_WAIT`, then the stream goes on with the gap rather
-//! than stall), and a stream with nothing to send re-reads the read model
-//! every `RESYNC_POLLS` polls in case an event passed the feed before the
-//! subscription existed.
+//! The live events and the read model come from the same consumer (the
+//! read model applies a batch, then hands its new events to subscribers),
+//! so the model is never behind a live event. A subscriber that lags (its
+//! buffer overflowed) re-reads the model; a live event past a gap in `seq`
+//! waits while the model is re-read to fill it (at most `GAP_WAIT`, then the
+//! stream goes on rather than stall), and a stream with nothing to send
+//! re-reads the model every `RESYNC_POLLS` polls.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -33,8 +32,7 @@ use super::problem::Problem;
 use super::routes::authorize_request;
 use super::views::EventView;
 use crate::domain::StatusEvent;
-use crate::pipeline::store::TrackingView;
-use crate::sinks::tracking::Tracking;
+use crate::sinks::tracking::{Tracking, TrackingView};
 
 /// How often a waiting stream checks whether the instance is shutting down.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(250);
@@ -60,19 +58,9 @@ pub(crate) async fn order_events(
         .map_err(|_| Problem::too_many_streams(state.config.retry_after_s))?;
     // Subscribe before reading the view, so no event falls in between.
     let rx = state.tracking.subscribe(&id);
-    let view = state.tracking.get(&id).await.map_err(|e| {
-        tracing::warn!(error = %e, "tracking read failed");
-        Problem::unavailable(state.config.retry_after_s)
-    })?;
+    let view = state.tracking.get(&id);
     if view.is_none() && matches!(access, super::routes::Access::Admin) {
-        let known = state
-            .intake
-            .exists(&id)
-            .await
-            .map_err(|_| Problem::unavailable(state.config.retry_after_s))?;
-        if !known {
-            return Err(Problem::order_not_found());
-        }
+        return Err(Problem::order_not_found());
     }
     let mut stream = EventStream {
         order_id: id,
@@ -132,6 +120,8 @@ impl EventStream {
                 at_ms: h.at_ms,
                 refused_skus: Vec::new(),
                 released_lines: 0,
+                src: None,
+                email: None,
             });
         }
     }
@@ -144,7 +134,7 @@ impl EventStream {
     }
 
     async fn resync(&mut self) {
-        if let Ok(Some(v)) = self.tracking.get(&self.order_id).await {
+        if let Some(v) = self.tracking.get(&self.order_id) {
             self.queue_view(&v);
         }
     }

@@ -32,7 +32,7 @@ use super::auth::TokenQuery;
 use super::routes::{Access, authorize_order};
 use super::views::rfc3339_ms;
 use crate::domain::Status;
-use crate::pipeline::store::TrackingView;
+use crate::sinks::tracking::TrackingView;
 
 /// The page template; `{{name}}` placeholders are filled by [`fill`].
 const PAGE: &str = include_str!("track.html");
@@ -55,19 +55,9 @@ pub(crate) async fn track_page(
         Err(p) if p.status == StatusCode::NOT_FOUND => return not_found_page(),
         Err(_) => return unavailable_page(state.config.retry_after_s),
     };
-    let view = match state.tracking.get(&id).await {
-        Ok(view) => view,
-        Err(e) => {
-            tracing::warn!(error = %e, "tracking read failed");
-            return unavailable_page(state.config.retry_after_s);
-        }
-    };
+    let view = state.tracking.get(&id);
     if view.is_none() && matches!(access, Access::Admin) {
-        match state.intake.exists(&id).await {
-            Ok(true) => {}
-            Ok(false) => return not_found_page(),
-            Err(_) => return unavailable_page(state.config.retry_after_s),
-        }
+        return not_found_page();
     }
     let nonce = BASE64.encode(rand::random::<[u8; 16]>());
     let html = render_page(&id, view.as_ref(), &nonce);
@@ -332,7 +322,7 @@ fn html_response(status: StatusCode, body: String, csp: &str) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::store::HistoryEntry;
+    use crate::sinks::tracking::HistoryEntry;
 
     #[test]
     fn html_escape_escapes_the_five_characters() {

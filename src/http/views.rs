@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use crate::domain::{Status, StatusEvent};
-use crate::pipeline::store::TrackingView;
+use crate::sinks::tracking::TrackingView;
 
 /// `GET /v1/orders/{id}`.
 #[derive(Serialize)]

@@ -3,8 +3,8 @@
 //! each batch, and a stock change is itself a log message (`SetStock`), so
 //! the single writer per SKU is never bypassed. A SKU whose partition
 //! another instance owns (distributed deployment) is read from that
-//! partition's last checkpoint in the shared store (at most
-//! `checkpoint.every_ms` old).
+//! partition's last snapshot in the shared store (its stock page only; at
+//! most `checkpoint.every_ms` old).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,8 +17,10 @@ use tokio::sync::watch;
 use crate::domain::order::valid_sku;
 use crate::domain::{Envelope, Message};
 use crate::pipeline::log::{Log, LogError, Record, RecordKind, Topic, partition_for_key};
-use crate::pipeline::store::{StateStore, StoreError};
-use crate::stages::state::{decode_stock_row, stock_row_key};
+use crate::pipeline::store::{Scope, StateStore, StoreError};
+use crate::stages::processor::StockRefused;
+use crate::stages::snapshot::{self, Manifest};
+use crate::stages::state::MAX_AVAILABLE;
 
 /// How often a stock change on a partition owned elsewhere looks at the
 /// store for the checkpoint that includes it.
@@ -26,6 +28,13 @@ const REMOTE_POLL_MS: u64 = 50;
 
 /// Longest an admin stock change waits to be applied by its processor.
 pub const APPLY_TIMEOUT_MS: u64 = 10_000;
+/// Refusals kept for the admin calls waiting on them; past this many (the
+/// changes came from another instance or a producer, nobody waits) the
+/// oldest go.
+const MAX_REFUSALS: usize = 1_024;
+/// Attempts of a remote stock read whose page a newer snapshot replaced
+/// between reading the manifest and the page.
+const REMOTE_READ_ATTEMPTS: usize = 5;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StockCounts {
@@ -39,12 +48,17 @@ pub struct StockCounts {
 pub enum InventoryError {
     #[error("invalid SKU: must match [A-Za-z0-9._-]{{1,64}}")]
     InvalidSku,
+    #[error("available must be at most {MAX_AVAILABLE}")]
+    TooMuchStock,
     #[error(transparent)]
     Log(#[from] LogError),
     #[error("the stock change was logged but not applied within {0} ms")]
     Timeout(u64),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The processor refused the change (a limit); nothing changed.
+    #[error("the stock change was refused: {0}")]
+    Refused(String),
 }
 
 pub struct Inventory {
@@ -54,6 +68,8 @@ pub struct Inventory {
     processed: Vec<watch::Sender<u64>>,
     /// Per `orders` partition: whether a runner of this instance owns it.
     owned: Vec<AtomicBool>,
+    /// Refused stock changes by `(partition, offset)`, oldest first.
+    refusals: std::sync::Mutex<std::collections::VecDeque<((u32, u64), String)>>,
     store: Arc<dyn StateStore>,
 }
 
@@ -65,6 +81,7 @@ impl Inventory {
             counts: DashMap::new(),
             processed: (0..partitions).map(|_| watch::channel(0).0).collect(),
             owned: (0..partitions).map(|_| AtomicBool::new(false)).collect(),
+            refusals: std::sync::Mutex::new(std::collections::VecDeque::new()),
             store,
         }
     }
@@ -89,25 +106,65 @@ impl Inventory {
         Ok(self.checkpointed(partition, sku).await?.1)
     }
 
-    /// `(next_offset, counters)` of `sku` in its partition's last checkpoint.
+    /// `(next_offset, counters)` of `sku` in its partition's last snapshot:
+    /// the manifest, then the one stock page that holds the SKU. A page
+    /// that a newer snapshot replaced in between is read again.
     async fn checkpointed(
         &self,
         partition: u32,
         sku: &str,
     ) -> Result<(u64, Option<StockCounts>), InventoryError> {
-        let Some((next, row)) = self.store.load_row(partition, &stock_row_key(sku)).await? else {
-            return Ok((0, None));
-        };
-        let counts = row
-            .map(|bytes| decode_stock_row(&bytes).map_err(StoreError::Corrupt))
-            .transpose()?
-            .map(|s| StockCounts {
+        for _ in 0..REMOTE_READ_ATTEMPTS {
+            let Some(loaded) = self.store.load(Scope::Orders, partition).await? else {
+                return Ok((0, None));
+            };
+            let corrupt = |e: snapshot::SnapshotError| StoreError::Corrupt(e.to_string());
+            let manifest = Manifest::decode(partition, &loaded.manifest).map_err(corrupt)?;
+            let Some(page) = snapshot::stock_page(&manifest, sku) else {
+                return Ok((loaded.next_offset, None));
+            };
+            let bytes = self
+                .store
+                .read_blobs(Scope::Orders, partition, &[page])
+                .await?;
+            let Some(Some(bytes)) = bytes.into_iter().next() else {
+                continue; // replaced and deleted since the manifest was read
+            };
+            let stock = snapshot::stock_in_page(&manifest, page, &bytes, sku).map_err(corrupt)?;
+            let counts = stock.map(|s| StockCounts {
                 sku: sku.to_owned(),
                 available: s.available,
                 reserved: s.reserved,
                 sold: s.sold,
             });
-        Ok((next, counts))
+            return Ok((loaded.next_offset, counts));
+        }
+        Err(InventoryError::Store(StoreError::Unavailable(format!(
+            "the stock page of {sku} changed under each of {REMOTE_READ_ATTEMPTS} reads"
+        ))))
+    }
+
+    /// A runner reports the stock changes its processor refused.
+    pub fn refused(&self, partition: u32, refused: &[StockRefused]) {
+        if refused.is_empty() {
+            return;
+        }
+        let mut refusals = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        for r in refused {
+            if refusals.len() == MAX_REFUSALS {
+                refusals.pop_front();
+            }
+            refusals.push_back(((partition, r.offset), r.reason.clone()));
+        }
+    }
+
+    /// The refusal of the change at `(partition, offset)`, taken out.
+    fn take_refusal(&self, partition: u32, offset: u64) -> Option<String> {
+        let mut refusals = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        let at = refusals
+            .iter()
+            .position(|(k, _)| *k == (partition, offset))?;
+        refusals.remove(at).map(|(_, reason)| reason)
     }
 
     /// Sets `sku`'s available stock through the log and waits until its
@@ -115,6 +172,9 @@ impl Inventory {
     pub async fn set(&self, sku: &str, available: u64) -> Result<StockCounts, InventoryError> {
         if !valid_sku(sku) {
             return Err(InventoryError::InvalidSku);
+        }
+        if available > MAX_AVAILABLE {
+            return Err(InventoryError::TooMuchStock);
         }
         let msg = Envelope::new(
             None,
@@ -137,7 +197,12 @@ impl Inventory {
         let counts = if self.owned[partition as usize].load(Ordering::SeqCst) {
             let mut rx = self.processed[partition as usize].subscribe();
             match tokio::time::timeout(timeout, rx.wait_for(|next| *next > offset)).await {
-                Ok(Ok(_)) => self.counts.get(sku).map(|c| c.clone()),
+                Ok(Ok(_)) => {
+                    if let Some(reason) = self.take_refusal(partition, offset) {
+                        return Err(InventoryError::Refused(reason));
+                    }
+                    self.counts.get(sku).map(|c| c.clone())
+                }
                 _ => return Err(InventoryError::Timeout(APPLY_TIMEOUT_MS)),
             }
         } else {

@@ -12,6 +12,7 @@ pub mod parked;
 pub mod runner;
 pub mod store;
 pub mod supervisor;
+pub mod tokens;
 
 /// Whether an I/O error means the disk (or the user's quota) is full: a
 /// condition that passes once space is freed, unlike other I/O errors.

@@ -1,8 +1,9 @@
 //! The supervisor: runs the partition tasks of the partitions this
 //! instance owns, as [`Membership`](crate::pipeline::membership) changes
 //! say. An `orders` partition gets a runner (after claiming a new
-//! ownership epoch); an `order-status` partition gets the tracking sink
-//! and, when configured, the notifications sink. Embedded, everything is
+//! ownership epoch); an `order-status` partition gets the task that writes
+//! the tracking read model's replay point and, when configured, the
+//! notifications sink (the read model itself is fed on every instance). Embedded, everything is
 //! assigned once at start; distributed, partitions come and go with
 //! consumer-group rebalances, and a revoked partition's tasks stop (the
 //! runner checkpoints) before the group may hand it on.
@@ -22,11 +23,11 @@ use crate::pipeline::inventory::Inventory;
 use crate::pipeline::log::{Log, Topic};
 use crate::pipeline::membership::{Change, Part};
 use crate::pipeline::runner::{self, RunnerDeps, RunnerError, RunnerExit};
-use crate::pipeline::store::{StateStore, StoreError};
+use crate::pipeline::store::{Scope, StateStore, StoreError, with_retries};
 use crate::sinks::metrics::Metrics;
 use crate::sinks::notifications::{self, Notifier};
 use crate::sinks::tracking::{self, Tracking};
-use crate::stages::processor::Retention;
+use crate::stages::processor::Limits;
 
 /// What a partition task is told to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,9 +50,10 @@ pub struct Deps {
     /// Runners publish their progress here for intake's admission control.
     pub backlog: Arc<Backlog>,
     pub checkpoint: CheckpointConfig,
-    pub retention: Retention,
+    pub limits: Limits,
     pub tracking: Arc<Tracking>,
-    /// The log the tracking sink reads (a release view when two sinks read).
+    /// The log the tracking read model releases (a release view when the
+    /// notifications sink reads `order-status` too).
     pub tracking_log: Arc<dyn Log>,
     /// The notifier and its log view, when notifications are configured.
     pub notifications: Option<(Arc<Notifier>, Arc<dyn Log>)>,
@@ -155,13 +157,15 @@ impl Supervisor {
             self.running.insert(part, Running { stop, tasks });
         }
         self.publish_owned();
-        // Ready once the first assignment's partitions have caught up.
+        // Ready once the first assignment's partitions and the read
+        // model have caught up.
         if !self.became_ready {
             self.became_ready = true;
-            let health = self.deps.health.clone();
+            let (health, tracking) = (self.deps.health.clone(), self.deps.tracking.clone());
             tokio::spawn(async move {
                 if let Ok(permits) = recovered.acquire_many(runners).await {
                     permits.forget();
+                    tracking.wait_caught_up().await;
                     health.ready.store(true, Ordering::SeqCst);
                 }
             });
@@ -187,7 +191,10 @@ impl Supervisor {
         recovered: Arc<Semaphore>,
     ) -> Option<JoinHandle<Option<RunnerExit>>> {
         let d = &self.deps;
-        let epoch = match d.store.claim_partition(partition).await {
+        let claimed = with_retries("claim partition", || {
+            d.store.claim(Scope::Orders, partition)
+        });
+        let epoch = match claimed.await {
             Ok(epoch) => epoch,
             Err(e) => {
                 let _ = d
@@ -206,7 +213,7 @@ impl Supervisor {
             inventory: d.inventory.clone(),
             metrics: d.metrics.clone(),
             checkpoint: d.checkpoint.clone(),
-            retention: d.retention,
+            limits: d.limits,
             epoch,
             recovered,
             backlog: d.backlog.clone(),
@@ -257,18 +264,9 @@ impl Supervisor {
             d.fatal.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            let result = match store.sink_positions(tracking::SINK_NAME).await {
-                Ok(positions) => {
-                    let next = positions.get(&partition).copied().unwrap_or(0);
-                    tracking::run_sink(t, log, partition, next, rx)
-                        .await
-                        .map_err(|e| e.to_string())
-                }
-                Err(e) => Err(format!("tracking sink, partition {partition}: {e}")),
-            };
-            if let Err(e) = result {
-                tracing::error!(error = %e, "tracking sink failed");
-                let _ = fatal.send(e).await;
+            if let Err(e) = tracking::run_owner(t, store, log, partition, rx).await {
+                tracing::error!(error = %e, "tracking replay point failed");
+                let _ = fatal.send(e.to_string()).await;
             }
             None
         }));

@@ -99,7 +99,7 @@ pub fn check_stock(partition: u32, state: &PartitionState) -> Result<(), Breach>
     for hold in state.holds.values() {
         *held.entry(hold.sku.as_str()).or_default() += u64::from(hold.quantity);
     }
-    for (sku, s) in &state.stock {
+    for (sku, s) in state.stock.iter() {
         let total = s
             .available
             .checked_add(s.reserved)

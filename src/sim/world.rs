@@ -12,8 +12,8 @@
 //! I/O: it reads only durable records from the simulated disks, appends the
 //! output to them and confirms it once an fsync made it durable (the
 //! runner waits until then, as `runner::run` awaits its appends); it
-//! applies a checkpoint write atomically (rows and offset together, as one
-//! redb transaction); after a crash it recovers a new core from the
+//! applies a checkpoint write atomically (blobs, manifest and offset
+//! together, as one redb transaction); after a crash it recovers a new core from the
 //! checkpoint, resubmits its outbox and replays the tail. An append that a
 //! crash drops before it was durable fails the runner that waited for it,
 //! which restarts the same way. Checkpoints happen when the core says they
@@ -30,8 +30,9 @@ use crate::config::CheckpointConfig;
 use crate::domain::partition::partition_for_key;
 use crate::domain::{Envelope, Message, RecordKind, Status, StatusEvent};
 use crate::pipeline::log::{Record, Topic};
-use crate::pipeline::runner::core::{CheckpointDue, PartitionCore};
-use crate::pipeline::store::CheckpointWrite;
+use crate::pipeline::runner::core::PartitionCore;
+use crate::pipeline::store::{BlobRef, SnapshotWrite};
+use crate::stages::snapshot::{self, Manifest};
 use crate::stages::state::Stock;
 use crate::stages::{Output, PartitionState, Processor};
 
@@ -71,12 +72,22 @@ struct Runner {
 impl Runner {
     /// A runner recovered from checkpoint `cp` at `now_ms`.
     fn recover(p: u32, partitions: u32, cp: &Checkpoint, now_ms: u64) -> Result<Runner, Breach> {
-        let rows = cp.rows.iter().map(|(k, v)| (k.as_slice(), v.as_slice()));
-        let state = PartitionState::from_rows(rows)
-            .map_err(|e| Breach::new("checkpoint-loads", format!("partition {p}: {e}")))?;
+        let breach = |e: snapshot::SnapshotError| Breach::new("checkpoint-loads", e.to_string());
+        let (state, manifest) = match &cp.manifest {
+            None => (PartitionState::default(), Manifest::empty(p)),
+            Some(bytes) => {
+                let manifest = Manifest::decode(p, bytes).map_err(breach)?;
+                let limits = crate::stages::processor::Limits::default().finished;
+                (
+                    snapshot::restore(&manifest, &cp.blobs, limits).map_err(breach)?,
+                    manifest,
+                )
+            }
+        };
         let processor = processor(p, partitions, state);
         // `order-status` has as many partitions as `orders` here.
-        let core = PartitionCore::recover(processor, cp.next, partitions, CHECKPOINT, now_ms);
+        let core =
+            PartitionCore::recover(processor, cp.next, manifest, partitions, CHECKPOINT, now_ms);
         Ok(Runner {
             core,
             waiting: Vec::new(),
@@ -88,20 +99,23 @@ impl Runner {
     }
 }
 
+/// What the simulated state store holds of one partition.
 #[derive(Default)]
 struct Checkpoint {
-    rows: BTreeMap<Vec<u8>, Vec<u8>>,
+    manifest: Option<Vec<u8>>,
+    blobs: BTreeMap<BlobRef, Vec<u8>>,
     next: u64,
 }
 
 impl Checkpoint {
-    /// Applies a write atomically: rows and offset together.
-    fn write(&mut self, write: CheckpointWrite) {
+    /// Applies a write atomically: blobs, manifest, offset and deletions together.
+    fn write(&mut self, write: SnapshotWrite) {
         assert_eq!(write.epoch, EPOCH, "a checkpoint of another owner");
-        for key in write.deletes {
-            self.rows.remove(&key);
+        self.blobs.extend(write.blobs);
+        for blob in &write.drop {
+            self.blobs.remove(blob);
         }
-        self.rows.extend(write.puts);
+        self.manifest = Some(write.manifest);
         self.next = write.next_offset;
     }
 }
@@ -175,6 +189,21 @@ pub struct World {
 
 fn processor(partition: u32, partitions: u32, state: PartitionState) -> Processor {
     Processor::new(partition, partitions, state)
+}
+
+/// The state a runner would checkpoint now loads back to itself (a whole
+/// snapshot, written from nothing and read back).
+fn check_snapshot_loads(partition: u32, state: &PartitionState) -> Result<(), Breach> {
+    let (manifest, blobs) = snapshot::full(state, partition);
+    let limits = state.finished.limits();
+    match snapshot::restore(&manifest, &blobs, limits) {
+        Ok(back) if back == *state => Ok(()),
+        Ok(_) => Err(Breach::new(
+            "snapshot-loads",
+            format!("partition {partition}: the snapshot loads back to another state"),
+        )),
+        Err(e) => Err(Breach::new("snapshot-loads", e.to_string())),
+    }
 }
 
 /// The SKUs of a world of `partitions` partitions.
@@ -389,7 +418,7 @@ impl World {
             }
         }
         // Checkpoint writes are instant here: none is ever in flight.
-        if runner.core.checkpoint_due(self.clock_ms) != CheckpointDue::No {
+        if runner.core.checkpoint_due(self.clock_ms) {
             let write = runner.core.take_checkpoint(EPOCH, self.clock_ms);
             self.checkpoints[p].write(write);
         }
@@ -487,6 +516,7 @@ impl World {
         self.consume_statuses()?;
         for (p, runner) in self.runners.iter().enumerate() {
             check_stock(p as u32, runner.state())?;
+            check_snapshot_loads(p as u32, runner.state())?;
         }
         if !crashed.is_empty() {
             self.check_durable(crashed)?;
@@ -686,7 +716,7 @@ impl World {
             ));
         }
         for runner in &self.runners {
-            for (sku, stock) in &runner.state().stock {
+            for (sku, stock) in runner.state().stock.iter() {
                 let want = sold.get(sku.as_str()).copied().unwrap_or(0);
                 if stock.sold != want || stock.reserved != 0 {
                     return Err(Breach::new(

@@ -49,6 +49,14 @@ pub struct Metrics {
     pub log_fsync_latency: HistogramVec,
     pub log_batch_records: HistogramVec,
     pub checkpoint_latency: HistogramVec,
+    /// Bytes one checkpoint writes (blobs and manifest).
+    pub checkpoint_bytes: HistogramVec,
+    /// Entries of each bounded structure (`orders` partitions' state, the
+    /// read model), by structure and partition.
+    pub state_entries: IntGaugeVec,
+    /// Status events the read model ignored: an order id seen from two
+    /// home partitions.
+    pub tracking_conflicts: prometheus::IntCounter,
     pub queue_depth: IntGaugeVec,
     pub partition_lag: IntGaugeVec,
     pub gateway_calls: IntCounterVec,
@@ -172,6 +180,28 @@ impl Metrics {
                 "Duration of one partition checkpoint write.",
                 &["partition"],
                 IO_BUCKETS_S,
+            ),
+            checkpoint_bytes: hist(
+                "orderflow_checkpoint_bytes",
+                "Bytes written by one partition checkpoint (new blobs and manifest).",
+                &["partition"],
+                &[
+                    1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
+                    16777216.0, 67108864.0,
+                ],
+            ),
+            state_entries: gauge(
+                "orderflow_state_entries",
+                "Entries of a bounded structure: finished_orders, orders_in_flight, holds, outbox, skus, parked_bytes (orders partitions), tracking_orders (read model).",
+                &["structure", "partition"],
+            ),
+            tracking_conflicts: registered(
+                &registry,
+                prometheus::IntCounter::new(
+                    "orderflow_tracking_conflicts_total",
+                    "Status events the read model ignored: their order id was first seen from another home partition.",
+                )
+                .expect("valid counter"),
             ),
             queue_depth: gauge(
                 "orderflow_queue_depth",
@@ -521,6 +551,8 @@ mod tests {
             at_ms,
             refused_skus: Vec::new(),
             released_lines: 0,
+            src: None,
+            email: None,
         }
     }
 

@@ -6,17 +6,21 @@
 //! record's log timestamp), draws no random numbers and iterates only ordered
 //! maps, so replaying a partition's log gives the same state byte for byte.
 //!
-//! - `state`      the partition state, its checkpoint rows and its hash
+//! - `state`      the partition state and its hash
+//! - `finished`   the compact, bounded set of recently finished orders
+//! - `snapshot`   how the state is written to the store: manifest + blobs
 //! - `validation` orders from the log: parse, validate, settle the id
 //! - `inventory`  reserve / commit / release on stock counters
 //! - `payment`    payment results, capture and void effects
 //! - `saga`       multi-SKU orders held across partitions, with compensation
 //! - `processor`  dispatch of one record to the stages
 
+pub mod finished;
 pub mod inventory;
 pub mod payment;
 pub mod processor;
 pub mod saga;
+pub mod snapshot;
 pub mod state;
 pub mod validation;
 

@@ -12,9 +12,12 @@ pub(crate) fn result(ctx: &mut Ctx<'_>, order_id: &str, outcome: PaymentOutcome)
     let Some(saga) = rec.and_then(|r| r.saga.as_ref()).filter(|s| s.authorizing) else {
         // Not awaiting payment: a repeated result after a crash, a late one,
         // or one for an order already forgotten. An authorization that did
-        // not confirm this order is voided.
+        // not confirm this order is voided. A confirmed order's is the one
+        // it captured: authorizations share the order's idempotency key, so
+        // the gateway answers every repeat with the same payment.
+        let confirmed = rec.is_none() && ctx.finished(order_id).is_some_and(|f| f.confirmed());
         if let PaymentOutcome::Authorized { payment_id } = outcome
-            && rec.and_then(|r| r.payment_id.as_deref()) != Some(payment_id.as_str())
+            && !confirmed
         {
             let effect = effect(
                 ctx,
@@ -35,11 +38,6 @@ pub(crate) fn result(ctx: &mut Ctx<'_>, order_id: &str, outcome: PaymentOutcome)
             settle_lines(ctx, order_id, true);
             ctx.set_status(order_id, Status::Paid, None);
             ctx.set_status(order_id, Status::Confirmed, None);
-            ctx.state
-                .orders
-                .get_mut(order_id)
-                .expect("order exists")
-                .payment_id = Some(payment_id.clone());
             let capture = effect(
                 ctx,
                 order_id,

@@ -2,12 +2,15 @@
 
 use serde::Deserialize;
 
+use crate::domain::order::valid_id;
 use crate::domain::parked::{ParkEvent, ParkedRecord};
 use crate::domain::partition::partition_for_key;
 use crate::domain::{Effect, Envelope, Message, MsgId, RecordKind, Status, StatusEvent};
 
-use super::state::{OrderRec, PartitionState, StateKey};
+use super::finished::FinishedLimits;
+use super::state::{OrderRec, PartitionState, parked_size};
 use super::{inventory, payment, saga, validation};
+use crate::domain::{OrderKey, RejectReason};
 
 /// A record for the `orders` topic, emitted by the processor.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,16 +22,27 @@ pub struct Outgoing {
 
 /// What processing records produced, for the runner to carry out: append
 /// `messages` and `statuses` durably, start `effects`, publish the stock of
-/// `stock_touched`, append `parked` to the park lane. `problems` are
-/// records that could not be applied.
+/// `stock_touched`, append `parked` to the park lane, tell whoever waits
+/// for a stock change about `stock_refused`. `problems` are records that
+/// could not be applied.
 #[derive(Debug, Default)]
 pub struct Output {
     pub messages: Vec<Outgoing>,
     pub statuses: Vec<StatusEvent>,
     pub effects: Vec<Effect>,
     pub stock_touched: Vec<String>,
+    pub stock_refused: Vec<StockRefused>,
     pub problems: Vec<String>,
     pub parked: Vec<ParkEvent>,
+}
+
+/// A stock change (`SetStock`) the processor refused, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StockRefused {
+    /// Offset of the `SetStock` record.
+    pub offset: u64,
+    pub sku: String,
+    pub reason: String,
 }
 
 impl Output {
@@ -37,6 +51,7 @@ impl Output {
         self.statuses.clear();
         self.effects.clear();
         self.stock_touched.clear();
+        self.stock_refused.clear();
         self.problems.clear();
         self.parked.clear();
     }
@@ -47,28 +62,43 @@ pub struct Processor {
     pub partition: u32,
     pub partitions: u32,
     pub state: PartitionState,
-    pub retention: Retention,
+    pub limits: Limits,
     /// Test seam: orders of this customer fail processing as if they hit a
     /// bug, to exercise the park lane (see `crate::app`, debug builds only).
     pub poison_customer: Option<String>,
+    /// Status events emitted so far for the record being applied (their
+    /// ids are `(partition, offset, index)`).
+    status_index: u32,
 }
 
-/// How long a terminal order is remembered (so a repeated order id is one
-/// order). Expiry follows log time, so it is deterministic: the same log
-/// and the same retention give the same state.
+/// The bounds of a partition's state (docs/design.md, "Bounds"). Each is a
+/// decision of the state machine at the bound, made from the log alone
+/// (counts and log time), so replays decide the same.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Retention {
-    /// Terminal orders older than this (in log time) are forgotten.
-    pub max_age_ms: u64,
-    /// At most this many terminal orders per partition; the oldest go first.
-    pub max_orders: usize,
+pub struct Limits {
+    /// Finished orders remembered (idempotency): age in log time and count.
+    pub finished: FinishedLimits,
+    /// Orders in flight plus effects pending; a new order beyond ends
+    /// `rejected` (`partition_busy`).
+    pub max_inflight_orders: usize,
+    /// Lines held here; a `Reserve` beyond is answered "not held".
+    pub max_holds: usize,
+    /// SKUs with stock; a stock change for a new SKU beyond is refused.
+    pub max_skus: usize,
+    /// The park lane: a record beyond either bound is refused.
+    pub max_parked_records: usize,
+    pub max_parked_bytes: usize,
 }
 
-impl Default for Retention {
+impl Default for Limits {
     fn default() -> Self {
-        Retention {
-            max_age_ms: 24 * 3_600_000,
-            max_orders: 5_000_000,
+        Limits {
+            finished: FinishedLimits::default(),
+            max_inflight_orders: 100_000,
+            max_holds: 1_000_000,
+            max_skus: 1_000_000,
+            max_parked_records: 10_000,
+            max_parked_bytes: 64 << 20,
         }
     }
 }
@@ -92,6 +122,13 @@ pub(crate) struct Ctx<'a> {
     /// Key of the input record.
     pub key: &'a [u8],
     next_index: u32,
+    /// Status events of this record so far (shared with the processor:
+    /// a retry applies several parked records within one control record).
+    status_index: &'a mut u32,
+    /// Offset of the record being applied from the log (for a parked
+    /// record being retried, the retry command's), the base of status ids.
+    status_offset: u64,
+    pub limits: &'a Limits,
     pub state: &'a mut PartitionState,
     pub out: &'a mut Output,
 }
@@ -117,9 +154,31 @@ impl Ctx<'_> {
         });
     }
 
+    /// Whether `order_id` is in flight here or finished within the retention.
+    pub fn knows(&self, order_id: &str) -> bool {
+        self.state.orders.contains_key(order_id) || self.finished(order_id).is_some()
+    }
+
+    /// The finished entry of `order_id`, if it is remembered.
+    pub fn finished(&self, order_id: &str) -> Option<crate::stages::finished::FinishedEntry> {
+        self.state.finished.get(&OrderKey::of(order_id), self.at_ms)
+    }
+
     /// Moves an order to `status`, emitting the status event.
     pub fn set_status(&mut self, order_id: &str, status: Status, reason: Option<String>) {
         self.set_status_with(order_id, status, reason, Vec::new(), 0);
+    }
+
+    /// Rejects an order that never went in flight (its only status).
+    pub fn reject(&mut self, order_id: &str, reason: RejectReason, email: Option<String>) {
+        self.transition(
+            order_id,
+            Status::Rejected,
+            Some(reason.code().to_owned()),
+            email,
+            Vec::new(),
+            0,
+        );
     }
 
     /// [`Ctx::set_status`] with the event's saga details: the SKUs that
@@ -132,72 +191,106 @@ impl Ctx<'_> {
         refused_skus: Vec<String>,
         released_lines: u16,
     ) {
-        let rec = self
-            .state
-            .orders
-            .entry(order_id.to_owned())
-            .or_insert(OrderRec {
-                seq: 0,
-                status,
-                saga: None,
-                payment_id: None,
-                terminal_at_ms: None,
-            });
-        let prev = (rec.seq > 0).then_some(rec.status);
+        // The contact goes on terminal events only: the email target wants
+        // no other, and it is not copied more often than needed.
+        let email = match status.is_terminal() {
+            true => self
+                .state
+                .orders
+                .get(order_id)
+                .and_then(|r| r.saga.as_ref())
+                .and_then(|s| s.email.clone()),
+            false => None,
+        };
+        self.transition(
+            order_id,
+            status,
+            reason,
+            email,
+            refused_skus,
+            released_lines,
+        );
+    }
+
+    fn transition(
+        &mut self,
+        order_id: &str,
+        status: Status,
+        reason: Option<String>,
+        email: Option<String>,
+        refused_skus: Vec<String>,
+        released_lines: u16,
+    ) {
+        let (prev, seq) = match self.state.orders.get(order_id) {
+            Some(rec) => (Some(rec.status), rec.seq + 1),
+            None => (None, 1),
+        };
         assert!(
             Status::may_follow(prev, status),
             "invalid transition {prev:?} -> {status} for {order_id}"
         );
-        rec.seq += 1;
-        rec.status = status;
         if status.is_terminal() {
-            rec.saga = None;
-            rec.terminal_at_ms = Some(self.at_ms);
-            self.state.expiry.insert((self.at_ms, order_id.to_owned()));
+            self.state.orders.remove(order_id);
+            let confirmed = status == Status::Confirmed;
+            self.state
+                .finished
+                .insert(OrderKey::of(order_id), self.at_ms, confirmed);
+        } else {
+            let rec = self
+                .state
+                .orders
+                .entry(order_id.to_owned())
+                .or_insert(OrderRec {
+                    seq: 0,
+                    status,
+                    saga: None,
+                });
+            rec.seq = seq;
+            rec.status = status;
         }
-        let event = StatusEvent {
+        let src = MsgId {
+            src_partition: self.partition,
+            src_offset: self.status_offset,
+            index: *self.status_index,
+        };
+        *self.status_index += 1;
+        self.out.statuses.push(StatusEvent {
             order_id: order_id.to_owned(),
-            seq: rec.seq,
+            seq,
             status,
             reason,
             at_ms: self.at_ms,
             refused_skus,
             released_lines,
-        };
-        self.state.touch(StateKey::Order(order_id.to_owned()));
-        self.out.statuses.push(event);
+            src: Some(src),
+            email,
+        });
     }
 
     pub fn start_effect(&mut self, effect: Effect) {
         let key = (effect.order_id.clone(), effect.kind);
-        self.state.touch(StateKey::Outbox(key.0.clone(), key.1));
         self.state.outbox.insert(key, effect.clone());
         self.out.effects.push(effect);
     }
 
     pub fn finish_effect(&mut self, order_id: &str, kind: crate::domain::EffectKind) {
-        if self
-            .state
-            .outbox
-            .remove(&(order_id.to_owned(), kind))
-            .is_some()
-        {
-            self.state
-                .touch(StateKey::Outbox(order_id.to_owned(), kind));
-        }
+        self.state.outbox.remove(&(order_id.to_owned(), kind));
     }
 }
 
 impl Processor {
     pub fn new(partition: u32, partitions: u32, state: PartitionState) -> Processor {
         assert!(partition < partitions);
-        Processor {
+        let mut p = Processor {
             partition,
             partitions,
             state,
-            retention: Retention::default(),
+            limits: Limits::default(),
             poison_customer: None,
-        }
+            status_index: 0,
+        };
+        p.state.finished.set_limits(p.limits.finished);
+        p
     }
 
     pub fn with_poison_customer(mut self, customer: Option<String>) -> Processor {
@@ -205,24 +298,11 @@ impl Processor {
         self
     }
 
-    pub fn with_retention(mut self, retention: Retention) -> Processor {
-        assert!(retention.max_orders > 0);
-        self.retention = retention;
+    pub fn with_limits(mut self, limits: Limits) -> Processor {
+        assert!(limits.finished.max_entries > 0);
+        self.limits = limits;
+        self.state.finished.set_limits(limits.finished);
         self
-    }
-
-    /// Forgets terminal orders past the retention, oldest first.
-    fn expire(&mut self, now_ms: u64) {
-        let state = &mut self.state;
-        while let Some((at_ms, _)) = state.expiry.first() {
-            let too_old = at_ms.saturating_add(self.retention.max_age_ms) < now_ms;
-            if !too_old && state.expiry.len() <= self.retention.max_orders {
-                break;
-            }
-            let (_, id) = state.expiry.pop_first().expect("checked non-empty");
-            state.orders.remove(&id);
-            state.touch(StateKey::Order(id));
-        }
     }
 
     /// Applies one record. Never panics on bad input: a record that cannot
@@ -230,23 +310,31 @@ impl Processor {
     /// records with its key or about its order, until an operator retries
     /// or drops it.
     pub fn apply(&mut self, input: Input<'_>, out: &mut Output) {
-        // Expire before (a resent, forgotten id is a new order) and after
-        // (an order that just finished may push the count over the cap).
-        self.expire(input.timestamp_ms);
-        self.apply_record(input, false, out);
-        self.expire(input.timestamp_ms);
+        // Expire first: a resent, forgotten id is a new order.
+        self.state.finished.expire(input.timestamp_ms);
+        self.status_index = 0;
+        self.apply_record(input, input.offset, false, out);
     }
 
     /// `retried`: the record comes out of the park lane, so the per-source
     /// dedupe must not drop it for ids applied while it waited.
-    fn apply_record(&mut self, input: Input<'_>, retried: bool, out: &mut Output) {
+    /// `status_offset`: the offset its status events are numbered from.
+    fn apply_record(
+        &mut self,
+        input: Input<'_>,
+        status_offset: u64,
+        retried: bool,
+        out: &mut Output,
+    ) {
         let envelope = match input.kind {
             RecordKind::OrderJson => None,
             RecordKind::Internal => Some(Envelope::decode(input.value)),
         };
         if let Some(Ok(env)) = &envelope {
             match env.body {
-                Message::RetryParked => return self.retry_parked(input.timestamp_ms, out),
+                Message::RetryParked => {
+                    return self.retry_parked(input.offset, input.timestamp_ms, out);
+                }
                 Message::DropParked { offset } => return self.drop_parked(offset, out),
                 _ => {}
             }
@@ -254,7 +342,7 @@ impl Processor {
         let order_id = match &envelope {
             Some(Ok(env)) => env.body.order_id().map(str::to_owned),
             Some(Err(_)) => None,
-            None if !self.state.blocked.is_empty() => peek::<IdOnly>(input.value).order_id,
+            None if self.state.has_blocked() => peek::<IdOnly>(input.value).order_id,
             None => None,
         };
         // A record holding a card number is never set aside (the lane keeps
@@ -263,7 +351,7 @@ impl Processor {
         if blocked.is_some() && crate::domain::pan::contains_pan(input.value) {
             match input.kind {
                 RecordKind::OrderJson => {
-                    validation::order_placed(&mut self.ctx(&input, out), input.value)
+                    validation::order_placed(&mut self.ctx(&input, status_offset, out), input.value)
                 }
                 RecordKind::Internal => out.problems.push(format!(
                     "offset {}: a record holding a card number was dropped",
@@ -284,14 +372,19 @@ impl Processor {
                     let order_id = peek::<IdOnly>(input.value).order_id;
                     return self.park(&input, order_id, "injected processing fault".into(), out);
                 }
-                validation::order_placed(&mut self.ctx(&input, out), input.value)
+                validation::order_placed(&mut self.ctx(&input, status_offset, out), input.value)
             }
-            Some(Ok(env)) => apply_message(&mut self.ctx(&input, out), env, retried),
+            Some(Ok(env)) => apply_message(&mut self.ctx(&input, status_offset, out), env, retried),
             Some(Err(e)) => self.park(&input, None, e, out),
         }
     }
 
-    fn ctx<'a>(&'a mut self, input: &Input<'a>, out: &'a mut Output) -> Ctx<'a> {
+    fn ctx<'a>(
+        &'a mut self,
+        input: &Input<'a>,
+        status_offset: u64,
+        out: &'a mut Output,
+    ) -> Ctx<'a> {
         Ctx {
             partition: self.partition,
             partitions: self.partitions,
@@ -299,6 +392,9 @@ impl Processor {
             at_ms: input.timestamp_ms,
             key: input.key,
             next_index: 0,
+            status_index: &mut self.status_index,
+            status_offset,
+            limits: &self.limits,
             state: &mut self.state,
             out,
         }
@@ -331,15 +427,49 @@ impl Processor {
             reason,
             order_id,
         };
+        let full = self.state.parked.len() >= self.limits.max_parked_records
+            || self.state.parked_bytes() + parked_size(&record) > self.limits.max_parked_bytes;
+        if full {
+            return self.refuse_parking(input, record, out);
+        }
         out.parked.push(ParkEvent::Parked(record.clone()));
         self.state.park(input.offset, record);
+    }
+
+    /// The lane is at its bound: the record is not set aside. An order
+    /// ends `rejected` (`park_lane_full`), so its customer hears of it and
+    /// nothing is held for it; any other record goes to `orders-parked` as
+    /// refused, bytes included, for an operator to act on. Either way it
+    /// stays in `orders` too: nothing is lost.
+    fn refuse_parking(&mut self, input: &Input<'_>, record: ParkedRecord, out: &mut Output) {
+        out.problems.push(format!(
+            "offset {}: the park lane is full ({} records, {} bytes); the record is refused",
+            input.offset,
+            self.state.parked.len(),
+            self.state.parked_bytes()
+        ));
+        let order_id = match (input.kind, &record.order_id) {
+            (RecordKind::OrderJson, Some(id)) if valid_id(id) => Some(id.clone()),
+            (RecordKind::OrderJson, _) => Some(format!("ord-{}-{}", self.partition, input.offset)),
+            (RecordKind::Internal, _) => None,
+        };
+        match order_id {
+            Some(id) => {
+                let status_offset = input.offset;
+                let mut ctx = self.ctx(input, status_offset, out);
+                if !ctx.knows(&id) {
+                    ctx.reject(&id, RejectReason::ParkLaneFull, None);
+                }
+            }
+            None => out.parked.push(ParkEvent::Refused(record)),
+        }
     }
 
     /// Takes every parked record out of the lane and applies it again at
     /// its own position (its emitted ids derive from its own offset), in
     /// the original order; one that still fails is parked again and holds
     /// back those behind it again.
-    fn retry_parked(&mut self, now_ms: u64, out: &mut Output) {
+    fn retry_parked(&mut self, command_offset: u64, now_ms: u64, out: &mut Output) {
         let offsets: Vec<u64> = self.state.parked.keys().copied().collect();
         let records: Vec<ParkedRecord> = offsets
             .into_iter()
@@ -359,7 +489,7 @@ impl Processor {
                 key: &r.key,
                 value: &r.value,
             };
-            self.apply_record(input, true, out);
+            self.apply_record(input, command_offset, true, out);
         }
     }
 
@@ -449,6 +579,5 @@ fn accept_id(ctx: &mut Ctx<'_>, id: MsgId, retried: bool) -> bool {
         return retried;
     }
     ctx.state.watermarks.insert(id.src_partition, pos);
-    ctx.state.touch(StateKey::Watermark(id.src_partition));
     true
 }

@@ -7,7 +7,7 @@ use crate::domain::{Effect, EffectKind, Message, Order, Status};
 
 use super::inventory;
 use super::processor::Ctx;
-use super::state::{LineState, Saga, SagaLine, StateKey};
+use super::state::{LineState, Saga, SagaLine};
 
 /// Reason of `out_of_stock`: some line could not be held.
 pub const REASON_OUT_OF_STOCK: &str = "insufficient_stock";
@@ -63,6 +63,7 @@ pub(crate) fn start(ctx: &mut Ctx<'_>, order: Order) {
         currency: order.currency,
         token: order.payment.token,
         authorizing: false,
+        email: order.contact.and_then(|c| c.email),
     };
     let rec = ctx
         .state
@@ -94,7 +95,6 @@ pub(crate) fn reservation_result(ctx: &mut Ctx<'_>, order_id: &str, line: u16, h
     } else {
         LineState::Failed
     };
-    ctx.state.touch(StateKey::Order(order_id.to_owned()));
     advance(ctx, order_id, None);
 }
 

@@ -1,4 +1,5 @@
-//! Partition state, the rows it is checkpointed as, and its hash.
+//! Partition state and its logical hash. How it is written to the store
+//! is `super::snapshot`'s business; bounds are in `super::processor::Limits`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -7,6 +8,14 @@ use sha2::{Digest, Sha256};
 
 use crate::domain::parked::ParkedRecord;
 use crate::domain::{Effect, EffectKind, Status};
+
+use super::finished::Finished;
+
+/// Largest `available` a stock change may set, at every edge (HTTP, CLI,
+/// log records): far above any real stock, and far enough below `u64::MAX`
+/// that no sequence of changes can wrap the counters (they are checked
+/// anyway).
+pub const MAX_AVAILABLE: u64 = 1_000_000_000_000;
 
 /// Stock counters of one SKU. `supplied` is everything ever made available
 /// (initial stock plus restocks, minus reductions), kept so conservation is
@@ -20,12 +29,140 @@ pub struct Stock {
 }
 
 impl Stock {
+    /// Whether supplied = available + reserved + sold, without wrapping.
+    pub fn is_conserved(&self) -> bool {
+        self.available
+            .checked_add(self.reserved)
+            .and_then(|t| t.checked_add(self.sold))
+            == Some(self.supplied)
+    }
+
     pub fn assert_conserved(&self) {
-        assert_eq!(
-            self.supplied,
-            self.available + self.reserved + self.sold,
-            "stock conservation broken: {self:?}"
-        );
+        assert!(self.is_conserved(), "stock conservation broken: {self:?}");
+    }
+
+    /// The counters after setting `available` (an admin change), or `None`
+    /// if `supplied` would leave `u64`.
+    pub fn with_available(&self, available: u64) -> Option<Stock> {
+        let supplied = (self.supplied - self.available).checked_add(available)?;
+        Some(Stock {
+            available,
+            supplied,
+            ..self.clone()
+        })
+    }
+}
+
+/// Buckets of the stock table: a snapshot rewrites only the buckets whose
+/// SKUs changed. A power of two, so a bucket is a bit mask of a hash.
+pub const STOCK_BUCKETS: usize = 1024;
+
+/// The stock counters of a partition's SKUs, in [`STOCK_BUCKETS`] buckets
+/// by a hash of the SKU, with the buckets changed since the last snapshot
+/// (which is bookkeeping of the snapshot writer, not state: equality and
+/// `Debug` leave it out).
+#[derive(Clone)]
+pub struct StockTable {
+    buckets: Vec<BTreeMap<String, Stock>>,
+    len: usize,
+    dirty: BTreeSet<u16>,
+}
+
+impl PartialEq for StockTable {
+    fn eq(&self, other: &StockTable) -> bool {
+        self.buckets == other.buckets
+    }
+}
+
+impl Eq for StockTable {}
+
+impl std::fmt::Debug for StockTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl Default for StockTable {
+    fn default() -> Self {
+        StockTable {
+            buckets: vec![BTreeMap::new(); STOCK_BUCKETS],
+            len: 0,
+            dirty: BTreeSet::new(),
+        }
+    }
+}
+
+impl StockTable {
+    /// The bucket of `sku`. Not the partitioner's hash: every SKU of a
+    /// partition has the same partitioner hash modulo the partition count,
+    /// which would leave most buckets empty.
+    pub fn bucket_of(sku: &str) -> u16 {
+        (crc32c::crc32c(sku.as_bytes()) as usize % STOCK_BUCKETS) as u16
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn get(&self, sku: &str) -> Option<&Stock> {
+        self.buckets[usize::from(Self::bucket_of(sku))].get(sku)
+    }
+
+    pub fn contains(&self, sku: &str) -> bool {
+        self.get(sku).is_some()
+    }
+
+    /// The counters of `sku` to change; its bucket goes in the next snapshot.
+    pub fn get_mut(&mut self, sku: &str) -> Option<&mut Stock> {
+        let bucket = Self::bucket_of(sku);
+        let stock = self.buckets[usize::from(bucket)].get_mut(sku)?;
+        self.dirty.insert(bucket);
+        Some(stock)
+    }
+
+    /// Sets the counters of `sku`, adding it if new.
+    pub fn insert(&mut self, sku: String, stock: Stock) {
+        let bucket = Self::bucket_of(&sku);
+        if self.buckets[usize::from(bucket)]
+            .insert(sku, stock)
+            .is_none()
+        {
+            self.len += 1;
+        }
+        self.dirty.insert(bucket);
+    }
+
+    /// Every SKU in bucket order, then SKU order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Stock)> {
+        self.buckets.iter().flatten()
+    }
+
+    pub fn bucket(&self, bucket: u16) -> &BTreeMap<String, Stock> {
+        &self.buckets[usize::from(bucket)]
+    }
+
+    /// Puts a loaded bucket back (all its SKUs must hash to it).
+    pub fn restore_bucket(
+        &mut self,
+        bucket: u16,
+        rows: BTreeMap<String, Stock>,
+    ) -> Result<(), String> {
+        if let Some(sku) = rows.keys().find(|sku| Self::bucket_of(sku) != bucket) {
+            return Err(format!("SKU {sku:?} is not in stock bucket {bucket}"));
+        }
+        let slot = &mut self.buckets[usize::from(bucket)];
+        self.len = self.len - slot.len() + rows.len();
+        *slot = rows;
+        Ok(())
+    }
+
+    /// The buckets changed since the last call, in order.
+    pub fn take_dirty(&mut self) -> Vec<u16> {
+        std::mem::take(&mut self.dirty).into_iter().collect()
     }
 }
 
@@ -46,7 +183,7 @@ pub struct SagaLine {
 }
 
 /// An order in flight at its home partition, from acceptance until a
-/// terminal status. Dropped from state once the order is terminal.
+/// terminal status.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Saga {
     pub lines: Vec<SagaLine>,
@@ -58,21 +195,17 @@ pub struct Saga {
     pub token: String,
     /// Set once every line is held and the authorization effect is out.
     pub authorizing: bool,
+    /// The contact email, put on the order's terminal status event for
+    /// the notifications sink; kept nowhere once the order is finished.
+    pub email: Option<String>,
 }
 
-/// What the home partition remembers of an order. Terminal orders stay as
-/// a few bytes so a repeated order id is recognised (idempotency).
+/// An order in flight. Once terminal it leaves `orders` for the finished set.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderRec {
     pub seq: u32,
     pub status: Status,
     pub saga: Option<Saga>,
-    /// The authorization captured for a confirmed order.
-    pub payment_id: Option<String>,
-    /// When the order reached its terminal status (log time): it is
-    /// forgotten after the retention period (see `Retention`).
-    #[serde(default)]
-    pub terminal_at_ms: Option<u64>,
 }
 
 /// A line held on this partition for some order's saga (local or remote).
@@ -82,23 +215,12 @@ pub struct Hold {
     pub quantity: u32,
 }
 
-/// A row of state that changed since the last checkpoint.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum StateKey {
-    Stock(String),
-    Order(String),
-    Hold(String, u16),
-    Watermark(u32),
-    Outbox(String, EffectKind),
-    /// A parked record, by its offset in this partition.
-    Parked(u64),
-}
-
 /// All state of one partition. Ordered maps only: iteration order is part
-/// of determinism.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// of determinism (the finished set's hash index is only looked up).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PartitionState {
-    pub stock: BTreeMap<String, Stock>,
+    pub stock: StockTable,
+    /// Orders in flight at this (their home) partition.
     pub orders: BTreeMap<String, OrderRec>,
     pub holds: BTreeMap<(String, u16), Hold>,
     /// Per source partition, the highest message id applied: (offset, index).
@@ -107,25 +229,14 @@ pub struct PartitionState {
     pub outbox: BTreeMap<(String, EffectKind), Effect>,
     /// The park lane of this partition: records set aside, by offset.
     pub parked: BTreeMap<u64, ParkedRecord>,
+    /// Orders that finished recently (idempotency).
+    pub finished: Finished,
     /// Record keys and order ids that parked records hold back, with how
     /// many hold each (derived from `parked`, not part of the state).
-    #[serde(skip)]
-    pub blocked: BTreeMap<Blocker, usize>,
-    /// Rows changed since the last checkpoint (not part of the state).
-    #[serde(skip)]
-    pub dirty: BTreeSet<StateKey>,
-    /// Terminal orders by (terminal time, id), oldest first: the expiry
-    /// index, derived from `orders` (not part of the state).
-    #[serde(skip)]
-    pub expiry: BTreeSet<(u64, String)>,
+    blocked: BTreeMap<Blocker, usize>,
+    /// Bytes the park lane holds (derived from `parked`).
+    parked_bytes: usize,
 }
-
-const ROW_STOCK: u8 = b'S';
-const ROW_ORDER: u8 = b'O';
-const ROW_HOLD: u8 = b'H';
-const ROW_WATERMARK: u8 = b'W';
-const ROW_OUTBOX: u8 = b'X';
-const ROW_PARKED: u8 = b'P';
 
 /// What a parked record holds back: later records with its key (SKU) or
 /// about its order wait behind it.
@@ -139,111 +250,33 @@ fn blockers(r: &ParkedRecord) -> impl Iterator<Item = Blocker> + '_ {
     std::iter::once(Blocker::Key(r.key.clone())).chain(r.order_id.clone().map(Blocker::Order))
 }
 
-fn kind_byte(kind: EffectKind) -> u8 {
-    match kind {
-        EffectKind::Authorize => 0,
-        EffectKind::Capture => 1,
-        EffectKind::Void => 2,
-    }
+/// What a parked record counts against `max_parked_bytes`.
+pub fn parked_size(r: &ParkedRecord) -> usize {
+    r.key.len() + r.value.len() + r.reason.len() + r.order_id.as_ref().map_or(0, String::len)
 }
-
-fn kind_from_byte(b: u8) -> Option<EffectKind> {
-    match b {
-        0 => Some(EffectKind::Authorize),
-        1 => Some(EffectKind::Capture),
-        2 => Some(EffectKind::Void),
-        _ => None,
-    }
-}
-
-fn encode_key(key: &StateKey) -> Vec<u8> {
-    let mut out = Vec::with_capacity(32);
-    match key {
-        StateKey::Stock(sku) => {
-            out.push(ROW_STOCK);
-            out.extend_from_slice(sku.as_bytes());
-        }
-        StateKey::Order(id) => {
-            out.push(ROW_ORDER);
-            out.extend_from_slice(id.as_bytes());
-        }
-        StateKey::Hold(id, line) => {
-            out.push(ROW_HOLD);
-            out.extend_from_slice(id.as_bytes());
-            out.push(0);
-            out.extend_from_slice(&line.to_be_bytes());
-        }
-        StateKey::Watermark(src) => {
-            out.push(ROW_WATERMARK);
-            out.extend_from_slice(&src.to_be_bytes());
-        }
-        StateKey::Outbox(id, kind) => {
-            out.push(ROW_OUTBOX);
-            out.extend_from_slice(id.as_bytes());
-            out.push(0);
-            out.push(kind_byte(*kind));
-        }
-        StateKey::Parked(offset) => {
-            out.push(ROW_PARKED);
-            out.extend_from_slice(&offset.to_be_bytes());
-        }
-    }
-    out
-}
-
-/// The checkpoint row key of `sku`'s stock counters.
-pub fn stock_row_key(sku: &str) -> Vec<u8> {
-    encode_key(&StateKey::Stock(sku.to_owned()))
-}
-
-/// Stock counters from a checkpoint row (see [`stock_row_key`]).
-pub fn decode_stock_row(value: &[u8]) -> Result<Stock, String> {
-    decode(b"stock", value)
-}
-
-fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    rmp_serde::to_vec(v).expect("state rows always serialize")
-}
-
-fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], bytes: &[u8]) -> Result<T, String> {
-    rmp_serde::from_slice(bytes).map_err(|e| {
-        format!(
-            "undecodable state row {}: {e}",
-            String::from_utf8_lossy(key)
-        )
-    })
-}
-
-fn split_id(rest: &[u8]) -> Result<(String, &[u8]), String> {
-    let nul = rest
-        .iter()
-        .position(|&b| b == 0)
-        .ok_or("state row key without separator")?;
-    let id = String::from_utf8(rest[..nul].to_vec()).map_err(|_| "state row key is not UTF-8")?;
-    Ok((id, &rest[nul + 1..]))
-}
-
-/// The changed rows since the last call: puts (present) and deletes (gone).
-pub type RowChanges = (Vec<(Vec<u8>, Vec<u8>)>, Vec<Vec<u8>>);
 
 impl PartitionState {
-    pub fn touch(&mut self, key: StateKey) {
-        self.dirty.insert(key);
-    }
-
     /// Sets a record aside in the park lane.
     pub fn park(&mut self, offset: u64, record: ParkedRecord) {
         for b in blockers(&record) {
             *self.blocked.entry(b).or_default() += 1;
         }
-        self.parked.insert(offset, record);
-        self.touch(StateKey::Parked(offset));
+        self.parked_bytes += parked_size(&record);
+        if let Some(old) = self.parked.insert(offset, record) {
+            self.forget_parked(&old);
+        }
     }
 
     /// Takes a record out of the park lane.
     pub fn unpark(&mut self, offset: u64) -> Option<ParkedRecord> {
         let record = self.parked.remove(&offset)?;
-        for b in blockers(&record) {
+        self.forget_parked(&record);
+        Some(record)
+    }
+
+    fn forget_parked(&mut self, record: &ParkedRecord) {
+        self.parked_bytes -= parked_size(record);
+        for b in blockers(record) {
             if let std::collections::btree_map::Entry::Occupied(mut e) = self.blocked.entry(b) {
                 *e.get_mut() -= 1;
                 if *e.get() == 0 {
@@ -251,8 +284,14 @@ impl PartitionState {
                 }
             }
         }
-        self.touch(StateKey::Parked(offset));
-        Some(record)
+    }
+
+    pub fn parked_bytes(&self) -> usize {
+        self.parked_bytes
+    }
+
+    pub fn has_blocked(&self) -> bool {
+        !self.blocked.is_empty()
     }
 
     /// The offset of the parked record (the first) that holds back a
@@ -274,116 +313,13 @@ impl PartitionState {
             .map(|(offset, _)| *offset)
     }
 
-    /// Takes the changed rows for a checkpoint and clears the dirty set.
-    pub fn take_changes(&mut self) -> RowChanges {
-        let mut puts = Vec::new();
-        let mut deletes = Vec::new();
-        for key in std::mem::take(&mut self.dirty) {
-            let value = match &key {
-                StateKey::Stock(sku) => self.stock.get(sku).map(encode),
-                StateKey::Order(id) => self.orders.get(id).map(encode),
-                StateKey::Hold(id, line) => self.holds.get(&(id.clone(), *line)).map(encode),
-                StateKey::Watermark(src) => self.watermarks.get(src).map(encode),
-                StateKey::Outbox(id, kind) => self.outbox.get(&(id.clone(), *kind)).map(encode),
-                StateKey::Parked(offset) => self.parked.get(offset).map(encode),
-            };
-            match value {
-                Some(v) => puts.push((encode_key(&key), v)),
-                None => deletes.push(encode_key(&key)),
-            }
-        }
-        (puts, deletes)
-    }
-
-    /// Every row of the state, as a first checkpoint writes it.
-    pub fn all_rows(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let mut rows = Vec::new();
-        for (k, v) in &self.stock {
-            rows.push((encode_key(&StateKey::Stock(k.clone())), encode(v)));
-        }
-        for (k, v) in &self.orders {
-            rows.push((encode_key(&StateKey::Order(k.clone())), encode(v)));
-        }
-        for ((id, line), v) in &self.holds {
-            rows.push((encode_key(&StateKey::Hold(id.clone(), *line)), encode(v)));
-        }
-        for (k, v) in &self.watermarks {
-            rows.push((encode_key(&StateKey::Watermark(*k)), encode(v)));
-        }
-        for ((id, kind), v) in &self.outbox {
-            rows.push((encode_key(&StateKey::Outbox(id.clone(), *kind)), encode(v)));
-        }
-        for (offset, v) in &self.parked {
-            rows.push((encode_key(&StateKey::Parked(*offset)), encode(v)));
-        }
-        rows
-    }
-
-    /// Rebuilds the state from checkpoint rows.
-    pub fn from_rows<'a>(
-        rows: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
-    ) -> Result<PartitionState, String> {
-        let mut s = PartitionState::default();
-        for (key, value) in rows {
-            let (&tag, rest) = key.split_first().ok_or("empty state row key")?;
-            let text = || {
-                String::from_utf8(rest.to_vec())
-                    .map_err(|_| "state row key is not UTF-8".to_string())
-            };
-            match tag {
-                ROW_STOCK => {
-                    s.stock.insert(text()?, decode(key, value)?);
-                }
-                ROW_ORDER => {
-                    let id = text()?;
-                    let rec: OrderRec = decode(key, value)?;
-                    if let Some(at) = rec.terminal_at_ms {
-                        s.expiry.insert((at, id.clone()));
-                    }
-                    s.orders.insert(id, rec);
-                }
-                ROW_HOLD => {
-                    let (id, tail) = split_id(rest)?;
-                    let line = u16::from_be_bytes(tail.try_into().map_err(|_| "bad hold key")?);
-                    s.holds.insert((id, line), decode(key, value)?);
-                }
-                ROW_WATERMARK => {
-                    let src = u32::from_be_bytes(rest.try_into().map_err(|_| "bad watermark key")?);
-                    s.watermarks.insert(src, decode(key, value)?);
-                }
-                ROW_OUTBOX => {
-                    let (id, tail) = split_id(rest)?;
-                    let kind = tail
-                        .first()
-                        .copied()
-                        .and_then(kind_from_byte)
-                        .ok_or("bad outbox key")?;
-                    s.outbox.insert((id, kind), decode(key, value)?);
-                }
-                ROW_PARKED => {
-                    let offset = u64::from_be_bytes(rest.try_into().map_err(|_| "bad parked key")?);
-                    s.park(offset, decode(key, value)?);
-                }
-                other => return Err(format!("unknown state row tag {other:#x}")),
-            }
-        }
-        s.check_stock()?;
-        Ok(s)
-    }
-
     /// The stock invariants the inventory stage asserts on every change. A
-    /// checkpoint that breaks them is corrupt: refusing it here names the
-    /// row, where loading it would panic at the first record for the SKU.
-    fn check_stock(&self) -> Result<(), String> {
-        for (sku, stock) in &self.stock {
-            let total = stock
-                .available
-                .checked_add(stock.reserved)
-                .and_then(|t| t.checked_add(stock.sold));
-            if total != Some(stock.supplied) {
-                return Err(format!(
-                    "stock row of {sku:?} breaks conservation: {stock:?}"
-                ));
+    /// snapshot that breaks them is corrupt: refusing it here names the
+    /// SKU, where loading it would panic at the first record for the SKU.
+    pub fn check_stock(&self) -> Result<(), String> {
+        for (sku, stock) in self.stock.iter() {
+            if !stock.is_conserved() {
+                return Err(format!("stock of {sku:?} breaks conservation: {stock:?}"));
             }
         }
         let mut held: BTreeMap<&str, u64> = BTreeMap::new();
@@ -394,109 +330,137 @@ impl PartitionState {
         for (sku, quantity) in held {
             if self.stock.get(sku).is_none_or(|s| s.reserved < quantity) {
                 return Err(format!(
-                    "holds of {sku:?} exceed the stock row's reserved count"
+                    "holds of {sku:?} exceed the stock's reserved count"
                 ));
             }
         }
         Ok(())
     }
 
-    /// SHA-256 over the canonical encoding of the whole state (hex).
+    /// SHA-256 over the logical state (hex): every part in a canonical
+    /// order, independent of how a snapshot cuts it into pages and chunks.
     pub fn hash(&self) -> String {
         let mut h = Sha256::new();
-        for (k, v) in self.all_rows() {
-            h.update((k.len() as u32).to_le_bytes());
-            h.update(&k);
-            h.update((v.len() as u32).to_le_bytes());
-            h.update(&v);
+        let mut item = |tag: u8, bytes: &[u8]| {
+            h.update([tag]);
+            h.update((bytes.len() as u32).to_le_bytes());
+            h.update(bytes);
+        };
+        let mut skus: Vec<(&String, &Stock)> = self.stock.iter().collect();
+        skus.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for row in skus {
+            item(b'S', &encode(&row));
+        }
+        for row in &self.orders {
+            item(b'O', &encode(&row));
+        }
+        for row in &self.holds {
+            item(b'H', &encode(&row));
+        }
+        for row in &self.watermarks {
+            item(b'W', &encode(&row));
+        }
+        for row in &self.outbox {
+            item(b'X', &encode(&row));
+        }
+        for row in &self.parked {
+            item(b'P', &encode(&row));
+        }
+        for (number, e) in self.finished.iter() {
+            let mut bytes = [0u8; 32];
+            bytes[..8].copy_from_slice(&number.to_le_bytes());
+            bytes[8..24].copy_from_slice(&e.key.0);
+            bytes[24..].copy_from_slice(&e.stamp.to_le_bytes());
+            item(b'F', &bytes);
         }
         hex::encode(h.finalize())
     }
+
+    /// Rebuilds the derived indexes after the parts were loaded.
+    pub(crate) fn reindex(&mut self) {
+        let parked = std::mem::take(&mut self.parked);
+        self.blocked.clear();
+        self.parked_bytes = 0;
+        for (offset, record) in parked {
+            self.park(offset, record);
+        }
+    }
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    rmp_serde::to_vec(v).expect("state always serializes")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// State survives the trip through checkpoint rows, hash included.
+    /// A stock change that would overflow `supplied` is refused, not wrapped.
     #[test]
-    fn rows_roundtrip() {
-        let mut s = PartitionState::default();
-        s.stock.insert(
-            "A".into(),
-            Stock {
-                available: 3,
-                reserved: 1,
-                sold: 2,
-                supplied: 6,
-            },
-        );
-        s.holds.insert(
-            ("o1".into(), 2),
-            Hold {
-                sku: "A".into(),
-                quantity: 1,
-            },
-        );
-        s.watermarks.insert(3, (10, 1));
-        s.orders.insert(
-            "o1".into(),
-            OrderRec {
-                seq: 2,
-                status: Status::Reserved,
-                saga: None,
-                payment_id: None,
-                terminal_at_ms: None,
-            },
-        );
-        let rows = s.all_rows();
-        let back =
-            PartitionState::from_rows(rows.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
-                .unwrap();
-        assert_eq!(back, s);
-        assert_eq!(back.hash(), s.hash());
+    fn stock_changes_never_wrap() {
+        let sold = Stock {
+            available: 0,
+            reserved: 0,
+            sold: u64::MAX - 5,
+            supplied: u64::MAX - 5,
+        };
+        assert_eq!(sold.with_available(5).unwrap().supplied, u64::MAX);
+        assert!(sold.with_available(6).is_none());
+        let wrapped = Stock {
+            available: u64::MAX,
+            reserved: 1,
+            sold: 0,
+            supplied: 0,
+        };
+        assert!(!wrapped.is_conserved());
     }
 
-    /// A stock row breaking conservation (fuzz find, `state_rows`) is refused.
+    /// Buckets hold their SKUs; changes mark buckets for the next snapshot.
     #[test]
-    fn refuses_unconserved_stock() {
-        let rows: [(&[u8], &[u8]); 1] = [(b"S", b"\x94\x01\x00\x007\x00\x00\x00\x00\x00")];
-        let e = PartitionState::from_rows(rows).unwrap_err();
-        assert!(e.contains("conservation"), "{e}");
+    fn stock_table_buckets() {
+        let mut t = StockTable::default();
+        t.insert("A".into(), Stock::default());
+        t.insert("B".into(), Stock::default());
+        t.insert("A".into(), Stock::default());
+        assert_eq!(t.len(), 2);
+        let dirty = t.take_dirty();
+        let mut expected = vec![StockTable::bucket_of("A"), StockTable::bucket_of("B")];
+        expected.sort_unstable();
+        expected.dedup();
+        assert_eq!(dirty, expected);
+        assert!(t.take_dirty().is_empty());
+        t.get_mut("A").unwrap().available = 3;
+        assert_eq!(t.take_dirty(), [StockTable::bucket_of("A")]);
+        let bucket = StockTable::bucket_of("A");
+        let wrong = (bucket + 1) % STOCK_BUCKETS as u16;
+        let rows = t.bucket(bucket).clone();
+        assert!(t.clone().restore_bucket(wrong, rows).is_err());
     }
 
     /// Holds beyond the reserved stock, or of a SKU without stock, are refused.
     #[test]
     fn refuses_hold_beyond_reserved() {
-        let hold = rmp_serde::to_vec(&Hold {
-            sku: "A".into(),
-            quantity: 2,
-        })
-        .unwrap();
-        let stock = rmp_serde::to_vec(&Stock {
-            available: 0,
-            reserved: 1,
-            sold: 0,
-            supplied: 1,
-        })
-        .unwrap();
-        let rows: [(&[u8], &[u8]); 2] = [(b"Ho1\x00\x00\x00", &hold), (b"SA", &stock)];
-        let e = PartitionState::from_rows(rows).unwrap_err();
-        assert!(e.contains("reserved"), "{e}");
-        let rows: [(&[u8], &[u8]); 1] = [(b"Ho1\x00\x00\x00", &hold)];
-        assert!(PartitionState::from_rows(rows).is_err());
-    }
-
-    /// Dirty keys become puts, removed entries become deletes.
-    #[test]
-    fn changes() {
         let mut s = PartitionState::default();
-        s.stock.insert("A".into(), Stock::default());
-        s.touch(StateKey::Stock("A".into()));
-        s.touch(StateKey::Stock("B".into()));
-        let (puts, deletes) = s.take_changes();
-        assert_eq!(puts.len(), 1);
-        assert_eq!(deletes, vec![b"SB".to_vec()]);
-        assert!(s.dirty.is_empty());
+        s.holds.insert(
+            ("o1".into(), 0),
+            Hold {
+                sku: "A".into(),
+                quantity: 2,
+            },
+        );
+        assert!(s.check_stock().unwrap_err().contains("reserved"));
+        s.stock.insert(
+            "A".into(),
+            Stock {
+                available: 0,
+                reserved: 1,
+                sold: 0,
+                supplied: 1,
+            },
+        );
+        assert!(s.check_stock().is_err());
+        s.stock.get_mut("A").unwrap().reserved = 2;
+        s.stock.get_mut("A").unwrap().supplied = 2;
+        assert!(s.check_stock().is_ok());
     }
 }

@@ -74,7 +74,7 @@ impl Harness {
     }
 
     fn counts(&self, sku: &str) -> (u64, u64, u64) {
-        let s = &self.proc.state.stock[sku];
+        let s = self.proc.state.stock.get(sku).unwrap();
         (s.available, s.reserved, s.sold)
     }
 }
@@ -334,15 +334,19 @@ fn misrouted_order_is_forwarded() {
 }
 
 /// Finished orders are forgotten after the retention (log time) or past
-/// the cap, oldest first, with their rows deleted at the next checkpoint.
+/// the cap, oldest first; a forgotten id is a new order.
 #[test]
 fn finished_orders_expire_deterministically() {
-    use super::processor::Retention;
+    use super::finished::FinishedLimits;
+    use super::processor::Limits;
     let sku = sku_on(0, 0);
     let mut h = Harness::new(0);
-    h.proc = Processor::new(0, N, PartitionState::default()).with_retention(Retention {
-        max_age_ms: 100,
-        max_orders: 2,
+    h.proc = Processor::new(0, N, PartitionState::default()).with_limits(Limits {
+        finished: FinishedLimits {
+            max_age_ms: 100,
+            max_entries: 2,
+        },
+        ..Limits::default()
     });
     h.stock(&sku, 0);
     for id in ["a", "b", "c"] {
@@ -352,21 +356,25 @@ fn finished_orders_expire_deterministically() {
         );
     }
     assert!(
-        !h.proc.state.orders.contains_key("a"),
+        h.proc.state.orders.is_empty(),
+        "finished orders leave the in-flight map"
+    );
+    assert_eq!(
+        h.proc.state.finished.len(),
+        2,
         "over the cap: the oldest goes"
     );
-    assert_eq!(h.proc.state.orders.len(), 2);
-    h.offset += 200; // log time moves past the retention of b and c
-    h.stock(&sku, 0);
-    assert!(h.proc.state.orders.is_empty());
-    let (_, deletes) = h.proc.state.take_changes();
     assert!(
-        deletes.iter().any(|k| k == b"Oc"),
-        "the forgotten order's row is deleted"
+        h.order("b", &[(&sku, 1)], "tok_visa").statuses.is_empty(),
+        "a remembered id is the same order"
     );
-    // A reload from rows rebuilds the expiry index.
-    let again = h.order("b", &[(&sku, 1)], "tok_visa");
+    let again = h.order("a", &[(&sku, 1)], "tok_visa");
     assert_eq!(again.statuses[0].seq, 1, "a forgotten id is a new order");
+    h.offset += 200; // log time moves past the retention of all of them
+    h.stock(&sku, 0);
+    assert!(h.proc.state.finished.is_empty());
+    let again = h.order("c", &[(&sku, 1)], "tok_visa");
+    assert_eq!(again.statuses[0].seq, 1, "forgotten by age: a new order");
 }
 
 /// An undecodable record is parked with its position; later records with its
@@ -435,9 +443,110 @@ fn retry_of_a_still_failing_record_parks_it_again() {
     let out = h.msg("ops", None, Message::RetryParked);
     assert!(h.proc.state.parked.is_empty());
     assert_eq!(statuses(&out), vec![Status::Accepted, Status::Reserved]);
-    // The lane survives a checkpoint round trip.
-    let rows = h.proc.state.all_rows();
-    let back =
-        PartitionState::from_rows(rows.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))).unwrap();
+    // The lane survives a snapshot round trip.
+    let (manifest, blobs) = super::snapshot::full(&h.proc.state, 0);
+    let back = super::snapshot::restore(&manifest, &blobs, h.proc.limits.finished).unwrap();
+    assert_eq!(back, h.proc.state);
     assert_eq!(back.hash(), h.proc.state.hash());
+}
+
+/// Stock changes above the limit, that would overflow a counter, or for a
+/// new SKU past `max_skus` are refused and reported; nothing changes, and
+/// the state still snapshots and loads.
+#[test]
+fn stock_limits_refuse_and_change_nothing() {
+    use super::processor::Limits;
+    use super::state::MAX_AVAILABLE;
+    let (a, b) = (sku_on(0, 0), sku_on(0, 1));
+    let mut h = Harness::new(0);
+    h.proc = Processor::new(0, N, PartitionState::default()).with_limits(Limits {
+        max_skus: 1,
+        ..Limits::default()
+    });
+    h.stock(&a, 5);
+    h.order("o1", &[(&a, 2)], "tok_visa");
+    let before = h.proc.state.hash();
+    for (sku, available) in [(&a, u64::MAX), (&a, MAX_AVAILABLE + 1), (&b, 1)] {
+        let out = h.msg(
+            sku,
+            None,
+            Message::SetStock {
+                sku: sku.clone(),
+                available,
+            },
+        );
+        assert_eq!(out.stock_refused.len(), 1, "{sku} {available}");
+        assert_eq!(out.problems.len(), 1);
+        assert!(out.stock_touched.is_empty());
+    }
+    assert_eq!(h.proc.state.hash(), before, "nothing changed");
+    h.stock(&a, MAX_AVAILABLE);
+    assert_eq!(h.counts(&a), (MAX_AVAILABLE, 2, 0));
+    let (manifest, blobs) = super::snapshot::full(&h.proc.state, 0);
+    let back = super::snapshot::restore(&manifest, &blobs, h.proc.limits.finished).unwrap();
+    assert_eq!(back, h.proc.state);
+}
+
+/// Past `max_inflight_orders` a new order ends `rejected` (`partition_busy`)
+/// with no stock held; past `max_holds` a reservation is refused.
+#[test]
+fn in_flight_and_hold_limits() {
+    use super::processor::Limits;
+    let sku = sku_on(0, 0);
+    let mut h = Harness::new(0);
+    h.proc = Processor::new(0, N, PartitionState::default()).with_limits(Limits {
+        max_inflight_orders: 2,
+        ..Limits::default()
+    });
+    h.stock(&sku, 10);
+    // One order in flight is two entries (its saga and its authorization).
+    assert_eq!(
+        statuses(&h.order("o1", &[(&sku, 1)], "tok_visa")),
+        [Status::Accepted, Status::Reserved]
+    );
+    let busy = h.order("o2", &[(&sku, 1)], "tok_visa");
+    assert_eq!(statuses(&busy), [Status::Rejected]);
+    assert_eq!(busy.statuses[0].reason.as_deref(), Some("partition_busy"));
+    assert_eq!(h.counts(&sku), (9, 1, 0));
+
+    let mut h = Harness::new(0);
+    h.proc = Processor::new(0, N, PartitionState::default()).with_limits(Limits {
+        max_holds: 1,
+        ..Limits::default()
+    });
+    h.stock(&sku, 10);
+    h.order("o1", &[(&sku, 1)], "tok_visa");
+    assert_eq!(
+        statuses(&h.order("o2", &[(&sku, 1)], "tok_visa")),
+        [Status::Accepted, Status::OutOfStock]
+    );
+}
+
+/// Status events carry their deterministic id (home partition, record
+/// offset, index) and a terminal one the contact email.
+#[test]
+fn status_events_carry_ids_and_contact() {
+    let sku = sku_on(0, 0);
+    let mut h = Harness::new(0);
+    h.stock(&sku, 0);
+    let body = serde_json::json!({"order_id": "o-mail", "customer_id": "c", "currency": "USD",
+        "lines": [{"sku": sku, "quantity": 1, "unit_price": 5}], "payment": {"token": "tok_visa"},
+        "contact": {"email": "ada@example.com"}});
+    let offset = h.offset;
+    let out = h.feed(
+        RecordKind::OrderJson,
+        &sku,
+        &serde_json::to_vec(&body).unwrap(),
+    );
+    let ids: Vec<_> = out.statuses.iter().map(|s| s.src.unwrap()).collect();
+    assert_eq!(
+        ids,
+        [0, 1].map(|index| MsgId {
+            src_partition: 0,
+            src_offset: offset,
+            index
+        })
+    );
+    assert_eq!(out.statuses[0].email, None, "accepted is not terminal");
+    assert_eq!(out.statuses[1].email.as_deref(), Some("ada@example.com"));
 }

@@ -19,7 +19,7 @@ pub(crate) fn order_placed(ctx: &mut Ctx<'_>, body: &[u8]) {
             if order.order_id.is_empty() {
                 order.order_id = position_id(ctx);
             }
-            if ctx.state.orders.contains_key(&order.order_id) {
+            if ctx.knows(&order.order_id) {
                 return; // the same order id again: one order (idempotency)
             }
             if ctx.partition_of(order.home_sku()) != ctx.partition {
@@ -33,6 +33,10 @@ pub(crate) fn order_placed(ctx: &mut Ctx<'_>, body: &[u8]) {
                 });
                 return;
             }
+            if ctx.state.orders.len() + ctx.state.outbox.len() >= ctx.limits.max_inflight_orders {
+                let email = order.contact.as_ref().and_then(|c| c.email.clone());
+                return ctx.reject(&order.order_id, RejectReason::PartitionBusy, email);
+            }
             ctx.set_status(&order.order_id, Status::Accepted, None);
             saga::start(ctx, order);
         }
@@ -42,14 +46,10 @@ pub(crate) fn order_placed(ctx: &mut Ctx<'_>, body: &[u8]) {
                 RejectReason::PanDetected => position_id(ctx),
                 _ => declared_id(body).unwrap_or_else(|| position_id(ctx)),
             };
-            if ctx.state.orders.contains_key(&order_id) {
+            if ctx.knows(&order_id) {
                 return;
             }
-            ctx.set_status(
-                &order_id,
-                Status::Rejected,
-                Some(rejection.reason.code().to_owned()),
-            );
+            ctx.reject(&order_id, rejection.reason, None);
         }
     }
 }

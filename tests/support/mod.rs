@@ -142,7 +142,7 @@ impl Drop for Server {
 }
 
 /// Removes terminal colour codes, so log lines parse the same either way.
-fn strip_ansi(text: &str) -> String {
+pub fn strip_ansi(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars();
     while let Some(c) = chars.next() {

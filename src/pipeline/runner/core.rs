@@ -18,28 +18,12 @@ use std::collections::BTreeMap;
 use crate::config::CheckpointConfig;
 use crate::domain::Effect;
 use crate::pipeline::log::{Record, Topic};
-use crate::pipeline::store::CheckpointWrite;
-use crate::stages::processor::Input;
+use crate::pipeline::store::{Scope, SnapshotWrite};
+use crate::stages::processor::{Input, StockRefused};
+use crate::stages::snapshot::{self, Manifest};
 use crate::stages::{Output, PartitionState, Processor};
 
 use super::output_batches;
-
-/// A checkpoint is due once this many state rows changed, whatever the
-/// message count: it is written as one batch, and a CQL batch holds at
-/// most 65,534 statements (one read batch adds at most ~12 rows a record).
-pub const MAX_CHECKPOINT_ROWS: usize = 16_384;
-
-/// Whether a checkpoint is due.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CheckpointDue {
-    No,
-    /// Due by message count or time: start it once the previous write (if
-    /// any) finished, so the partition never waits for the store.
-    WhenIdle,
-    /// The changed rows reached what one write may hold: write now, even
-    /// if that means waiting for the previous write.
-    Now,
-}
 
 /// What one applied batch asks of the caller.
 #[derive(Debug, Default)]
@@ -50,6 +34,8 @@ pub struct Flush {
     pub problems: Vec<String>,
     /// The SKUs whose stock changed, sorted, without repeats.
     pub stock_touched: Vec<String>,
+    /// Stock changes the processor refused.
+    pub stock_refused: Vec<StockRefused>,
 }
 
 pub struct PartitionCore {
@@ -65,23 +51,32 @@ pub struct PartitionCore {
     unconfirmed: bool,
     /// The effects of that output, released by `confirm_durable`.
     held_effects: Vec<Effect>,
+    /// The manifest of the last snapshot taken (or loaded).
+    manifest: Manifest,
     /// Reused between batches.
     out: Output,
 }
 
 impl PartitionCore {
     /// A runner resuming from its checkpoint: `processor` holds the loaded
-    /// state, `next_offset` the checkpoint's offset. `now_ms` starts the
+    /// state, `next_offset` the checkpoint's offset and `manifest` its
+    /// manifest (empty for a partition without one). `now_ms` starts the
     /// checkpoint timer; the caller's clock must not go back.
     pub fn recover(
         processor: Processor,
         next_offset: u64,
+        manifest: Manifest,
         status_partitions: u32,
         checkpoint: CheckpointConfig,
         now_ms: u64,
     ) -> PartitionCore {
         assert!(status_partitions > 0, "order-status has no partition");
+        assert_eq!(
+            manifest.partition, processor.partition,
+            "another partition's manifest"
+        );
         PartitionCore {
+            manifest,
             processor,
             status_partitions,
             checkpoint,
@@ -155,6 +150,7 @@ impl PartitionCore {
             appends,
             problems: std::mem::take(&mut self.out.problems),
             stock_touched,
+            stock_refused: std::mem::take(&mut self.out.stock_refused),
         }
     }
 
@@ -165,26 +161,22 @@ impl PartitionCore {
         std::mem::take(&mut self.held_effects)
     }
 
-    /// The production rule: every `every_messages` records, every
-    /// `every_ms` when anything was applied since the last one, or now if
-    /// the changed rows reach [`MAX_CHECKPOINT_ROWS`].
-    pub fn checkpoint_due(&self, now_ms: u64) -> CheckpointDue {
-        if self.processor.state.dirty.len() >= MAX_CHECKPOINT_ROWS {
-            return CheckpointDue::Now;
-        }
+    /// The production rule: every `every_messages` records, or every
+    /// `every_ms` when anything was applied since the last one. A due
+    /// checkpoint starts once the previous write (if any) finished, so the
+    /// partition never waits for the store; nothing forces one sooner,
+    /// since a checkpoint's size is bounded by the state's bounds.
+    pub fn checkpoint_due(&self, now_ms: u64) -> bool {
         let elapsed_ms = now_ms.saturating_sub(self.last_checkpoint_ms);
-        let due = self.since_checkpoint >= self.checkpoint.every_messages
-            || (self.since_checkpoint > 0 && elapsed_ms >= self.checkpoint.every_ms);
-        match due {
-            true => CheckpointDue::WhenIdle,
-            false => CheckpointDue::No,
-        }
+        self.since_checkpoint >= self.checkpoint.every_messages
+            || (self.since_checkpoint > 0 && elapsed_ms >= self.checkpoint.every_ms)
     }
 
-    /// The rows changed since the last checkpoint with the next offset,
-    /// and the timer restarted at `now_ms`. Panics if output is not yet
-    /// confirmed durable: a checkpoint past it could outlive that output.
-    pub fn take_checkpoint(&mut self, epoch: u64, now_ms: u64) -> CheckpointWrite {
+    /// The next snapshot (what changed since the last one, plus the head)
+    /// with the next offset, and the timer restarted at `now_ms`. Panics if
+    /// output is not yet confirmed durable: a checkpoint past it could
+    /// outlive that output.
+    pub fn take_checkpoint(&mut self, epoch: u64, now_ms: u64) -> SnapshotWrite {
         assert!(
             !self.unconfirmed,
             "partition {}: checkpoint before the output was durable",
@@ -196,16 +188,18 @@ impl PartitionCore {
     /// [`PartitionCore::take_checkpoint`] without the durability guard:
     /// only for the simulation's injected bug (`Bug::CheckpointUnflushed`),
     /// which proves the simulation catches what the guard prevents.
-    pub(crate) fn checkpoint_unguarded(&mut self, epoch: u64, now_ms: u64) -> CheckpointWrite {
-        let (puts, deletes) = self.processor.state.take_changes();
+    pub(crate) fn checkpoint_unguarded(&mut self, epoch: u64, now_ms: u64) -> SnapshotWrite {
+        let cp = snapshot::checkpoint(&mut self.processor.state, &mut self.manifest, epoch);
         self.since_checkpoint = 0;
         self.last_checkpoint_ms = now_ms;
-        CheckpointWrite {
+        SnapshotWrite {
+            scope: Scope::Orders,
             partition: self.processor.partition,
             epoch,
             next_offset: self.next_offset,
-            puts,
-            deletes,
+            manifest: cp.manifest,
+            blobs: cp.blobs,
+            drop: cp.drop,
         }
     }
 }
@@ -214,7 +208,6 @@ impl PartitionCore {
 mod tests {
     use super::*;
     use crate::domain::{Envelope, Message, RecordKind};
-    use crate::stages::state::StateKey;
 
     fn core(every_messages: u64, every_ms: u64) -> PartitionCore {
         let processor = Processor::new(0, 1, PartitionState::default());
@@ -222,7 +215,7 @@ mod tests {
             every_messages,
             every_ms,
         };
-        PartitionCore::recover(processor, 0, 1, config, 1_000)
+        PartitionCore::recover(processor, 0, Manifest::empty(0), 1, config, 1_000)
     }
 
     fn set_stock(sku: &str, available: u64) -> Vec<u8> {
@@ -267,7 +260,7 @@ mod tests {
         assert_eq!(flush.stock_touched, ["SKU-0"]);
         assert!(c.is_unconfirmed());
         assert!(c.confirm_durable().is_empty());
-        assert_eq!(c.state().stock["SKU-0"].available, 7);
+        assert_eq!(c.state().stock.get("SKU-0").unwrap().available, 7);
     }
 
     /// A checkpoint is due after `every_messages` records.
@@ -275,41 +268,27 @@ mod tests {
     fn due_by_message_count() {
         let mut c = core(3, 60_000);
         apply_confirmed(&mut c, 2);
-        assert_eq!(c.checkpoint_due(1_000), CheckpointDue::No);
+        assert!(!c.checkpoint_due(1_000));
         apply_confirmed(&mut c, 1);
-        assert_eq!(c.checkpoint_due(1_000), CheckpointDue::WhenIdle);
+        assert!(c.checkpoint_due(1_000));
         let write = c.take_checkpoint(7, 1_000);
         assert_eq!((write.epoch, write.next_offset), (7, 3));
-        assert!(!write.puts.is_empty());
-        assert_eq!(c.checkpoint_due(1_000), CheckpointDue::No);
+        assert!(!write.blobs.is_empty());
+        assert!(!c.checkpoint_due(1_000));
     }
 
     /// After `every_ms`, a checkpoint is due only if something was applied.
     #[test]
     fn due_by_time_only_after_changes() {
         let mut c = core(100, 500);
-        assert_eq!(c.checkpoint_due(10_000), CheckpointDue::No);
+        assert!(!c.checkpoint_due(10_000));
         apply_confirmed(&mut c, 1);
-        assert_eq!(c.checkpoint_due(1_499), CheckpointDue::No);
-        assert_eq!(c.checkpoint_due(1_500), CheckpointDue::WhenIdle);
+        assert!(!c.checkpoint_due(1_499));
+        assert!(c.checkpoint_due(1_500));
         c.take_checkpoint(1, 1_500);
         apply_confirmed(&mut c, 1);
-        assert_eq!(c.checkpoint_due(1_999), CheckpointDue::No);
-        assert_eq!(c.checkpoint_due(2_000), CheckpointDue::WhenIdle);
-    }
-
-    /// Changed rows reaching the limit of one write make a checkpoint due now.
-    #[test]
-    fn due_now_at_the_row_limit() {
-        let mut c = core(u64::MAX, u64::MAX);
-        let dirty = &mut c.processor.state.dirty;
-        dirty.extend((0..MAX_CHECKPOINT_ROWS - 1).map(|i| StateKey::Stock(format!("S{i}"))));
-        assert_eq!(c.checkpoint_due(0), CheckpointDue::No);
-        c.processor
-            .state
-            .dirty
-            .insert(StateKey::Stock("last".into()));
-        assert_eq!(c.checkpoint_due(0), CheckpointDue::Now);
+        assert!(!c.checkpoint_due(1_999));
+        assert!(c.checkpoint_due(2_000));
     }
 
     /// A checkpoint taken before the output is confirmed durable is refused.
@@ -361,11 +340,13 @@ mod tests {
         assert_eq!(effects.len(), 1, "{effects:?}");
         assert!(c.confirm_durable().is_empty());
         let write = c.take_checkpoint(1, 1_000);
-        let rows = write.puts.iter().map(|(k, v)| (k.as_slice(), v.as_slice()));
-        let state = PartitionState::from_rows(rows).unwrap();
+        let manifest = Manifest::decode(0, &write.manifest).unwrap();
+        let blobs = write.blobs.into_iter().collect();
+        let state = snapshot::restore(&manifest, &blobs, Default::default()).unwrap();
         let recovered = PartitionCore::recover(
             Processor::new(0, 1, state),
             write.next_offset,
+            manifest,
             1,
             CheckpointConfig::default(),
             0,

@@ -29,14 +29,14 @@ use crate::pipeline::backlog::Backlog;
 use crate::pipeline::effects::EffectSender;
 use crate::pipeline::inventory::{Inventory, StockCounts};
 use crate::pipeline::log::{Log, LogError, LogRecord, Record, Topic};
-use crate::pipeline::store::{CheckpointWrite, StateStore, StoreError, with_retries};
+use crate::pipeline::store::{Scope, SnapshotWrite, StateStore, StoreError, with_retries};
 use crate::pipeline::supervisor::Stop;
 use crate::sinks::metrics::Metrics;
-use crate::stages::processor::{Input, Retention};
+use crate::stages::processor::{Input, Limits};
+use crate::stages::snapshot::{self, Manifest};
 use crate::stages::{Output, PartitionState, Processor};
 
-pub use self::core::MAX_CHECKPOINT_ROWS;
-use self::core::{CheckpointDue, PartitionCore};
+use self::core::PartitionCore;
 
 /// Records read per batch.
 pub const READ_BATCH_RECORDS: usize = 4096;
@@ -67,8 +67,8 @@ pub struct RunnerDeps {
     pub inventory: Arc<Inventory>,
     pub metrics: Arc<Metrics>,
     pub checkpoint: CheckpointConfig,
-    /// How long finished orders are remembered (deterministic, log time).
-    pub retention: Retention,
+    /// The bounds of the partition's state (deterministic).
+    pub limits: Limits,
     /// Ownership epoch (fences the checkpoints of a former owner).
     pub epoch: u64,
     /// Receives one permit once this partition has recovered (readiness).
@@ -87,22 +87,45 @@ pub struct RunnerExit {
     pub state_hash: String,
 }
 
-/// Loads a partition's checkpointed state: `(state, next_offset)`.
+/// Loads a partition's last snapshot: `(state, next_offset, manifest)`,
+/// or an empty state at offset 0 for a partition that never checkpointed.
+/// Deletes again the blobs the snapshot replaced (a crash may have cut
+/// that short). Store calls are retried while the store is unavailable.
 pub async fn load_state(
     store: &dyn StateStore,
     partition: u32,
-) -> Result<(PartitionState, u64), RunnerError> {
-    let Some(cp) = store
-        .load_checkpoint(partition)
-        .await
-        .map_err(|source| RunnerError::Store { partition, source })?
-    else {
-        return Ok((PartitionState::default(), 0));
+    limits: &Limits,
+) -> Result<(PartitionState, u64, Manifest), RunnerError> {
+    let store_err = |source| RunnerError::Store { partition, source };
+    let bad = |e: snapshot::SnapshotError| RunnerError::BadCheckpoint {
+        partition,
+        detail: e.to_string(),
     };
-    let state =
-        PartitionState::from_rows(cp.rows.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
-            .map_err(|detail| RunnerError::BadCheckpoint { partition, detail })?;
-    Ok((state, cp.next_offset))
+    let loaded = with_retries("load snapshot", || store.load(Scope::Orders, partition))
+        .await
+        .map_err(store_err)?;
+    let Some(loaded) = loaded else {
+        return Ok((PartitionState::default(), 0, Manifest::empty(partition)));
+    };
+    let manifest = Manifest::decode(partition, &loaded.manifest).map_err(bad)?;
+    let refs = manifest.blobs();
+    let blobs = with_retries("read snapshot blobs", || {
+        store.read_blobs(Scope::Orders, partition, &refs)
+    })
+    .await
+    .map_err(store_err)?;
+    let blobs = refs
+        .iter()
+        .zip(blobs)
+        .filter_map(|(r, b)| b.map(|b| (*r, b)))
+        .collect();
+    let state = snapshot::restore(&manifest, &blobs, limits.finished).map_err(bad)?;
+    with_retries("delete replaced blobs", || {
+        store.delete_blobs(Scope::Orders, partition, &manifest.garbage)
+    })
+    .await
+    .map_err(store_err)?;
+    Ok((state, loaded.next_offset, manifest))
 }
 
 /// Runs partition `partition` until `stop` leaves `Stop::Run`; then, for
@@ -117,16 +140,18 @@ pub async fn run(
     let started = Instant::now();
     let partitions = deps.log.partition_count(Topic::Orders);
     let status_partitions = deps.log.partition_count(Topic::OrderStatus);
-    let (state, loaded_next) = load_state(deps.store.as_ref(), partition).await?;
+    let (state, loaded_next, manifest) =
+        load_state(deps.store.as_ref(), partition, &deps.limits).await?;
     let _owned = deps.backlog.own(partition, loaded_next);
     let processor = Processor::new(partition, partitions, state)
-        .with_retention(deps.retention)
+        .with_limits(deps.limits)
         .with_poison_customer(deps.poison_customer.clone());
     // The checkpoint clock's origin is set when the loop starts (below):
     // resubmitting the outbox may wait for the executor's queue.
     let mut core = PartitionCore::recover(
         processor,
         loaded_next,
+        manifest,
         status_partitions,
         deps.checkpoint.clone(),
         0,
@@ -213,22 +238,18 @@ pub async fn run(
                 .map_err(|_| RunnerError::ExecutorGone { partition })?;
         }
         let next = core.next_offset();
+        deps.inventory.refused(partition, &flush.stock_refused);
         publish_stock(&deps, core.processor(), &flush.stock_touched, next);
         publish_parked(&deps, core.processor(), partition);
+        publish_sizes(&deps, core.state(), partition);
         deps.backlog.processed(partition, next);
         if let Ok((_, high)) = deps.log.offsets(Topic::Orders, partition) {
             lag.set(high.saturating_sub(next) as i64);
         }
-        // One checkpoint in flight at a time. A due one waits for the
-        // previous to finish, without blocking the partition, unless the
-        // changed rows reach the limit of one write.
+        // One checkpoint in flight at a time: a due one waits for the
+        // previous to finish, without blocking the partition.
         let previous_done = writing.as_ref().is_none_or(|w| w.is_finished());
-        let start = match core.checkpoint_due(now_ms()) {
-            CheckpointDue::No => false,
-            CheckpointDue::WhenIdle => previous_done,
-            CheckpointDue::Now => true,
-        };
-        if start {
+        if previous_done && core.checkpoint_due(now_ms()) {
             finish_checkpoint(&mut writing, partition).await?;
             let write = core.take_checkpoint(deps.epoch, now_ms());
             writing = Some(start_checkpoint(&deps, write));
@@ -352,23 +373,28 @@ pub(crate) async fn append_with_retry(
 /// A checkpoint being written while the partition goes on.
 type CheckpointTask = tokio::task::JoinHandle<Result<(), RunnerError>>;
 
-/// Starts writing `write` (the rows changed so far and the next offset)
-/// in the background: the checkpoint covers only output already durable
-/// (the core refuses otherwise), and the next one starts only after this
-/// one finished, so they land in order.
-fn start_checkpoint(deps: &RunnerDeps, write: CheckpointWrite) -> CheckpointTask {
+/// Starts writing `write` (the snapshot's new blobs and manifest, and the
+/// next offset) in the background: the checkpoint covers only output
+/// already durable (the core refuses otherwise), and the next one starts
+/// only after this one finished, so they land in order.
+fn start_checkpoint(deps: &RunnerDeps, write: SnapshotWrite) -> CheckpointTask {
     let started = Instant::now();
     let (partition, next) = (write.partition, write.next_offset);
     let (store, log, metrics) = (deps.store.clone(), deps.log.clone(), deps.metrics.clone());
     tokio::spawn(async move {
-        // Repeating a checkpoint is safe: same rows, same offset, same epoch.
-        with_retries("write_checkpoint", || store.write_checkpoint(write.clone()))
+        let label = partition.to_string();
+        metrics
+            .checkpoint_bytes
+            .with_label_values(&[&label])
+            .observe(write.bytes() as f64);
+        // Repeating a commit is safe: same blobs, same manifest, same epoch.
+        with_retries("commit snapshot", || store.commit(&write))
             .await
             .map_err(|source| RunnerError::Store { partition, source })?;
         log.release_before(Topic::Orders, partition, next);
         metrics
             .checkpoint_latency
-            .with_label_values(&[&partition.to_string()])
+            .with_label_values(&[&label])
             .observe(started.elapsed().as_secs_f64());
         Ok(())
     })
@@ -407,6 +433,25 @@ fn publish_parked(deps: &RunnerDeps, processor: &Processor, partition: u32) {
         .set(oldest_ms.map_or(0.0, |t| now_ms.saturating_sub(t) as f64 / 1000.0));
 }
 
+/// The size gauges of the partition's bounded structures.
+fn publish_sizes(deps: &RunnerDeps, state: &PartitionState, partition: u32) {
+    let label = partition.to_string();
+    let sizes = [
+        ("finished_orders", state.finished.len()),
+        ("orders_in_flight", state.orders.len()),
+        ("holds", state.holds.len()),
+        ("outbox", state.outbox.len()),
+        ("skus", state.stock.len()),
+        ("parked_bytes", state.parked_bytes()),
+    ];
+    for (structure, size) in sizes {
+        deps.metrics
+            .state_entries
+            .with_label_values(&[structure, &label])
+            .set(size as i64);
+    }
+}
+
 fn counts(processor: &Processor, sku: &str) -> StockCounts {
     let s = processor.state.stock.get(sku).cloned().unwrap_or_default();
     StockCounts {
@@ -421,8 +466,8 @@ fn publish_all_stock(deps: &RunnerDeps, processor: &Processor, next: u64) {
     let all = processor
         .state
         .stock
-        .keys()
-        .map(|sku| counts(processor, sku));
+        .iter()
+        .map(|(sku, _)| counts(processor, sku));
     deps.inventory.publish(processor.partition, all, next);
 }
 
@@ -442,9 +487,9 @@ pub async fn replay(
     log: &dyn Log,
     partition: u32,
     until: u64,
-    retention: Retention,
+    limits: Limits,
 ) -> Result<PartitionState, LogError> {
-    replay_inspected(log, partition, until, retention, &mut ()).await
+    replay_inspected(log, partition, until, limits, &mut ()).await
 }
 
 /// Watches a replay record by record (`orderflow replay --order`).
@@ -469,12 +514,12 @@ pub async fn replay_inspected(
     log: &dyn Log,
     partition: u32,
     until: u64,
-    retention: Retention,
+    limits: Limits,
     inspect: &mut dyn Inspect,
 ) -> Result<PartitionState, LogError> {
     let partitions = log.partition_count(Topic::Orders);
     let mut processor =
-        Processor::new(partition, partitions, PartitionState::default()).with_retention(retention);
+        Processor::new(partition, partitions, PartitionState::default()).with_limits(limits);
     let mut out = Output::default();
     let mut next = 0;
     while next < until {
@@ -505,6 +550,5 @@ pub async fn replay_inspected(
         }
         out.clear();
     }
-    processor.state.dirty.clear();
     Ok(processor.state)
 }

@@ -322,6 +322,8 @@ mod tests {
             at_ms: 0,
             refused_skus: Vec::new(),
             released_lines: 0,
+            src: None,
+            email: None,
         };
         assert_eq!(render(&e).0, "Order ord-7 confirmed");
         e.status = Status::OutOfStock;

@@ -17,25 +17,28 @@
 //! for good (a 4xx, an SMTP 5xx), is given up: logged, counted, and treated
 //! as settled so the chain goes on.
 //!
-//! Effectively once, across restarts and SIGKILL:
-//! - The store keeps, per (target, order), the highest settled seq, and the
-//!   sink's position per partition. Both are written in one transaction
-//!   right after deliveries are acknowledged (all those acknowledged since
-//!   the last write).
-//! - The position only moves up to the first event with an unsettled
-//!   delivery; a restart reads on from there and skips every (target,
-//!   event) the store has as settled (and duplicated status events, by
-//!   `(order_id, seq)`).
+//! Effectively once, across restarts and SIGKILL, with state bounded by
+//! the deliveries in progress (never a row per order):
+//! - Each partition's snapshot in the store ([`Scope::Notifications`]) is
+//!   its **position** (the first offset with an unsettled delivery), per
+//!   source `orders` partition the highest status id before the position,
+//!   and the (target, offset) deliveries settled beyond the position. It
+//!   is written at most every [`FLUSH_EVERY`] while deliveries settle.
+//! - A restart reads on from the position: a status event whose id is not
+//!   above its source's mark is a replay's duplicate (the processor
+//!   re-emits statuses with the same ids after a crash) and is skipped, and
+//!   so is every (target, offset) already settled.
 //! - A delivery's in-flight slot is freed only after its record is
 //!   durable. So what a crash can repeat — acknowledged by the receiver but
 //!   not yet recorded — is at most `max_in_flight` deliveries per target
 //!   (email: per batch too). Every repeat carries the same
 //!   `Orderflow-Event-Id` (and email `Message-ID`) for receivers to dedupe.
+//! - Records read ahead of the position are bounded by
+//!   `max_pending_events`: past it, reading waits for deliveries to settle.
 //!
-//! Emails need the order's contact email, which status events do not
-//! carry: intake stores it (`StateStore::put_contact`) for orders placed
-//! over HTTP. Orders produced straight to the log have none and get
-//! webhooks only.
+//! Emails need the order's contact email: the processor puts it on the
+//! order's terminal status events (it keeps it while the order is in
+//! flight; nothing stores it). An order without one gets webhooks only.
 //!
 //! Shutdown: no new deliveries start; the attempts in flight finish (at
 //! most `timeout_ms`), what was acknowledged is recorded, and the rest is
@@ -50,7 +53,7 @@ pub mod email;
 
 pub mod webhook;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,19 +63,31 @@ use tokio::task::{JoinHandle, JoinSet};
 
 pub use self::config::{EmailConfig, EventFilter, NotificationsConfig, SmtpTls, WebhookConfig};
 pub use self::webhook::{VerifyError, sign, verify_signature};
+use serde::{Deserialize, Serialize};
+
 use crate::domain::StatusEvent;
 use crate::pipeline::log::{Log, LogError, Topic};
-use crate::pipeline::store::{Notified, StateStore, StoreError, with_retries};
+use crate::pipeline::store::{Scope, SnapshotWrite, StateStore, StoreError, with_retries};
 use crate::pipeline::supervisor::Stop;
 use crate::sinks::metrics::Metrics;
 
-/// Name of the notifications sink's positions in the state store.
-pub const SINK_NAME: &str = "notifications";
 /// Status records read per log read.
 const READ_BATCH: usize = 1024;
 const READ_WAIT: Duration = Duration::from_millis(50);
+/// Settled deliveries are recorded at most this often (one store write
+/// for all of them), unless half a target's slots wait for it.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// A position that moved without any delivery is written at most this often.
 const POSITION_EVERY: Duration = Duration::from_secs(1);
+
+/// A partition's snapshot: see the module documentation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct SinkState {
+    /// Per source `orders` partition, the highest status id before the position.
+    marks: BTreeMap<u32, (u64, u32)>,
+    /// `(target key, offset)` of deliveries settled at or after the position.
+    settled: BTreeSet<(String, u64)>,
+}
 
 /// Why one attempt failed.
 #[derive(Clone, Debug)]
@@ -149,7 +164,7 @@ enum Kind {
 /// A webhook endpoint or email, with its in-flight slots and metrics.
 struct Target {
     kind: Kind,
-    /// Store key: `webhook:<name>` or `email`.
+    /// Snapshot key: `webhook:<name>` or `email`.
     key: String,
     /// Metrics label: the endpoint name, or `email`.
     label: String,
@@ -181,6 +196,8 @@ pub struct Notifier {
     targets: Vec<Target>,
     policy: RetryPolicy,
     max_pending_events: usize,
+    /// The fewest in-flight slots of any target (flush policy).
+    min_slots: usize,
     store: Arc<dyn StateStore>,
     metrics: Arc<Metrics>,
 }
@@ -246,11 +263,17 @@ impl Notifier {
                 slots,
             ));
         }
+        let min_slots = targets
+            .iter()
+            .map(|t| t.permits.available_permits())
+            .min()
+            .unwrap_or(1);
         Ok((
             Notifier {
                 targets,
                 policy: RetryPolicy::from_config(config),
                 max_pending_events: config.max_pending_events,
+                min_slots,
                 store,
                 metrics,
             },
@@ -278,24 +301,45 @@ pub fn start(
     })
 }
 
-/// Where partition `partition`'s task starts: its stored position, or for
-/// a partition without one (notifications just turned on) the log's end,
-/// so that only status changes from now on are notified, not the history.
+/// Where partition `partition`'s task starts: its snapshot, or for a
+/// partition without one (notifications just turned on) the log's end, so
+/// that only status changes from now on are notified, not the history.
 /// That start is recorded at once, so a crash cannot skip what follows.
-async fn start_position(n: &Notifier, log: &dyn Log, partition: u32) -> Result<u64, NotifyError> {
+async fn start_position(
+    n: &Notifier,
+    log: &dyn Log,
+    partition: u32,
+    epoch: u64,
+) -> Result<(u64, SinkState), NotifyError> {
     let store_err = |source| NotifyError::Store { partition, source };
-    let positions = n.store.sink_positions(SINK_NAME).await.map_err(store_err)?;
-    if let Some(&next) = positions.get(&partition) {
-        return Ok(next);
+    let store = &n.store;
+    let loaded = with_retries("load notifications position", || {
+        store.load(Scope::Notifications, partition)
+    })
+    .await
+    .map_err(store_err)?;
+    if let Some(snapshot) = loaded {
+        let state = rmp_serde::from_slice(&snapshot.manifest).map_err(|e| {
+            store_err(StoreError::Corrupt(format!(
+                "notifications snapshot of partition {partition}: {e}"
+            )))
+        })?;
+        return Ok((snapshot.next_offset, state));
     }
     let (_, high) = log
         .offsets(Topic::OrderStatus, partition)
         .map_err(|source| NotifyError::Log { partition, source })?;
-    n.store
-        .record_notified(SINK_NAME, &[(partition, high)], &[])
+    let state = SinkState::default();
+    let write = snapshot(partition, epoch, high, &state);
+    with_retries("write notifications position", || store.commit(&write))
         .await
         .map_err(store_err)?;
-    Ok(high)
+    Ok((high, state))
+}
+
+fn snapshot(partition: u32, epoch: u64, position: u64, state: &SinkState) -> SnapshotWrite {
+    let manifest = rmp_serde::to_vec(state).expect("a sink state always serializes");
+    SnapshotWrite::manifest_only(Scope::Notifications, partition, epoch, position, manifest)
 }
 
 /// One delivery: an event for a target.
@@ -381,9 +425,6 @@ async fn deliver(n: Arc<Notifier>, job: Job, mut shutdown: watch::Receiver<bool>
 /// The deliveries of one order to one target, run one at a time.
 #[derive(Default)]
 struct Chain {
-    /// Highest seq settled in the store or enqueued here: anything at or
-    /// below it is a duplicate.
-    max_seq: u32,
     running: bool,
     queue: VecDeque<Job>,
 }
@@ -393,14 +434,25 @@ struct Partition {
     n: Arc<Notifier>,
     log: Arc<dyn Log>,
     partition: u32,
+    epoch: u64,
     /// Next offset to read.
     next: u64,
+    /// Per source partition, the highest status id read (duplicates are
+    /// at or below it).
+    marks: BTreeMap<u32, (u64, u32)>,
+    /// The snapshot at the current position (kept current as the position
+    /// moves): marks of what lies before it, deliveries settled after it.
+    at_position: SinkState,
+    /// Status ids read at or after the position, to fold into
+    /// `at_position.marks` as the position passes them.
+    window: VecDeque<(u64, u32, (u64, u32))>,
     /// Offsets with unsettled deliveries → how many.
     pending: BTreeMap<u64, u32>,
     chains: HashMap<(usize, String), Chain>,
     running: JoinSet<Done>,
-    /// Settled since the last write, with their in-flight slots.
-    settled: Vec<Notified>,
+    /// Deliveries settled since the last write, and their in-flight slots
+    /// (freed once the write is durable).
+    unwritten: usize,
     permits: Vec<OwnedSemaphorePermit>,
     written_position: u64,
     written_at: Instant,
@@ -416,7 +468,13 @@ pub async fn run_partition(
     partition: u32,
     stop: watch::Receiver<Stop>,
 ) -> Result<(), NotifyError> {
-    let next = start_position(&n, log.as_ref(), partition).await?;
+    let store = n.store.clone();
+    let epoch = with_retries("claim notifications", || {
+        store.claim(Scope::Notifications, partition)
+    })
+    .await
+    .map_err(|source| NotifyError::Store { partition, source })?;
+    let (next, state) = start_position(&n, log.as_ref(), partition, epoch).await?;
     // Deliveries only need "stopping or not".
     let (shutdown_tx, mut shutdown) = watch::channel(false);
     let mut stop = stop;
@@ -430,11 +488,15 @@ pub async fn run_partition(
         n,
         log: log.clone(),
         partition,
+        epoch,
         next,
+        marks: state.marks.clone(),
+        at_position: state,
+        window: VecDeque::new(),
         pending: BTreeMap::new(),
         chains: HashMap::new(),
         running: JoinSet::new(),
-        settled: Vec::new(),
+        unwritten: 0,
         permits: Vec::new(),
         written_position: next,
         written_at: Instant::now(),
@@ -444,16 +506,26 @@ pub async fn run_partition(
         let stopping = *shutdown.borrow();
         if stopping && p.running.is_empty() {
             p.drop_queued();
-            p.flush(true).await?;
-            return Ok(());
+            p.advance();
+            return match p.flush(true).await {
+                Err(NotifyError::Store {
+                    source: StoreError::Fenced { .. },
+                    ..
+                }) => Ok(()),
+                other => other,
+            };
         }
-        let room = !stopping && p.pending.len() < p.n.max_pending_events;
+        let room = !stopping
+            && p.pending.len() < p.n.max_pending_events
+            && p.window.len() < p.n.max_pending_events;
+        let flush_in = FLUSH_EVERY.saturating_sub(p.written_at.elapsed());
         tokio::select! {
             Some(joined) = p.running.join_next(), if !p.running.is_empty() => {
                 p.complete(joined, stopping)?;
                 while let Some(joined) = p.running.try_join_next() {
                     p.complete(joined, stopping)?;
                 }
+                p.advance();
                 p.flush(false).await?;
             }
             _ = shutdown.changed(), if !stopping => {}
@@ -470,8 +542,13 @@ pub async fn run_partition(
                 };
                 if let Some(last) = records.last() {
                     p.next = last.offset + 1;
-                    p.admit(&records).await?;
+                    p.admit(&records);
+                    p.advance();
                 }
+                p.flush(false).await?;
+            }
+            // Settled deliveries wait for the next flush.
+            _ = tokio::time::sleep(flush_in), if p.unwritten > 0 => {
                 p.flush(false).await?;
             }
             // Nothing to read or wait for (cannot happen while deliveries
@@ -482,19 +559,9 @@ pub async fn run_partition(
 }
 
 impl Partition {
-    fn store_err(&self, source: StoreError) -> NotifyError {
-        NotifyError::Store {
-            partition: self.partition,
-            source,
-        }
-    }
-
-    /// Turns new status records into deliveries, skipping what is settled.
-    async fn admit(
-        &mut self,
-        records: &[crate::pipeline::log::LogRecord],
-    ) -> Result<(), NotifyError> {
-        let mut wanted: Vec<(usize, u64, Arc<StatusEvent>)> = Vec::new();
+    /// Turns new status records into deliveries, skipping duplicates and
+    /// what is settled.
+    fn admit(&mut self, records: &[crate::pipeline::log::LogRecord]) {
         for r in records {
             let event = match StatusEvent::decode(&r.value) {
                 Ok(e) => Arc::new(e),
@@ -503,99 +570,58 @@ impl Partition {
                     continue;
                 }
             };
+            if let Some(src) = event.src {
+                let id = (src.src_offset, src.index);
+                if self.marks.get(&src.src_partition).is_some_and(|m| id <= *m) {
+                    continue; // re-emitted by a replay: the original was handled
+                }
+                self.marks.insert(src.src_partition, id);
+                self.window.push_back((r.offset, src.src_partition, id));
+            }
             for (t, target) in self.n.targets.iter().enumerate() {
-                if target.wants(&event) {
-                    wanted.push((t, r.offset, event.clone()));
+                if !target.wants(&event) {
+                    continue;
+                }
+                if self
+                    .at_position
+                    .settled
+                    .contains(&(target.key.clone(), r.offset))
+                {
+                    continue;
+                }
+                let email = match target.kind {
+                    Kind::Email(_) => match &event.email {
+                        Some(to) => Some(to.clone()),
+                        None => {
+                            // No contact: no email.
+                            self.n
+                                .metrics
+                                .notification_deliveries
+                                .with_label_values(&[&target.label, "no_contact"])
+                                .inc();
+                            continue;
+                        }
+                    },
+                    Kind::Webhook(_) => None,
+                };
+                target.depth.inc();
+                *self.pending.entry(r.offset).or_insert(0) += 1;
+                let job = Job {
+                    target: t,
+                    offset: r.offset,
+                    event: event.clone(),
+                    email,
+                };
+                let chain = self.chains.entry((t, event.order_id.clone())).or_default();
+                if chain.running {
+                    chain.queue.push_back(job);
+                } else {
+                    chain.running = true;
+                    self.running
+                        .spawn(deliver(self.n.clone(), job, self.shutdown.clone()));
                 }
             }
         }
-        if wanted.is_empty() {
-            return Ok(());
-        }
-        // What the store has settled, for (target, order)s not in memory.
-        let mut lookup: Vec<(usize, String)> = wanted
-            .iter()
-            .map(|(t, _, e)| (*t, e.order_id.clone()))
-            .filter(|k| !self.chains.contains_key(k))
-            .collect();
-        lookup.sort();
-        lookup.dedup();
-        let keys: Vec<(String, String)> = lookup
-            .iter()
-            .map(|(t, id)| (self.n.targets[*t].key.clone(), id.clone()))
-            .collect();
-        let store = &self.n.store;
-        let stored = with_retries("notified", || store.notified(&keys))
-            .await
-            .map_err(|e| self.store_err(e))?;
-        let mut floors: HashMap<(usize, String), u32> = lookup
-            .into_iter()
-            .zip(stored)
-            .map(|(k, seq)| (k, seq.unwrap_or(0)))
-            .collect();
-        // Contacts, for the email deliveries.
-        let mut email_ids: Vec<String> = wanted
-            .iter()
-            .filter(|(t, _, _)| matches!(self.n.targets[*t].kind, Kind::Email(_)))
-            .map(|(_, _, e)| e.order_id.clone())
-            .collect();
-        email_ids.sort();
-        email_ids.dedup();
-        let contacts: HashMap<String, Option<String>> = if email_ids.is_empty() {
-            HashMap::new()
-        } else {
-            let store = &self.n.store;
-            let found = with_retries("get_contacts", || store.get_contacts(&email_ids))
-                .await
-                .map_err(|e| self.store_err(e))?;
-            email_ids.into_iter().zip(found).collect()
-        };
-
-        for (t, offset, event) in wanted {
-            let key = (t, event.order_id.clone());
-            let floor = match self.chains.get(&key) {
-                Some(c) => c.max_seq,
-                None => floors.get(&key).copied().unwrap_or(0),
-            };
-            if event.seq <= floor {
-                continue; // settled before, or a duplicated status event
-            }
-            let target = &self.n.targets[t];
-            let email = match target.kind {
-                Kind::Email(_) => match contacts.get(&event.order_id).cloned().flatten() {
-                    Some(to) => Some(to),
-                    None => {
-                        // Produced straight to the log: no contact, no email.
-                        self.n
-                            .metrics
-                            .notification_deliveries
-                            .with_label_values(&[&target.label, "no_contact"])
-                            .inc();
-                        floors.insert(key, event.seq);
-                        continue;
-                    }
-                },
-                Kind::Webhook(_) => None,
-            };
-            target.depth.inc();
-            *self.pending.entry(offset).or_insert(0) += 1;
-            let job = Job {
-                target: t,
-                offset,
-                event: event.clone(),
-                email,
-            };
-            let chain = self.chains.entry(key).or_default();
-            chain.max_seq = event.seq;
-            if chain.running {
-                chain.queue.push_back(job);
-            } else {
-                chain.running = true;
-                self.running
-                    .spawn(deliver(self.n.clone(), job, self.shutdown.clone()));
-            }
-        }
-        Ok(())
     }
 
     /// Accounts for a finished delivery and starts the next of its chain.
@@ -641,11 +667,10 @@ impl Partition {
         if let Outcome::Abandoned(detail) = &outcome {
             tracing::warn!(target = %target.label, order_id = %job.event.order_id, seq = job.event.seq, error = %detail, "notification given up");
         }
-        self.settled.push(Notified {
-            target: target.key.clone(),
-            order_id: job.event.order_id.clone(),
-            seq: job.event.seq,
-        });
+        self.at_position
+            .settled
+            .insert((target.key.clone(), job.offset));
+        self.unwritten += 1;
         self.permits.extend(permit);
         if let Some(count) = self.pending.get_mut(&job.offset) {
             *count -= 1;
@@ -669,28 +694,52 @@ impl Partition {
         self.pending.keys().next().copied().unwrap_or(self.next)
     }
 
-    /// Writes what settled (with the position) in one transaction, then
-    /// frees the slots. A position that moved alone waits for `POSITION_EVERY`.
+    /// Moves `at_position` to the current position: the marks of the
+    /// records the position passed, and only the settled deliveries at or
+    /// after it.
+    fn advance(&mut self) {
+        let position = self.position();
+        while let Some(&(offset, src, id)) = self.window.front() {
+            if offset >= position {
+                break;
+            }
+            self.at_position.marks.insert(src, id);
+            self.window.pop_front();
+        }
+        self.at_position
+            .settled
+            .retain(|(_, offset)| *offset >= position);
+    }
+
+    /// Records `at_position` (one small snapshot), then frees the slots of
+    /// what settled. Settled deliveries wait up to [`FLUSH_EVERY`] (less
+    /// when half of the slots wait), a position that moved alone up to
+    /// `POSITION_EVERY`.
     async fn flush(&mut self, force: bool) -> Result<(), NotifyError> {
         let position = self.position();
         let moved = position > self.written_position;
-        if self.settled.is_empty()
-            && (!moved || (!force && self.written_at.elapsed() < POSITION_EVERY))
-        {
+        let elapsed = self.written_at.elapsed();
+        let slots_waiting = self.permits.len() * 2 >= self.n.min_slots;
+        let settled = self.unwritten > 0;
+        let due = force
+            || (settled && (elapsed >= FLUSH_EVERY || slots_waiting))
+            || (moved && elapsed >= POSITION_EVERY);
+        if !due || (!settled && !moved) {
             return Ok(());
         }
-        // Recording keeps the larger seq and offset: safe to repeat.
-        let (store, at) = (&self.n.store, [(self.partition, position)]);
-        with_retries("record_notified", || {
-            store.record_notified(SINK_NAME, &at, &self.settled)
-        })
-        .await
-        .map_err(|e| self.store_err(e))?;
-        self.settled.clear();
+        let write = snapshot(self.partition, self.epoch, position, &self.at_position);
+        let store = &self.n.store;
+        with_retries("record notifications", || store.commit(&write))
+            .await
+            .map_err(|source| NotifyError::Store {
+                partition: self.partition,
+                source,
+            })?;
+        self.unwritten = 0;
         self.permits.clear();
-        self.written_position = self.written_position.max(position);
+        self.written_position = position;
         self.written_at = Instant::now();
-        // Settled chains are in the store now: drop the idle ones.
+        // Settled chains are recorded now: drop the idle ones.
         self.chains.retain(|_, c| c.running || !c.queue.is_empty());
         self.log
             .release_before(Topic::OrderStatus, self.partition, position);

@@ -263,6 +263,8 @@ mod tests {
             at_ms: 1_714_566_600_250,
             refused_skus: Vec::new(),
             released_lines: 0,
+            src: None,
+            email: None,
         }
     }
 

@@ -1,0 +1,764 @@
+//! How a partition's state is written to the state store: a small
+//! manifest plus immutable blobs (see docs/design.md, "Snapshots").
+//!
+//! - stock pages: one per non-empty stock bucket, rewritten only when a SKU
+//!   of the bucket changed;
+//! - finished chunks: [`FINISHED_CHUNK`] entries of the finished set each,
+//!   written once when full, dropped whole when all their entries expired;
+//! - head pages: everything else, rewritten at every checkpoint, cut into
+//!   pages of at most [`HEAD_PAGE_BYTES`].
+//!
+//! A checkpoint's cost therefore depends on the state in flight and on
+//! what changed since the previous checkpoint, never on how many orders
+//! passed before. Every blob carries a header (magic, format, kind,
+//! partition) and a CRC-32C: bad bytes give a [`SnapshotError`] naming the
+//! partition and the generation, never a panic.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::parked::ParkedRecord;
+use crate::domain::{Effect, EffectKind, OrderKey};
+
+use super::finished::{Finished, FinishedEntry, FinishedLimits};
+use super::state::{Hold, OrderRec, PartitionState, STOCK_BUCKETS, Stock, StockTable};
+
+/// Snapshot format version, in the manifest and in every blob.
+pub const FORMAT: u8 = 1;
+const MAGIC: [u8; 4] = *b"OFSS";
+const HEADER_BYTES: usize = 4 + 1 + 1 + 4 + 8;
+const CRC_BYTES: usize = 4;
+/// Largest head page. Far below every store's value limit.
+pub const HEAD_PAGE_BYTES: usize = 256 * 1024;
+/// Finished entries per chunk: 8,192 × 24 bytes = 192 KiB.
+pub const FINISHED_CHUNK: u64 = 8_192;
+const ENTRY_BYTES: usize = 24;
+
+/// A blob in the store: the epoch of the owner that wrote it (so a former
+/// owner can never overwrite one the current owner references) and a
+/// number unique within that epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct BlobRef {
+    pub epoch: u64,
+    pub id: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Stock = 1,
+    Chunk = 2,
+    Head = 3,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Stock => "stock page",
+            Kind::Chunk => "finished chunk",
+            Kind::Head => "head page",
+        }
+    }
+}
+
+/// A snapshot that cannot be read.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+#[error("snapshot of partition {partition}, generation {generation}: {detail}")]
+pub struct SnapshotError {
+    pub partition: u32,
+    pub generation: u64,
+    pub detail: String,
+}
+
+/// What a partition's snapshot consists of. Stored with the offset and the
+/// epoch in the store's snapshot row.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u8,
+    pub partition: u32,
+    /// Checkpoints written so far (this one included).
+    pub generation: u64,
+    /// The next blob number to use.
+    pub next_blob: u64,
+    /// Stock pages by bucket, in bucket order.
+    pub stock: Vec<(u16, BlobRef)>,
+    /// Head pages in order.
+    pub head: Vec<BlobRef>,
+    /// Numbers of the finished entries kept: `finished_first..finished_next`.
+    pub finished_first: u64,
+    pub finished_next: u64,
+    /// Finished chunks by chunk number, in order.
+    pub chunks: Vec<(u64, BlobRef)>,
+    /// Blobs this checkpoint replaced: deleted once it is committed, and
+    /// again by whoever loads it (a crash in between leaks nothing).
+    pub garbage: Vec<BlobRef>,
+}
+
+impl Manifest {
+    /// The manifest of a partition that never checkpointed.
+    pub fn empty(partition: u32) -> Manifest {
+        Manifest {
+            format: FORMAT,
+            partition,
+            ..Manifest::default()
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec(self).expect("a manifest always serializes")
+    }
+
+    pub fn decode(partition: u32, bytes: &[u8]) -> Result<Manifest, SnapshotError> {
+        let bad = |detail: String| SnapshotError {
+            partition,
+            generation: 0,
+            detail,
+        };
+        let m: Manifest =
+            rmp_serde::from_slice(bytes).map_err(|e| bad(format!("undecodable manifest: {e}")))?;
+        let err = |detail: String| SnapshotError {
+            partition,
+            generation: m.generation,
+            detail,
+        };
+        if m.format != FORMAT {
+            return Err(err(format!(
+                "format {} (this build reads {FORMAT})",
+                m.format
+            )));
+        }
+        if m.partition != partition {
+            return Err(err(format!("the manifest is partition {}'s", m.partition)));
+        }
+        if m.finished_first > m.finished_next {
+            return Err(err("finished range runs backwards".into()));
+        }
+        Ok(m)
+    }
+
+    /// Every blob the snapshot references, in load order.
+    pub fn blobs(&self) -> Vec<BlobRef> {
+        self.stock
+            .iter()
+            .map(|(_, b)| *b)
+            .chain(self.chunks.iter().map(|(_, b)| *b))
+            .chain(self.head.iter().copied())
+            .collect()
+    }
+
+    fn allocate(&mut self, epoch: u64) -> BlobRef {
+        let blob = BlobRef {
+            epoch,
+            id: self.next_blob,
+        };
+        self.next_blob += 1;
+        blob
+    }
+
+    fn error(&self, detail: String) -> SnapshotError {
+        SnapshotError {
+            partition: self.partition,
+            generation: self.generation,
+            detail,
+        }
+    }
+}
+
+/// One checkpoint: the blobs to write, the manifest to commit after them,
+/// and the blobs to delete once it is committed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub manifest: Vec<u8>,
+    pub blobs: Vec<(BlobRef, Vec<u8>)>,
+    pub drop: Vec<BlobRef>,
+}
+
+impl Checkpoint {
+    /// Bytes written: blobs and manifest.
+    pub fn bytes(&self) -> usize {
+        self.manifest.len() + self.blobs.iter().map(|(_, b)| b.len()).sum::<usize>()
+    }
+}
+
+/// Everything but the stock and the sealed finished chunks.
+#[derive(Serialize, Deserialize)]
+struct Head<O, H, W, X, P> {
+    orders: O,
+    holds: H,
+    watermarks: W,
+    outbox: X,
+    parked: P,
+    /// Number of the first entry of `tail`.
+    tail_first: u64,
+    /// Finished entries not yet in a chunk: key ++ stamp, 24 bytes each.
+    #[serde(with = "serde_bytes_compat")]
+    tail: Vec<u8>,
+}
+
+type HeadOut<'a> = Head<
+    &'a BTreeMap<String, OrderRec>,
+    &'a BTreeMap<(String, u16), Hold>,
+    &'a BTreeMap<u32, (u64, u32)>,
+    &'a BTreeMap<(String, EffectKind), Effect>,
+    &'a BTreeMap<u64, ParkedRecord>,
+>;
+type HeadIn = Head<
+    BTreeMap<String, OrderRec>,
+    BTreeMap<(String, u16), Hold>,
+    BTreeMap<u32, (u64, u32)>,
+    BTreeMap<(String, EffectKind), Effect>,
+    BTreeMap<u64, ParkedRecord>,
+>;
+
+/// MessagePack `bin` for the tail (a `Vec<u8>` would be an array of ints).
+mod serde_bytes_compat {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+        }
+        d.deserialize_byte_buf(Visitor)
+    }
+}
+
+fn frame(kind: Kind, partition: u32, generation: u64, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_BYTES + payload.len() + CRC_BYTES);
+    out.extend_from_slice(&MAGIC);
+    out.push(FORMAT);
+    out.push(kind as u8);
+    out.extend_from_slice(&partition.to_le_bytes());
+    out.extend_from_slice(&generation.to_le_bytes());
+    out.extend_from_slice(payload);
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// The payload of a blob of `kind` written for `partition`.
+fn unframe<'a>(
+    m: &Manifest,
+    kind: Kind,
+    blob: BlobRef,
+    bytes: &'a [u8],
+) -> Result<&'a [u8], SnapshotError> {
+    let what = |detail: &str| {
+        m.error(format!(
+            "{} blob ({}, {}): {detail}",
+            kind.name(),
+            blob.epoch,
+            blob.id
+        ))
+    };
+    if bytes.len() < HEADER_BYTES + CRC_BYTES {
+        return Err(what(&format!("{} bytes is too short", bytes.len())));
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - CRC_BYTES);
+    let crc = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
+    if crc32c::crc32c(body) != crc {
+        return Err(what("checksum mismatch"));
+    }
+    if body[..4] != MAGIC || body[4] != FORMAT {
+        return Err(what("not a snapshot blob of this format"));
+    }
+    if body[5] != kind as u8 {
+        return Err(what(&format!("holds kind {}", body[5])));
+    }
+    let partition = u32::from_le_bytes(body[6..10].try_into().expect("4 bytes"));
+    if partition != m.partition {
+        return Err(what(&format!("belongs to partition {partition}")));
+    }
+    Ok(&body[HEADER_BYTES..])
+}
+
+fn entry_bytes(out: &mut Vec<u8>, e: &FinishedEntry) {
+    out.extend_from_slice(&e.key.0);
+    out.extend_from_slice(&e.stamp.to_le_bytes());
+}
+
+fn entries_of(bytes: &[u8]) -> Option<impl Iterator<Item = FinishedEntry> + '_> {
+    bytes.len().is_multiple_of(ENTRY_BYTES).then(|| {
+        bytes.chunks_exact(ENTRY_BYTES).map(|c| FinishedEntry {
+            key: OrderKey(c[..16].try_into().expect("16 bytes")),
+            stamp: u64::from_le_bytes(c[16..].try_into().expect("8 bytes")),
+        })
+    })
+}
+
+fn stock_payload(bucket: u16, rows: &BTreeMap<String, Stock>) -> Vec<u8> {
+    let mut out = bucket.to_le_bytes().to_vec();
+    rmp_serde::encode::write(&mut out, rows).expect("stock always serializes");
+    out
+}
+
+fn chunk_payload(finished: &Finished, chunk: u64) -> Vec<u8> {
+    let (from, to) = (chunk * FINISHED_CHUNK, (chunk + 1) * FINISHED_CHUNK);
+    let start = from.max(finished.first());
+    let mut out = Vec::with_capacity(16 + FINISHED_CHUNK as usize * ENTRY_BYTES);
+    out.extend_from_slice(&chunk.to_le_bytes());
+    out.extend_from_slice(&start.to_le_bytes());
+    for (_, e) in finished.range(from, to) {
+        entry_bytes(&mut out, &e);
+    }
+    out
+}
+
+/// The next checkpoint of `state`: `manifest` is the last one written (the
+/// loaded one after a recovery) and becomes this one's. Blobs get numbers
+/// of `epoch`, the writer's ownership epoch.
+pub fn checkpoint(state: &mut PartitionState, manifest: &mut Manifest, epoch: u64) -> Checkpoint {
+    let changed = state.stock.take_dirty();
+    write(state, manifest, epoch, &changed)
+}
+
+/// The checkpoint that rewrites the stock pages of `changed` buckets.
+fn write(
+    state: &PartitionState,
+    manifest: &mut Manifest,
+    epoch: u64,
+    changed: &[u16],
+) -> Checkpoint {
+    let partition = manifest.partition;
+    manifest.generation += 1;
+    let generation = manifest.generation;
+    let mut blobs = Vec::new();
+    let mut garbage = Vec::new();
+
+    let mut stock: BTreeMap<u16, BlobRef> = manifest.stock.iter().copied().collect();
+    for &bucket in changed {
+        let rows = state.stock.bucket(bucket);
+        let old = if rows.is_empty() {
+            stock.remove(&bucket)
+        } else {
+            let blob = manifest.allocate(epoch);
+            let bytes = frame(
+                Kind::Stock,
+                partition,
+                generation,
+                &stock_payload(bucket, rows),
+            );
+            blobs.push((blob, bytes));
+            stock.insert(bucket, blob)
+        };
+        garbage.extend(old);
+    }
+    manifest.stock = stock.into_iter().collect();
+
+    let finished = &state.finished;
+    let (first, next) = (finished.first(), finished.next());
+    // Chunks whose every entry is gone.
+    manifest.chunks.retain(|&(chunk, blob)| {
+        let gone = (chunk + 1) * FINISHED_CHUNK <= first;
+        if gone {
+            garbage.push(blob);
+        }
+        !gone
+    });
+    let sealed = next / FINISHED_CHUNK;
+    let from_chunk = manifest
+        .chunks
+        .last()
+        .map_or(first / FINISHED_CHUNK, |(c, _)| c + 1)
+        .max(first / FINISHED_CHUNK);
+    for chunk in from_chunk..sealed {
+        let blob = manifest.allocate(epoch);
+        let payload = chunk_payload(finished, chunk);
+        blobs.push((blob, frame(Kind::Chunk, partition, generation, &payload)));
+        manifest.chunks.push((chunk, blob));
+    }
+    manifest.finished_first = first;
+    manifest.finished_next = next;
+
+    let tail_first = (sealed * FINISHED_CHUNK).max(first);
+    let mut tail = Vec::with_capacity((next - tail_first) as usize * ENTRY_BYTES);
+    for (_, e) in finished.range(tail_first, next) {
+        entry_bytes(&mut tail, &e);
+    }
+    let head: HeadOut<'_> = Head {
+        orders: &state.orders,
+        holds: &state.holds,
+        watermarks: &state.watermarks,
+        outbox: &state.outbox,
+        parked: &state.parked,
+        tail_first,
+        tail,
+    };
+    let head = rmp_serde::to_vec(&head).expect("a head always serializes");
+    garbage.append(&mut manifest.head);
+    // Never empty: the encoding of a struct has at least its header.
+    let pages = head.len().div_ceil(HEAD_PAGE_BYTES);
+    for (i, page) in head.chunks(HEAD_PAGE_BYTES).enumerate() {
+        let mut payload = Vec::with_capacity(8 + page.len());
+        payload.extend_from_slice(&(i as u32).to_le_bytes());
+        payload.extend_from_slice(&(pages as u32).to_le_bytes());
+        payload.extend_from_slice(page);
+        let blob = manifest.allocate(epoch);
+        blobs.push((blob, frame(Kind::Head, partition, generation, &payload)));
+        manifest.head.push(blob);
+    }
+
+    manifest.garbage = garbage.clone();
+    Checkpoint {
+        manifest: manifest.encode(),
+        blobs,
+        drop: garbage,
+    }
+}
+
+/// A complete snapshot of `state` from nothing (every blob written): what
+/// the simulation checks loads back after every step, and what tests use.
+pub fn full(state: &PartitionState, partition: u32) -> (Manifest, BTreeMap<BlobRef, Vec<u8>>) {
+    let buckets: Vec<u16> = (0..STOCK_BUCKETS as u16)
+        .filter(|b| !state.stock.bucket(*b).is_empty())
+        .collect();
+    let mut manifest = Manifest::empty(partition);
+    let cp = write(state, &mut manifest, 0, &buckets);
+    (manifest, cp.blobs.into_iter().collect())
+}
+
+/// The stock page that holds `sku`'s counters, if its bucket has one.
+pub fn stock_page(manifest: &Manifest, sku: &str) -> Option<BlobRef> {
+    let bucket = StockTable::bucket_of(sku);
+    manifest
+        .stock
+        .binary_search_by_key(&bucket, |(b, _)| *b)
+        .ok()
+        .map(|i| manifest.stock[i].1)
+}
+
+/// The counters of `sku` in the stock page `blob` (as [`stock_page`] named it).
+pub fn stock_in_page(
+    manifest: &Manifest,
+    blob: BlobRef,
+    bytes: &[u8],
+    sku: &str,
+) -> Result<Option<Stock>, SnapshotError> {
+    let payload = unframe(manifest, Kind::Stock, blob, bytes)?;
+    let mut rows: BTreeMap<String, Stock> = rmp_serde::from_slice(payload.get(2..).unwrap_or(&[]))
+        .map_err(|e| manifest.error(format!("stock page of {sku:?}: {e}")))?;
+    Ok(rows.remove(sku))
+}
+
+/// Loads the state a manifest describes from its blobs (`blobs` must hold
+/// every one [`Manifest::blobs`] lists).
+pub fn restore(
+    manifest: &Manifest,
+    blobs: &BTreeMap<BlobRef, Vec<u8>>,
+    limits: FinishedLimits,
+) -> Result<PartitionState, SnapshotError> {
+    let m = manifest;
+    let get = |blob: &BlobRef| {
+        blobs
+            .get(blob)
+            .ok_or_else(|| m.error(format!("blob ({}, {}) is missing", blob.epoch, blob.id)))
+    };
+    let mut state = PartitionState::default();
+    for (bucket, blob) in &m.stock {
+        let payload = unframe(m, Kind::Stock, *blob, get(blob)?)?;
+        if payload.len() < 2 || u16::from_le_bytes([payload[0], payload[1]]) != *bucket {
+            return Err(m.error(format!(
+                "stock page of bucket {bucket} holds another bucket"
+            )));
+        }
+        if usize::from(*bucket) >= STOCK_BUCKETS {
+            return Err(m.error(format!("stock bucket {bucket} out of range")));
+        }
+        let rows: BTreeMap<String, Stock> = rmp_serde::from_slice(&payload[2..])
+            .map_err(|e| m.error(format!("stock page of bucket {bucket}: {e}")))?;
+        state
+            .stock
+            .restore_bucket(*bucket, rows)
+            .map_err(|e| m.error(e))?;
+    }
+
+    let mut head = Vec::new();
+    for (i, blob) in m.head.iter().enumerate() {
+        let payload = unframe(m, Kind::Head, *blob, get(blob)?)?;
+        let numbers = payload.get(..8).map(|b| {
+            let index = u32::from_le_bytes(b[..4].try_into().expect("4 bytes"));
+            let count = u32::from_le_bytes(b[4..].try_into().expect("4 bytes"));
+            (index as usize, count as usize)
+        });
+        if numbers != Some((i, m.head.len())) {
+            return Err(m.error(format!("head page {i} is out of place: {numbers:?}")));
+        }
+        head.extend_from_slice(&payload[8..]);
+    }
+    let head: HeadIn =
+        rmp_serde::from_slice(&head).map_err(|e| m.error(format!("undecodable head: {e}")))?;
+
+    let mut entries = Vec::new();
+    let mut expected = m.finished_first;
+    let mut take = |start: u64, list: &[u8], what: &str| -> Result<(), SnapshotError> {
+        let list = entries_of(list).ok_or_else(|| m.error(format!("{what}: ragged entries")))?;
+        for (number, entry) in (start..).zip(list) {
+            if number < expected {
+                continue; // expired since the chunk was written
+            }
+            if number != expected {
+                return Err(m.error(format!(
+                    "{what}: finished entry {number} where {expected} was expected"
+                )));
+            }
+            entries.push(entry);
+            expected += 1;
+        }
+        Ok(())
+    };
+    for (chunk, blob) in &m.chunks {
+        let payload = unframe(m, Kind::Chunk, *blob, get(blob)?)?;
+        if payload.len() < 16 || u64::from_le_bytes(payload[..8].try_into().expect("8")) != *chunk {
+            return Err(m.error(format!("chunk {chunk} holds another chunk")));
+        }
+        let start = u64::from_le_bytes(payload[8..16].try_into().expect("8 bytes"));
+        take(start, &payload[16..], &format!("chunk {chunk}"))?;
+    }
+    take(head.tail_first, &head.tail, "head")?;
+    if expected != m.finished_next {
+        return Err(m.error(format!(
+            "finished entries end at {expected}, the manifest says {}",
+            m.finished_next
+        )));
+    }
+    state.finished = Finished::restore(limits, m.finished_first, entries);
+    state.orders = head.orders;
+    state.holds = head.holds;
+    state.watermarks = head.watermarks;
+    state.outbox = head.outbox;
+    state.parked = head.parked;
+    state.reindex();
+    state.check_stock().map_err(|e| m.error(e))?;
+    // Loaded as written: nothing to rewrite until something changes.
+    state.stock.take_dirty();
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::domain::Status;
+    use crate::stages::state::{Saga, SagaLine};
+
+    fn limits() -> FinishedLimits {
+        FinishedLimits {
+            max_age_ms: u64::MAX / 4,
+            max_entries: 100_000,
+        }
+    }
+
+    fn sample(skus: usize, finished: u64, in_flight: usize) -> PartitionState {
+        let mut s = PartitionState::default();
+        s.finished = Finished::new(limits());
+        for i in 0..skus {
+            s.stock.insert(
+                format!("SKU-{i}"),
+                Stock {
+                    available: i as u64,
+                    reserved: 1,
+                    sold: 2,
+                    supplied: i as u64 + 3,
+                },
+            );
+            s.holds.insert(
+                (format!("o{i}"), 0),
+                Hold {
+                    sku: format!("SKU-{i}"),
+                    quantity: 1,
+                },
+            );
+        }
+        for n in 0..finished {
+            s.finished
+                .insert(OrderKey::of(&format!("f{n}")), 1_000 + n, n % 3 == 0);
+        }
+        for i in 0..in_flight {
+            s.orders.insert(
+                format!("o{i}"),
+                OrderRec {
+                    seq: 2,
+                    status: Status::Reserved,
+                    saga: Some(Saga {
+                        lines: vec![SagaLine {
+                            sku: "SKU-0".into(),
+                            quantity: 1,
+                            state: crate::stages::state::LineState::Held,
+                        }],
+                        home_key: "SKU-0".into(),
+                        amount: 100,
+                        currency: "USD".into(),
+                        token: String::new(),
+                        authorizing: true,
+                        email: Some("a@example.com".into()),
+                    }),
+                },
+            );
+        }
+        s.watermarks.insert(3, (10, 1));
+        s
+    }
+
+    /// Applies a checkpoint to a blob map, as a store would.
+    fn apply(blobs: &mut BTreeMap<BlobRef, Vec<u8>>, cp: &Checkpoint) {
+        blobs.extend(cp.blobs.iter().cloned());
+        for b in &cp.drop {
+            blobs.remove(b);
+        }
+    }
+
+    /// A full snapshot loads back to an equal state with the same hash.
+    #[test]
+    fn full_snapshot_round_trips() {
+        let s = sample(50, 20_000, 30);
+        let (m, blobs) = full(&s, 4);
+        let m = Manifest::decode(4, &m.encode()).unwrap();
+        let back = restore(&m, &blobs, limits()).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.hash(), s.hash());
+        assert_eq!(m.chunks.len(), 2, "20,000 entries: two full chunks");
+    }
+
+    /// Incremental checkpoints write only what changed; chunks are written
+    /// once and dropped whole; what the store holds stays loadable.
+    #[test]
+    fn incremental_checkpoints() {
+        let mut s = sample(3, 0, 0);
+        let mut m = Manifest::empty(1);
+        let mut store = BTreeMap::new();
+        let first = checkpoint(&mut s, &mut m, 7);
+        apply(&mut store, &first);
+        let mut buckets: Vec<u16> = (0..3)
+            .map(|i| StockTable::bucket_of(&format!("SKU-{i}")))
+            .collect();
+        buckets.sort_unstable();
+        buckets.dedup();
+        assert_eq!(
+            first.blobs.len(),
+            buckets.len() + 1,
+            "a stock page per bucket and one head page"
+        );
+
+        // Nothing changed: only the head page is rewritten.
+        let second = checkpoint(&mut s, &mut m, 7);
+        assert_eq!(second.blobs.len(), 1);
+        assert_eq!(second.drop.len(), 1, "the old head page");
+        apply(&mut store, &second);
+
+        // One SKU changes, 20,000 orders finish: one stock page, two chunks.
+        s.stock.get_mut("SKU-1").unwrap().available += 1;
+        s.stock.get_mut("SKU-1").unwrap().supplied += 1;
+        for n in 0..20_000 {
+            s.finished.insert(OrderKey::of(&format!("x{n}")), n, false);
+        }
+        let third = checkpoint(&mut s, &mut m, 8);
+        assert_eq!(third.blobs.len(), 1 + 2 + 1);
+        assert!(third.blobs.iter().all(|(b, _)| b.epoch == 8));
+        apply(&mut store, &third);
+        let loaded = Manifest::decode(1, &third.manifest).unwrap();
+        assert_eq!(restore(&loaded, &store, limits()).unwrap(), s);
+
+        // The count limit drops the oldest: the first chunk goes whole.
+        s.finished.set_limits(FinishedLimits {
+            max_age_ms: u64::MAX / 4,
+            max_entries: 10_000,
+        });
+        let fourth = checkpoint(&mut s, &mut m, 8);
+        assert_eq!(m.chunks.len(), 1);
+        assert!(fourth.drop.contains(&third.blobs[1].0));
+        apply(&mut store, &fourth);
+        let loaded = Manifest::decode(1, &fourth.manifest).unwrap();
+        let back = restore(&loaded, &store, s.finished.limits()).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(store.len(), m.blobs().len(), "no blob leaked");
+    }
+
+    /// A large in-flight state is cut into head pages under the page limit.
+    #[test]
+    fn head_pages_are_bounded() {
+        let s = sample(1, 0, 10_000);
+        let (m, blobs) = full(&s, 0);
+        assert!(m.head.len() > 1, "{} head pages", m.head.len());
+        assert!(blobs.values().all(|b| b.len() <= HEAD_PAGE_BYTES + 64));
+        assert_eq!(restore(&m, &blobs, limits()).unwrap(), s);
+    }
+
+    /// Every kind of damage is an error naming the partition and generation.
+    #[test]
+    fn damage_is_a_clear_error() {
+        let s = sample(2, 10_000, 2);
+        let (m, blobs) = full(&s, 2);
+        for blob in m.blobs() {
+            let mut bad = blobs.clone();
+            bad.get_mut(&blob).unwrap()[HEADER_BYTES] ^= 1;
+            let e = restore(&m, &bad, limits()).unwrap_err();
+            assert_eq!((e.partition, e.generation), (2, 1));
+            assert!(e.to_string().contains("checksum mismatch"), "{e}");
+            let mut gone = blobs.clone();
+            gone.remove(&blob);
+            assert!(
+                restore(&m, &gone, limits())
+                    .unwrap_err()
+                    .detail
+                    .contains("missing")
+            );
+        }
+        assert!(
+            Manifest::decode(3, &m.encode())
+                .unwrap_err()
+                .detail
+                .contains("partition 2")
+        );
+        assert!(Manifest::decode(2, b"\x93garbage").is_err());
+        // A stock page of another partition is refused.
+        let (other, other_blobs) = full(&s, 5);
+        let mut mixed = blobs.clone();
+        mixed.insert(m.stock[0].1, other_blobs[&other.stock[0].1].clone());
+        let e = restore(&m, &mixed, limits()).unwrap_err();
+        assert!(e.detail.contains("partition 5"), "{e}");
+    }
+
+    /// Unconserved stock in a snapshot is refused at load.
+    #[test]
+    fn unconserved_stock_is_refused() {
+        let mut s = sample(1, 0, 0);
+        s.holds.clear();
+        s.stock.get_mut("SKU-0").unwrap().sold = u64::MAX;
+        let (m, blobs) = full(&s, 0);
+        let e = restore(&m, &blobs, limits()).unwrap_err();
+        assert!(e.detail.contains("conservation"), "{e}");
+    }
+
+    proptest! {
+        /// Arbitrary bytes in place of any blob never panic the loader.
+        #[test]
+        fn arbitrary_blob_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..400), which in 0usize..8) {
+            let s = sample(2, 9_000, 1);
+            let (m, mut blobs) = full(&s, 0);
+            let all = m.blobs();
+            let target = all[which % all.len()];
+            let mut framed = bytes.clone();
+            if which % 2 == 0 {
+                // Valid frame, arbitrary payload.
+                let kind = if m.head.contains(&target) { Kind::Head } else if m.chunks.iter().any(|c| c.1 == target) { Kind::Chunk } else { Kind::Stock };
+                framed = frame(kind, 0, 1, &bytes);
+            }
+            blobs.insert(target, framed);
+            let _ = restore(&m, &blobs, limits());
+        }
+    }
+}
