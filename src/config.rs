@@ -329,6 +329,23 @@ pub struct GatewayConfig {
     pub latency_ms: u64,
     /// Simulator only: probability (0 to 1) that a call fails as unavailable.
     pub failure_rate: f64,
+    /// Simulator only: payment intents kept at most. A create finding them
+    /// all kept forgets the oldest settled one, or answers 429 when all
+    /// are uncaptured authorizations (`gateway::simulator` has the bounds).
+    pub sim_max_intents: usize,
+    /// Simulator only: a settled intent is forgotten this long after it
+    /// settled.
+    pub sim_intent_retention_ms: u64,
+    /// Simulator only: an authorization not captured this long after it
+    /// was made is canceled (`automatic`), as Stripe's expire in 7 days.
+    pub sim_authorization_ttl_ms: u64,
+    /// Simulator only: idempotency keys kept at most (oldest forgotten).
+    pub sim_max_keys: usize,
+    /// Simulator only: an idempotency key is forgotten this long after its
+    /// first answer (Stripe: 24 h).
+    pub sim_key_ttl_ms: u64,
+    /// Simulator only: calls kept in its ledger, when it records them.
+    pub sim_max_calls: usize,
     /// Effects (gateway calls) in flight at once, over all partitions.
     pub max_inflight: usize,
     /// Attempts per effect before an authorization ends `payment_failed`.
@@ -459,6 +476,7 @@ impl Default for CheckpointConfig {
 
 impl Default for GatewayConfig {
     fn default() -> Self {
+        use crate::gateway::simulator as sim;
         GatewayConfig {
             kind: GatewayKind::Simulator,
             url: "https://api.stripe.com".into(),
@@ -473,6 +491,12 @@ impl Default for GatewayConfig {
             breaker_half_open_probes: 3,
             latency_ms: 0,
             failure_rate: 0.0,
+            sim_max_intents: sim::DEFAULT_MAX_INTENTS,
+            sim_intent_retention_ms: sim::DEFAULT_INTENT_RETENTION_MS,
+            sim_authorization_ttl_ms: sim::DEFAULT_AUTHORIZATION_TTL_MS,
+            sim_max_keys: sim::DEFAULT_MAX_KEYS,
+            sim_key_ttl_ms: sim::DEFAULT_KEY_TTL_MS,
+            sim_max_calls: sim::DEFAULT_MAX_CALLS,
             max_inflight: 10_000,
             max_attempts: 4,
             retry_base_ms: 20,
@@ -912,6 +936,15 @@ impl GatewayConfig {
             return invalid(format!(
                 "`gateway.breaker_failure_ratio` = {ratio} is out of range (0, 1]"
             ));
+        }
+        // The simulator's bounds share their ranges with gateway-sim's flags.
+        let sim = crate::gateway::simulator::SimOptions::from_config(self);
+        for (name, v, lo, hi) in sim.bound_ranges() {
+            if !(lo..=hi).contains(&v) {
+                return invalid(format!(
+                    "`gateway.sim_{name}` = {v} is out of range [{lo}, {hi}]"
+                ));
+            }
         }
         if self.kind == GatewayKind::Stripe {
             let url = self.url.trim();

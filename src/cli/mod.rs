@@ -21,6 +21,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{ADMIN_TOKEN_ENV, Config, Secret};
+use crate::gateway::sim_server;
+use crate::gateway::simulator::{self, SimOptions};
 
 pub const LISTEN_ENV: &str = "ORDERFLOW_LISTEN";
 pub const DATA_DIR_ENV: &str = "ORDERFLOW_DATA_DIR";
@@ -127,6 +129,74 @@ pub struct GatewaySimArgs {
     /// Probability (0 to 1) that a call fails with 500 or 503.
     #[arg(long, value_name = "F", default_value_t = 0.0)]
     pub failure_rate: f64,
+    /// Payment intents kept at most (1 to 100000000). A create finding them
+    /// all kept forgets the settled one (captured, canceled, declined)
+    /// created first; authorizations awaiting capture are never forgotten
+    /// for room: when all kept intents are, the create answers 429
+    /// `rate_limit` and creates nothing.
+    #[arg(long, value_name = "N", default_value_t = sim_server::DEFAULT_MAX_INTENTS)]
+    pub max_intents: usize,
+    /// A settled intent is forgotten this long after it settled, in
+    /// milliseconds (1 to 365 days; default 24 h); it then answers 404 and
+    /// search no longer finds it.
+    #[arg(long, value_name = "MS", default_value_t = simulator::DEFAULT_INTENT_RETENTION_MS)]
+    pub intent_retention_ms: u64,
+    /// An authorization not captured this long after it was made is
+    /// canceled with `cancellation_reason=automatic`, as Stripe does after
+    /// 7 days; in milliseconds (1 to 365 days; default 7 days).
+    #[arg(long, value_name = "MS", default_value_t = simulator::DEFAULT_AUTHORIZATION_TTL_MS)]
+    pub authorization_ttl_ms: u64,
+    /// Idempotency keys kept at most (1 to 100000000); the oldest is
+    /// forgotten first.
+    #[arg(long, value_name = "N", default_value_t = sim_server::DEFAULT_MAX_KEYS)]
+    pub max_keys: usize,
+    /// An idempotency key is forgotten this long after its first answer,
+    /// in milliseconds (1 to 365 days; default 24 h, as Stripe); reusing it
+    /// then executes the request anew.
+    #[arg(long, value_name = "MS", default_value_t = simulator::DEFAULT_KEY_TTL_MS)]
+    pub key_ttl_ms: u64,
+    /// Calls kept in `GET /ledger`, the last ones (1 to 100000000); the
+    /// summary's counters stay totals.
+    #[arg(long, value_name = "N", default_value_t = simulator::DEFAULT_MAX_CALLS)]
+    pub max_calls: usize,
+}
+
+impl GatewaySimArgs {
+    /// The simulator's options, or the usage error naming the flag out of
+    /// range.
+    pub fn sim_options(&self) -> Result<SimOptions, String> {
+        if !(0.0..=1.0).contains(&self.failure_rate) {
+            return Err(format!(
+                "`--failure-rate` = {} is out of range [0, 1]",
+                self.failure_rate
+            ));
+        }
+        if self.latency_ms > 60_000 {
+            return Err(format!(
+                "`--latency-ms` = {} is out of range [0, 60000]",
+                self.latency_ms
+            ));
+        }
+        let options = SimOptions {
+            latency: std::time::Duration::from_millis(self.latency_ms),
+            failure_rate: self.failure_rate,
+            record_calls: true,
+            max_intents: self.max_intents,
+            intent_retention_ms: self.intent_retention_ms,
+            authorization_ttl_ms: self.authorization_ttl_ms,
+            max_keys: self.max_keys,
+            key_ttl_ms: self.key_ttl_ms,
+            max_calls: self.max_calls,
+            clock: simulator::Clock::System,
+        };
+        for (name, v, lo, hi) in options.bound_ranges() {
+            if !(lo..=hi).contains(&v) {
+                let flag = name.replace('_', "-");
+                return Err(format!("`--{flag}` = {v} is out of range [{lo}, {hi}]"));
+            }
+        }
+        Ok(options)
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -328,24 +398,8 @@ pub async fn dispatch(cli: Cli) -> Result<bool, CliError> {
         }
         Command::Sim(args) => sim::run(&args),
         Command::GatewaySim(args) => {
-            if !(0.0..=1.0).contains(&args.failure_rate) {
-                return Err(CliError::Usage(format!(
-                    "`--failure-rate` = {} is out of range [0, 1]",
-                    args.failure_rate
-                )));
-            }
-            if args.latency_ms > 60_000 {
-                return Err(CliError::Usage(format!(
-                    "`--latency-ms` = {} is out of range [0, 60000]",
-                    args.latency_ms
-                )));
-            }
-            crate::gateway::sim_server::run(
-                args.listen,
-                std::time::Duration::from_millis(args.latency_ms),
-                args.failure_rate,
-            )
-            .await?;
+            let options = args.sim_options().map_err(CliError::Usage)?;
+            sim_server::run(args.listen, options).await?;
             Ok(true)
         }
     }
@@ -502,11 +556,80 @@ mod tests {
             "0.01",
         ])
         .unwrap();
-        assert!(matches!(
-            cli.command,
-            Some(Command::GatewaySim(GatewaySimArgs { latency_ms: 20, .. }))
-        ));
+        let Some(Command::GatewaySim(args)) = cli.command else {
+            panic!("gateway-sim parses as GatewaySim");
+        };
+        assert_eq!(args.latency_ms, 20);
+        let options = args.sim_options().unwrap();
+        assert_eq!(
+            (options.max_intents, options.max_keys, options.max_calls),
+            (1_000_000, 2_000_000, 100_000),
+            "gateway-sim's own defaults"
+        );
+        assert_eq!(
+            (
+                options.intent_retention_ms,
+                options.authorization_ttl_ms,
+                options.key_ttl_ms
+            ),
+            (86_400_000, 604_800_000, 86_400_000)
+        );
+        assert!(options.record_calls);
         assert!(Cli::try_parse_from(["orderflow", "gateway-sim"]).is_err());
+        let sim = |extra: &[&str]| {
+            let base = ["orderflow", "gateway-sim", "--listen", "127.0.0.1:0"];
+            let cli = Cli::try_parse_from(base.iter().chain(extra)).unwrap();
+            let Some(Command::GatewaySim(args)) = cli.command else {
+                panic!("gateway-sim parses as GatewaySim");
+            };
+            args.sim_options()
+        };
+        let o = sim(&[
+            "--max-intents",
+            "10",
+            "--max-keys",
+            "20",
+            "--max-calls",
+            "30",
+            "--intent-retention-ms",
+            "40",
+            "--authorization-ttl-ms",
+            "50",
+            "--key-ttl-ms",
+            "60",
+        ])
+        .unwrap();
+        assert_eq!(
+            (o.max_intents, o.max_keys, o.max_calls),
+            (10, 20, 30),
+            "count flags"
+        );
+        assert_eq!(
+            (o.intent_retention_ms, o.authorization_ttl_ms, o.key_ttl_ms),
+            (40, 50, 60),
+            "time flags"
+        );
+        for flag in [
+            "--max-intents",
+            "--max-keys",
+            "--max-calls",
+            "--intent-retention-ms",
+            "--authorization-ttl-ms",
+            "--key-ttl-ms",
+        ] {
+            let e = sim(&[flag, "0"]).unwrap_err();
+            assert!(
+                e.starts_with(&format!("`{flag}` = 0 is out of range [1, ")),
+                "{e}"
+            );
+        }
+        let e = sim(&["--key-ttl-ms", "31622400000"]).unwrap_err();
+        assert_eq!(
+            e,
+            "`--key-ttl-ms` = 31622400000 is out of range [1, 31536000000]"
+        );
+        let e = sim(&["--failure-rate", "2"]).unwrap_err();
+        assert!(e.contains("`--failure-rate` = 2"), "{e}");
         let cli = Cli::try_parse_from(["orderflow", "migrate", "--data-dir", "d"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Migrate(_))));
     }

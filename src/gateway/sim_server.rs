@@ -10,7 +10,7 @@
 //! | `POST /v1/payment_intents/{id}/cancel` | cancel (`cancellation_reason`) |
 //! | `GET /v1/payment_intents/search?query=metadata['order_id']:'…'` | an order's intents |
 //! | `GET /v1/payment_intents/{id}` | one intent |
-//! | `GET /ledger` | every call (op, idempotency key, order id, intent, result, received while down), every intent (state, captures), a summary |
+//! | `GET /ledger` | the last `--max-calls` calls (op, idempotency key, order id, intent, result, received while down), the intents kept (state, captures), a summary |
 //! | `GET`/`POST /admin/outage` | `{"down": true}` (optionally `"for_ms": N`) makes every API call answer 503 until `{"down": false}` |
 //! | `GET /healthz` | `ok` |
 //!
@@ -21,6 +21,24 @@
 //! echoes the key. Failures answer `Stripe-Should-Retry`. The ledger and
 //! admin routes need no key: the simulator is a test tool and listens on
 //! the address it is given (use loopback).
+//!
+//! It serves several orderflow instances through long tests, so what it
+//! keeps is bounded (the engine's module doc, `super::simulator`, has the
+//! details), each bound a flag refusing 0:
+//!
+//! | flag | default | when reached |
+//! |---|---|---|
+//! | `--max-intents` | 1 000 000 | a create forgets the settled intent (captured, canceled, declined) created first; when all kept intents are uncaptured authorizations it answers 429 `rate_limit` and creates nothing |
+//! | `--intent-retention-ms` | 24 h | a settled intent is forgotten (then 404 `resource_missing`, not found by search) |
+//! | `--authorization-ttl-ms` | 7 days | an uncaptured authorization is canceled with `cancellation_reason = "automatic"`, as Stripe does |
+//! | `--max-keys` | 2 000 000 | the oldest idempotency key is forgotten |
+//! | `--key-ttl-ms` | 24 h | an idempotency key is forgotten (Stripe keeps them 24 h); reusing it executes anew |
+//! | `--max-calls` | 100 000 | the ledger keeps the last calls only; the summary's counters stay totals |
+//!
+//! The `/ledger` summary shows what is kept (`intents_kept`, `keys_kept`,
+//! `calls_kept`) and counts what was forgotten (`intents_evicted`,
+//! `intents_expired`, `authorizations_expired`, `keys_evicted`,
+//! `keys_expired`) and refused (`rate_limited`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -37,6 +55,12 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 
 use super::simulator::{Reply, SimEngine, SimOptions};
+
+/// gateway-sim's default of `--max-intents`: ten times the in-process
+/// one, as it serves several instances.
+pub const DEFAULT_MAX_INTENTS: usize = 1_000_000;
+/// gateway-sim's default of `--max-keys`.
+pub const DEFAULT_MAX_KEYS: usize = 2_000_000;
 use super::stripe::{ApiError, ErrorBody, Failure, PaymentIntent};
 
 #[derive(Clone)]
@@ -91,17 +115,16 @@ pub async fn serve(
 }
 
 /// `orderflow gateway-sim`: binds `listen`, prints
-/// `gateway-sim listening addr=IP:PORT` on stdout, serves until SIGTERM or
-/// Ctrl-C.
-pub async fn run(listen: SocketAddr, latency: Duration, failure_rate: f64) -> anyhow::Result<()> {
+/// `gateway-sim listening addr=IP:PORT` on stdout, serves an engine with
+/// `options` (calls recorded) until SIGTERM or Ctrl-C.
+pub async fn run(listen: SocketAddr, options: SimOptions) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr()?;
     let engine = Arc::new(SimEngine::new(SimOptions {
-        latency,
-        failure_rate,
         record_calls: true,
+        ..options
     }));
     {
         use std::io::Write;
@@ -109,7 +132,19 @@ pub async fn run(listen: SocketAddr, latency: Duration, failure_rate: f64) -> an
         writeln!(out, "gateway-sim listening addr={addr}")?;
         out.flush()?;
     }
-    tracing::info!(%addr, latency_ms = latency.as_millis() as u64, failure_rate, "gateway-sim listening");
+    let o = engine.options();
+    tracing::info!(
+        %addr,
+        latency_ms = o.latency.as_millis() as u64,
+        failure_rate = o.failure_rate,
+        max_intents = o.max_intents,
+        intent_retention_ms = o.intent_retention_ms,
+        authorization_ttl_ms = o.authorization_ttl_ms,
+        max_keys = o.max_keys,
+        key_ttl_ms = o.key_ttl_ms,
+        max_calls = o.max_calls,
+        "gateway-sim listening"
+    );
     serve(listener, engine, async {
         use tokio::signal::unix::{SignalKind, signal};
         match signal(SignalKind::terminate()) {

@@ -16,16 +16,56 @@
 //! stored first answer (`Idempotent-Replayed: true`); the same key with
 //! other parameters is a 400 `idempotency_error`. Results are stored only
 //! for requests that executed (not for invalid parameters, injected
-//! failures or outages). Latency, failure rate (answered as 500 or 503)
-//! and an outage switch are configurable; a ledger records every intent
-//! (state, captures, cancels) and, when enabled, every call.
+//! failures, outages or 429 refusals). Latency, failure rate (answered as
+//! 500 or 503) and an outage switch are configurable; a ledger records the
+//! intents (state, captures, cancels) and, when enabled, the calls.
+//!
+//! # Bounds
+//!
+//! The engine lives as long as its process, months for a stream processor,
+//! so everything it keeps is bounded in count and in time by
+//! [`SimOptions`] (in-process defaults in brackets; `orderflow gateway-sim`
+//! keeps more intents and keys, and takes each bound as a flag):
+//!
+//! - Payment intents: at most `max_intents` (100 000). An intent that holds
+//!   no authorization, called settled here (`succeeded`, `canceled`,
+//!   `requires_payment_method` after a decline, or never confirmed), is
+//!   forgotten `intent_retention_ms` (24 h) after it settled, and, when a
+//!   create finds `max_intents` kept, the settled intent created first is
+//!   forgotten to make room. An intent in `requires_capture` is never
+//!   forgotten for room: when every kept intent is one, the create answers
+//!   429 `rate_limit_error` / `rate_limit`, naming the limit, and creates
+//!   nothing (Stripe's retryable answer, so a client backs off).
+//! - Authorizations: like Stripe's (7 days), one not captured
+//!   `authorization_ttl_ms` (7 days) after it was made becomes `canceled`
+//!   with `cancellation_reason = "automatic"`, and is then settled like any
+//!   other.
+//! - Idempotency keys: Stripe keeps them 24 hours. A key is forgotten
+//!   `key_ttl_ms` (24 h) after its first answer was stored, and the oldest
+//!   is forgotten when a new one would exceed `max_keys` (200 000). A
+//!   forgotten key is new again: reusing it executes the request anew.
+//! - The call ledger (`record_calls`): the last `max_calls` (100 000)
+//!   calls; the summary's counters stay totals over the engine's life.
+//!
+//! A forgotten intent is unknown from then on: capture and cancel answer
+//! 404 `resource_missing`, search does not find it, the ledger does not list
+//! it. A key's stored answer does not depend on its intent being kept, so a
+//! key that outlives its intent still replays the first answer.
+//!
+//! Time is the wall clock ([`Clock::System`]; this is a test tool outside
+//! the deterministic processor), never taken backwards so a stepped clock
+//! cannot reorder what expires. Forgetting is done by the calls themselves
+//! (an idle engine does no work): each pops what is due from the front of
+//! queues kept in insertion order, so it costs O(1) amortised per call,
+//! never a scan of what is kept. [`SimEngine::sizes`] and the `/ledger`
+//! summary (`intents_kept`, `keys_kept`, `calls_kept`, and counters of what
+//! was evicted, expired and refused) show where each bound stands.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use rand::Rng;
@@ -35,16 +75,151 @@ use super::stripe::{ApiError, Failure, PaymentIntent, Stripe, StripeApi};
 use super::{AuthorizeOutcome, AuthorizeRequest, GatewayError, PaymentGateway};
 use crate::config::GatewayConfig;
 
-/// What a simulator does besides answering.
+const HOUR_MS: u64 = 3_600_000;
+const DAY_MS: u64 = 24 * HOUR_MS;
+
+/// In-process default of [`SimOptions::max_intents`].
+pub const DEFAULT_MAX_INTENTS: usize = 100_000;
+/// Default of [`SimOptions::intent_retention_ms`].
+pub const DEFAULT_INTENT_RETENTION_MS: u64 = DAY_MS;
+/// Default of [`SimOptions::authorization_ttl_ms`]: Stripe's 7 days.
+pub const DEFAULT_AUTHORIZATION_TTL_MS: u64 = 7 * DAY_MS;
+/// In-process default of [`SimOptions::max_keys`].
+pub const DEFAULT_MAX_KEYS: usize = 200_000;
+/// Default of [`SimOptions::key_ttl_ms`]: Stripe keeps keys 24 hours.
+pub const DEFAULT_KEY_TTL_MS: u64 = DAY_MS;
+/// Default of [`SimOptions::max_calls`].
+pub const DEFAULT_MAX_CALLS: usize = 100_000;
+/// Largest count bound accepted: far beyond any test, small enough that a
+/// typo cannot ask for the memory of a billion intents.
+pub const MAX_COUNT_BOUND: u64 = 100_000_000;
+/// Largest time bound accepted, in milliseconds (a year).
+pub const MAX_TTL_BOUND_MS: u64 = 365 * DAY_MS;
+
+/// Stale queue entries tolerated beyond the live ones before a queue is
+/// compacted; keeps compaction rare for small engines.
+const COMPACT_SLACK: usize = 1024;
+
+/// Where the engine reads the time.
 #[derive(Clone, Debug, Default)]
+pub enum Clock {
+    /// The system's wall clock, in milliseconds since the Unix epoch.
+    #[default]
+    System,
+    /// Milliseconds set by hand, so tests move time without sleeping.
+    Manual(Arc<AtomicU64>),
+}
+
+impl Clock {
+    pub fn now_ms(&self) -> u64 {
+        match self {
+            Clock::System => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            Clock::Manual(ms) => ms.load(Ordering::SeqCst),
+        }
+    }
+}
+
+/// What a simulator does besides answering, and the bounds of what it
+/// keeps (see the module doc).
+#[derive(Clone, Debug)]
 pub struct SimOptions {
     /// Added to every call.
     pub latency: Duration,
     /// Probability (0 to 1) that a call fails with 500 or 503.
     pub failure_rate: f64,
-    /// Keep a record of every call (gateway-sim's `GET /ledger`); off in
-    /// process, where a benchmark makes millions of calls.
+    /// Keep a record of the last `max_calls` calls (gateway-sim's
+    /// `GET /ledger`); off in process, where a benchmark makes millions of
+    /// calls.
     pub record_calls: bool,
+    /// Payment intents kept at most (at least 1).
+    pub max_intents: usize,
+    /// How long a settled intent is kept after it settled.
+    pub intent_retention_ms: u64,
+    /// How long an authorization may wait for its capture before it is
+    /// canceled (`automatic`).
+    pub authorization_ttl_ms: u64,
+    /// Idempotency keys kept at most (at least 1).
+    pub max_keys: usize,
+    /// How long an idempotency key is kept after its first answer.
+    pub key_ttl_ms: u64,
+    /// Calls kept in the ledger at most (at least 1), with `record_calls`.
+    pub max_calls: usize,
+    /// The time the bounds are measured in.
+    pub clock: Clock,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        SimOptions {
+            latency: Duration::ZERO,
+            failure_rate: 0.0,
+            record_calls: false,
+            max_intents: DEFAULT_MAX_INTENTS,
+            intent_retention_ms: DEFAULT_INTENT_RETENTION_MS,
+            authorization_ttl_ms: DEFAULT_AUTHORIZATION_TTL_MS,
+            max_keys: DEFAULT_MAX_KEYS,
+            key_ttl_ms: DEFAULT_KEY_TTL_MS,
+            max_calls: DEFAULT_MAX_CALLS,
+            clock: Clock::System,
+        }
+    }
+}
+
+impl SimOptions {
+    /// The in-process simulator's options: latency, failure rate and
+    /// bounds from `config`; calls are not recorded.
+    pub fn from_config(config: &GatewayConfig) -> SimOptions {
+        SimOptions {
+            latency: Duration::from_millis(config.latency_ms),
+            failure_rate: config.failure_rate,
+            record_calls: false,
+            max_intents: config.sim_max_intents,
+            intent_retention_ms: config.sim_intent_retention_ms,
+            authorization_ttl_ms: config.sim_authorization_ttl_ms,
+            max_keys: config.sim_max_keys,
+            key_ttl_ms: config.sim_key_ttl_ms,
+            max_calls: config.sim_max_calls,
+            clock: Clock::System,
+        }
+    }
+
+    /// Each bound as `(name, value, lowest, highest)`, for the checks of
+    /// the configuration (`gateway.sim_<name>`) and of gateway-sim's flags
+    /// (`--<name>` with `-` for `_`), so both accept the same ranges.
+    pub fn bound_ranges(&self) -> [(&'static str, u64, u64, u64); 6] {
+        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        [
+            ("max_intents", count(self.max_intents), 1, MAX_COUNT_BOUND),
+            (
+                "intent_retention_ms",
+                self.intent_retention_ms,
+                1,
+                MAX_TTL_BOUND_MS,
+            ),
+            (
+                "authorization_ttl_ms",
+                self.authorization_ttl_ms,
+                1,
+                MAX_TTL_BOUND_MS,
+            ),
+            ("max_keys", count(self.max_keys), 1, MAX_COUNT_BOUND),
+            ("key_ttl_ms", self.key_ttl_ms, 1, MAX_TTL_BOUND_MS),
+            ("max_calls", count(self.max_calls), 1, MAX_COUNT_BOUND),
+        ]
+    }
+}
+
+/// How much the engine keeps now: each is at most its bound.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SimSizes {
+    /// Payment intents (at most `max_intents`).
+    pub intents: usize,
+    /// Idempotency keys (at most `max_keys`).
+    pub keys: usize,
+    /// Call records (at most `max_calls`; 0 unless calls are recorded).
+    pub calls: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,50 +280,81 @@ pub struct CallRecord {
     pub down: bool,
 }
 
+/// The ledger's summary. The counters are totals over the engine's life,
+/// forgotten intents and calls included; `*_kept` are what is kept now.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct LedgerSummary {
     pub calls: u64,
     pub calls_while_down: u64,
+    /// Intents created.
     pub intents: u64,
+    /// Intents that reached `requires_capture` or `succeeded` at creation.
     pub authorized: u64,
     /// Captures that moved money, over all intents.
     pub captures: u64,
     pub max_captures_per_intent: u32,
     pub down: bool,
+    pub intents_kept: u64,
+    pub keys_kept: u64,
+    pub calls_kept: u64,
+    /// Settled intents forgotten to make room (`max_intents`).
+    pub intents_evicted: u64,
+    /// Settled intents forgotten after `intent_retention_ms`.
+    pub intents_expired: u64,
+    /// Authorizations canceled (`automatic`) after `authorization_ttl_ms`.
+    pub authorizations_expired: u64,
+    /// Idempotency keys forgotten to make room (`max_keys`).
+    pub keys_evicted: u64,
+    /// Idempotency keys forgotten after `key_ttl_ms`.
+    pub keys_expired: u64,
+    /// Creates refused with 429 because every kept intent was uncaptured.
+    pub rate_limited: u64,
 }
 
-/// Everything the simulator knows: `GET /ledger`.
+/// Everything the simulator keeps: `GET /ledger`.
 #[derive(Clone, Debug, Serialize)]
 pub struct Ledger {
     pub summary: LedgerSummary,
+    /// The intents kept.
     pub intents: BTreeMap<String, IntentView>,
-    /// Every call, oldest first (empty unless calls are recorded).
+    /// The last `max_calls` calls, oldest first (empty unless calls are
+    /// recorded).
     pub calls: Vec<CallRecord>,
 }
 
-struct Intent {
+/// What never changes over an intent's life, shared with the stored
+/// answers of its idempotency keys so they outlive the intent.
+struct Fixed {
     metadata: BTreeMap<String, String>,
     amount: u64,
     currency: String,
     capture_method: &'static str,
+}
+
+struct Intent {
+    fixed: Arc<Fixed>,
+    /// Creation number: the order in which the count bound forgets.
+    created: u64,
     status: Status,
     amount_capturable: u64,
     amount_received: u64,
-    cancellation_reason: Option<String>,
+    cancellation_reason: Option<&'static str>,
     authorized: bool,
     captures: u32,
     cancels: u32,
 }
 
 /// A stored first answer. Only the parts that change over an intent's life
-/// are kept; the rest comes from the intent itself.
+/// are copied; the rest is shared with the intent.
 #[derive(Clone)]
 enum Stored {
     Intent {
         id: Arc<str>,
+        fixed: Arc<Fixed>,
         status: Status,
         amount_capturable: u64,
         amount_received: u64,
+        cancellation_reason: Option<&'static str>,
     },
     Error {
         status: u16,
@@ -156,16 +362,225 @@ enum Stored {
     },
 }
 
+/// The summary's counters, totals over the engine's life.
+#[derive(Default)]
+struct Totals {
+    intents: u64,
+    authorized: u64,
+    captures: u64,
+    max_captures_per_intent: u32,
+    intents_evicted: u64,
+    intents_expired: u64,
+    authorizations_expired: u64,
+    keys_evicted: u64,
+    keys_expired: u64,
+    rate_limited: u64,
+}
+
 #[derive(Default)]
 struct State {
     intents: BTreeMap<Arc<str>, Intent>,
+    /// Order id → its kept intents, oldest first; no empty entry.
     by_order: HashMap<String, Vec<Arc<str>>>,
+    /// The settled intents by creation number: the count bound forgets the
+    /// first.
+    settled: BTreeMap<u64, Arc<str>>,
+    /// `(settled_ms, creation number)` in settling order: the retention
+    /// forgets from the front. Intents the count bound forgot first leave
+    /// stale entries, skipped, and dropped by compaction.
+    settled_at: VecDeque<(u64, u64)>,
+    /// `(authorized_ms, id)` in authorization order: authorizations expire
+    /// from the front. Those captured or canceled since leave stale
+    /// entries, skipped, and dropped by compaction.
+    authorizations: VecDeque<(u64, Arc<str>)>,
+    /// Intents in `requires_capture`.
+    held: usize,
     /// Idempotency key → (fingerprint of the request, first answer).
-    keys: HashMap<String, (u64, Stored)>,
-    calls: Vec<CallRecord>,
+    keys: HashMap<Arc<str>, (u64, Stored)>,
+    /// `(stored_ms, key)` of every kept key, in storing order.
+    key_order: VecDeque<(u64, Arc<str>)>,
+    calls: VecDeque<CallRecord>,
     seq: u64,
     calls_while_down: u64,
     next_id: u64,
+    /// The latest time seen: the clock, never taken backwards.
+    now_ms: u64,
+    totals: Totals,
+}
+
+impl State {
+    /// Moves time to `clock_ms` (never back) and forgets what is then due.
+    fn advance(&mut self, clock_ms: u64, options: &SimOptions) {
+        self.now_ms = self.now_ms.max(clock_ms);
+        // Authorizations first: one that expires settles, and so starts its
+        // retention now.
+        self.expire_authorizations(options.authorization_ttl_ms);
+        self.expire_settled(options.intent_retention_ms);
+        self.expire_keys(options.key_ttl_ms);
+    }
+
+    fn due(&self, since_ms: u64, ttl_ms: u64) -> bool {
+        since_ms.saturating_add(ttl_ms) <= self.now_ms
+    }
+
+    fn expire_authorizations(&mut self, ttl_ms: u64) {
+        while let Some(&(at, _)) = self.authorizations.front()
+            && self.due(at, ttl_ms)
+        {
+            let (_, id) = self.authorizations.pop_front().expect("front exists");
+            let Some(intent) = self.intents.get_mut(&id) else {
+                continue;
+            };
+            if intent.status == Status::RequiresCapture {
+                // Stripe's expiry of an uncaptured authorization.
+                intent.status = Status::Canceled;
+                intent.amount_capturable = 0;
+                intent.cancellation_reason = Some("automatic");
+                let created = intent.created;
+                self.release(created, id);
+                self.totals.authorizations_expired += 1;
+            }
+        }
+    }
+
+    fn expire_settled(&mut self, retention_ms: u64) {
+        while let Some(&(at, created)) = self.settled_at.front()
+            && self.due(at, retention_ms)
+        {
+            self.settled_at.pop_front();
+            if let Some(id) = self.settled.remove(&created) {
+                self.forget(&id);
+                self.totals.intents_expired += 1;
+            }
+        }
+    }
+
+    fn expire_keys(&mut self, ttl_ms: u64) {
+        while let Some(&(at, _)) = self.key_order.front()
+            && self.due(at, ttl_ms)
+        {
+            let (_, key) = self.key_order.pop_front().expect("front exists");
+            self.keys.remove(&key);
+            self.totals.keys_expired += 1;
+        }
+    }
+
+    /// Starts to track a new intent, already in `intents`, for the bounds.
+    fn track(&mut self, created: u64, id: Arc<str>, status: Status) {
+        if status != Status::RequiresCapture {
+            self.settle(created, id);
+            return;
+        }
+        self.held += 1;
+        self.authorizations.push_back((self.now_ms, id));
+        if self.authorizations.len() > 2 * self.held + COMPACT_SLACK {
+            let intents = &self.intents;
+            self.authorizations.retain(|(_, id)| {
+                intents
+                    .get(id)
+                    .is_some_and(|i| i.status == Status::RequiresCapture)
+            });
+        }
+    }
+
+    /// An intent left `requires_capture` (captured, canceled or expired).
+    fn release(&mut self, created: u64, id: Arc<str>) {
+        self.held -= 1;
+        self.settle(created, id);
+    }
+
+    fn settle(&mut self, created: u64, id: Arc<str>) {
+        self.settled.insert(created, id);
+        self.settled_at.push_back((self.now_ms, created));
+        if self.settled_at.len() > 2 * self.settled.len() + COMPACT_SLACK {
+            let settled = &self.settled;
+            self.settled_at
+                .retain(|(_, created)| settled.contains_key(created));
+        }
+    }
+
+    /// Makes room for one more intent by forgetting the settled ones
+    /// created first; false when every kept intent is `requires_capture`.
+    fn make_room(&mut self, max_intents: usize) -> bool {
+        while self.intents.len() >= max_intents {
+            let Some((_, id)) = self.settled.pop_first() else {
+                return false;
+            };
+            self.forget(&id);
+            self.totals.intents_evicted += 1;
+        }
+        true
+    }
+
+    /// Drops a settled intent, and its entry in `by_order`.
+    fn forget(&mut self, id: &str) {
+        let Some(intent) = self.intents.remove(id) else {
+            return;
+        };
+        let Some(order_id) = intent.fixed.metadata.get("order_id") else {
+            return;
+        };
+        if let Some(ids) = self.by_order.get_mut(order_id) {
+            ids.retain(|kept| &**kept != id);
+            if ids.is_empty() {
+                self.by_order.remove(order_id);
+            }
+        }
+    }
+
+    /// Keeps a key's first answer, forgetting the oldest key if full.
+    fn store_key(&mut self, key: &str, fingerprint: u64, stored: Stored, max_keys: usize) {
+        while self.keys.len() >= max_keys {
+            let Some((_, oldest)) = self.key_order.pop_front() else {
+                break;
+            };
+            self.keys.remove(&oldest);
+            self.totals.keys_evicted += 1;
+        }
+        let key: Arc<str> = Arc::from(key);
+        self.keys.insert(key.clone(), (fingerprint, stored));
+        self.key_order.push_back((self.now_ms, key));
+    }
+
+    /// Keeps a new intent, and counts it in the totals.
+    fn insert(&mut self, id: Arc<str>, intent: Intent) {
+        self.totals.intents += 1;
+        self.totals.authorized += u64::from(intent.authorized);
+        if intent.captures > 0 {
+            self.count_capture(intent.captures);
+        }
+        if let Some(order_id) = intent.fixed.metadata.get("order_id") {
+            self.by_order
+                .entry(order_id.clone())
+                .or_default()
+                .push(id.clone());
+        }
+        let (created, status) = (intent.created, intent.status);
+        self.intents.insert(id.clone(), intent);
+        self.track(created, id, status);
+    }
+
+    /// A capture that moved money, the intent's `captures`-th.
+    fn count_capture(&mut self, captures: u32) {
+        self.totals.captures += 1;
+        let max = &mut self.totals.max_captures_per_intent;
+        *max = (*max).max(captures);
+    }
+
+    fn push_call(&mut self, record: CallRecord, max_calls: usize) {
+        while self.calls.len() >= max_calls.max(1) {
+            self.calls.pop_front();
+        }
+        self.calls.push_back(record);
+    }
+
+    fn sizes(&self) -> SimSizes {
+        SimSizes {
+            intents: self.intents.len(),
+            keys: self.keys.len(),
+            calls: self.calls.len(),
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -260,7 +675,12 @@ fn fingerprint(op: Op<'_>, params: &[(String, String)]) -> u64 {
 }
 
 impl SimEngine {
-    pub fn new(options: SimOptions) -> SimEngine {
+    /// An engine with `options`; a count bound of 0 (refused by the
+    /// configuration and the flags) is taken as 1, the least that can work.
+    pub fn new(mut options: SimOptions) -> SimEngine {
+        options.max_intents = options.max_intents.max(1);
+        options.max_keys = options.max_keys.max(1);
+        options.max_calls = options.max_calls.max(1);
         SimEngine {
             options,
             down: AtomicBool::new(false),
@@ -283,8 +703,22 @@ impl SimEngine {
         self.down.load(Ordering::SeqCst)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// The state, with time moved to now and what is then due forgotten,
+    /// so every call (and every look at the ledger) sees the bounds applied.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.advance(self.options.clock.now_ms(), &self.options);
+        st
+    }
+
+    /// Where the calls are kept, if they are: the ledger ring's size.
+    fn kept_calls(&self) -> Option<usize> {
+        self.options.record_calls.then_some(self.options.max_calls)
+    }
+
+    /// How much the engine keeps now.
+    pub fn sizes(&self) -> SimSizes {
+        self.lock().sizes()
     }
 
     /// Outage, latency and injected failures, in that order. `Err` is the
@@ -350,7 +784,7 @@ impl SimEngine {
         let mut st = self.lock();
         Self::record_locked(
             &mut st,
-            self.options.record_calls,
+            self.kept_calls(),
             op,
             key,
             order_id,
@@ -364,7 +798,7 @@ impl SimEngine {
     #[allow(clippy::too_many_arguments)]
     fn record_locked(
         st: &mut State,
-        keep: bool,
+        kept_calls: Option<usize>,
         op: &'static str,
         key: Option<&str>,
         order_id: Option<&str>,
@@ -377,10 +811,9 @@ impl SimEngine {
         if down {
             st.calls_while_down += 1;
         }
-        if keep {
-            let seq = st.seq;
-            st.calls.push(CallRecord {
-                seq,
+        if let Some(max_calls) = kept_calls {
+            let record = CallRecord {
+                seq: st.seq,
                 op,
                 idempotency_key: key.map(str::to_owned),
                 order_id: order_id.map(str::to_owned),
@@ -388,7 +821,8 @@ impl SimEngine {
                 status,
                 result,
                 down,
-            });
+            };
+            st.push_call(record, max_calls);
         }
     }
 
@@ -461,7 +895,7 @@ impl SimEngine {
             .unwrap_or_default();
         Self::record_locked(
             &mut st,
-            self.options.record_calls,
+            self.kept_calls(),
             "search",
             None,
             Some(&order_id),
@@ -483,7 +917,7 @@ impl SimEngine {
         self.lock()
             .intents
             .get(id)
-            .and_then(|i| i.metadata.get("order_id").cloned())
+            .and_then(|i| i.fixed.metadata.get("order_id").cloned())
     }
 
     fn execute(
@@ -499,7 +933,7 @@ impl SimEngine {
         };
         let fp = key.map(|_| fingerprint(op, params));
         let mut st = self.lock();
-        let keep = self.options.record_calls;
+        let keep = self.kept_calls();
         if let (Some(key), Some(fp)) = (key, fp)
             && let Some((first_fp, stored)) = st.keys.get(key)
         {
@@ -531,7 +965,7 @@ impl SimEngine {
                     replayed: false,
                 };
             }
-            let answer = replay(&st, stored);
+            let answer = replay(stored);
             let (status, pi) = match &answer {
                 Ok(pi) => (200, Some(pi.id.clone())),
                 Err(Failure::Api { status, .. }) => (*status, intent_id.map(str::to_owned)),
@@ -592,7 +1026,7 @@ impl SimEngine {
             false,
         );
         if let (Some(key), Some(fp), Some(stored)) = (key, fp, stored) {
-            st.keys.insert(key.to_owned(), (fp, stored));
+            st.store_key(key, fp, stored, self.options.max_keys);
         }
         Reply {
             answer,
@@ -696,14 +1130,21 @@ impl SimEngine {
                 None,
             );
         }
+        if !st.make_room(self.options.max_intents) {
+            st.totals.rate_limited += 1;
+            return (Err(self.full()), None);
+        }
         st.next_id += 1;
         let id: Arc<str> = Arc::from(format!("pi_{:08x}{:016x}", self.tag, st.next_id));
-        let order_id = metadata.get("order_id").cloned();
-        let mut intent = Intent {
+        let fixed = Arc::new(Fixed {
             metadata,
             amount,
             currency,
             capture_method,
+        });
+        let mut intent = Intent {
+            fixed,
+            created: st.next_id,
             status: Status::RequiresConfirmation,
             amount_capturable: 0,
             amount_received: 0,
@@ -735,10 +1176,8 @@ impl SimEngine {
             },
         }
         let view = view_intent(&id, &intent);
-        if let Some(order_id) = order_id {
-            st.by_order.entry(order_id).or_default().push(id.clone());
-        }
-        st.intents.insert(id.clone(), intent);
+        let stored = snapshot(&id, &intent);
+        st.insert(id, intent);
         match decline {
             Some((code, decline_code)) => {
                 let error = Box::new(ApiError {
@@ -766,14 +1205,24 @@ impl SimEngine {
                     Some(stored),
                 )
             }
-            None => {
-                let stored = snapshot(&id, &view);
-                (Ok(view), Some(stored))
-            }
+            None => (Ok(view), Some(stored)),
         }
     }
 
-    /// A copy of every payment intent, by id.
+    /// The 429 of a create that finds `max_intents` kept, all uncaptured.
+    fn full(&self) -> Failure {
+        api_failure(
+            429,
+            "rate_limit_error",
+            Some("rate_limit"),
+            format!(
+                "The gateway simulator keeps at most {} payment intents (max_intents) and all of them are uncaptured authorizations (requires_capture): capture or cancel some, or wait for them to expire.",
+                self.options.max_intents
+            ),
+        )
+    }
+
+    /// A copy of the payment intents kept, by id.
     pub fn intents(&self) -> BTreeMap<String, IntentView> {
         let st = self.lock();
         st.intents
@@ -787,7 +1236,8 @@ impl SimEngine {
         self.lock().seq
     }
 
-    /// The ledger: summary, every intent, and every call when recorded.
+    /// The ledger: summary, the intents kept, and the calls kept when
+    /// recorded.
     pub fn ledger(&self) -> Ledger {
         let st = self.lock();
         let intents: BTreeMap<String, IntentView> = st
@@ -795,19 +1245,34 @@ impl SimEngine {
             .iter()
             .map(|(id, i)| (id.to_string(), ledger_view(i)))
             .collect();
-        let summary = LedgerSummary {
+        Ledger {
+            summary: self.summary(&st),
+            intents,
+            calls: st.calls.iter().cloned().collect(),
+        }
+    }
+
+    fn summary(&self, st: &State) -> LedgerSummary {
+        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        let sizes = st.sizes();
+        let t = &st.totals;
+        LedgerSummary {
             calls: st.seq,
             calls_while_down: st.calls_while_down,
-            intents: intents.len() as u64,
-            authorized: intents.values().filter(|i| i.authorized).count() as u64,
-            captures: intents.values().map(|i| u64::from(i.captures)).sum(),
-            max_captures_per_intent: intents.values().map(|i| i.captures).max().unwrap_or(0),
+            intents: t.intents,
+            authorized: t.authorized,
+            captures: t.captures,
+            max_captures_per_intent: t.max_captures_per_intent,
             down: self.is_down(),
-        };
-        Ledger {
-            summary,
-            intents,
-            calls: st.calls.clone(),
+            intents_kept: count(sizes.intents),
+            keys_kept: count(sizes.keys),
+            calls_kept: count(sizes.calls),
+            intents_evicted: t.intents_evicted,
+            intents_expired: t.intents_expired,
+            authorizations_expired: t.authorizations_expired,
+            keys_evicted: t.keys_evicted,
+            keys_expired: t.keys_expired,
+            rate_limited: t.rate_limited,
         }
     }
 }
@@ -864,27 +1329,17 @@ fn do_capture(st: &mut State, id: &str, params: &[(String, String)]) -> (Answer,
     intent.amount_received = amount;
     intent.amount_capturable = 0;
     intent.captures += 1;
-    let key: Arc<str> = st
-        .intents
-        .get_key_value(id)
-        .map(|(k, _)| k.clone())
-        .expect("intent exists");
-    let view = view_intent(&key, &st.intents[id]);
-    let stored = snapshot(&key, &view);
-    (Ok(view), Some(stored))
+    let captures = intent.captures;
+    st.count_capture(captures);
+    executed(st, id, true)
 }
 
 fn do_cancel(st: &mut State, id: &str, params: &[(String, String)]) -> (Answer, Option<Stored>) {
     let mut reason = None;
     for (k, v) in params {
         match k.as_str() {
-            "cancellation_reason"
-                if matches!(
-                    v.as_str(),
-                    "duplicate" | "fraudulent" | "requested_by_customer" | "abandoned"
-                ) =>
-            {
-                reason = Some(v.clone());
+            "cancellation_reason" if cancellation_reason(v).is_some() => {
+                reason = cancellation_reason(v);
             }
             "cancellation_reason" => {
                 return (
@@ -922,17 +1377,35 @@ fn do_cancel(st: &mut State, id: &str, params: &[(String, String)]) -> (Answer, 
             "requires_payment_method, requires_capture, requires_confirmation, requires_action, processing",
         );
     }
+    let released = intent.status == Status::RequiresCapture;
     intent.status = Status::Canceled;
     intent.amount_capturable = 0;
     intent.cancellation_reason = reason;
     intent.cancels += 1;
-    let key: Arc<str> = st
-        .intents
-        .get_key_value(id)
-        .map(|(k, _)| k.clone())
-        .expect("intent exists");
-    let view = view_intent(&key, &st.intents[id]);
-    let stored = snapshot(&key, &view);
+    executed(st, id, released)
+}
+
+/// The reasons a client may give (`automatic` is Stripe's own).
+fn cancellation_reason(reason: &str) -> Option<&'static str> {
+    match reason {
+        "duplicate" => Some("duplicate"),
+        "fraudulent" => Some("fraudulent"),
+        "requested_by_customer" => Some("requested_by_customer"),
+        "abandoned" => Some("abandoned"),
+        _ => None,
+    }
+}
+
+/// The answer of a capture or cancel that executed on `id`; `released`
+/// when it left `requires_capture`, and so is now settled.
+fn executed(st: &mut State, id: &str, released: bool) -> (Answer, Option<Stored>) {
+    let (key, intent) = st.intents.get_key_value(id).expect("intent exists");
+    let (key, created) = (key.clone(), intent.created);
+    let view = view_intent(&key, intent);
+    let stored = snapshot(&key, intent);
+    if released {
+        st.release(created, key);
+    }
     (Ok(view), Some(stored))
 }
 
@@ -966,8 +1439,7 @@ fn unexpected_state(
         ),
     );
     if let Failure::Api { error, .. } = &mut f {
-        let key: Arc<str> = Arc::from(id);
-        error.payment_intent = Some(view_intent(&key, intent));
+        error.payment_intent = Some(view_intent(id, intent));
     }
     let stored = stored_error(&f);
     (Err(f), stored)
@@ -983,39 +1455,35 @@ fn stored_error(f: &Failure) -> Option<Stored> {
     }
 }
 
-fn snapshot(id: &Arc<str>, view: &PaymentIntent) -> Stored {
+fn snapshot(id: &Arc<str>, intent: &Intent) -> Stored {
     Stored::Intent {
         id: id.clone(),
-        status: match view.status.as_str() {
-            "requires_payment_method" => Status::RequiresPaymentMethod,
-            "requires_confirmation" => Status::RequiresConfirmation,
-            "requires_capture" => Status::RequiresCapture,
-            "succeeded" => Status::Succeeded,
-            _ => Status::Canceled,
-        },
-        amount_capturable: view.amount_capturable,
-        amount_received: view.amount_received,
+        fixed: intent.fixed.clone(),
+        status: intent.status,
+        amount_capturable: intent.amount_capturable,
+        amount_received: intent.amount_received,
+        cancellation_reason: intent.cancellation_reason,
     }
 }
 
-fn replay(st: &State, stored: &Stored) -> Answer {
+/// A stored first answer again, whether or not its intent is still kept.
+fn replay(stored: &Stored) -> Answer {
     match stored {
         Stored::Intent {
             id,
+            fixed,
             status,
             amount_capturable,
             amount_received,
-        } => {
-            let intent = st.intents.get(id).expect("stored intents are kept");
-            let mut view = view_intent(id, intent);
-            view.status = status.as_str().into();
-            view.amount_capturable = *amount_capturable;
-            view.amount_received = *amount_received;
-            if *status != Status::Canceled {
-                view.cancellation_reason = None;
-            }
-            Ok(view)
-        }
+            cancellation_reason,
+        } => Ok(view(
+            id,
+            fixed,
+            *status,
+            *amount_capturable,
+            *amount_received,
+            *cancellation_reason,
+        )),
         Stored::Error { status, error } => Err(Failure::Api {
             status: *status,
             error: error.clone(),
@@ -1025,26 +1493,44 @@ fn replay(st: &State, stored: &Stored) -> Answer {
 }
 
 fn view_intent(id: &str, i: &Intent) -> PaymentIntent {
+    view(
+        id,
+        &i.fixed,
+        i.status,
+        i.amount_capturable,
+        i.amount_received,
+        i.cancellation_reason,
+    )
+}
+
+fn view(
+    id: &str,
+    f: &Fixed,
+    status: Status,
+    amount_capturable: u64,
+    amount_received: u64,
+    cancellation_reason: Option<&str>,
+) -> PaymentIntent {
     PaymentIntent {
         id: id.to_owned(),
         object: "payment_intent".into(),
-        amount: i.amount,
-        amount_capturable: i.amount_capturable,
-        amount_received: i.amount_received,
-        currency: i.currency.clone(),
-        status: i.status.as_str().into(),
-        capture_method: Some(i.capture_method.into()),
-        cancellation_reason: i.cancellation_reason.clone(),
-        metadata: i.metadata.clone(),
+        amount: f.amount,
+        amount_capturable,
+        amount_received,
+        currency: f.currency.clone(),
+        status: status.as_str().into(),
+        capture_method: Some(f.capture_method.into()),
+        cancellation_reason: cancellation_reason.map(Into::into),
+        metadata: f.metadata.clone(),
         livemode: false,
     }
 }
 
 fn ledger_view(i: &Intent) -> IntentView {
     IntentView {
-        order_id: i.metadata.get("order_id").cloned(),
-        amount: i.amount,
-        currency: i.currency.clone(),
+        order_id: i.fixed.metadata.get("order_id").cloned(),
+        amount: i.fixed.amount,
+        currency: i.fixed.currency.clone(),
         status: i.status.as_str().into(),
         authorized: i.authorized,
         captures: i.captures,
@@ -1106,13 +1592,10 @@ pub struct Simulator {
 }
 
 impl Simulator {
-    /// Latency and failure rate from `config`; calls are not recorded.
+    /// Latency, failure rate and bounds from `config`; calls are not
+    /// recorded.
     pub fn new(config: &GatewayConfig) -> Simulator {
-        Simulator::with_options(SimOptions {
-            latency: Duration::from_millis(config.latency_ms),
-            failure_rate: config.failure_rate,
-            record_calls: false,
-        })
+        Simulator::with_options(SimOptions::from_config(config))
     }
 
     pub fn with_options(options: SimOptions) -> Simulator {
@@ -1127,7 +1610,7 @@ impl Simulator {
         &self.engine
     }
 
-    /// A copy of every payment intent, by payment id.
+    /// A copy of the payment intents kept, by payment id.
     pub fn intents(&self) -> BTreeMap<String, IntentView> {
         self.engine.intents()
     }
@@ -1274,6 +1757,388 @@ mod tests {
             ["unavailable", "ok", "replayed", "idempotency_error"]
         );
         assert_eq!(ledger.calls[1].order_id.as_deref(), Some("o1"));
+    }
+
+    /// An engine recording calls on a hand-driven clock (returned), with
+    /// `edit` applied to its options.
+    fn engine_at(edit: impl FnOnce(&mut SimOptions)) -> (SimEngine, Arc<AtomicU64>) {
+        let now = Arc::new(AtomicU64::new(1_000_000));
+        let mut options = SimOptions {
+            record_calls: true,
+            clock: Clock::Manual(now.clone()),
+            ..SimOptions::default()
+        };
+        edit(&mut options);
+        (SimEngine::new(options), now)
+    }
+
+    fn advance(now: &AtomicU64, ms: u64) {
+        now.fetch_add(ms, Ordering::SeqCst);
+    }
+
+    fn params(order: &str, payment_method: &str, capture_method: &str) -> Vec<(String, String)> {
+        [
+            ("amount", "100"),
+            ("currency", "usd"),
+            ("payment_method", payment_method),
+            ("capture_method", capture_method),
+            ("confirm", "true"),
+            ("metadata[order_id]", order),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    }
+
+    /// Creates an intent for `order`: `held` waits for its capture, else it
+    /// is captured at once. Returns its id.
+    async fn create(e: &SimEngine, order: &str, held: bool) -> String {
+        let method = if held { "manual" } else { "automatic" };
+        let pi = e
+            .create(&params(order, "pm_card_visa", method), None)
+            .await
+            .answer
+            .unwrap();
+        pi.id
+    }
+
+    /// Creates a declined intent for `order` (`requires_payment_method`).
+    async fn create_declined(e: &SimEngine, order: &str) -> String {
+        let p = params(order, "pm_card_chargeDeclined", "manual");
+        let Err(Failure::Api { status, error, .. }) = e.create(&p, None).await.answer else {
+            panic!("a declined card is declined");
+        };
+        assert_eq!(status, 402);
+        error.payment_intent.unwrap().id
+    }
+
+    async fn capture(e: &SimEngine, id: &str) -> Answer {
+        e.capture(id, &[], None).await.answer
+    }
+
+    fn api_status(answer: &Answer) -> Option<(u16, String)> {
+        match answer {
+            Err(Failure::Api { status, error, .. }) => {
+                Some((*status, error.code.clone().unwrap_or_default()))
+            }
+            _ => None,
+        }
+    }
+
+    fn kept(e: &SimEngine, ids: &[&String]) -> Vec<bool> {
+        ids.iter().map(|id| e.retrieve(id).is_some()).collect()
+    }
+
+    /// The count bound forgets settled intents in creation order (even one
+    /// settled after younger ones) and never one awaiting capture.
+    #[tokio::test]
+    async fn count_bound_evicts_settled_oldest_first() {
+        let (e, _) = engine_at(|o| o.max_intents = 4);
+        let held = create(&e, "a", true).await;
+        let succeeded = create(&e, "b", false).await;
+        let declined = create_declined(&e, "c").await;
+        let captured_late = create(&e, "d", true).await;
+        let fifth = create(&e, "e", false).await;
+        assert_eq!(
+            kept(&e, &[&held, &succeeded, &declined, &captured_late, &fifth]),
+            [true, false, true, true, true],
+            "the oldest settled intent made room, not the older uncaptured one"
+        );
+        capture(&e, &captured_late).await.unwrap();
+        let sixth = create(&e, "f", false).await;
+        assert!(e.retrieve(&declined).is_none(), "declined ones are settled");
+        let seventh = create(&e, "g", false).await;
+        assert_eq!(
+            kept(&e, &[&held, &captured_late, &fifth, &sixth, &seventh]),
+            [true, false, true, true, true],
+            "captured last, but created before the fifth: forgotten first"
+        );
+        let held_view = e.retrieve(&held).unwrap();
+        assert_eq!(held_view.status, "requires_capture");
+        assert_eq!(e.sizes().intents, 4);
+        let s = e.ledger().summary;
+        assert_eq!((s.intents, s.intents_kept, s.intents_evicted), (7, 4, 3));
+        assert_eq!(s.captures, 5, "captures stay totals after eviction");
+    }
+
+    /// A create finding `max_intents` uncaptured authorizations answers a
+    /// retryable 429 `rate_limit` naming the limit, creates nothing and
+    /// stores nothing under its key; a capture makes room again.
+    #[tokio::test]
+    async fn full_of_uncaptured_answers_429() {
+        let (e, _) = engine_at(|o| o.max_intents = 2);
+        let first = create(&e, "a", true).await;
+        create(&e, "b", true).await;
+        let p = params("c", "pm_card_visa", "manual");
+        let refused = e.create(&p, Some("c:authorize")).await;
+        let Err(Failure::Api {
+            status,
+            error,
+            should_retry,
+        }) = &refused.answer
+        else {
+            panic!("a full simulator refuses");
+        };
+        assert_eq!(*status, 429);
+        assert_eq!(error.kind, "rate_limit_error");
+        assert_eq!(error.code.as_deref(), Some("rate_limit"));
+        let message = error.message.as_deref().unwrap();
+        assert!(
+            message.contains("at most 2 payment intents (max_intents)"),
+            "{message}"
+        );
+        assert_eq!(*should_retry, Some(true));
+        let ledger = e.ledger();
+        assert_eq!(ledger.calls.last().unwrap().result, "error:rate_limit");
+        let s = ledger.summary;
+        assert_eq!((s.intents, s.intents_kept, s.rate_limited), (2, 2, 1));
+        assert!(
+            e.search(&crate::gateway::stripe::order_query("c"))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        capture(&e, &first).await.unwrap();
+        let retried = e.create(&p, Some("c:authorize")).await;
+        assert!(!retried.replayed, "the 429 was not stored under the key");
+        assert_eq!(retried.answer.unwrap().status, "requires_capture");
+        assert!(e.retrieve(&first).is_none(), "the captured one made room");
+    }
+
+    /// An authorization not captured within `authorization_ttl_ms` becomes
+    /// `canceled` (`automatic`), cannot be captured, frees room, and is then
+    /// forgotten after the retention.
+    #[tokio::test]
+    async fn authorization_expires_as_automatic_cancel() {
+        let (e, now) = engine_at(|o| {
+            o.max_intents = 1;
+            o.authorization_ttl_ms = 7_000;
+            o.intent_retention_ms = 60_000;
+        });
+        let id = create(&e, "a", true).await;
+        advance(&now, 6_999);
+        assert_eq!(e.retrieve(&id).unwrap().status, "requires_capture");
+        let p = params("b", "pm_card_visa", "manual");
+        assert_eq!(
+            api_status(&e.create(&p, None).await.answer),
+            Some((429, "rate_limit".into()))
+        );
+        advance(&now, 1);
+        let expired = e.retrieve(&id).unwrap();
+        assert_eq!(expired.status, "canceled");
+        assert_eq!(expired.cancellation_reason.as_deref(), Some("automatic"));
+        assert_eq!(expired.amount_capturable, 0);
+        assert_eq!(
+            api_status(&capture(&e, &id).await),
+            Some((400, "payment_intent_unexpected_state".into()))
+        );
+        assert_eq!(e.ledger().summary.authorizations_expired, 1);
+        let next = e.create(&p, None).await.answer.unwrap();
+        assert_eq!(next.status, "requires_capture", "the expired one made room");
+        assert!(e.retrieve(&id).is_none());
+        advance(&now, 7_000);
+        assert_eq!(e.retrieve(&next.id).unwrap().status, "canceled");
+        advance(&now, 59_999);
+        assert_eq!(e.sizes().intents, 1, "retained from its expiry on");
+        advance(&now, 1);
+        assert_eq!(e.sizes().intents, 0);
+    }
+
+    /// A settled intent is forgotten `intent_retention_ms` after it settled;
+    /// an uncaptured one is not; a key that outlives its intent still
+    /// replays the first answer, while the id itself answers 404.
+    #[tokio::test]
+    async fn retention_forgets_settled_intents() {
+        let (e, now) = engine_at(|o| o.intent_retention_ms = 1_000);
+        let held = create(&e, "a", true).await;
+        let p = params("b", "pm_card_visa", "automatic");
+        let first = e.create(&p, Some("b:authorize")).await.answer.unwrap();
+        advance(&now, 999);
+        assert_eq!(kept(&e, &[&held, &first.id]), [true, true]);
+        advance(&now, 1);
+        assert_eq!(kept(&e, &[&held, &first.id]), [true, false]);
+        assert_eq!(e.ledger().summary.intents_expired, 1);
+        let again = e.create(&p, Some("b:authorize")).await;
+        assert!(again.replayed);
+        assert_eq!(again.answer.unwrap(), first);
+        assert_eq!(
+            api_status(&capture(&e, &first.id).await),
+            Some((404, "resource_missing".into()))
+        );
+        capture(&e, &held).await.unwrap();
+        advance(&now, 999);
+        assert!(
+            e.retrieve(&held).is_some(),
+            "retention counts from settling"
+        );
+        advance(&now, 1);
+        assert!(e.retrieve(&held).is_none());
+    }
+
+    /// Keys are forgotten oldest first past `max_keys` and after
+    /// `key_ttl_ms`; a forgotten key is new again, even with other
+    /// parameters.
+    #[tokio::test]
+    async fn keys_are_bounded_in_count_and_time() {
+        let (e, now) = engine_at(|o| {
+            o.max_keys = 2;
+            o.key_ttl_ms = 1_000;
+        });
+        let p = |order: &str| params(order, "pm_card_visa", "automatic");
+        let k1 = e.create(&p("a"), Some("k1")).await.answer.unwrap();
+        advance(&now, 500);
+        e.create(&p("b"), Some("k2")).await.answer.unwrap();
+        assert!(e.create(&p("a"), Some("k1")).await.replayed);
+        e.create(&p("c"), Some("k3")).await.answer.unwrap();
+        assert_eq!(e.sizes().keys, 2);
+        let reused = e.create(&p("a"), Some("k1")).await;
+        assert!(!reused.replayed, "k1 was the oldest key: forgotten");
+        assert_ne!(reused.answer.unwrap().id, k1.id);
+        let s = e.ledger().summary;
+        assert_eq!((s.keys_kept, s.keys_evicted), (2, 2), "k1, then k2");
+        let conflict = e.create(&p("z"), Some("k3")).await.answer;
+        assert!(matches!(conflict, Err(Failure::Api { status: 400, .. })));
+        advance(&now, 999);
+        assert!(e.create(&p("c"), Some("k3")).await.replayed);
+        advance(&now, 1);
+        let after = e.create(&p("z"), Some("k3")).await;
+        assert!(!after.replayed, "k3 expired: other parameters execute");
+        assert_eq!(after.answer.unwrap().metadata["order_id"], "z");
+        assert_eq!(
+            e.ledger().summary.keys_expired,
+            2,
+            "k3 and k1 (stored at once)"
+        );
+    }
+
+    /// The call ledger keeps the last `max_calls` calls; the counters stay
+    /// totals.
+    #[tokio::test]
+    async fn call_ledger_is_a_ring() {
+        let (e, _) = engine_at(|o| o.max_calls = 3);
+        for order in ["a", "b", "c", "d", "e"] {
+            e.search(&crate::gateway::stripe::order_query(order))
+                .await
+                .unwrap();
+        }
+        let ledger = e.ledger();
+        let seqs: Vec<u64> = ledger.calls.iter().map(|c| c.seq).collect();
+        assert_eq!(seqs, [3, 4, 5]);
+        assert_eq!(ledger.calls[0].order_id.as_deref(), Some("c"));
+        assert_eq!((ledger.summary.calls, ledger.summary.calls_kept), (5, 3));
+        assert_eq!(e.sizes().calls, 3);
+    }
+
+    /// `by_order` follows the intents: search finds no forgotten intent,
+    /// and an order whose intents are all forgotten leaves no entry.
+    #[tokio::test]
+    async fn by_order_stays_consistent() {
+        let (e, now) = engine_at(|o| {
+            o.max_intents = 2;
+            o.intent_retention_ms = 1_000;
+        });
+        let search = |order: &'static str| {
+            let e = &e;
+            async move {
+                let found = e.search(&crate::gateway::stripe::order_query(order)).await;
+                found
+                    .unwrap()
+                    .into_iter()
+                    .map(|pi| pi.id)
+                    .collect::<Vec<_>>()
+            }
+        };
+        let a1 = create(&e, "a", false).await;
+        let a2 = create(&e, "a", false).await;
+        assert_eq!(search("a").await, [a1, a2.clone()]);
+        let b1 = create(&e, "b", false).await;
+        assert_eq!(search("a").await, [a2], "a1 was evicted");
+        assert_eq!(search("b").await, [b1]);
+        {
+            let st = e.lock();
+            for ids in st.by_order.values() {
+                assert!(!ids.is_empty());
+                assert!(ids.iter().all(|id| st.intents.contains_key(id)));
+            }
+        }
+        advance(&now, 1_000);
+        assert!(search("a").await.is_empty());
+        assert!(search("b").await.is_empty());
+        assert!(e.lock().by_order.is_empty(), "no empty entries left");
+    }
+
+    /// The expiry queues' stale entries (intents captured early, or evicted
+    /// by count) are compacted, so the queues stay bounded by what is kept.
+    #[tokio::test]
+    async fn expiry_queues_stay_bounded() {
+        let (e, _) = engine_at(|o| o.max_intents = 10);
+        for i in 0..3 * COMPACT_SLACK {
+            let id = create(&e, &format!("o{i}"), true).await;
+            capture(&e, &id).await.unwrap();
+        }
+        let st = e.lock();
+        assert_eq!((st.intents.len(), st.held), (10, 0));
+        // At most: twice the one held at a time, plus the slack.
+        assert!(
+            st.authorizations.len() <= 2 + COMPACT_SLACK,
+            "{}",
+            st.authorizations.len()
+        );
+        assert!(
+            st.settled_at.len() <= 2 * st.settled.len() + COMPACT_SLACK + 1,
+            "{}",
+            st.settled_at.len()
+        );
+        assert_eq!(st.totals.intents_evicted, 3 * COMPACT_SLACK as u64 - 10);
+    }
+
+    /// The `gateway.sim_*` keys reach the in-process engine, and 0 is refused
+    /// with a message naming the key and its range.
+    #[test]
+    fn config_bounds() {
+        let c = crate::config::Config::from_toml(
+            "[gateway]\nsim_max_intents = 5\nsim_max_keys = 6\nsim_max_calls = 7\nsim_intent_retention_ms = 8\nsim_authorization_ttl_ms = 9\nsim_key_ttl_ms = 10\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let sim = Simulator::new(&c.gateway);
+        let o = sim.engine().options();
+        assert_eq!((o.max_intents, o.max_keys, o.max_calls), (5, 6, 7));
+        assert_eq!(
+            (o.intent_retention_ms, o.authorization_ttl_ms, o.key_ttl_ms),
+            (8, 9, 10)
+        );
+        let d = GatewayConfig::default();
+        assert_eq!(
+            (d.sim_max_intents, d.sim_max_keys, d.sim_max_calls),
+            (100_000, 200_000, 100_000)
+        );
+        assert_eq!(
+            (
+                d.sim_intent_retention_ms,
+                d.sim_authorization_ttl_ms,
+                d.sim_key_ttl_ms
+            ),
+            (86_400_000, 604_800_000, 86_400_000)
+        );
+        let mut c = crate::config::Config::default();
+        c.gateway.sim_max_intents = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("`gateway.sim_max_intents` = 0 is out of range [1, 100000000]"),
+            "{e}"
+        );
+        let mut c = crate::config::Config::default();
+        c.gateway.sim_authorization_ttl_ms = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("`gateway.sim_authorization_ttl_ms` = 0"), "{e}");
+        let e = crate::config::Config::from_toml("[gateway]\nsim_max_intent = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sim_max_intent"),
+            "unknown keys stay refused: {e}"
+        );
     }
 
     /// Search queries parse with either quote and escapes.
