@@ -202,6 +202,9 @@ async fn start_inner(
         gateway: Some(breaker.clone()),
         ..Health::default()
     });
+    if let Some(sim) = &simulator {
+        publish_simulator_sizes(sim.clone(), metrics.clone(), shutdown_rx.clone());
+    }
 
     // Two consumers of `order-status` when notifications are on: retention
     // keeps what the slower one still needs.
@@ -303,6 +306,37 @@ async fn start_inner(
     })
 }
 
+/// How often the in-process simulator's sizes go to the metrics.
+const SIM_SIZES_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Publishes the in-process gateway simulator's bounded structures as
+/// `orderflow_state_entries{structure="gateway_sim_*"}` until shutdown.
+fn publish_simulator_sizes(
+    sim: Arc<Simulator>,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        loop {
+            let sizes = sim.engine().sizes();
+            for (structure, n) in [
+                ("gateway_sim_intents", sizes.intents),
+                ("gateway_sim_keys", sizes.keys),
+                ("gateway_sim_calls", sizes.calls),
+            ] {
+                metrics
+                    .state_entries
+                    .with_label_values(&[structure, "all"])
+                    .set(n as i64);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(SIM_SIZES_EVERY) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    });
+}
+
 /// Environment variable of the park lane's test seam (debug builds only).
 pub const POISON_CUSTOMER_ENV: &str = "ORDERFLOW_FAULT_POISON_CUSTOMER";
 
@@ -355,7 +389,9 @@ async fn open_store(
                 .await
                 .context("cannot open the ScyllaDB state store")?,
         ),
-        None => Arc::new(EmbeddedStore::open(&config.data_dir.join("state.redb"))?),
+        None => Arc::new(
+            EmbeddedStore::open(&config.data_dir.join("state.redb"))?.with_metrics(metrics.clone()),
+        ),
     })
 }
 

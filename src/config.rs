@@ -128,8 +128,8 @@ pub struct ProcessorConfig {
     pub order_retention_ms: u64,
     /// Finished orders remembered at most (oldest forgotten first).
     pub max_remembered_orders: usize,
-    /// Orders in flight plus effects pending; a new order beyond ends
-    /// `rejected` (`partition_busy`).
+    /// Orders in flight; a new order beyond (or while twice as many
+    /// effects are pending) ends `rejected` (`partition_busy`).
     pub max_inflight_orders: usize,
     /// Lines held at once; a `Reserve` beyond is answered "not held".
     pub max_holds: usize,

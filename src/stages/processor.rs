@@ -78,8 +78,10 @@ pub struct Processor {
 pub struct Limits {
     /// Finished orders remembered (idempotency): age in log time and count.
     pub finished: FinishedLimits,
-    /// Orders in flight plus effects pending; a new order beyond ends
-    /// `rejected` (`partition_busy`).
+    /// Orders in flight; a new order beyond ends `rejected`
+    /// (`partition_busy`), and so does one while the outbox holds twice
+    /// as many effects (captures and voids of finished orders pile up
+    /// there while the gateway is down).
     pub max_inflight_orders: usize,
     /// Lines held here; a `Reserve` beyond is answered "not held".
     pub max_holds: usize,
@@ -88,6 +90,14 @@ pub struct Limits {
     /// The park lane: a record beyond either bound is refused.
     pub max_parked_records: usize,
     pub max_parked_bytes: usize,
+}
+
+impl Limits {
+    /// Whether a new order must be turned away (see `max_inflight_orders`).
+    pub fn is_busy(&self, state: &PartitionState) -> bool {
+        state.orders.len() >= self.max_inflight_orders
+            || state.outbox.len() >= 2 * self.max_inflight_orders
+    }
 }
 
 impl Default for Limits {

@@ -499,15 +499,16 @@ fn in_flight_and_hold_limits() {
         ..Limits::default()
     });
     h.stock(&sku, 10);
-    // One order in flight is two entries (its saga and its authorization).
-    assert_eq!(
-        statuses(&h.order("o1", &[(&sku, 1)], "tok_visa")),
-        [Status::Accepted, Status::Reserved]
-    );
-    let busy = h.order("o2", &[(&sku, 1)], "tok_visa");
+    for id in ["o1", "o2"] {
+        assert_eq!(
+            statuses(&h.order(id, &[(&sku, 1)], "tok_visa")),
+            [Status::Accepted, Status::Reserved]
+        );
+    }
+    let busy = h.order("o3", &[(&sku, 1)], "tok_visa");
     assert_eq!(statuses(&busy), [Status::Rejected]);
     assert_eq!(busy.statuses[0].reason.as_deref(), Some("partition_busy"));
-    assert_eq!(h.counts(&sku), (9, 1, 0));
+    assert_eq!(h.counts(&sku), (8, 2, 0));
 
     let mut h = Harness::new(0);
     h.proc = Processor::new(0, N, PartitionState::default()).with_limits(Limits {

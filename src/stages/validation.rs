@@ -33,7 +33,7 @@ pub(crate) fn order_placed(ctx: &mut Ctx<'_>, body: &[u8]) {
                 });
                 return;
             }
-            if ctx.state.orders.len() + ctx.state.outbox.len() >= ctx.limits.max_inflight_orders {
+            if ctx.limits.is_busy(ctx.state) {
                 let email = order.contact.as_ref().and_then(|c| c.email.clone());
                 return ctx.reject(&order.order_id, RejectReason::PartitionBusy, email);
             }

@@ -46,6 +46,7 @@ use redb::{
 
 use super::{BlobRef, Scope, Snapshot, SnapshotWrite, StateStore, StoreError};
 use crate::pipeline::is_disk_full;
+use crate::sinks::metrics::Metrics;
 
 type BytesTable = TableDefinition<'static, &'static [u8], &'static [u8]>;
 
@@ -74,6 +75,9 @@ const LEGACY_TABLES: [&str; 6] = [
 #[derive(Clone)]
 pub struct EmbeddedStore {
     db: Arc<Db>,
+    /// Requests by operation, as `orderflow_store_request_seconds` (the
+    /// same series the CQL store reports).
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// Longest wait of a reopen for the calls still using the failed database
@@ -217,19 +221,33 @@ impl EmbeddedStore {
         commit(txn, "creating tables")?;
         Ok(EmbeddedStore {
             db: Arc::new(Db::new(path, db)),
+            metrics: None,
         })
     }
 
-    /// Runs `f` with the database on tokio's blocking pool.
-    async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    /// Times every request into `metrics` (per operation).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> EmbeddedStore {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Runs `f` with the database on tokio's blocking pool, timed as `op`.
+    async fn blocking<T, F>(&self, op: &'static str, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     {
         let db = Arc::clone(&self.db);
-        tokio::task::spawn_blocking(move || db.run(f))
+        let started = Instant::now();
+        let result = tokio::task::spawn_blocking(move || db.run(f))
             .await
-            .map_err(|e| StoreError::Unavailable(format!("state store task failed: {e}")))?
+            .map_err(|e| StoreError::Unavailable(format!("state store task failed: {e}")))?;
+        if let Some(m) = &self.metrics {
+            m.store_latency
+                .with_label_values(&[op])
+                .observe(started.elapsed().as_secs_f64());
+        }
+        result
     }
 }
 
@@ -337,7 +355,7 @@ fn read_row(
 #[async_trait]
 impl StateStore for EmbeddedStore {
     async fn claim(&self, scope: Scope, partition: u32) -> Result<u64, StoreError> {
-        self.blocking(move |db| {
+        self.blocking("claim", move |db| {
             let txn = begin_write(db)?;
             let epoch = {
                 let mut rows = txn
@@ -369,7 +387,7 @@ impl StateStore for EmbeddedStore {
     }
 
     async fn load(&self, scope: Scope, partition: u32) -> Result<Option<Snapshot>, StoreError> {
-        self.blocking(move |db| {
+        self.blocking("load", move |db| {
             let txn = db.begin_read().map_err(|e| redb_err(e, "begin read"))?;
             let rows = txn
                 .open_table(SNAPSHOTS)
@@ -386,7 +404,7 @@ impl StateStore for EmbeddedStore {
         blobs: &[BlobRef],
     ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         let blobs = blobs.to_vec();
-        self.blocking(move |db| {
+        self.blocking("blob_read", move |db| {
             let txn = db.begin_read().map_err(|e| redb_err(e, "begin read"))?;
             let table = txn
                 .open_table(BLOBS)
@@ -411,7 +429,7 @@ impl StateStore for EmbeddedStore {
     /// One transaction: fencing check, blobs, the row, then deletions.
     async fn commit(&self, write: &SnapshotWrite) -> Result<(), StoreError> {
         let write = write.clone();
-        self.blocking(move |db| {
+        self.blocking("commit", move |db| {
             let (scope, partition) = (write.scope, write.partition);
             let txn = begin_write(db)?;
             {
@@ -468,7 +486,7 @@ impl StateStore for EmbeddedStore {
             return Ok(());
         }
         let blobs = blobs.to_vec();
-        self.blocking(move |db| {
+        self.blocking("blob_delete", move |db| {
             let txn = begin_write(db)?;
             {
                 let mut table = txn
@@ -486,7 +504,7 @@ impl StateStore for EmbeddedStore {
 
     async fn secret(&self, name: &str) -> Result<[u8; 32], StoreError> {
         let name = name.to_owned();
-        self.blocking(move |db| {
+        self.blocking("secret", move |db| {
             {
                 let txn = db.begin_read().map_err(|e| redb_err(e, "begin read"))?;
                 let table = txn
