@@ -7,24 +7,29 @@
 //!             with deterministic ids, effects, the partitioner. Imports nothing.
 //! stages/     the pure, deterministic partition processor: validation,
 //!             inventory, payment and the multi-SKU saga. State + message →
-//!             new state + messages to emit + effects. Knows only `domain`.
-//! pipeline/   log/ (the `Log` trait; embedded segment log), store/ (the
-//!             `StateStore` trait; embedded redb store), runner (reads a
-//!             partition, drives the processor, appends its output,
-//!             checkpoints), effects (runs payment calls outside the state
-//!             machine and logs their results), intake (validate, append
-//!             durably, remember), inventory (stock queries and admin).
+//!             new state + messages to emit + effects; the state's bounds
+//!             (the compact finished set) and its snapshot format (manifest
+//!             + blobs). Knows only `domain`.
+//! pipeline/   log/ (the `Log` trait; embedded segment log, Kafka), store/
+//!             (the `StateStore` trait of bounded snapshots; redb,
+//!             ScyllaDB), runner (reads a partition, drives the processor,
+//!             appends its output, checkpoints), effects (runs payment
+//!             calls outside the state machine and logs their results),
+//!             intake (validate, append durably, answer), tokens (derived
+//!             tracking tokens), inventory (stock queries and admin),
+//!             membership and supervisor (which partitions run here).
 //! gateway/    the `PaymentGateway` trait: the simulator (in process, or as
 //!             `gateway-sim`), the Stripe client, the circuit breaker.
-//! sinks/      consumers of `order-status`: tracking read model + SSE
-//!             fan-out, notifications (signed webhooks, batched email),
+//! sinks/      consumers of `order-status`: the bounded in-memory tracking
+//!             read model + SSE fan-out, notifications (signed webhooks,
+//!             batched email),
 //!             Prometheus metrics and the bounded saga-health structures
 //!             behind them (orders in flight, top out-of-stock SKUs).
 //! http/       axum routes, problem+json errors, SSE, the tracking page.
 //! sim/        deterministic simulation of the embedded pipeline (`orderflow
 //!             sim`): the production processors on a simulated disk (torn
 //!             writes, crash points), gateway, clock and scheduler, with
-//!             DESIGN.md's invariants checked after every step.
+//!             the invariants of docs/design.md checked after every step.
 //! cli/        clap commands; `app` wires a running instance together.
 //! bench/      `orderflow bench`: seeded workloads offered open-loop to an
 //!             in-process instance, HdrHistogram latency, reports and plots.

@@ -1,4 +1,4 @@
-//! The HTTP contract of DESIGN.md, end to end against an in-process
+//! The HTTP contract of docs/design.md, end to end against an in-process
 //! instance (`orderflow::app::start`): every route, every error code that
 //! a client can provoke, idempotency (also across a restart), tracking
 //! tokens, SSE, inventory and the admin produce endpoint.

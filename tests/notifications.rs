@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -490,9 +490,11 @@ secret_env = "ORDERFLOW_WEBHOOK_SECRET_ALL"
     /// Orders acknowledged ahead of the deliveries the receiver saw.
     const PACE: usize = 40;
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let killed: Arc<AtomicBool> = Arc::default();
     let mut threads = Vec::new();
     for t in 0..THREADS {
         let (base, acked, receiver) = (server.base.clone(), acked.clone(), receiver.clone());
+        let killed = killed.clone();
         threads.push(std::thread::spawn(move || {
             let c = client();
             for i in 0..PER_THREAD {
@@ -500,6 +502,7 @@ secret_env = "ORDERFLOW_WEBHOOK_SECRET_ALL"
                 // kill comes (intake alone would be done long before).
                 let deadline = Instant::now() + Duration::from_secs(60);
                 while acked.lock().unwrap().len() > receiver.seen("all", |s| s.raw.len()) + PACE
+                    && !killed.load(Ordering::SeqCst)
                     && Instant::now() < deadline
                 {
                     std::thread::sleep(Duration::from_millis(5));
@@ -527,6 +530,7 @@ secret_env = "ORDERFLOW_WEBHOOK_SECRET_ALL"
         acked.lock().unwrap().len() >= THREADS * PER_THREAD / 2
             && receiver.seen("all", |s| s.raw.len()) >= THREADS * PER_THREAD / 2
     });
+    killed.store(true, Ordering::SeqCst);
     server.kill();
     for t in threads {
         t.join().unwrap();
@@ -544,24 +548,41 @@ secret_env = "ORDERFLOW_WEBHOOK_SECRET_ALL"
         .flat_map(|t| (0..PER_THREAD).map(move |i| format!("kill-{t}-{i}")))
         .collect();
     let mut expected: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    wait_until(
-        Duration::from_secs(120),
-        "every event of every order delivered",
-        || {
-            expected.clear();
-            attempted
-                .iter()
-                .all(|id| match history_ids(&server.base, id) {
-                    None => !acked.contains(id),
-                    Some((terminal, history)) => {
-                        let got = receiver
-                            .seen("all", |s| history.iter().all(|h| s.first_seen.contains(h)));
-                        expected.insert(id.clone(), history);
-                        terminal && got
-                    }
-                })
-        },
-    );
+    let mut why = String::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        expected.clear();
+        let all = attempted
+            .iter()
+            .all(|id| match history_ids(&server.base, id) {
+                None if acked.contains(id) => {
+                    why = format!("acknowledged order {id} is unknown");
+                    false
+                }
+                None => true,
+                Some((terminal, history)) => {
+                    let missing: Vec<String> = receiver.seen("all", |s| {
+                        history
+                            .iter()
+                            .filter(|h| !s.first_seen.contains(*h))
+                            .cloned()
+                            .collect()
+                    });
+                    why = format!("order {id}: terminal {terminal}, not delivered {missing:?}");
+                    expected.insert(id.clone(), history);
+                    terminal && missing.is_empty()
+                }
+            });
+        if all {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every event of every order was delivered: {why}\n{}",
+            server.output_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     receiver.seen("all", |s| {
         let expected_count: usize = expected.values().map(Vec::len).sum();

@@ -4,7 +4,7 @@
 //! outages, and random crash points (a partition's unsynced log tail is
 //! torn, its processor is rebuilt from its last checkpoint and replays the
 //! tail, re-emitting what it emitted before). After every step the
-//! invariants of DESIGN.md hold; at the end every order is terminal, money
+//! invariants of docs/design.md hold; at the end every order is terminal, money
 //! and stock agree, and replaying each partition from offset 0 gives the
 //! live state hash.
 

@@ -526,7 +526,7 @@ fn embedded_soak_two_million_orders() {
     const ORDERS: usize = 2_000_000;
     const BATCH: usize = 4_000;
     /// Resident memory bound: the finished set and the read model at their
-    /// bounds (≈ 40 + 160 bytes per order), the in-process gateway
+    /// bounds (≈ 36 + 195 bytes per order), the in-process gateway
     /// simulator's intents, log and HTTP buffers.
     const RSS_BOUND_BYTES: u64 = 768 << 20;
     /// Data directory bound: the `orders` log of each partition at its

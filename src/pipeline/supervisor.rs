@@ -150,7 +150,11 @@ impl Supervisor {
                         None => continue,
                     }
                 }
-                (Topic::OrderStatus, p) => self.start_sinks(p, stop_rx),
+                (Topic::OrderStatus, p) => {
+                    let (tasks, started) = self.start_sinks(p, stop_rx, recovered.clone());
+                    runners += started;
+                    tasks
+                }
                 // Nobody owns the park lane: it is read on demand.
                 (Topic::Parked, _) => continue,
             };
@@ -249,11 +253,16 @@ impl Supervisor {
         }))
     }
 
+    /// The sinks of `order-status` partition `partition`, and how many of
+    /// them add a permit to `started` once they know where they start (the
+    /// notifications sink: readiness waits for it, so that nothing placed
+    /// after `/readyz` turned 200 falls before its position).
     fn start_sinks(
         &self,
         partition: u32,
         stop: watch::Receiver<Stop>,
-    ) -> Vec<JoinHandle<Option<RunnerExit>>> {
+        started: Arc<Semaphore>,
+    ) -> (Vec<JoinHandle<Option<RunnerExit>>>, u32) {
         let d = &self.deps;
         let mut tasks = Vec::new();
         let (t, store, log, rx, fatal) = (
@@ -270,17 +279,20 @@ impl Supervisor {
             }
             None
         }));
+        let mut signalling = 0;
         if let Some((n, log)) = &d.notifications {
             let (n, log, fatal) = (n.clone(), log.clone(), d.fatal.clone());
+            signalling += 1;
             tasks.push(tokio::spawn(async move {
-                if let Err(e) = notifications::run_partition(n, log, partition, stop).await {
+                let run = notifications::run_partition(n, log, partition, stop, started);
+                if let Err(e) = run.await {
                     tracing::error!(error = %e, "notifications sink failed");
                     let _ = fatal.send(e.to_string()).await;
                 }
                 None
             }));
         }
-        tasks
+        (tasks, signalling)
     }
 
     /// Tells the tasks of `parts` to stop and waits for them.

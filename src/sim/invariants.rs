@@ -1,4 +1,4 @@
-//! DESIGN.md's invariants, as the simulation checks them: the status
+//! The invariants of docs/design.md, as the simulation checks them: the status
 //! consumer's view (dedupe by `(order_id, seq)`, valid paths, one terminal
 //! status), stock counters after every step, and the end-of-run checks
 //! (everything acknowledged is terminal, money and stock agree with the

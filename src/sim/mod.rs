@@ -1,5 +1,5 @@
 //! Deterministic simulation of the whole embedded pipeline in one thread.
-//! DESIGN.md's invariants are checked after every step and at the end; a
+//! The invariants of docs/design.md are checked after every step and at the end; a
 //! failing seed reproduces exactly and is shrunk to a minimal trace.
 //!
 //! Production code, run as is:
