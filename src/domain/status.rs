@@ -140,11 +140,25 @@ struct WireOut<'a> {
     event: &'a StatusEvent,
 }
 
+/// The record as read: the event's fields beside `v`, spelled out rather
+/// than `#[serde(flatten)]`, which buffers every field before decoding it
+/// (every instance decodes every status record for its read model).
 #[derive(Deserialize)]
 struct WireIn {
     v: u8,
-    #[serde(flatten)]
-    event: StatusEvent,
+    order_id: String,
+    seq: u32,
+    status: Status,
+    reason: Option<String>,
+    at_ms: u64,
+    #[serde(default)]
+    refused_skus: Vec<String>,
+    #[serde(default)]
+    released_lines: u16,
+    #[serde(default)]
+    src: Option<MsgId>,
+    #[serde(default)]
+    email: Option<String>,
 }
 
 impl StatusEvent {
@@ -166,7 +180,17 @@ impl StatusEvent {
                 wire.v
             ));
         }
-        Ok(wire.event)
+        Ok(StatusEvent {
+            order_id: wire.order_id,
+            seq: wire.seq,
+            status: wire.status,
+            reason: wire.reason,
+            at_ms: wire.at_ms,
+            refused_skus: wire.refused_skus,
+            released_lines: wire.released_lines,
+            src: wire.src,
+            email: wire.email,
+        })
     }
 }
 
