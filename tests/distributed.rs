@@ -120,18 +120,9 @@ impl Cluster {
     }
 }
 
-/// One metric of a node's `/metrics`, summed over its label sets.
+/// One metric of a node's `/metrics`, summed over its label sets with `labels`.
 fn metric(base: &str, name: &str, labels: &str) -> f64 {
-    let text = client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .and_then(|r| r.text())
-        .unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| l.contains(labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric_sum(base, name, &[labels])
 }
 
 fn owned_orders_partitions(base: &str) -> f64 {

@@ -423,18 +423,9 @@ fn dir_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
-/// Sum of one metric of `/metrics` over the label sets holding every label of `labels`.
+/// [`metric_sum`] as a count.
 fn metric(base: &str, name: &str, labels: &[&str]) -> u64 {
-    let text = client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .and_then(|r| r.text())
-        .unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| labels.iter().all(|label| l.contains(label)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    metric_sum(base, name, labels) as u64
 }
 
 /// Orders with a terminal status, as the instance counted them.

@@ -85,6 +85,20 @@ fn cassandra_config(keyspace: String) -> ScyllaConfig {
     }
 }
 
+/// An empty keyspace, as an operator could make by hand.
+async fn create_keyspace(session: &Session, keyspace: &str) {
+    session
+        .query_unpaged(
+            format!(
+                "CREATE KEYSPACE {keyspace} WITH replication = \
+                 {{'class': 'SimpleStrategy', 'replication_factor': 1}}"
+            ),
+            (),
+        )
+        .await
+        .unwrap();
+}
+
 /// A driver session of the test's own, for what the store never does
 /// (dropping keyspaces, writing bad bytes).
 async fn raw_session() -> Session {
@@ -465,17 +479,7 @@ async fn cassandra_migrate_is_idempotent() {
 async fn cassandra_migrate_names_the_old_tables() {
     let config = cassandra_config(support::unique_name("ks"));
     let session = raw_session().await;
-    session
-        .query_unpaged(
-            format!(
-                "CREATE KEYSPACE {} WITH replication = \
-                 {{'class': 'SimpleStrategy', 'replication_factor': 1}}",
-                config.keyspace
-            ),
-            (),
-        )
-        .await
-        .unwrap();
+    create_keyspace(&session, &config.keyspace).await;
     session
         .query_unpaged(
             format!(
@@ -509,17 +513,7 @@ async fn cassandra_connect_without_schema_is_a_clear_error() {
     );
 
     let session = raw_session().await;
-    session
-        .query_unpaged(
-            format!(
-                "CREATE KEYSPACE {} WITH replication = \
-                 {{'class': 'SimpleStrategy', 'replication_factor': 1}}",
-                config.keyspace
-            ),
-            (),
-        )
-        .await
-        .unwrap();
+    create_keyspace(&session, &config.keyspace).await;
     let err = ScyllaStore::connect(&config, None).await.unwrap_err();
     let msg = err.to_string();
     assert!(

@@ -248,12 +248,6 @@ impl Finished {
         let entry = self.ring[self.number_at(*slot)];
         (!self.too_old(&entry, now_ms)).then_some(entry)
     }
-
-    /// Bytes of memory held (ring and index), for the size gauge.
-    pub fn memory_bytes(&self) -> usize {
-        self.ring.capacity() * std::mem::size_of::<FinishedEntry>()
-            + self.index.capacity() * (std::mem::size_of::<u32>() + 1)
-    }
 }
 
 #[cfg(test)]

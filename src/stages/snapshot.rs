@@ -173,13 +173,6 @@ pub struct Checkpoint {
     pub drop: Vec<BlobRef>,
 }
 
-impl Checkpoint {
-    /// Bytes written: blobs and manifest.
-    pub fn bytes(&self) -> usize {
-        self.manifest.len() + self.blobs.iter().map(|(_, b)| b.len()).sum::<usize>()
-    }
-}
-
 /// Everything but the stock and the sealed finished chunks.
 #[derive(Serialize, Deserialize)]
 struct Head<O, H, W, X, P> {

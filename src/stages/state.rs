@@ -112,10 +112,6 @@ impl StockTable {
         self.buckets[usize::from(Self::bucket_of(sku))].get(sku)
     }
 
-    pub fn contains(&self, sku: &str) -> bool {
-        self.get(sku).is_some()
-    }
-
     /// The counters of `sku` to change; its bucket goes in the next snapshot.
     pub fn get_mut(&mut self, sku: &str) -> Option<&mut Stock> {
         let bucket = Self::bucket_of(sku);

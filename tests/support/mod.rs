@@ -166,6 +166,21 @@ pub fn client() -> reqwest::blocking::Client {
         .unwrap()
 }
 
+/// One metric of an instance's `/metrics`, summed over the label sets
+/// that hold every label of `labels` (`name="value"` each); 0 when absent.
+pub fn metric_sum(base: &str, name: &str, labels: &[&str]) -> f64 {
+    let text = client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .and_then(|r| r.text())
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Polls `cond` until it holds; panics naming `what` after `limit`.
 pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
