@@ -7,6 +7,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::client::{Client, failure, send};
+use crate::stages::state::MAX_AVAILABLE;
 
 /// A SKU that could not be set.
 #[derive(serde::Serialize)]
@@ -19,6 +20,16 @@ struct StockFailure<'a> {
 /// One stock line of the input, or why it is not one.
 type Entry = (String, Result<u64, String>);
 
+/// `available` of one entry: an integer from 0 to [`MAX_AVAILABLE`], as
+/// the server takes (checked here too, so a bad line is named by its place).
+fn available(v: Option<&Value>) -> Result<u64, String> {
+    match v.and_then(Value::as_u64) {
+        Some(n) if n <= MAX_AVAILABLE => Ok(n),
+        Some(n) => Err(format!("available {n} exceeds {MAX_AVAILABLE}")),
+        None => Err("available must be a non-negative integer".to_owned()),
+    }
+}
+
 /// A JSON object `{"SKU": N, ...}`, else NDJSON `{"sku", "available"}`.
 pub fn parse_stock(text: &str) -> Result<Vec<Entry>, String> {
     // A single NDJSON line `{"sku", "available"}` is an object too.
@@ -28,9 +39,7 @@ pub fn parse_stock(text: &str) -> Result<Vec<Entry>, String> {
         return Ok(map
             .into_iter()
             .map(|(sku, v)| {
-                let n = v
-                    .as_u64()
-                    .ok_or_else(|| "available must be a non-negative integer".to_owned());
+                let n = available(Some(&v));
                 (sku, n)
             })
             .collect());
@@ -48,10 +57,7 @@ pub fn parse_stock(text: &str) -> Result<Vec<Entry>, String> {
                 i + 1
             )
         })?;
-        let n = v
-            .get("available")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| format!("line {}: `available` must be a non-negative integer", i + 1));
+        let n = available(v.get("available")).map_err(|e| format!("line {}: {e}", i + 1));
         out.push((sku.to_owned(), n));
     }
     Ok(out)
@@ -138,5 +144,11 @@ mod tests {
                 .unwrap();
         assert_eq!(nd, vec![("A".to_owned(), Ok(3)), ("B".to_owned(), Ok(4))]);
         assert!(parse_stock("nope").is_err());
+        // Above the limit the counters could wrap: refused before sending.
+        let big = parse_stock(r#"{"A": 1000000000000, "B": 18446744073709551615}"#).unwrap();
+        assert_eq!(big[0].1, Ok(MAX_AVAILABLE));
+        assert!(big[1].1.as_ref().unwrap_err().contains("exceeds"));
+        let line = parse_stock("{\"sku\":\"C\",\"available\":1000000000001}\n").unwrap();
+        assert!(line[0].1.as_ref().unwrap_err().starts_with("line 1: available"));
     }
 }

@@ -551,3 +551,37 @@ fn status_events_carry_ids_and_contact() {
     assert_eq!(out.statuses[0].email, None, "accepted is not terminal");
     assert_eq!(out.statuses[1].email.as_deref(), Some("ada@example.com"));
 }
+
+/// At the park lane's bound a record is refused instead of parked: an
+/// order ends `rejected` (`park_lane_full`) holding nothing, any other
+/// record is reported as refused with its bytes; the lane stays bounded.
+#[test]
+fn park_lane_bound_refuses() {
+    use super::processor::Limits;
+    use crate::domain::parked::ParkEvent;
+    let sku = sku_on(0, 0);
+    let mut h = Harness::new(0);
+    h.proc = Processor::new(0, N, PartitionState::default()).with_limits(Limits {
+        max_parked_records: 1,
+        ..Limits::default()
+    });
+    h.stock(&sku, 5);
+    h.feed(RecordKind::Internal, &sku, b"\xc1 first poison");
+    assert_eq!(h.proc.state.parked.len(), 1);
+    // Behind it on its key: the lane is full, so the order is refused.
+    let out = h.order("o-behind", &[(&sku, 1)], "tok_visa");
+    assert_eq!(statuses(&out), [Status::Rejected]);
+    assert_eq!(out.statuses[0].reason.as_deref(), Some("park_lane_full"));
+    assert_eq!(h.counts(&sku), (5, 0, 0), "nothing held for it");
+    // Another undecodable record: refused, its bytes reported.
+    let other = sku_on(0, 1);
+    let out = h.feed(RecordKind::Internal, &other, b"\xc1 second poison");
+    assert!(
+        matches!(&out.parked[..], [ParkEvent::Refused(r)] if r.value == b"\xc1 second poison"),
+        "{:?}",
+        out.parked
+    );
+    assert_eq!(out.problems.len(), 1);
+    assert_eq!(h.proc.state.parked.len(), 1, "the lane stays at its bound");
+    assert!(h.order("o-behind", &[(&sku, 1)], "tok_visa").statuses.is_empty(), "known");
+}
