@@ -149,6 +149,12 @@ mod tests {
         assert_eq!(big[0].1, Ok(MAX_AVAILABLE));
         assert!(big[1].1.as_ref().unwrap_err().contains("exceeds"));
         let line = parse_stock("{\"sku\":\"C\",\"available\":1000000000001}\n").unwrap();
-        assert!(line[0].1.as_ref().unwrap_err().starts_with("line 1: available"));
+        assert!(
+            line[0]
+                .1
+                .as_ref()
+                .unwrap_err()
+                .starts_with("line 1: available")
+        );
     }
 }

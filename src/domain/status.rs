@@ -92,8 +92,9 @@ impl std::fmt::Display for Status {
 }
 
 /// One status transition of one order, as written to `order-status`.
-/// Consumers dedupe by `(order_id, seq)`; `seq` starts at 1.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Consumers dedupe by `(order_id, seq)`; `seq` starts at 1. Its `Debug`
+/// leaves the contact email out (personal data has no place in logs).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusEvent {
     pub order_id: String,
     pub seq: u32,
@@ -124,6 +125,22 @@ pub struct StatusEvent {
     /// read model, SSE, webhooks or logs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
+}
+
+impl std::fmt::Debug for StatusEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusEvent")
+            .field("order_id", &self.order_id)
+            .field("seq", &self.seq)
+            .field("status", &self.status)
+            .field("reason", &self.reason)
+            .field("at_ms", &self.at_ms)
+            .field("refused_skus", &self.refused_skus)
+            .field("released_lines", &self.released_lines)
+            .field("src", &self.src)
+            .field("email", &self.email.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 fn is_zero(n: &u16) -> bool {
@@ -238,6 +255,7 @@ mod tests {
             ..e.clone()
         };
         assert_eq!(StatusEvent::decode(&full.encode()).unwrap(), full);
+        assert!(!format!("{full:?}").contains("ada@"), "no email in Debug");
         let oos = StatusEvent {
             status: Status::OutOfStock,
             refused_skus: vec!["SKU-1".into()],

@@ -583,5 +583,10 @@ fn park_lane_bound_refuses() {
     );
     assert_eq!(out.problems.len(), 1);
     assert_eq!(h.proc.state.parked.len(), 1, "the lane stays at its bound");
-    assert!(h.order("o-behind", &[(&sku, 1)], "tok_visa").statuses.is_empty(), "known");
+    assert!(
+        h.order("o-behind", &[(&sku, 1)], "tok_visa")
+            .statuses
+            .is_empty(),
+        "known"
+    );
 }
