@@ -93,7 +93,11 @@ const LEGACY_TABLES: [&str; 7] = [
 type Column = (&'static str, &'static str, &'static str);
 
 /// A table of the schema. `CREATE TABLE` is derived from the columns, so
-/// the statement and the check of an existing table cannot disagree.
+/// the statement and the check of an existing table cannot disagree. No
+/// table sets a TTL: nothing here expires by time (a blob is deleted when
+/// the snapshot that replaced it is committed, a row is overwritten), and
+/// a TTL that ran out under a snapshot still referencing its blob would
+/// lose state.
 struct TableDef {
     name: &'static str,
     columns: &'static [Column],
