@@ -71,6 +71,7 @@ impl Envelope {
                 env.v
             ));
         }
+        env.body.check()?;
         Ok(env)
     }
 }
@@ -114,6 +115,55 @@ pub enum Message {
 }
 
 impl Message {
+    /// Field limits, checked on every message read from the log:
+    /// orderflow writes none beyond them, but anyone with access to the
+    /// log can write, and what a message leaves in the state (so in a
+    /// checkpoint) must stay within the sizes `stages::snapshot` proves.
+    pub fn check(&self) -> Result<(), String> {
+        use crate::domain::order::{MAX_TOKEN_LEN, valid_id, valid_sku};
+        let id = |id: &str| {
+            valid_id(id).then_some(()).ok_or_else(|| {
+                "invalid message: order_id must match [A-Za-z0-9._:-]{1,64}".to_owned()
+            })
+        };
+        let sku = |field: &str, sku: &str| {
+            valid_sku(sku).then_some(()).ok_or_else(|| {
+                format!("invalid message: {field} must match [A-Za-z0-9._-]{{1,64}}")
+            })
+        };
+        let text = |field: &str, text: &str| {
+            (text.len() <= MAX_TOKEN_LEN).then_some(()).ok_or_else(|| {
+                format!("invalid message: {field} is longer than {MAX_TOKEN_LEN} bytes")
+            })
+        };
+        match self {
+            Message::Reserve {
+                order_id,
+                home_sku,
+                sku: line_sku,
+                ..
+            } => {
+                id(order_id)?;
+                sku("home_sku", home_sku)?;
+                sku("sku", line_sku)
+            }
+            Message::PaymentResult { order_id, outcome } => {
+                id(order_id)?;
+                match outcome {
+                    PaymentOutcome::Authorized { payment_id } => text("payment_id", payment_id),
+                    PaymentOutcome::Declined { code } => text("code", code),
+                    PaymentOutcome::Failed { reason } => text("reason", reason),
+                }
+            }
+            Message::ReservationResult { order_id, .. }
+            | Message::Commit { order_id, .. }
+            | Message::Release { order_id, .. }
+            | Message::EffectDone { order_id, .. } => id(order_id),
+            Message::SetStock { sku: s, .. } => sku("sku", s),
+            Message::RetryParked | Message::DropParked { .. } => Ok(()),
+        }
+    }
+
     /// The order this message is about, if any.
     pub fn order_id(&self) -> Option<&str> {
         match self {
@@ -211,5 +261,35 @@ mod tests {
                 .contains("version 99")
         );
         assert!(Envelope::decode(b"\xff\x00garbage").is_err());
+    }
+
+    /// A message whose fields break their limits is refused at decode,
+    /// whoever wrote it to the log.
+    #[test]
+    fn oversized_fields_are_refused() {
+        let bad = [
+            Message::SetStock {
+                sku: "S".repeat(65),
+                available: 1,
+            },
+            Message::SetStock {
+                sku: "no spaces".into(),
+                available: 1,
+            },
+            Message::Commit {
+                order_id: "o".repeat(65),
+                line: 0,
+            },
+            Message::PaymentResult {
+                order_id: "o-1".into(),
+                outcome: PaymentOutcome::Declined {
+                    code: "c".repeat(256),
+                },
+            },
+        ];
+        for body in bad {
+            let e = Envelope::decode(&Envelope::new(None, body).encode()).unwrap_err();
+            assert!(e.starts_with("invalid message:"), "{e}");
+        }
     }
 }

@@ -27,6 +27,32 @@ pub fn contains_pan(text: &[u8]) -> bool {
     false
 }
 
+/// `text` with the digits of every card number in it replaced by `#`
+/// (separators and everything else kept), so a record can be shown to an
+/// operator without the number. `None` when it holds none.
+pub fn redact_pans(text: &[u8]) -> Option<Vec<u8>> {
+    let mut out: Option<Vec<u8>> = None;
+    let mut i = 0;
+    while i < text.len() {
+        if !text[i].is_ascii_digit() {
+            i += 1;
+            continue;
+        }
+        let (end, digits, count) = digit_run(text, i);
+        if (PAN_MIN_DIGITS..=PAN_MAX_DIGITS).contains(&count) && luhn_valid(&digits[..count]) {
+            let redacted = out.get_or_insert_with(|| text.to_vec());
+            for b in &mut redacted[i..end] {
+                if b.is_ascii_digit() {
+                    *b = b'#';
+                }
+            }
+        }
+        i = end;
+    }
+    debug_assert!(out.as_deref().is_none_or(|r| !contains_pan(r)));
+    out
+}
+
 /// Reads the digit run starting at `start` (digits, optionally separated by
 /// one space or dash). Returns the index after the run, the first digits (up
 /// to one more than the longest PAN, enough to tell a run is too long) and
@@ -92,5 +118,20 @@ mod tests {
         assert!(!contains_pan(b"42424242424242424242")); // 20 digits
         assert!(!contains_pan(b"quantity 2, price 1999"));
         assert!(!contains_pan(b"2026-11-25 12:00"));
+    }
+
+    /// Redaction masks exactly the card numbers' digits, keeps the rest.
+    #[test]
+    fn redacts_only_card_digits() {
+        assert_eq!(redact_pans(b"qty 2, price 1999"), None);
+        assert_eq!(
+            redact_pans(b"a 4242 4242 4242 4242, b 4000-0566-5566-5556 x 12").unwrap(),
+            b"a #### #### #### ####, b ####-####-####-#### x 12".to_vec()
+        );
+        assert_eq!(
+            redact_pans(b"42424242424242424242").as_deref(),
+            None,
+            "20 digits are no card number"
+        );
     }
 }

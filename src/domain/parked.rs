@@ -29,6 +29,41 @@ pub struct ParkedRecord {
     pub order_id: Option<String>,
 }
 
+impl ParkedRecord {
+    /// Whether a card number is anywhere in it (a decoder's error message
+    /// may quote the bytes it failed on, so the reason counts too).
+    pub fn holds_pan(&self) -> bool {
+        use crate::domain::pan::contains_pan;
+        contains_pan(&self.key)
+            || contains_pan(&self.value)
+            || contains_pan(self.reason.as_bytes())
+            || self
+                .order_id
+                .as_ref()
+                .is_some_and(|id| contains_pan(id.as_bytes()))
+    }
+
+    /// The record with the digits of every card number masked, fit to be
+    /// written to `orders-parked` and shown to an operator.
+    pub fn redacted(mut self) -> ParkedRecord {
+        use crate::domain::pan::redact_pans;
+        let text = |s: String| match redact_pans(s.as_bytes()) {
+            Some(r) => String::from_utf8(r).expect("masking digits keeps UTF-8"),
+            None => s,
+        };
+        if let Some(key) = redact_pans(&self.key) {
+            self.key = key;
+        }
+        if let Some(value) = redact_pans(&self.value) {
+            self.value = value;
+        }
+        self.reason = text(self.reason);
+        self.order_id = self.order_id.map(text);
+        debug_assert!(!self.holds_pan());
+        self
+    }
+}
+
 /// What happened to a parked record, as the lane records it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ParkEvent {

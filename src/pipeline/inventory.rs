@@ -107,8 +107,9 @@ impl Inventory {
     }
 
     /// `(next_offset, counters)` of `sku` in its partition's last snapshot:
-    /// the manifest, then the one stock page that holds the SKU. A page
-    /// that a newer snapshot replaced in between is read again.
+    /// the manifest, then the stock pages of the SKU's bucket (one, unless
+    /// the bucket outgrew a page). Pages that a newer snapshot replaced in
+    /// between are read again.
     async fn checkpointed(
         &self,
         partition: u32,
@@ -120,17 +121,21 @@ impl Inventory {
             };
             let corrupt = |e: snapshot::SnapshotError| StoreError::Corrupt(e.to_string());
             let manifest = Manifest::decode(partition, &loaded.manifest).map_err(corrupt)?;
-            let Some(page) = snapshot::stock_page(&manifest, sku) else {
-                return Ok((loaded.next_offset, None));
-            };
+            let pages = snapshot::stock_pages_of(&manifest, sku);
             let bytes = self
                 .store
-                .read_blobs(Scope::Orders, partition, &[page])
+                .read_blobs(Scope::Orders, partition, &pages)
                 .await?;
-            let Some(Some(bytes)) = bytes.into_iter().next() else {
+            if bytes.iter().any(Option::is_none) {
                 continue; // replaced and deleted since the manifest was read
-            };
-            let stock = snapshot::stock_in_page(&manifest, page, &bytes, sku).map_err(corrupt)?;
+            }
+            let mut stock = None;
+            for (page, bytes) in pages.iter().zip(bytes.iter().flatten()) {
+                stock = snapshot::stock_in_page(&manifest, *page, bytes, sku).map_err(corrupt)?;
+                if stock.is_some() {
+                    break;
+                }
+            }
             let counts = stock.map(|s| StockCounts {
                 sku: sku.to_owned(),
                 available: s.available,

@@ -355,24 +355,9 @@ impl Processor {
             None if self.state.has_blocked() => peek::<IdOnly>(input.value).order_id,
             None => None,
         };
-        // A record holding a card number is never set aside (the lane keeps
-        // records as they are): it is refused at once instead.
-        let blocked = self.state.blocked_by(input.key, order_id.as_deref());
-        if blocked.is_some() && crate::domain::pan::contains_pan(input.value) {
-            match input.kind {
-                RecordKind::OrderJson => {
-                    validation::order_placed(&mut self.ctx(&input, status_offset, out), input.value)
-                }
-                RecordKind::Internal => out.problems.push(format!(
-                    "offset {}: a record holding a card number was dropped",
-                    input.offset
-                )),
-            }
-            return;
-        }
-        if let Some(at) = blocked {
+        if let Some(at) = self.state.blocked_by(input.key, order_id.as_deref()) {
             let reason = format!("waits behind the parked record at offset {at}");
-            return self.park(&input, order_id, reason, out);
+            return self.park(&input, status_offset, order_id, reason, out);
         }
         match envelope {
             None => {
@@ -380,12 +365,18 @@ impl Processor {
                     && peek::<CustomerOnly>(input.value).customer_id.as_ref() == Some(poison)
                 {
                     let order_id = peek::<IdOnly>(input.value).order_id;
-                    return self.park(&input, order_id, "injected processing fault".into(), out);
+                    return self.park(
+                        &input,
+                        status_offset,
+                        order_id,
+                        "injected processing fault".into(),
+                        out,
+                    );
                 }
                 validation::order_placed(&mut self.ctx(&input, status_offset, out), input.value)
             }
             Some(Ok(env)) => apply_message(&mut self.ctx(&input, status_offset, out), env, retried),
-            Some(Err(e)) => self.park(&input, None, e, out),
+            Some(Err(e)) => self.park(&input, status_offset, None, e, out),
         }
     }
 
@@ -410,23 +401,16 @@ impl Processor {
         }
     }
 
+    /// `status_offset`: as in [`Processor::apply_record`], for the status
+    /// of an order refused instead of parked.
     fn park(
         &mut self,
         input: &Input<'_>,
+        status_offset: u64,
         order_id: Option<String>,
         reason: String,
         out: &mut Output,
     ) {
-        // The same bytes parked twice are one record (a source's replay
-        // re-sent it while the first copy waits).
-        if self
-            .state
-            .parked
-            .values()
-            .any(|r| r.kind == input.kind && r.key == input.key && r.value == input.value)
-        {
-            return;
-        }
         let record = ParkedRecord {
             partition: self.partition,
             offset: input.offset,
@@ -437,10 +421,20 @@ impl Processor {
             reason,
             order_id,
         };
+        // Card data is never set aside: the lane is checkpointed, written
+        // to `orders-parked` and shown to operators.
+        if record.holds_pan() {
+            return self.refuse_card_data(input, status_offset, record, out);
+        }
+        // The same bytes parked twice are one record (a source's replay
+        // re-sent it while the first copy waits).
+        if self.state.parked_copy_of(&record).is_some() {
+            return;
+        }
         let full = self.state.parked.len() >= self.limits.max_parked_records
             || self.state.parked_bytes() + parked_size(&record) > self.limits.max_parked_bytes;
         if full {
-            return self.refuse_parking(input, record, out);
+            return self.refuse_parking(input, status_offset, record, out);
         }
         out.parked.push(ParkEvent::Parked(record.clone()));
         self.state.park(input.offset, record);
@@ -451,7 +445,13 @@ impl Processor {
     /// nothing is held for it; any other record goes to `orders-parked` as
     /// refused, bytes included, for an operator to act on. Either way it
     /// stays in `orders` too: nothing is lost.
-    fn refuse_parking(&mut self, input: &Input<'_>, record: ParkedRecord, out: &mut Output) {
+    fn refuse_parking(
+        &mut self,
+        input: &Input<'_>,
+        status_offset: u64,
+        record: ParkedRecord,
+        out: &mut Output,
+    ) {
         out.problems.push(format!(
             "offset {}: the park lane is full ({} records, {} bytes); the record is refused",
             input.offset,
@@ -465,13 +465,40 @@ impl Processor {
         };
         match order_id {
             Some(id) => {
-                let status_offset = input.offset;
                 let mut ctx = self.ctx(input, status_offset, out);
                 if !ctx.knows(&id) {
                     ctx.reject(&id, RejectReason::ParkLaneFull, None);
                 }
             }
             None => out.parked.push(ParkEvent::Refused(record)),
+        }
+    }
+
+    /// A record holding a card number is refused, never parked. An order
+    /// ends `rejected` (`pan_detected`) under its position id, as the
+    /// validation stage names it (nothing is read out of such a body);
+    /// any other record goes to `orders-parked` as refused with the card
+    /// number's digits masked, so an operator sees that and where.
+    fn refuse_card_data(
+        &mut self,
+        input: &Input<'_>,
+        status_offset: u64,
+        record: ParkedRecord,
+        out: &mut Output,
+    ) {
+        out.problems.push(format!(
+            "offset {}: a record holding a card number was refused, not parked",
+            input.offset
+        ));
+        match input.kind {
+            RecordKind::OrderJson => {
+                let id = format!("ord-{}-{}", self.partition, input.offset);
+                let mut ctx = self.ctx(input, status_offset, out);
+                if !ctx.knows(&id) {
+                    ctx.reject(&id, RejectReason::PanDetected, None);
+                }
+            }
+            RecordKind::Internal => out.parked.push(ParkEvent::Refused(record.redacted())),
         }
     }
 

@@ -1,16 +1,19 @@
 //! How a partition's state is written to the state store: a small
 //! manifest plus immutable blobs (see docs/design.md, "Snapshots").
 //!
-//! - stock pages: one per non-empty stock bucket, rewritten only when a SKU
-//!   of the bucket changed;
+//! - stock pages: the SKUs of a non-empty stock bucket (one page, or more
+//!   for a bucket too large for one), rewritten only when a SKU of the
+//!   bucket changed;
 //! - finished chunks: [`FINISHED_CHUNK`] entries of the finished set each,
 //!   written once when full, dropped whole when all their entries expired;
-//! - head pages: everything else, rewritten at every checkpoint, cut into
-//!   pages of at most [`HEAD_PAGE_BYTES`].
+//! - lane pages: the park lane, rewritten only when it changed;
+//! - head pages: everything else, rewritten at every checkpoint.
 //!
-//! A checkpoint's cost therefore depends on the state in flight and on
-//! what changed since the previous checkpoint, never on how many orders
-//! passed before. Every blob carries a header (magic, format, kind,
+//! No blob's payload exceeds [`PAGE_BYTES`] (plus a page header), and
+//! [`worst_case`] bounds the manifest and the number of blobs from the
+//! processor's limits. A checkpoint's cost therefore depends on the state
+//! in flight and on what changed since the previous checkpoint, never on
+//! how many orders passed before. Every blob carries a header (magic, format, kind,
 //! partition) and a CRC-32C: bad bytes give a [`SnapshotError`] naming the
 //! partition and the generation, never a panic.
 
@@ -22,6 +25,7 @@ use crate::domain::parked::ParkedRecord;
 use crate::domain::{Effect, EffectKind, OrderKey};
 
 use super::finished::{Finished, FinishedEntry, FinishedLimits};
+use super::processor::Limits;
 use super::state::{Hold, OrderRec, PartitionState, STOCK_BUCKETS, Stock, StockTable};
 
 /// Snapshot format version, in the manifest and in every blob.
@@ -29,11 +33,90 @@ pub const FORMAT: u8 = 1;
 const MAGIC: [u8; 4] = *b"OFSS";
 const HEADER_BYTES: usize = 4 + 1 + 1 + 4 + 8;
 const CRC_BYTES: usize = 4;
-/// Largest head page. Far below every store's value limit.
-pub const HEAD_PAGE_BYTES: usize = 256 * 1024;
+/// Largest page payload (head, lane and stock pages; a finished chunk is
+/// smaller). Far below every store's value limit.
+pub const PAGE_BYTES: usize = 256 * 1024;
+/// The index and count in front of a head or lane page.
+const PAGE_HEADER_BYTES: usize = 8;
+/// Largest blob any checkpoint writes.
+pub const MAX_BLOB_BYTES: usize = HEADER_BYTES + PAGE_HEADER_BYTES + PAGE_BYTES + CRC_BYTES;
 /// Finished entries per chunk: 8,192 × 24 bytes = 192 KiB.
 pub const FINISHED_CHUNK: u64 = 8_192;
 const ENTRY_BYTES: usize = 24;
+
+/// Largest encoding of one item of each kind, with every field at its
+/// limit (domain::order's lengths, `Message::check`); the tests build such
+/// items and check them against these, which makes [`worst_case`] an upper
+/// bound, not an estimate.
+pub const STOCK_ROW_MAX_BYTES: usize = 112;
+/// An order in flight with [`crate::domain::order::MAX_LINES`] lines, its id included.
+pub const ORDER_MAX_BYTES: usize = 9_216;
+/// A hold with its key.
+pub const HOLD_MAX_BYTES: usize = 160;
+/// An outbox effect with its key.
+pub const EFFECT_MAX_BYTES: usize = 768;
+/// A watermark with its key.
+pub const WATERMARK_MAX_BYTES: usize = 32;
+/// A parked record beyond twice its [`super::state::parked_size`] (its bytes are
+/// encoded as arrays of integers: at most two bytes each).
+pub const PARKED_OVERHEAD_BYTES: usize = 64;
+/// One blob reference in the manifest (with its bucket or chunk number).
+const MANIFEST_ENTRY_MAX_BYTES: usize = 32;
+/// Largest manifest a configuration may lead to: the manifest is one
+/// value in one row, and the smallest limit among the stores (a mutation
+/// of half Cassandra's default 32 MiB commit log segment, ScyllaDB's
+/// equivalent, the 16 MiB native protocol frame) is four times larger.
+pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
+
+/// Upper bounds of one checkpoint of a partition within `Limits`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckpointBounds {
+    /// The largest value written: one blob.
+    pub blob_bytes: usize,
+    /// The manifest (the one row the commit writes).
+    pub manifest_bytes: usize,
+    /// Blobs a snapshot may reference; a checkpoint writes at most these
+    /// and deletes at most as many (one statement each on CQL stores).
+    pub blobs: usize,
+    /// All bytes a checkpoint may write (every blob rewritten).
+    pub bytes: usize,
+}
+
+/// The bounds of any checkpoint of a partition of `partitions` under
+/// `limits`, whatever the records that led to it.
+pub fn worst_case(limits: &Limits, partitions: u32) -> CheckpointBounds {
+    let pages = |bytes: usize| bytes.div_ceil(PAGE_BYTES);
+    // A bucket's pages are full but for its last, which a row did not fit.
+    let stock_bytes = limits.max_skus.saturating_mul(STOCK_ROW_MAX_BYTES);
+    let stock_pages = STOCK_BUCKETS + stock_bytes / (PAGE_BYTES - STOCK_ROW_MAX_BYTES);
+    let chunks = limits.finished.max_entries / FINISHED_CHUNK as usize + 2;
+    // In flight: orders, holds, effects (admission stops at twice the
+    // in-flight bound; each admitted order adds at most two more), one
+    // watermark per partition, the unsealed tail, map headers.
+    let head_bytes = limits
+        .max_inflight_orders
+        .saturating_mul(ORDER_MAX_BYTES + 4 * EFFECT_MAX_BYTES)
+        .saturating_add(limits.max_holds.saturating_mul(HOLD_MAX_BYTES))
+        .saturating_add(partitions as usize * WATERMARK_MAX_BYTES)
+        .saturating_add(FINISHED_CHUNK as usize * ENTRY_BYTES + 64);
+    let lane_bytes = limits
+        .max_parked_bytes
+        .saturating_mul(2)
+        .saturating_add(
+            limits
+                .max_parked_records
+                .saturating_mul(PARKED_OVERHEAD_BYTES),
+        )
+        .saturating_add(8);
+    let blobs = stock_pages + chunks + pages(head_bytes) + pages(lane_bytes);
+    CheckpointBounds {
+        blob_bytes: MAX_BLOB_BYTES,
+        // Every reference may also be garbage of the one before.
+        manifest_bytes: 64 + 2 * blobs * MANIFEST_ENTRY_MAX_BYTES,
+        blobs,
+        bytes: blobs.saturating_mul(MAX_BLOB_BYTES),
+    }
+}
 
 /// A blob in the store: the epoch of the owner that wrote it (so a former
 /// owner can never overwrite one the current owner references) and a
@@ -49,6 +132,7 @@ enum Kind {
     Stock = 1,
     Chunk = 2,
     Head = 3,
+    Lane = 4,
 }
 
 impl Kind {
@@ -57,6 +141,7 @@ impl Kind {
             Kind::Stock => "stock page",
             Kind::Chunk => "finished chunk",
             Kind::Head => "head page",
+            Kind::Lane => "lane page",
         }
     }
 }
@@ -80,10 +165,13 @@ pub struct Manifest {
     pub generation: u64,
     /// The next blob number to use.
     pub next_blob: u64,
-    /// Stock pages by bucket, in bucket order.
+    /// Stock pages by bucket, in bucket order (a bucket's pages in SKU
+    /// order).
     pub stock: Vec<(u16, BlobRef)>,
     /// Head pages in order.
     pub head: Vec<BlobRef>,
+    /// Pages of the park lane in order (none when it is empty).
+    pub lane: Vec<BlobRef>,
     /// Numbers of the finished entries kept: `finished_first..finished_next`.
     pub finished_first: u64,
     pub finished_next: u64,
@@ -143,6 +231,7 @@ impl Manifest {
             .map(|(_, b)| *b)
             .chain(self.chunks.iter().map(|(_, b)| *b))
             .chain(self.head.iter().copied())
+            .chain(self.lane.iter().copied())
             .collect()
     }
 
@@ -173,14 +262,13 @@ pub struct Checkpoint {
     pub drop: Vec<BlobRef>,
 }
 
-/// Everything but the stock and the sealed finished chunks.
+/// Everything but the stock, the sealed finished chunks and the lane.
 #[derive(Serialize, Deserialize)]
-struct Head<O, H, W, X, P> {
+struct Head<O, H, W, X> {
     orders: O,
     holds: H,
     watermarks: W,
     outbox: X,
-    parked: P,
     /// Number of the first entry of `tail`.
     tail_first: u64,
     /// Finished entries not yet in a chunk: key ++ stamp, 24 bytes each.
@@ -193,14 +281,12 @@ type HeadOut<'a> = Head<
     &'a BTreeMap<(String, u16), Hold>,
     &'a BTreeMap<u32, (u64, u32)>,
     &'a BTreeMap<(String, EffectKind), Effect>,
-    &'a BTreeMap<u64, ParkedRecord>,
 >;
 type HeadIn = Head<
     BTreeMap<String, OrderRec>,
     BTreeMap<(String, u16), Hold>,
     BTreeMap<u32, (u64, u32)>,
     BTreeMap<(String, EffectKind), Effect>,
-    BTreeMap<u64, ParkedRecord>,
 >;
 
 /// MessagePack `bin` for the tail (a `Vec<u8>` would be an array of ints).
@@ -230,6 +316,12 @@ mod serde_bytes_compat {
 }
 
 fn frame(kind: Kind, partition: u32, generation: u64, payload: &[u8]) -> Vec<u8> {
+    assert!(
+        payload.len() <= PAGE_HEADER_BYTES + PAGE_BYTES,
+        "a {} of {} bytes is over the page limit",
+        kind.name(),
+        payload.len()
+    );
     let mut out = Vec::with_capacity(HEADER_BYTES + payload.len() + CRC_BYTES);
     out.extend_from_slice(&MAGIC);
     out.push(FORMAT);
@@ -292,10 +384,54 @@ fn entries_of(bytes: &[u8]) -> Option<impl Iterator<Item = FinishedEntry> + '_> 
     })
 }
 
-fn stock_payload(bucket: u16, rows: &BTreeMap<String, Stock>) -> Vec<u8> {
-    let mut out = bucket.to_le_bytes().to_vec();
-    rmp_serde::encode::write(&mut out, rows).expect("stock always serializes");
-    out
+/// The stock pages of one bucket: its rows in SKU order, as MessagePack
+/// arrays of `(sku, stock)` behind the bucket number, cut so that no page
+/// exceeds [`PAGE_BYTES`] (a row is at most [`STOCK_ROW_MAX_BYTES`]).
+fn stock_pages(bucket: u16, rows: &BTreeMap<String, Stock>) -> Vec<Vec<u8>> {
+    // bucket, then a MessagePack array32 header (its count filled in last).
+    const HEAD: usize = 2 + 5;
+    let start = |pages: &mut Vec<Vec<u8>>| {
+        let mut page = Vec::with_capacity(PAGE_BYTES);
+        page.extend_from_slice(&bucket.to_le_bytes());
+        page.extend_from_slice(&[0xdd, 0, 0, 0, 0]);
+        pages.push(page);
+    };
+    let mut pages = Vec::new();
+    let mut count = 0u32;
+    let mut row = Vec::with_capacity(STOCK_ROW_MAX_BYTES);
+    start(&mut pages);
+    for r in rows {
+        row.clear();
+        rmp_serde::encode::write(&mut row, &r).expect("stock always serializes");
+        debug_assert!(row.len() <= STOCK_ROW_MAX_BYTES, "{} bytes", row.len());
+        let page = pages.last_mut().expect("started");
+        if count > 0 && page.len() + row.len() > PAGE_BYTES {
+            page[3..HEAD].copy_from_slice(&count.to_be_bytes());
+            count = 0;
+            start(&mut pages);
+        }
+        pages.last_mut().expect("started").extend_from_slice(&row);
+        count += 1;
+    }
+    let page = pages.last_mut().expect("started");
+    page[3..HEAD].copy_from_slice(&count.to_be_bytes());
+    pages
+}
+
+/// The bucket and rows of a stock page.
+fn stock_rows(
+    m: &Manifest,
+    blob: BlobRef,
+    bytes: &[u8],
+) -> Result<(u16, Vec<(String, Stock)>), SnapshotError> {
+    let payload = unframe(m, Kind::Stock, blob, bytes)?;
+    let bucket = payload
+        .get(..2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .ok_or_else(|| m.error(format!("stock page ({}, {}) is empty", blob.epoch, blob.id)))?;
+    let rows = rmp_serde::from_slice(&payload[2..])
+        .map_err(|e| m.error(format!("stock page of bucket {bucket}: {e}")))?;
+    Ok((bucket, rows))
 }
 
 fn chunk_payload(finished: &Finished, chunk: u64) -> Vec<u8> {
@@ -310,20 +446,63 @@ fn chunk_payload(finished: &Finished, chunk: u64) -> Vec<u8> {
     out
 }
 
+/// `bytes` cut into framed pages of `kind`, each numbered "i of n" so that
+/// a loader notices a missing or misplaced one.
+fn paged(kind: Kind, partition: u32, generation: u64, bytes: &[u8]) -> Vec<Vec<u8>> {
+    let count = bytes.len().div_ceil(PAGE_BYTES);
+    bytes
+        .chunks(PAGE_BYTES)
+        .enumerate()
+        .map(|(i, page)| {
+            let mut payload = Vec::with_capacity(PAGE_HEADER_BYTES + page.len());
+            payload.extend_from_slice(&(i as u32).to_le_bytes());
+            payload.extend_from_slice(&(count as u32).to_le_bytes());
+            payload.extend_from_slice(page);
+            frame(kind, partition, generation, &payload)
+        })
+        .collect()
+}
+
+/// The bytes of pages `refs` of `kind`, joined back in order.
+fn joined<'a>(
+    m: &Manifest,
+    kind: Kind,
+    refs: &[BlobRef],
+    get: impl Fn(&BlobRef) -> Result<&'a Vec<u8>, SnapshotError>,
+) -> Result<Vec<u8>, SnapshotError> {
+    let mut out = Vec::new();
+    for (i, blob) in refs.iter().enumerate() {
+        let payload = unframe(m, kind, *blob, get(blob)?)?;
+        let numbers = payload.get(..PAGE_HEADER_BYTES).map(|b| {
+            let index = u32::from_le_bytes(b[..4].try_into().expect("4 bytes"));
+            let count = u32::from_le_bytes(b[4..].try_into().expect("4 bytes"));
+            (index as usize, count as usize)
+        });
+        if numbers != Some((i, refs.len())) {
+            return Err(m.error(format!("{} {i} is out of place: {numbers:?}", kind.name())));
+        }
+        out.extend_from_slice(&payload[PAGE_HEADER_BYTES..]);
+    }
+    Ok(out)
+}
+
 /// The next checkpoint of `state`: `manifest` is the last one written (the
 /// loaded one after a recovery) and becomes this one's. Blobs get numbers
 /// of `epoch`, the writer's ownership epoch.
 pub fn checkpoint(state: &mut PartitionState, manifest: &mut Manifest, epoch: u64) -> Checkpoint {
     let changed = state.stock.take_dirty();
-    write(state, manifest, epoch, &changed)
+    let lane_changed = state.take_lane_changed();
+    write(state, manifest, epoch, &changed, lane_changed)
 }
 
-/// The checkpoint that rewrites the stock pages of `changed` buckets.
+/// The checkpoint that rewrites the stock pages of `changed` buckets, and
+/// the lane if `lane_changed`.
 fn write(
     state: &PartitionState,
     manifest: &mut Manifest,
     epoch: u64,
     changed: &[u16],
+    lane_changed: bool,
 ) -> Checkpoint {
     let partition = manifest.partition;
     manifest.generation += 1;
@@ -331,25 +510,30 @@ fn write(
     let mut blobs = Vec::new();
     let mut garbage = Vec::new();
 
-    let mut stock: BTreeMap<u16, BlobRef> = manifest.stock.iter().copied().collect();
-    for &bucket in changed {
-        let rows = state.stock.bucket(bucket);
-        let old = if rows.is_empty() {
-            stock.remove(&bucket)
-        } else {
-            let blob = manifest.allocate(epoch);
-            let bytes = frame(
-                Kind::Stock,
-                partition,
-                generation,
-                &stock_payload(bucket, rows),
-            );
-            blobs.push((blob, bytes));
-            stock.insert(bucket, blob)
-        };
-        garbage.extend(old);
+    let mut stock: BTreeMap<u16, Vec<BlobRef>> = BTreeMap::new();
+    for &(bucket, blob) in &manifest.stock {
+        stock.entry(bucket).or_default().push(blob);
     }
-    manifest.stock = stock.into_iter().collect();
+    for &bucket in changed {
+        garbage.extend(stock.remove(&bucket).unwrap_or_default());
+        let rows = state.stock.bucket(bucket);
+        if rows.is_empty() {
+            continue;
+        }
+        let refs = stock_pages(bucket, rows)
+            .into_iter()
+            .map(|payload| {
+                let blob = manifest.allocate(epoch);
+                blobs.push((blob, frame(Kind::Stock, partition, generation, &payload)));
+                blob
+            })
+            .collect();
+        stock.insert(bucket, refs);
+    }
+    manifest.stock = stock
+        .into_iter()
+        .flat_map(|(bucket, refs)| refs.into_iter().map(move |blob| (bucket, blob)))
+        .collect();
 
     let finished = &state.finished;
     let (first, next) = (finished.first(), finished.next());
@@ -386,27 +570,39 @@ fn write(
         holds: &state.holds,
         watermarks: &state.watermarks,
         outbox: &state.outbox,
-        parked: &state.parked,
         tail_first,
         tail,
     };
     let head = rmp_serde::to_vec(&head).expect("a head always serializes");
     garbage.append(&mut manifest.head);
     // Never empty: the encoding of a struct has at least its header.
-    let pages = head.len().div_ceil(HEAD_PAGE_BYTES);
-    for (i, page) in head.chunks(HEAD_PAGE_BYTES).enumerate() {
-        let mut payload = Vec::with_capacity(8 + page.len());
-        payload.extend_from_slice(&(i as u32).to_le_bytes());
-        payload.extend_from_slice(&(pages as u32).to_le_bytes());
-        payload.extend_from_slice(page);
+    for page in paged(Kind::Head, partition, generation, &head) {
         let blob = manifest.allocate(epoch);
-        blobs.push((blob, frame(Kind::Head, partition, generation, &payload)));
+        blobs.push((blob, page));
         manifest.head.push(blob);
     }
 
+    if lane_changed {
+        garbage.append(&mut manifest.lane);
+        if !state.parked.is_empty() {
+            let lane = rmp_serde::to_vec(&state.parked).expect("the lane always serializes");
+            for page in paged(Kind::Lane, partition, generation, &lane) {
+                let blob = manifest.allocate(epoch);
+                blobs.push((blob, page));
+                manifest.lane.push(blob);
+            }
+        }
+    }
+
     manifest.garbage = garbage.clone();
+    let encoded = manifest.encode();
+    assert!(
+        encoded.len() <= MAX_MANIFEST_BYTES,
+        "partition {partition}: a manifest of {} bytes; the limits' worst case must stay under {MAX_MANIFEST_BYTES}",
+        encoded.len()
+    );
     Checkpoint {
-        manifest: manifest.encode(),
+        manifest: encoded,
         blobs,
         drop: garbage,
     }
@@ -419,31 +615,59 @@ pub fn full(state: &PartitionState, partition: u32) -> (Manifest, BTreeMap<BlobR
         .filter(|b| !state.stock.bucket(*b).is_empty())
         .collect();
     let mut manifest = Manifest::empty(partition);
-    let cp = write(state, &mut manifest, 0, &buckets);
+    let cp = write(state, &mut manifest, 0, &buckets, true);
     (manifest, cp.blobs.into_iter().collect())
 }
 
-/// The stock page that holds `sku`'s counters, if its bucket has one.
-pub fn stock_page(manifest: &Manifest, sku: &str) -> Option<BlobRef> {
+/// The stock pages of `sku`'s bucket (none if the bucket is empty): one
+/// of them holds its counters, if it has any.
+pub fn stock_pages_of(manifest: &Manifest, sku: &str) -> Vec<BlobRef> {
     let bucket = StockTable::bucket_of(sku);
-    manifest
-        .stock
-        .binary_search_by_key(&bucket, |(b, _)| *b)
-        .ok()
-        .map(|i| manifest.stock[i].1)
+    let from = manifest.stock.partition_point(|(b, _)| *b < bucket);
+    manifest.stock[from..]
+        .iter()
+        .take_while(|(b, _)| *b == bucket)
+        .map(|(_, blob)| *blob)
+        .collect()
 }
 
-/// The counters of `sku` in the stock page `blob` (as [`stock_page`] named it).
+/// The counters of `sku` in the stock page `blob` (one [`stock_pages_of`]
+/// named).
 pub fn stock_in_page(
     manifest: &Manifest,
     blob: BlobRef,
     bytes: &[u8],
     sku: &str,
 ) -> Result<Option<Stock>, SnapshotError> {
-    let payload = unframe(manifest, Kind::Stock, blob, bytes)?;
-    let mut rows: BTreeMap<String, Stock> = rmp_serde::from_slice(payload.get(2..).unwrap_or(&[]))
-        .map_err(|e| manifest.error(format!("stock page of {sku:?}: {e}")))?;
-    Ok(rows.remove(sku))
+    let (_, rows) = stock_rows(manifest, blob, bytes)?;
+    Ok(rows
+        .into_iter()
+        .find(|(s, _)| s == sku)
+        .map(|(_, stock)| stock))
+}
+
+/// The park lane a manifest describes, from its lane pages (`blobs` must
+/// hold every one of `manifest.lane`): what operators list.
+pub fn parked_lane(
+    manifest: &Manifest,
+    blobs: &BTreeMap<BlobRef, Vec<u8>>,
+) -> Result<BTreeMap<u64, ParkedRecord>, SnapshotError> {
+    let m = manifest;
+    if m.lane.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let lane = joined(m, Kind::Lane, &m.lane, |blob| present(m, blobs, blob))?;
+    rmp_serde::from_slice(&lane).map_err(|e| m.error(format!("undecodable lane: {e}")))
+}
+
+fn present<'a>(
+    m: &Manifest,
+    blobs: &'a BTreeMap<BlobRef, Vec<u8>>,
+    blob: &BlobRef,
+) -> Result<&'a Vec<u8>, SnapshotError> {
+    blobs
+        .get(blob)
+        .ok_or_else(|| m.error(format!("blob ({}, {}) is missing", blob.epoch, blob.id)))
 }
 
 /// Loads the state a manifest describes from its blobs (`blobs` must hold
@@ -454,43 +678,23 @@ pub fn restore(
     limits: FinishedLimits,
 ) -> Result<PartitionState, SnapshotError> {
     let m = manifest;
-    let get = |blob: &BlobRef| {
-        blobs
-            .get(blob)
-            .ok_or_else(|| m.error(format!("blob ({}, {}) is missing", blob.epoch, blob.id)))
-    };
+    let get = |blob: &BlobRef| present(m, blobs, blob);
     let mut state = PartitionState::default();
     for (bucket, blob) in &m.stock {
-        let payload = unframe(m, Kind::Stock, *blob, get(blob)?)?;
-        if payload.len() < 2 || u16::from_le_bytes([payload[0], payload[1]]) != *bucket {
-            return Err(m.error(format!(
-                "stock page of bucket {bucket} holds another bucket"
-            )));
+        let (held, rows) = stock_rows(m, *blob, get(blob)?)?;
+        if held != *bucket {
+            return Err(m.error(format!("stock page of bucket {bucket} holds bucket {held}")));
         }
         if usize::from(*bucket) >= STOCK_BUCKETS {
             return Err(m.error(format!("stock bucket {bucket} out of range")));
         }
-        let rows: BTreeMap<String, Stock> = rmp_serde::from_slice(&payload[2..])
-            .map_err(|e| m.error(format!("stock page of bucket {bucket}: {e}")))?;
         state
             .stock
-            .restore_bucket(*bucket, rows)
+            .restore_rows(*bucket, rows)
             .map_err(|e| m.error(e))?;
     }
 
-    let mut head = Vec::new();
-    for (i, blob) in m.head.iter().enumerate() {
-        let payload = unframe(m, Kind::Head, *blob, get(blob)?)?;
-        let numbers = payload.get(..8).map(|b| {
-            let index = u32::from_le_bytes(b[..4].try_into().expect("4 bytes"));
-            let count = u32::from_le_bytes(b[4..].try_into().expect("4 bytes"));
-            (index as usize, count as usize)
-        });
-        if numbers != Some((i, m.head.len())) {
-            return Err(m.error(format!("head page {i} is out of place: {numbers:?}")));
-        }
-        head.extend_from_slice(&payload[8..]);
-    }
+    let head = joined(m, Kind::Head, &m.head, get)?;
     let head: HeadIn =
         rmp_serde::from_slice(&head).map_err(|e| m.error(format!("undecodable head: {e}")))?;
 
@@ -532,7 +736,7 @@ pub fn restore(
     state.holds = head.holds;
     state.watermarks = head.watermarks;
     state.outbox = head.outbox;
-    state.parked = head.parked;
+    state.parked = parked_lane(m, blobs)?;
     state.reindex();
     state.check_stock().map_err(|e| m.error(e))?;
     // Loaded as written: nothing to rewrite until something changes.
@@ -686,7 +890,7 @@ mod tests {
         let s = sample(1, 0, 10_000);
         let (m, blobs) = full(&s, 0);
         assert!(m.head.len() > 1, "{} head pages", m.head.len());
-        assert!(blobs.values().all(|b| b.len() <= HEAD_PAGE_BYTES + 64));
+        assert!(blobs.values().all(|b| b.len() <= MAX_BLOB_BYTES));
         assert_eq!(restore(&m, &blobs, limits()).unwrap(), s);
     }
 
@@ -723,6 +927,205 @@ mod tests {
         mixed.insert(m.stock[0].1, other_blobs[&other.stock[0].1].clone());
         let e = restore(&m, &mixed, limits()).unwrap_err();
         assert!(e.detail.contains("partition 5"), "{e}");
+    }
+
+    /// Every item at its field limits encodes within the constants that
+    /// `worst_case` sums, and the defaults' manifest bound is far below the
+    /// stores' limits.
+    #[test]
+    fn worst_case_items_fit_their_bounds() {
+        use crate::domain::RecordKind;
+        use crate::domain::order::{
+            MAX_EMAIL_LEN, MAX_ID_LEN, MAX_LINES, MAX_SKU_LEN, MAX_TOKEN_LEN,
+        };
+        use crate::stages::state::{LineState, parked_size};
+        let id = "i".repeat(MAX_ID_LEN);
+        let sku = "s".repeat(MAX_SKU_LEN);
+        let token = "t".repeat(MAX_TOKEN_LEN);
+        let size = |v: &dyn erased::Encode| v.len();
+        let row = (
+            sku.clone(),
+            Stock {
+                available: u64::MAX,
+                reserved: u64::MAX,
+                sold: u64::MAX,
+                supplied: u64::MAX,
+            },
+        );
+        assert!(
+            size(&row) <= STOCK_ROW_MAX_BYTES,
+            "stock row: {}",
+            size(&row)
+        );
+        let order = (
+            id.clone(),
+            OrderRec {
+                seq: u32::MAX,
+                status: Status::PaymentFailed,
+                saga: Some(Saga {
+                    lines: (0..MAX_LINES)
+                        .map(|_| SagaLine {
+                            sku: sku.clone(),
+                            quantity: u32::MAX,
+                            state: LineState::Pending,
+                        })
+                        .collect(),
+                    home_key: sku.clone(),
+                    amount: u64::MAX,
+                    currency: "USD".into(),
+                    token: token.clone(),
+                    authorizing: true,
+                    email: Some("e".repeat(MAX_EMAIL_LEN)),
+                }),
+            },
+        );
+        assert!(size(&order) <= ORDER_MAX_BYTES, "order: {}", size(&order));
+        let hold = (
+            (id.clone(), u16::MAX),
+            Hold {
+                sku: sku.clone(),
+                quantity: u32::MAX,
+            },
+        );
+        assert!(size(&hold) <= HOLD_MAX_BYTES, "hold: {}", size(&hold));
+        let effect = (
+            (id.clone(), EffectKind::Authorize),
+            Effect {
+                order_id: id.clone(),
+                kind: EffectKind::Authorize,
+                reply_key: sku.clone(),
+                amount: u64::MAX,
+                currency: "USD".into(),
+                token: token.clone(),
+                payment_id: token.clone(),
+            },
+        );
+        assert!(
+            size(&effect) <= EFFECT_MAX_BYTES,
+            "effect: {}",
+            size(&effect)
+        );
+        let watermark = (u32::MAX, (u64::MAX, u32::MAX));
+        assert!(
+            size(&watermark) <= WATERMARK_MAX_BYTES,
+            "watermark: {}",
+            size(&watermark)
+        );
+        let parked = ParkedRecord {
+            partition: u32::MAX,
+            offset: u64::MAX,
+            timestamp_ms: u64::MAX,
+            kind: RecordKind::Internal,
+            key: vec![0xff; 300],
+            value: vec![0xff; 5_000],
+            reason: "r".repeat(400),
+            order_id: Some(id.clone()),
+        };
+        let entry = (u64::MAX, parked.clone());
+        assert!(
+            size(&entry) <= 2 * parked_size(&parked) + PARKED_OVERHEAD_BYTES,
+            "parked: {}",
+            size(&entry)
+        );
+        let blob = BlobRef {
+            epoch: u64::MAX,
+            id: u64::MAX,
+        };
+        assert!(size(&(u64::MAX, blob)) <= MANIFEST_ENTRY_MAX_BYTES);
+
+        let defaults = worst_case(&Limits::default(), 1024);
+        assert!(
+            defaults.manifest_bytes <= MAX_MANIFEST_BYTES / 8,
+            "{defaults:?}"
+        );
+        assert_eq!(defaults.blob_bytes, MAX_BLOB_BYTES);
+        const { assert!(MAX_BLOB_BYTES < 300 * 1024) };
+    }
+
+    /// SKUs that all fall into one bucket are cut into several stock pages
+    /// under the page limit, and load back.
+    #[test]
+    fn a_crowded_bucket_spans_pages() {
+        let mut s = PartitionState::default();
+        let bucket = StockTable::bucket_of("seed");
+        let crowd = (0u64..)
+            .map(|n| format!("{n:0>64}"))
+            .filter(|sku| StockTable::bucket_of(sku) == bucket)
+            .take(3_000);
+        for sku in crowd {
+            s.stock.insert(
+                sku,
+                Stock {
+                    available: u64::MAX / 4,
+                    reserved: u64::MAX / 4,
+                    sold: u64::MAX / 4,
+                    supplied: u64::MAX / 4 * 3,
+                },
+            );
+        }
+        let (m, blobs) = full(&s, 0);
+        assert!(m.stock.len() >= 2, "{} pages", m.stock.len());
+        assert!(blobs.values().all(|b| b.len() <= MAX_BLOB_BYTES));
+        let back = restore(&m, &blobs, limits()).unwrap();
+        assert_eq!(back, s);
+        let sku = s.stock.iter().last().unwrap().0.clone();
+        let pages = stock_pages_of(&m, &sku);
+        assert_eq!(pages.len(), m.stock.len());
+        let found = pages
+            .iter()
+            .find_map(|p| stock_in_page(&m, *p, &blobs[p], &sku).unwrap());
+        assert_eq!(found.map(|s| s.available), Some(u64::MAX / 4));
+    }
+
+    /// The lane has pages of its own, rewritten only when it changed, and
+    /// readable without the rest of the snapshot.
+    #[test]
+    fn lane_pages_are_written_when_the_lane_changes() {
+        use crate::domain::RecordKind;
+        let record = |offset: u64| ParkedRecord {
+            partition: 1,
+            offset,
+            timestamp_ms: 5,
+            kind: RecordKind::Internal,
+            key: b"k".to_vec(),
+            value: vec![offset as u8; 100_000],
+            reason: "bad".into(),
+            order_id: None,
+        };
+        let mut s = sample(1, 0, 1);
+        let mut m = Manifest::empty(1);
+        let mut store = BTreeMap::new();
+        apply(&mut store, &checkpoint(&mut s, &mut m, 1));
+        assert!(m.lane.is_empty(), "an empty lane has no pages");
+        for offset in 0..4 {
+            s.park(offset, record(offset));
+        }
+        apply(&mut store, &checkpoint(&mut s, &mut m, 1));
+        assert!(m.lane.len() >= 2, "400 KB of lane: {} pages", m.lane.len());
+        let lane = m.lane.clone();
+        let cp = checkpoint(&mut s, &mut m, 1);
+        assert_eq!(m.lane, lane, "unchanged: the same pages");
+        assert_eq!(cp.blobs.len(), m.head.len());
+        apply(&mut store, &cp);
+        assert_eq!(parked_lane(&m, &store).unwrap(), s.parked);
+        s.unpark(2);
+        apply(&mut store, &checkpoint(&mut s, &mut m, 1));
+        assert_ne!(m.lane, lane);
+        assert_eq!(parked_lane(&m, &store).unwrap().len(), 3);
+        assert_eq!(restore(&m, &store, limits()).unwrap(), s);
+        assert_eq!(store.len(), m.blobs().len(), "no blob leaked");
+    }
+
+    /// MessagePack sizes of any serializable value, for the bounds test.
+    mod erased {
+        pub trait Encode {
+            fn len(&self) -> usize;
+        }
+        impl<T: serde::Serialize> Encode for T {
+            fn len(&self) -> usize {
+                rmp_serde::to_vec(self).unwrap().len()
+            }
+        }
     }
 
     /// Unconserved stock in a snapshot is refused at load.

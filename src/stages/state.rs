@@ -141,18 +141,21 @@ impl StockTable {
         &self.buckets[usize::from(bucket)]
     }
 
-    /// Puts a loaded bucket back (all its SKUs must hash to it).
-    pub fn restore_bucket(
-        &mut self,
-        bucket: u16,
-        rows: BTreeMap<String, Stock>,
-    ) -> Result<(), String> {
-        if let Some(sku) = rows.keys().find(|sku| Self::bucket_of(sku) != bucket) {
-            return Err(format!("SKU {sku:?} is not in stock bucket {bucket}"));
-        }
+    /// Puts the rows of a loaded stock page back (every SKU must hash to
+    /// `bucket`, and appear in one page only).
+    pub fn restore_rows(&mut self, bucket: u16, rows: Vec<(String, Stock)>) -> Result<(), String> {
         let slot = &mut self.buckets[usize::from(bucket)];
-        self.len = self.len - slot.len() + rows.len();
-        *slot = rows;
+        for (sku, stock) in rows {
+            if Self::bucket_of(&sku) != bucket {
+                return Err(format!("SKU {sku:?} is not in stock bucket {bucket}"));
+            }
+            if slot.insert(sku.clone(), stock).is_some() {
+                return Err(format!(
+                    "SKU {sku:?} appears twice in stock bucket {bucket}"
+                ));
+            }
+            self.len += 1;
+        }
         Ok(())
     }
 
@@ -227,23 +230,84 @@ pub struct PartitionState {
     pub parked: BTreeMap<u64, ParkedRecord>,
     /// Orders that finished recently (idempotency).
     pub finished: Finished,
-    /// Record keys and order ids that parked records hold back, with how
-    /// many hold each (derived from `parked`, not part of the state).
-    blocked: BTreeMap<Blocker, usize>,
-    /// Bytes the park lane holds (derived from `parked`).
-    parked_bytes: usize,
+    /// The park lane's indexes (derived from `parked`, not part of the
+    /// state), so that parking and the check every record makes while the
+    /// lane is not empty cost O(log n), not a scan of the lane.
+    lane: LaneIndex,
 }
 
-/// What a parked record holds back: later records with its key (SKU) or
-/// about its order wait behind it.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Blocker {
-    Key(Vec<u8>),
-    Order(String),
+/// Indexes of the park lane: which parked records hold back later records
+/// with their key (SKU) or about their order, and a digest of each
+/// record's bytes to tell a re-sent copy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct LaneIndex {
+    by_key: BTreeMap<Vec<u8>, BTreeSet<u64>>,
+    by_order: BTreeMap<String, BTreeSet<u64>>,
+    by_digest: BTreeMap<[u8; 32], BTreeSet<u64>>,
+    /// Bytes the lane holds (see [`parked_size`]).
+    bytes: usize,
+    /// The lane changed since the last snapshot took it.
+    changed: Unsaved,
 }
 
-fn blockers(r: &ParkedRecord) -> impl Iterator<Item = Blocker> + '_ {
-    std::iter::once(Blocker::Key(r.key.clone())).chain(r.order_id.clone().map(Blocker::Order))
+/// A change flag for snapshots, which equality ignores: two states are
+/// equal whatever was written when.
+#[derive(Clone, Copy, Debug, Default)]
+struct Unsaved(bool);
+
+impl PartialEq for Unsaved {
+    fn eq(&self, _: &Unsaved) -> bool {
+        true
+    }
+}
+
+impl Eq for Unsaved {}
+
+/// SHA-256 over what makes two parked records copies of each other.
+fn lane_digest(r: &ParkedRecord) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update([r.kind as u8]);
+    h.update((r.key.len() as u64).to_le_bytes());
+    h.update(&r.key);
+    h.update(&r.value);
+    h.finalize().into()
+}
+
+impl LaneIndex {
+    fn add(&mut self, offset: u64, r: &ParkedRecord) {
+        self.by_key.entry(r.key.clone()).or_default().insert(offset);
+        if let Some(id) = &r.order_id {
+            self.by_order.entry(id.clone()).or_default().insert(offset);
+        }
+        self.by_digest
+            .entry(lane_digest(r))
+            .or_default()
+            .insert(offset);
+        self.bytes += parked_size(r);
+        self.changed = Unsaved(true);
+    }
+
+    fn remove(&mut self, offset: u64, r: &ParkedRecord) {
+        fn take<K: Ord + std::borrow::Borrow<Q>, Q: Ord + ?Sized>(
+            map: &mut BTreeMap<K, BTreeSet<u64>>,
+            at: &Q,
+            offset: u64,
+        ) {
+            if let Some(set) = map.get_mut(at) {
+                set.remove(&offset);
+                if set.is_empty() {
+                    map.remove(at);
+                }
+            }
+        }
+        take(&mut self.by_key, r.key.as_slice(), offset);
+        if let Some(id) = &r.order_id {
+            take(&mut self.by_order, id.as_str(), offset);
+        }
+        take(&mut self.by_digest, &lane_digest(r), offset);
+        self.bytes -= parked_size(r);
+        self.changed = Unsaved(true);
+    }
 }
 
 /// What a parked record counts against `max_parked_bytes`.
@@ -254,59 +318,52 @@ pub fn parked_size(r: &ParkedRecord) -> usize {
 impl PartitionState {
     /// Sets a record aside in the park lane.
     pub fn park(&mut self, offset: u64, record: ParkedRecord) {
-        for b in blockers(&record) {
-            *self.blocked.entry(b).or_default() += 1;
-        }
-        self.parked_bytes += parked_size(&record);
-        if let Some(old) = self.parked.insert(offset, record) {
-            self.forget_parked(&old);
-        }
+        self.unpark(offset);
+        self.lane.add(offset, &record);
+        self.parked.insert(offset, record);
     }
 
     /// Takes a record out of the park lane.
     pub fn unpark(&mut self, offset: u64) -> Option<ParkedRecord> {
         let record = self.parked.remove(&offset)?;
-        self.forget_parked(&record);
+        self.lane.remove(offset, &record);
         Some(record)
     }
 
-    fn forget_parked(&mut self, record: &ParkedRecord) {
-        self.parked_bytes -= parked_size(record);
-        for b in blockers(record) {
-            if let std::collections::btree_map::Entry::Occupied(mut e) = self.blocked.entry(b) {
-                *e.get_mut() -= 1;
-                if *e.get() == 0 {
-                    e.remove();
-                }
-            }
-        }
+    pub fn parked_bytes(&self) -> usize {
+        self.lane.bytes
     }
 
-    pub fn parked_bytes(&self) -> usize {
-        self.parked_bytes
+    /// Whether the lane changed since the last call (the next snapshot
+    /// rewrites its pages only then).
+    pub fn take_lane_changed(&mut self) -> bool {
+        std::mem::take(&mut self.lane.changed.0)
     }
 
     pub fn has_blocked(&self) -> bool {
-        !self.blocked.is_empty()
+        !self.parked.is_empty()
+    }
+
+    /// The offset of a parked record with the same kind, key and bytes.
+    pub fn parked_copy_of(&self, record: &ParkedRecord) -> Option<u64> {
+        let offset = *self.lane.by_digest.get(&lane_digest(record))?.first()?;
+        let parked = &self.parked[&offset];
+        // A digest collision is out of reach, but a wrong answer here would
+        // drop a record: compare the bytes.
+        (parked.kind == record.kind && parked.key == record.key && parked.value == record.value)
+            .then_some(offset)
     }
 
     /// The offset of the parked record (the first) that holds back a
     /// record with `key` about `order_id`, if any.
     pub fn blocked_by(&self, key: &[u8], order_id: Option<&str>) -> Option<u64> {
-        if self.blocked.is_empty() {
+        if self.parked.is_empty() {
             return None;
         }
-        let held = self.blocked.contains_key(&Blocker::Key(key.to_vec()))
-            || order_id.is_some_and(|id| self.blocked.contains_key(&Blocker::Order(id.to_owned())));
-        if !held {
-            return None;
-        }
-        self.parked
-            .iter()
-            .find(|(_, r)| {
-                r.key == key || (order_id.is_some() && r.order_id.as_deref() == order_id)
-            })
-            .map(|(offset, _)| *offset)
+        let first = |set: Option<&BTreeSet<u64>>| set.and_then(|s| s.first().copied());
+        let by_key = first(self.lane.by_key.get(key));
+        let by_order = order_id.and_then(|id| first(self.lane.by_order.get(id)));
+        by_key.into_iter().chain(by_order).min()
     }
 
     /// The stock invariants the inventory stage asserts on every change. A
@@ -374,12 +431,12 @@ impl PartitionState {
 
     /// Rebuilds the derived indexes after the parts were loaded.
     pub(crate) fn reindex(&mut self) {
-        let parked = std::mem::take(&mut self.parked);
-        self.blocked.clear();
-        self.parked_bytes = 0;
-        for (offset, record) in parked {
-            self.park(offset, record);
+        self.lane = LaneIndex::default();
+        for (offset, record) in &self.parked {
+            self.lane.add(*offset, record);
         }
+        // As loaded: the snapshot already holds it.
+        self.lane.changed = Unsaved(false);
     }
 }
 
@@ -429,8 +486,9 @@ mod tests {
         assert_eq!(t.take_dirty(), [StockTable::bucket_of("A")]);
         let bucket = StockTable::bucket_of("A");
         let wrong = (bucket + 1) % STOCK_BUCKETS as u16;
-        let rows = t.bucket(bucket).clone();
-        assert!(t.clone().restore_bucket(wrong, rows).is_err());
+        let rows: Vec<_> = t.bucket(bucket).clone().into_iter().collect();
+        assert!(t.clone().restore_rows(wrong, rows.clone()).is_err());
+        assert!(t.clone().restore_rows(bucket, rows).is_err(), "twice");
     }
 
     /// Holds beyond the reserved stock, or of a SKU without stock, are refused.
@@ -458,5 +516,62 @@ mod tests {
         s.stock.get_mut("A").unwrap().reserved = 2;
         s.stock.get_mut("A").unwrap().supplied = 2;
         assert!(s.check_stock().is_ok());
+    }
+
+    mod lane {
+        use proptest::prelude::*;
+
+        use super::super::*;
+        use crate::domain::RecordKind;
+
+        fn record(offset: u64, key: u8, order: Option<u8>, value: u8) -> ParkedRecord {
+            ParkedRecord {
+                partition: 0,
+                offset,
+                timestamp_ms: 0,
+                kind: RecordKind::Internal,
+                key: vec![b'k', key],
+                value: vec![value; usize::from(value)],
+                reason: "r".into(),
+                order_id: order.map(|o| format!("o-{o}")),
+            }
+        }
+
+        proptest! {
+            /// The lane's indexes answer as a scan of the lane does, after
+            /// any sequence of parks and unparks.
+            #[test]
+            fn indexes_agree_with_a_scan(
+                ops in prop::collection::vec(
+                    (0u64..30, 0u8..4, prop::option::of(0u8..4), 0u8..3, any::<bool>()), 1..200),
+            ) {
+                let mut state = PartitionState::default();
+                for (offset, key, order, value, park) in ops {
+                    if park {
+                        state.park(offset, record(offset, key, order, value));
+                    } else {
+                        state.unpark(offset);
+                    }
+                    let bytes: usize = state.parked.values().map(parked_size).sum();
+                    prop_assert_eq!(state.parked_bytes(), bytes);
+                    for key in 0u8..4 {
+                        for order in (0u8..4).map(Some).chain([None]) {
+                            let id = order.map(|o| format!("o-{o}"));
+                            let scan = state.parked.iter().find(|(_, r)| {
+                                r.key == [b'k', key] || (id.is_some() && r.order_id == id)
+                            }).map(|(o, _)| *o);
+                            prop_assert_eq!(state.blocked_by(&[b'k', key], id.as_deref()), scan);
+                        }
+                        for value in 0u8..3 {
+                            let probe = record(99, key, None, value);
+                            let scan = state.parked.iter().find(|(_, r)| {
+                                r.key == probe.key && r.value == probe.value
+                            }).map(|(o, _)| *o);
+                            prop_assert_eq!(state.parked_copy_of(&probe).is_some(), scan.is_some());
+                        }
+                    }
+                }
+            }
+        }
     }
 }

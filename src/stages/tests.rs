@@ -590,3 +590,64 @@ fn park_lane_bound_refuses() {
         "known"
     );
 }
+
+/// No path into the park lane takes a card number: an undecodable record
+/// is reported refused with the digits masked, an order (poisoned, or
+/// behind a parked record) ends `rejected` (`pan_detected`) under its
+/// position id; the lane and the snapshot never hold the digits.
+#[test]
+fn card_numbers_never_reach_the_park_lane() {
+    use crate::domain::parked::ParkEvent;
+    let sku = sku_on(0, 0);
+    let mut h = Harness::new(0);
+    h.proc =
+        Processor::new(0, N, PartitionState::default()).with_poison_customer(Some("bad".into()));
+    h.stock(&sku, 5);
+    let refused = |out: &Output| match &out.parked[..] {
+        [ParkEvent::Refused(r)] => r.clone(),
+        other => panic!("{other:?}"),
+    };
+    let out = h.feed(RecordKind::Internal, &sku, b"\xc1 card 4242 4242 4242 4242");
+    assert_eq!(refused(&out).value, b"\xc1 card #### #### #### ####");
+    assert_eq!(out.problems.len(), 1);
+    let out = h.feed(RecordKind::Internal, "4000056655665556", b"\xc1");
+    assert_eq!(refused(&out).key, b"################");
+    assert!(h.proc.state.parked.is_empty(), "nothing was set aside");
+
+    // An injected fault parks an order; with a card number it is refused.
+    let mut body = serde_json::json!({"order_id": "o-card", "customer_id": "bad", "currency": "USD",
+        "lines": [{"sku": sku, "quantity": 1, "unit_price": 500}], "payment": {"token": "4242424242424242"}});
+    let offset = h.offset;
+    let out = h.feed(
+        RecordKind::OrderJson,
+        &sku,
+        &serde_json::to_vec(&body).unwrap(),
+    );
+    assert_eq!(statuses(&out), [Status::Rejected]);
+    assert_eq!(out.statuses[0].order_id, format!("ord-0-{offset}"));
+    assert_eq!(out.statuses[0].reason.as_deref(), Some("pan_detected"));
+    assert!(h.proc.state.parked.is_empty());
+
+    // Behind a parked record on its key: refused the same way.
+    h.feed(RecordKind::Internal, &sku, b"\xc1 poison");
+    assert_eq!(h.proc.state.parked.len(), 1);
+    body["customer_id"] = "c".into();
+    body["order_id"] = "o-card-2".into();
+    let offset = h.offset;
+    let out = h.feed(
+        RecordKind::OrderJson,
+        &sku,
+        &serde_json::to_vec(&body).unwrap(),
+    );
+    assert_eq!(out.statuses[0].order_id, format!("ord-0-{offset}"));
+    assert_eq!(out.statuses[0].reason.as_deref(), Some("pan_detected"));
+    assert_eq!(h.proc.state.parked.len(), 1, "only the poison record waits");
+
+    let (_, blobs) = super::snapshot::full(&h.proc.state, 0);
+    for bytes in blobs.values() {
+        assert!(
+            !crate::domain::pan::contains_pan(bytes),
+            "a snapshot blob holds a card number"
+        );
+    }
+}
