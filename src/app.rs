@@ -268,7 +268,10 @@ async fn start_inner(
         intake,
         tracking,
         inventory,
-        parked: Arc::new(crate::pipeline::parked::ParkLane::new(log.clone())),
+        parked: Arc::new(crate::pipeline::parked::ParkLane::new(
+            log.clone(),
+            store.clone(),
+        )),
         metrics: metrics.clone(),
         admin_token,
         config: config.http.clone(),

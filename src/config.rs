@@ -63,6 +63,10 @@ pub struct KafkaConfig {
     pub replication_factor: u16,
     /// How long the producer waits to fill a batch (librdkafka `linger.ms`).
     pub linger_ms: u64,
+    /// `retention.ms` of `orders-parked` when orderflow creates it: the
+    /// topic is an audit trail of what was parked, retried and dropped;
+    /// the lane itself lives in the checkpoints.
+    pub parked_retention_ms: u64,
 }
 
 impl Default for KafkaConfig {
@@ -75,6 +79,7 @@ impl Default for KafkaConfig {
             request_timeout_ms: 30_000,
             replication_factor: 1,
             linger_ms: 1,
+            parked_retention_ms: 7 * 24 * 3_600_000,
         }
     }
 }
@@ -670,6 +675,16 @@ impl Config {
             self.log.max_record_bytes,
             1 << 34,
         )?;
+        // The checkpoint must fit the store whatever the traffic: its
+        // manifest (one row) grows with the pages these limits allow.
+        let bounds = crate::stages::snapshot::worst_case(&p.limits(), self.partitions);
+        let max = crate::stages::snapshot::MAX_MANIFEST_BYTES;
+        if bounds.manifest_bytes > max {
+            return Err(ConfigError::Invalid(format!(
+                "the processor limits (`processor.max_inflight_orders`, `max_holds`, `max_skus`, `max_parked_records`, `max_parked_bytes`, `max_remembered_orders`) allow a checkpoint of {} blobs whose manifest would take {} bytes, over the {max} a checkpoint may write in one row: lower them",
+                bounds.blobs, bounds.manifest_bytes
+            )));
+        }
         range(
             "tracking.retention_ms",
             self.tracking.retention_ms,
@@ -812,7 +827,7 @@ impl KafkaConfig {
                 self.topic_prefix
             )));
         }
-        let ranges: [(&str, u64, u64, u64); 4] = [
+        let ranges: [(&str, u64, u64, u64); 5] = [
             (
                 "kafka.session_timeout_ms",
                 self.session_timeout_ms,
@@ -832,6 +847,12 @@ impl KafkaConfig {
                 16,
             ),
             ("kafka.linger_ms", self.linger_ms, 0, 1_000),
+            (
+                "kafka.parked_retention_ms",
+                self.parked_retention_ms,
+                60_000,
+                365 * 24 * 3_600_000,
+            ),
         ];
         check_ranges(&ranges)
     }
@@ -1034,6 +1055,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("consistency"), "{e}");
+    }
+
+    /// Limits whose worst-case checkpoint would not fit one manifest row are refused by name.
+    #[test]
+    fn limits_must_fit_a_checkpoint() {
+        let c = Config::from_toml(
+            "[processor]\nmax_inflight_orders = 16777216\nmax_holds = 67108864\n",
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("processor.max_inflight_orders") && e.contains("manifest"),
+            "{e}"
+        );
     }
 
     /// `gateway.failure_rate = nan` (broke the `config` fuzz target's invariant) is out of range.

@@ -735,3 +735,39 @@ async fn kafka_forget_then_read_again() {
     let want: Vec<Vec<u8>> = (3..8).map(|i: i32| i.to_string().into_bytes()).collect();
     assert_eq!(values, want);
 }
+
+/// `orders-parked` is created with the configured `retention.ms`; `orders` keeps the broker's default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_parked_topic_has_a_retention() {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+
+    let config = KafkaConfig {
+        parked_retention_ms: 3_600_000,
+        ..kafka_config()
+    };
+    let topics = [(Topic::Orders, 1), (Topic::Parked, 1)];
+    KafkaLog::connect(&config, &topics, MAX_RECORD_BYTES, Arc::new(Metrics::new()))
+        .await
+        .expect("connect to Kafka");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &config.bootstrap_servers)
+        .create()
+        .unwrap();
+    let parked = topic_name(&config.topic_prefix, Topic::Parked);
+    let orders = topic_name(&config.topic_prefix, Topic::Orders);
+    let specifiers = [
+        ResourceSpecifier::Topic(&parked),
+        ResourceSpecifier::Topic(&orders),
+    ];
+    let results = admin
+        .describe_configs(&specifiers, &AdminOptions::new())
+        .await
+        .unwrap();
+    let retention: Vec<Option<String>> = results
+        .into_iter()
+        .map(|r| r.unwrap().get("retention.ms").and_then(|e| e.value.clone()))
+        .collect();
+    assert_eq!(retention[0].as_deref(), Some("3600000"));
+    assert_ne!(retention[1].as_deref(), Some("3600000"));
+}

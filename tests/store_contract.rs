@@ -14,11 +14,17 @@ use std::time::Instant;
 
 use ::scylla::client::session::Session;
 use ::scylla::client::session_builder::SessionBuilder;
+use orderflow::config::CheckpointConfig;
 use orderflow::config::ScyllaConfig;
+use orderflow::domain::{Envelope, Message, RecordKind};
+use orderflow::pipeline::runner::core::PartitionCore;
 use orderflow::pipeline::store::embedded::EmbeddedStore;
 use orderflow::pipeline::store::scylla::{ScyllaStore, migrate};
 use orderflow::pipeline::store::{BlobRef, Scope, Snapshot, SnapshotWrite, StateStore, StoreError};
 use orderflow::sinks::metrics::Metrics;
+use orderflow::stages::processor::{Input, Limits};
+use orderflow::stages::snapshot::{self, Manifest};
+use orderflow::stages::{PartitionState, Processor};
 
 /// Where a test's store keeps its data. `open` gives a fresh handle on the
 /// same data (a restart of the process, or another instance).
@@ -158,6 +164,8 @@ contract! {
     secret_stable_across_reopen;
     /// Everything committed is still there through a new handle on the same data.
     data_survives_reopen;
+    /// A batch of 4,096 records (100-line orders, restocks, expiries) checkpoints within its bounds and restores equal.
+    worst_batch_checkpoints;
 }
 
 fn blob(epoch: u64, id: u64) -> BlobRef {
@@ -642,4 +650,109 @@ async fn cassandra_requests_are_measured() {
     assert_eq!(metrics.checkpoint_fenced.with_label_values(&["4"]).get(), 1);
     drop(store);
     backend.finish().await;
+}
+
+/// The records of the largest batch a runner reads (4,096): restocks of
+/// 64-character SKUs, 100-line orders over them, all at a log time that
+/// expires the finished orders of `earlier` (their 100-line orders that
+/// found no stock).
+fn worst_batch() -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    const BATCH: usize = 4096;
+    const SKUS: usize = 1_000;
+    let sku = |i: usize| format!("{i:0>64}");
+    let order = |id: String, first: usize| {
+        let lines: Vec<serde_json::Value> = (0..100)
+            .map(|l| serde_json::json!({"sku": sku((first + l) % SKUS), "quantity": 1, "unit_price": 1}))
+            .collect();
+        let body = serde_json::json!({"order_id": id, "customer_id": "c".repeat(64),
+            "currency": "USD", "lines": lines, "payment": {"token": "tok_visa"}});
+        serde_json::to_vec(&body).unwrap()
+    };
+    let restock = |i: usize| {
+        let body = Message::SetStock {
+            sku: sku(i),
+            available: 1_000_000_000_000,
+        };
+        Envelope::new(None, body).encode()
+    };
+    let earlier = (0..1_000)
+        .map(|i| order(format!("early-{i:0>58}"), i))
+        .collect();
+    let mut batch: Vec<Vec<u8>> = (0..SKUS).map(restock).collect();
+    let orders = BATCH - SKUS - 96;
+    batch.extend((0..orders).map(|i| order(format!("o-{i:0>62}"), i)));
+    batch.extend((0..96).map(restock));
+    assert_eq!(batch.len(), BATCH);
+    (earlier, batch)
+}
+
+async fn worst_batch_checkpoints(b: &Backend) {
+    let store = b.open().await;
+    let limits = Limits {
+        finished: orderflow::stages::finished::FinishedLimits {
+            max_age_ms: 60_000,
+            max_entries: 1 << 20,
+        },
+        ..Limits::default()
+    };
+    let processor = Processor::new(0, 1, PartitionState::default()).with_limits(limits);
+    let config = CheckpointConfig::default();
+    let mut core = PartitionCore::recover(processor, 0, Manifest::empty(0), 1, config, 0);
+    let (earlier, batch) = worst_batch();
+    let kind = |v: &[u8]| match v.first() {
+        Some(b'{') => RecordKind::OrderJson,
+        _ => RecordKind::Internal,
+    };
+    let mut offset = 0;
+    for (records, timestamp_ms) in [(&earlier, 1_000), (&batch, 1_000_000)] {
+        let first = offset;
+        let inputs = records.iter().enumerate().map(|(i, v)| Input {
+            offset: first + i as u64,
+            timestamp_ms,
+            kind: kind(v),
+            key: b"k",
+            value: v,
+        });
+        let flush = core.apply(inputs);
+        assert!(flush.problems.is_empty(), "{:?}", flush.problems);
+        core.confirm_durable();
+        offset += records.len() as u64;
+    }
+    let state = core.state();
+    assert_eq!(
+        state.orders.len(),
+        4096 - 1_096,
+        "the batch's orders are in flight"
+    );
+    assert_eq!(state.holds.len(), 100 * (4096 - 1_096));
+    assert_eq!(state.finished.len(), 0, "the earlier orders expired");
+
+    let epoch = store.claim(Scope::Orders, 0).await.unwrap();
+    let write = core.take_checkpoint(epoch, 0);
+    let bounds = snapshot::worst_case(&limits, 1);
+    assert!(write.manifest.len() <= bounds.manifest_bytes, "{bounds:?}");
+    assert!(
+        write.blobs.len() <= bounds.blobs,
+        "{} blobs, {bounds:?}",
+        write.blobs.len()
+    );
+    assert!(
+        write
+            .blobs
+            .iter()
+            .all(|(_, v)| v.len() <= bounds.blob_bytes)
+    );
+    store.commit(&write).await.unwrap();
+
+    let loaded = store.load(Scope::Orders, 0).await.unwrap().unwrap();
+    assert_eq!(loaded.next_offset, offset);
+    let manifest = Manifest::decode(0, &loaded.manifest).unwrap();
+    let refs = manifest.blobs();
+    let bytes = store.read_blobs(Scope::Orders, 0, &refs).await.unwrap();
+    let blobs = refs
+        .into_iter()
+        .zip(bytes.into_iter().map(Option::unwrap))
+        .collect();
+    let restored = snapshot::restore(&manifest, &blobs, limits.finished).unwrap();
+    assert!(restored == *core.state(), "the restored state differs");
 }

@@ -41,14 +41,12 @@ fn problem(ctx: &Ctx, e: ParkedError) -> Problem {
             "No such partition",
             e.to_string(),
         ),
-        ParkedError::LaneTooLong { .. } => Problem::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "lane_too_long",
-            "Park lane too long to list",
-            e.to_string(),
-        ),
         ParkedError::Log(LogError::Full { .. }) => Problem::log_full(retry),
         ParkedError::Log(e) => {
+            tracing::warn!(error = %e, "park lane unavailable");
+            Problem::unavailable(retry)
+        }
+        ParkedError::Store(e) => {
             tracing::warn!(error = %e, "park lane unavailable");
             Problem::unavailable(retry)
         }

@@ -1,40 +1,39 @@
 //! The park lane as operators see it: the records the partition
-//! processors set aside (read back from `orders-parked`), and the retry and
+//! processors set aside (read from their last checkpoints), and the retry and
 //! drop commands, which are control messages on `orders` so that the
 //! processor decides in log order, as a replay will again.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use crate::domain::parked::{ParkEvent, ParkedRecord};
+use crate::domain::parked::ParkedRecord;
 use crate::domain::{Envelope, Message, RecordKind};
 use crate::pipeline::log::{Log, LogError, Record, Topic};
+use crate::pipeline::store::{Scope, StateStore, StoreError};
+use crate::stages::snapshot::{self, Manifest};
 
-/// Most lane records one listing reads (per partition); a longer lane is
-/// an error that says so rather than an unbounded scan.
-pub const MAX_LANE_RECORDS: u64 = 1_000_000;
-const READ_BATCH: usize = 4096;
+/// Reads of one partition's lane before a listing gives up: each retry
+/// follows a checkpoint that replaced (and deleted) the pages between the
+/// manifest read and the page read.
+const LANE_READ_ATTEMPTS: usize = 5;
 
 #[derive(thiserror::Error, Debug)]
 pub enum ParkedError {
     #[error(transparent)]
     Log(#[from] LogError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("partition {partition} does not exist (there are {count})")]
     NoSuchPartition { partition: u32, count: u32 },
-    #[error(
-        "the park lane of partition {partition} holds {records} records, over the {MAX_LANE_RECORDS} a listing reads"
-    )]
-    LaneTooLong { partition: u32, records: u64 },
 }
 
 pub struct ParkLane {
     log: Arc<dyn Log>,
+    store: Arc<dyn StateStore>,
 }
 
 impl ParkLane {
-    pub fn new(log: Arc<dyn Log>) -> ParkLane {
-        ParkLane { log }
+    pub fn new(log: Arc<dyn Log>, store: Arc<dyn StateStore>) -> ParkLane {
+        ParkLane { log, store }
     }
 
     fn check(&self, partition: u32) -> Result<(), ParkedError> {
@@ -45,44 +44,45 @@ impl ParkLane {
         Ok(())
     }
 
-    /// The records parked now (parked and neither retried nor dropped
-    /// since), by partition and offset.
+    /// The records parked as of each partition's last checkpoint, by
+    /// partition and offset. The lane is part of the processor's state, so
+    /// the checkpoint is its bounded, indexed copy (`orders-parked` is an
+    /// audit trail with a retention, not something to fold on every call).
     pub async fn list(&self) -> Result<Vec<ParkedRecord>, ParkedError> {
-        let mut parked = BTreeMap::new();
-        for partition in 0..self.log.partition_count(Topic::Parked) {
-            let (low, high) = self.log.offsets(Topic::Parked, partition)?;
-            if high - low > MAX_LANE_RECORDS {
-                return Err(ParkedError::LaneTooLong {
-                    partition,
-                    records: high - low,
-                });
-            }
-            let mut next = low;
-            while next < high {
-                let batch = self
-                    .log
-                    .read(Topic::Parked, partition, next, READ_BATCH, Duration::ZERO)
-                    .await?;
-                let Some(last) = batch.last() else { break };
-                next = last.offset + 1;
-                for r in &batch {
-                    // Written by this build's processors only; a record of
-                    // a newer build is skipped rather than failing the list.
-                    match ParkEvent::decode(&r.value) {
-                        Ok(ParkEvent::Parked(p)) => {
-                            parked.insert((p.partition, p.offset), p);
-                        }
-                        Ok(e) => {
-                            parked.remove(&e.position());
-                        }
-                        Err(e) => {
-                            tracing::warn!(partition, offset = r.offset, error = %e, "park lane record skipped")
-                        }
-                    }
-                }
-            }
+        let mut parked = Vec::new();
+        for partition in 0..self.log.partition_count(Topic::Orders) {
+            parked.extend(self.checkpointed(partition).await?);
         }
-        Ok(parked.into_values().collect())
+        Ok(parked)
+    }
+
+    async fn checkpointed(&self, partition: u32) -> Result<Vec<ParkedRecord>, ParkedError> {
+        let corrupt = |e: snapshot::SnapshotError| StoreError::Corrupt(e.to_string());
+        for _ in 0..LANE_READ_ATTEMPTS {
+            let Some(loaded) = self.store.load(Scope::Orders, partition).await? else {
+                return Ok(Vec::new());
+            };
+            let manifest = Manifest::decode(partition, &loaded.manifest).map_err(corrupt)?;
+            let bytes = self
+                .store
+                .read_blobs(Scope::Orders, partition, &manifest.lane)
+                .await?;
+            if bytes.iter().any(Option::is_none) {
+                continue; // replaced and deleted since the manifest was read
+            }
+            let blobs = manifest
+                .lane
+                .iter()
+                .copied()
+                .zip(bytes.into_iter().flatten())
+                .collect();
+            let lane = snapshot::parked_lane(&manifest, &blobs).map_err(corrupt)?;
+            return Ok(lane.into_values().collect());
+        }
+        Err(StoreError::Unavailable(format!(
+            "the park lane of partition {partition} changed under each of {LANE_READ_ATTEMPTS} reads"
+        ))
+        .into())
     }
 
     /// Asks partition `partition` to process its parked records again, in

@@ -1,7 +1,9 @@
 //! Apache Kafka (or Redpanda) as the log, for the distributed deployment.
 //!
-//! Topics: `{topic_prefix}orders` and `{topic_prefix}order-status`, created
-//! at [`KafkaLog::connect`] when absent, with
+//! Topics: `{topic_prefix}orders`, `{topic_prefix}order-status` and
+//! `{topic_prefix}orders-parked`, created at [`KafkaLog::connect`] when
+//! absent (`orders-parked` with `retention.ms = kafka.parked_retention_ms`),
+//! with
 //! `message.timestamp.type=LogAppendTime`: the broker stamps every record
 //! when it appends it, so time comes from the log, as in the embedded log,
 //! whatever clock an upstream producer has. Kafka deletes by its own
@@ -278,7 +280,15 @@ impl KafkaLog {
             .create()
             .map_err(|e| unavailable(format!("cannot create the Kafka admin client: {e}")))?;
 
-        let names: Vec<(String, u32)> = wanted.iter().map(|(_, n, c)| (n.clone(), *c)).collect();
+        // Nothing reads `orders-parked` back (the lane is listed from the
+        // checkpoints): it is an audit trail, kept for a bounded time.
+        let names: Vec<(String, u32, Option<u64>)> = wanted
+            .iter()
+            .map(|(t, n, c)| {
+                let retention_ms = (*t == Topic::Parked).then_some(config.parked_retention_ms);
+                (n.clone(), *c, retention_ms)
+            })
+            .collect();
         ensure_topics(
             &producer,
             &admin,
@@ -326,16 +336,18 @@ async fn ensure_topics(
     producer: &FutureProducer,
     admin: &AdminClient<DefaultClientContext>,
     config: &KafkaConfig,
-    topics: &[(String, u32)],
+    topics: &[(String, u32, Option<u64>)],
     max_message_bytes: usize,
     timeout: Duration,
 ) -> Result<(), LogError> {
     let deadline = Instant::now() + timeout;
     let mut missing = Vec::new();
     let mut existing = Vec::new();
-    for (name, count) in topics {
+    for (name, count, retention_ms) in topics {
         match describe_topic(producer, name, deadline).await? {
-            TopicView::Missing => missing.push((name.as_str(), *count)),
+            TopicView::Missing => {
+                missing.push((name.as_str(), *count, retention_ms.map(|ms| ms.to_string())))
+            }
             TopicView::Present { partitions, .. } => {
                 check_partition_count(name, *count, partitions)?;
                 existing.push(name.as_str());
@@ -350,10 +362,15 @@ async fn ensure_topics(
         let max_message_bytes = max_message_bytes.to_string();
         let new_topics: Vec<NewTopic<'_>> = missing
             .iter()
-            .map(|&(name, count)| {
-                NewTopic::new(name, count as i32, TopicReplication::Fixed(replication))
-                    .set("message.timestamp.type", "LogAppendTime")
-                    .set("max.message.bytes", &max_message_bytes)
+            .map(|(name, count, retention_ms)| {
+                let topic =
+                    NewTopic::new(name, *count as i32, TopicReplication::Fixed(replication))
+                        .set("message.timestamp.type", "LogAppendTime")
+                        .set("max.message.bytes", &max_message_bytes);
+                match retention_ms {
+                    Some(ms) => topic.set("retention.ms", ms),
+                    None => topic,
+                }
             })
             .collect();
         let results = admin
@@ -379,7 +396,7 @@ async fn ensure_topics(
         }
     }
     warn_on_topic_configs(admin, &existing, max_message_bytes, &options).await;
-    for (name, count) in topics {
+    for (name, count, _) in topics {
         loop {
             match describe_topic(producer, name, deadline).await? {
                 TopicView::Present {

@@ -392,6 +392,9 @@ fn start_checkpoint(deps: &RunnerDeps, write: SnapshotWrite) -> CheckpointTask {
             .await
             .map_err(|source| RunnerError::Store { partition, source })?;
         log.release_before(Topic::Orders, partition, next);
+        // Nothing reads `orders-parked` back (the lane is listed from the
+        // checkpoints): the audit trail is kept up to `log.retention_bytes`.
+        log.release_before(Topic::Parked, partition, u64::MAX);
         metrics
             .checkpoint_latency
             .with_label_values(&[&label])
