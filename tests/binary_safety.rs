@@ -1,6 +1,7 @@
 //! End to end with the real binary: card numbers never reach disk or
-//! output, SIGTERM shuts down cleanly, and a second process on the same
-//! data directory is refused.
+//! output, SIGTERM shuts down cleanly, a second process on the same
+//! data directory is refused, and an unsafe configuration is refused at
+//! start.
 
 mod support;
 
@@ -323,4 +324,41 @@ fn replay_order_tells_the_story() {
 
     let missing = story("no-such-order");
     assert_eq!(missing.status.code(), Some(1));
+}
+
+/// `[kafka]` without `[scylla]` (from the file or the environment) is
+/// refused at start with the reason, by `run` and `migrate` alike, before
+/// anything is connected to or created.
+#[test]
+fn kafka_without_scylla_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("orderflow.toml");
+    // Nothing listens there: a start that got as far as connecting would hang or fail otherwise.
+    std::fs::write(&config, "[kafka]\nbootstrap_servers = \"127.0.0.1:9\"\n").unwrap();
+    let data = dir.path().join("data");
+    let from_file = [("ORDERFLOW_CONFIG", config.to_str().unwrap())];
+    let from_env = [("ORDERFLOW_KAFKA_BOOTSTRAP", "127.0.0.1:9")];
+    for (command, env) in [
+        ("run", &from_file),
+        ("run", &from_env),
+        ("migrate", &from_file),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_orderflow"))
+            .args([command, "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .envs(env.iter().copied())
+            .env_remove("ORDERFLOW_SCYLLA_NODES")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command} {env:?}: {stderr}");
+        for reason in [
+            "needs `[scylla]`",
+            "no cross-instance fencing",
+            "no shared read model",
+        ] {
+            assert!(stderr.contains(reason), "{command} {env:?}: {stderr}");
+        }
+        assert!(!data.exists(), "{command} created the data directory");
+    }
 }
