@@ -1,7 +1,7 @@
 //! End to end with the real binary: card numbers never reach disk or
 //! output, SIGTERM shuts down cleanly, a second process on the same
-//! data directory is refused, and an unsafe configuration is refused at
-//! start.
+//! data directory is refused, an unsafe configuration is refused at start,
+//! and logs carry no colour codes when piped (JSON lines on request).
 
 mod support;
 
@@ -361,4 +361,38 @@ fn kafka_without_scylla_is_refused_at_start() {
         }
         assert!(!data.exists(), "{command} created the data directory");
     }
+}
+
+/// Logs piped to another process carry no terminal colour codes, and with
+/// `ORDERFLOW_LOG_FORMAT=json` every line is one JSON object.
+#[test]
+fn logs_plain_when_piped_and_json_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = start_server(&dir.path().join("text"), &[]);
+    assert!(text.terminate().success());
+    let output = text.output_text();
+    assert!(output.contains("orderflow listening"), "{output}");
+    assert!(
+        !output.contains('\x1b'),
+        "colour codes in piped output:\n{output:?}"
+    );
+
+    let mut json = start_server(
+        &dir.path().join("json"),
+        &[("ORDERFLOW_LOG_FORMAT", "json")],
+    );
+    assert!(json.terminate().success());
+    let output = json.output_text();
+    let lines: Vec<serde_json::Value> = output
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["fields"]["message"] == "orderflow listening" && v["level"] == "INFO"),
+        "{output}"
+    );
+    assert!(!output.contains('\x1b'), "{output:?}");
 }

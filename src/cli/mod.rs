@@ -4,7 +4,8 @@
 //!
 //! Exit codes: 0 ok, 1 failure, 2 usage or configuration error.
 //! Logs go to stderr: `RUST_LOG` filters (default `info`),
-//! `ORDERFLOW_LOG_FORMAT=json` switches to JSON lines.
+//! `ORDERFLOW_LOG_FORMAT=json` switches to JSON lines; colour codes only
+//! when stderr is a terminal.
 
 mod client;
 mod parked;
@@ -460,11 +461,15 @@ async fn start_app(config: Config, admin_token: Option<Secret>) -> anyhow::Resul
 }
 
 fn init_logging() {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var(LOG_FORMAT_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    // Colour codes only for a person at a terminal: in a file, a pipe or a
+    // log collector they are noise that breaks searches and parsers.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // A second initialisation (tests) keeps the first subscriber.
     let _ = if json {
