@@ -23,6 +23,8 @@ pub struct Config {
     pub processor: ProcessorConfig,
     pub tracking: TrackingConfig,
     pub tokens: TokensConfig,
+    /// `[auth]`: files of API tokens by role (`crate::http::auth`).
+    pub auth: AuthConfig,
     pub gateway: GatewayConfig,
     pub http: HttpConfig,
     pub intake: IntakeConfig,
@@ -245,6 +247,18 @@ impl TokensConfig {
     }
 }
 
+/// `[auth]`: files of API tokens, one a line, per role; read at start by
+/// `crate::http::auth::Credentials::load`. A role's tokens may instead come
+/// from `ORDERFLOW_<ROLE>_TOKEN` (comma-separated) or the file
+/// `ORDERFLOW_<ROLE>_TOKEN_FILE` names; one source per role.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub admin_token_file: Option<PathBuf>,
+    pub reader_token_file: Option<PathBuf>,
+    pub producer_token_file: Option<PathBuf>,
+}
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -441,6 +455,7 @@ impl Default for Config {
             processor: ProcessorConfig::default(),
             tracking: TrackingConfig::default(),
             tokens: TokensConfig::default(),
+            auth: AuthConfig::default(),
             gateway: GatewayConfig::default(),
             http: HttpConfig::default(),
             intake: IntakeConfig::default(),
@@ -1318,7 +1333,8 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// Environment variable holding the admin token.
+/// Environment variable holding the admin tokens (comma-separated; see
+/// `crate::http::auth::Role`).
 pub const ADMIN_TOKEN_ENV: &str = "ORDERFLOW_ADMIN_TOKEN";
 
 #[cfg(test)]
