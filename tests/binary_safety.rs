@@ -427,11 +427,7 @@ fn orderflow(args: &[&str], env: &[(&str, &str)], stdin: &str) -> (Option<i32>, 
     )
 }
 
-/// API tokens from a file (several readers, comments) and from a
-/// comma-separated variable (two producers, as during a rotation) all
-/// work in their role, the client commands send the token of a role
-/// their route accepts, no token reaches the output, and a role with two
-/// sources stops the start naming both, not the tokens.
+/// Tokens from a file and a comma-separated variable all work in their role, the CLI picks a role's token, none is logged.
 #[test]
 fn api_tokens_from_environment_and_files() {
     let dir = tempfile::tempdir().unwrap();
@@ -518,10 +514,7 @@ fn api_tokens_from_environment_and_files() {
     assert!(!stderr.contains(reader_a), "{stderr}");
 }
 
-/// `orderflow token ID` prints the token the running instance answers on
-/// `GET /v1/orders/{id}/tracking-token`: with the key in the state store
-/// once the instance has stopped (while it runs, it says where to ask),
-/// and with a configured key while the instance runs.
+/// `orderflow token ID` prints the token the instance serves on `/v1/orders/{id}/tracking-token`, stored or configured key.
 #[test]
 fn token_command_prints_the_endpoints_token() {
     const PRODUCER: &str = "producer-token-9f3b2e61";

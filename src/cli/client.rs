@@ -186,8 +186,7 @@ pub async fn status(client: &Client, id: &str) -> anyhow::Result<bool> {
 mod tests {
     use super::*;
 
-    /// A command sends the first token of the first role it may use that
-    /// has one; with none set, the error names every variable it tried.
+    /// A command sends the first token of the first usable role that has one, else names every variable tried.
     #[test]
     fn client_token_by_role() {
         let env = |vars: &'static [(&'static str, &'static str)]| {

@@ -557,8 +557,7 @@ mod tests {
         Credentials::load_from(config, &env(vars))
     }
 
-    /// Each role's comma-separated tokens all match, as that role; other
-    /// values, prefixes and extensions match nothing.
+    /// Each role's comma-separated tokens all match as that role; prefixes, extensions and other values match nothing.
     #[test]
     fn roles_from_the_environment() {
         let c = load(
@@ -603,8 +602,7 @@ mod tests {
         assert!(Credentials::from(None).is_empty());
     }
 
-    /// Files hold one token a line, with comments and blank lines; from
-    /// `[auth]` or the `_FILE` variable, never both, nor with the list.
+    /// Token files (one a line, comments skipped) from `[auth]` or `_FILE`; two sources for a role are refused.
     #[test]
     fn token_files() {
         let dir = tempfile::tempdir().unwrap();
