@@ -17,11 +17,12 @@ use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, GatewayKind, Secret};
+use crate::config::{Config, GatewayKind};
 use crate::gateway::PaymentGateway;
 use crate::gateway::breaker::{Breaker, BreakerConfig};
 use crate::gateway::simulator::Simulator;
 use crate::gateway::stripe::StripeClient;
+use crate::http::auth::Credentials;
 use crate::http::{AppState, Health};
 use crate::pipeline::backlog::Backlog;
 use crate::pipeline::effects;
@@ -90,10 +91,12 @@ pub fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
     }
 }
 
-pub async fn start(config: Config, admin_token: Option<Secret>) -> anyhow::Result<App> {
+/// Starts an instance accepting `credentials` as API tokens (an
+/// `Option<Secret>` is the admin token alone).
+pub async fn start(config: Config, credentials: impl Into<Credentials>) -> anyhow::Result<App> {
     config.validate()?;
     let gateway = Gateway::from_config(&config)?;
-    start_inner(config, admin_token, gateway).await
+    start_inner(config, credentials.into(), gateway).await
 }
 
 /// The payment gateway chosen by `gateway.kind`: the one place it is
@@ -140,15 +143,15 @@ impl Gateway {
 /// breaker like any configured gateway (`gateway.kind` is ignored).
 pub async fn start_with_gateway(
     config: Config,
-    admin_token: Option<Secret>,
+    credentials: impl Into<Credentials>,
     gateway: Arc<Simulator>,
 ) -> anyhow::Result<App> {
-    start_inner(config, admin_token, Gateway::Simulator(gateway)).await
+    start_inner(config, credentials.into(), Gateway::Simulator(gateway)).await
 }
 
 async fn start_inner(
     config: Config,
-    admin_token: Option<Secret>,
+    credentials: Credentials,
     gateway: Gateway,
 ) -> anyhow::Result<App> {
     config.validate()?;
@@ -273,7 +276,7 @@ async fn start_inner(
             store.clone(),
         )),
         metrics: metrics.clone(),
-        admin_token,
+        credentials: Arc::new(credentials),
         config: config.http.clone(),
         health: health.clone(),
     };
@@ -401,7 +404,7 @@ async fn open_store(
 /// The tracking token keys: from the environment or `[tokens]` files, else
 /// the state store's shared secret (created once, the same on every
 /// instance). Never logged; only where they came from is.
-async fn token_keys(config: &Config, store: &dyn StateStore) -> anyhow::Result<TokenKeys> {
+pub async fn token_keys(config: &Config, store: &dyn StateStore) -> anyhow::Result<TokenKeys> {
     let (current, previous) = config.tokens.keys()?;
     let (key, source) = match current {
         Some(found) => found,
@@ -541,6 +544,6 @@ async fn shutdown_signal() {
 }
 
 /// `orderflow run`: start, serve until a signal, shut down cleanly.
-pub async fn run(config: Config, admin_token: Option<Secret>) -> anyhow::Result<()> {
-    start(config, admin_token).await?.run_until_signal().await
+pub async fn run(config: Config, credentials: Credentials) -> anyhow::Result<()> {
+    start(config, credentials).await?.run_until_signal().await
 }

@@ -23,6 +23,8 @@ pub struct Config {
     pub processor: ProcessorConfig,
     pub tracking: TrackingConfig,
     pub tokens: TokensConfig,
+    /// `[auth]`: files of API tokens by role (`crate::http::auth`).
+    pub auth: AuthConfig,
     pub gateway: GatewayConfig,
     pub http: HttpConfig,
     pub intake: IntakeConfig,
@@ -250,6 +252,18 @@ impl TokensConfig {
     }
 }
 
+/// `[auth]`: files of API tokens, one a line, per role; read at start by
+/// `crate::http::auth::Credentials::load`. A role's tokens may instead come
+/// from `ORDERFLOW_<ROLE>_TOKEN` (comma-separated) or the file
+/// `ORDERFLOW_<ROLE>_TOKEN_FILE` names; one source per role.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub admin_token_file: Option<PathBuf>,
+    pub reader_token_file: Option<PathBuf>,
+    pub producer_token_file: Option<PathBuf>,
+}
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -446,6 +460,7 @@ impl Default for Config {
             processor: ProcessorConfig::default(),
             tracking: TrackingConfig::default(),
             tokens: TokensConfig::default(),
+            auth: AuthConfig::default(),
             gateway: GatewayConfig::default(),
             http: HttpConfig::default(),
             intake: IntakeConfig::default(),
@@ -755,9 +770,23 @@ impl Config {
         if let Some(s) = &self.scylla {
             s.validate()?;
         }
+        if self.kafka.is_some() && self.scylla.is_none() {
+            return Err(ConfigError::Invalid(KAFKA_WITHOUT_SCYLLA.into()));
+        }
         Ok(())
     }
 }
+
+/// Why `[kafka]` needs `[scylla]`: instances on Kafka share the partitions
+/// through the consumer group, so the state store must be shared too. The
+/// embedded store in each `data_dir` cannot fence a partition's previous
+/// owner, and keeps checkpoints and read-model positions no other instance
+/// sees.
+pub const KAFKA_WITHOUT_SCYLLA: &str = "`[kafka]` (or ORDERFLOW_KAFKA_BOOTSTRAP) needs `[scylla]` (or ORDERFLOW_SCYLLA_NODES): \
+     instances on Kafka share partitions through the consumer group, and without the shared ScyllaDB store \
+     there is no cross-instance fencing (two instances could run one partition at once and sell the same \
+     stock twice) and no shared read model (each instance would keep its own checkpoints and tracking \
+     positions); add `[scylla]`, or remove `[kafka]` for the embedded deployment";
 
 impl HttpConfig {
     /// Checks the server's deadlines, limits and TLS keys (called by
@@ -1051,6 +1080,19 @@ mod tests {
         let bad_timeout = Config::from_toml("[kafka]\nsession_timeout_ms = 10\n").unwrap();
         let e = bad_timeout.validate().unwrap_err().to_string();
         assert!(e.contains("kafka.session_timeout_ms"), "{e}");
+        let e = Config::from_toml("[kafka]\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("needs `[scylla]`") && e.contains("fencing") && e.contains("read model"),
+            "{e}"
+        );
+        Config::from_toml("[kafka]\n[scylla]\n")
+            .unwrap()
+            .validate()
+            .unwrap();
         let e = Config::from_toml("[scylla]\nconsistency = \"all\"\n")
             .unwrap_err()
             .to_string();
@@ -1326,7 +1368,8 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// Environment variable holding the admin token.
+/// Environment variable holding the admin tokens (comma-separated; see
+/// `crate::http::auth::Role`).
 pub const ADMIN_TOKEN_ENV: &str = "ORDERFLOW_ADMIN_TOKEN";
 
 #[cfg(test)]

@@ -1,6 +1,9 @@
 //! End to end with the real binary: card numbers never reach disk or
-//! output, SIGTERM shuts down cleanly, and a second process on the same
-//! data directory is refused.
+//! output, SIGTERM shuts down cleanly, a second process on the same
+//! data directory is refused, an unsafe configuration is refused at start,
+//! logs carry no colour codes when piped (JSON lines on request), API
+//! tokens come from the environment and files, and `orderflow token`
+//! prints what the server answers.
 
 mod support;
 
@@ -323,4 +326,257 @@ fn replay_order_tells_the_story() {
 
     let missing = story("no-such-order");
     assert_eq!(missing.status.code(), Some(1));
+}
+
+/// `[kafka]` without `[scylla]` (from the file or the environment) is
+/// refused at start with the reason, by `run` and `migrate` alike, before
+/// anything is connected to or created.
+#[test]
+fn kafka_without_scylla_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("orderflow.toml");
+    // Nothing listens there: a start that got as far as connecting would hang or fail otherwise.
+    std::fs::write(&config, "[kafka]\nbootstrap_servers = \"127.0.0.1:9\"\n").unwrap();
+    let data = dir.path().join("data");
+    let from_file = [("ORDERFLOW_CONFIG", config.to_str().unwrap())];
+    let from_env = [("ORDERFLOW_KAFKA_BOOTSTRAP", "127.0.0.1:9")];
+    for (command, env) in [
+        ("run", &from_file),
+        ("run", &from_env),
+        ("migrate", &from_file),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_orderflow"))
+            .args([command, "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .envs(env.iter().copied())
+            .env_remove("ORDERFLOW_SCYLLA_NODES")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command} {env:?}: {stderr}");
+        for reason in [
+            "needs `[scylla]`",
+            "no cross-instance fencing",
+            "no shared read model",
+        ] {
+            assert!(stderr.contains(reason), "{command} {env:?}: {stderr}");
+        }
+        assert!(!data.exists(), "{command} created the data directory");
+    }
+}
+
+/// Logs piped to another process carry no terminal colour codes, and with
+/// `ORDERFLOW_LOG_FORMAT=json` every line is one JSON object.
+#[test]
+fn logs_plain_when_piped_and_json_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = start_server(&dir.path().join("text"), &[]);
+    assert!(text.terminate().success());
+    let output = text.output_text();
+    assert!(output.contains("orderflow listening"), "{output}");
+    assert!(
+        !output.contains('\x1b'),
+        "colour codes in piped output:\n{output:?}"
+    );
+
+    let mut json = start_server(
+        &dir.path().join("json"),
+        &[("ORDERFLOW_LOG_FORMAT", "json")],
+    );
+    assert!(json.terminate().success());
+    let output = json.output_text();
+    let lines: Vec<serde_json::Value> = output
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["fields"]["message"] == "orderflow listening" && v["level"] == "INFO"),
+        "{output}"
+    );
+    assert!(!output.contains('\x1b'), "{output:?}");
+}
+
+/// Runs `orderflow ARGS` with `env` added (and no API token inherited
+/// unless given) and returns its exit code, stdout and stderr.
+fn orderflow(args: &[&str], env: &[(&str, &str)], stdin: &str) -> (Option<i32>, String, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_orderflow"))
+        .args(args)
+        .env_remove("ORDERFLOW_ADMIN_TOKEN")
+        .env_remove("ORDERFLOW_TOKEN_SECRET")
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Tokens from a file and a comma-separated variable all work in their role, the CLI picks a role's token, none is logged.
+#[test]
+fn api_tokens_from_environment_and_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let readers = dir.path().join("readers");
+    let (reader_a, reader_b) = ("reader-a-7c1e9f0d2b", "reader-b-44d0e8a1c3");
+    std::fs::write(
+        &readers,
+        format!("# analysts\n{reader_a}\n\n# support\n{reader_b}\n"),
+    )
+    .unwrap();
+    let (producer_new, producer_old) = ("producer-new-5e2a9c", "producer-old-0b7d31");
+    let producers = format!("{producer_new},{producer_old}");
+    let env = [
+        ("ORDERFLOW_READER_TOKEN_FILE", readers.to_str().unwrap()),
+        ("ORDERFLOW_PRODUCER_TOKEN", producers.as_str()),
+    ];
+    let mut server = start_server(&dir.path().join("data"), &env);
+    set_stock(&server.base, "SKU-T", 10);
+    let c = client();
+    for reader in [reader_a, reader_b] {
+        let stock = c
+            .get(format!("{}/v1/inventory/SKU-T", server.base))
+            .bearer_auth(reader)
+            .send()
+            .unwrap();
+        assert_eq!(stock.status(), 200, "{reader}");
+        let put = c
+            .put(format!("{}/v1/inventory/SKU-T", server.base))
+            .bearer_auth(reader)
+            .json(&serde_json::json!({"available": 1}))
+            .send()
+            .unwrap();
+        assert_eq!(put.status(), 403);
+    }
+    for (i, producer) in [producer_new, producer_old].into_iter().enumerate() {
+        let line = order_body(&format!("tok-prod-{i}"), "SKU-T", 1).to_string();
+        let (code, stdout, stderr) = orderflow(
+            &["--server", &server.base, "produce", "-"],
+            &[("ORDERFLOW_PRODUCER_TOKEN", producer)],
+            &format!("{line}\n"),
+        );
+        assert_eq!(code, Some(0), "{stdout}{stderr}");
+        assert!(stdout.contains(&format!("tok-prod-{i}")), "{stdout}");
+    }
+    let (code, stdout, stderr) = orderflow(
+        &["--server", &server.base, "stock", "get", "SKU-T"],
+        &[("ORDERFLOW_READER_TOKEN", reader_b)],
+        "",
+    );
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("\"available\""), "{stdout}");
+    // A reader cannot load stock: the command needs an admin token.
+    let (code, _, stderr) = orderflow(
+        &["--server", &server.base, "stock", "load", "-"],
+        &[("ORDERFLOW_READER_TOKEN", reader_a)],
+        "",
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("ORDERFLOW_ADMIN_TOKEN"), "{stderr}");
+    assert!(server.terminate().success());
+    let output = server.output_text();
+    assert!(output.contains("API tokens loaded"), "{output}");
+    for token in [ADMIN_TOKEN, reader_a, reader_b, producer_new, producer_old] {
+        assert!(!output.contains(token), "a token in the output:\n{output}");
+    }
+
+    let (code, _, stderr) = orderflow(
+        &["run", "--listen", "127.0.0.1:0"],
+        &[
+            (
+                "ORDERFLOW_DATA_DIR",
+                dir.path().join("other").to_str().unwrap(),
+            ),
+            ("ORDERFLOW_READER_TOKEN", reader_a),
+            ("ORDERFLOW_READER_TOKEN_FILE", readers.to_str().unwrap()),
+        ],
+        "",
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("ORDERFLOW_READER_TOKEN and ORDERFLOW_READER_TOKEN_FILE"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(reader_a), "{stderr}");
+}
+
+/// `orderflow token ID` prints the token the instance serves on `/v1/orders/{id}/tracking-token`, stored or configured key.
+#[test]
+fn token_command_prints_the_endpoints_token() {
+    const PRODUCER: &str = "producer-token-9f3b2e61";
+    let fetch = |base: &str, id: &str| -> String {
+        let v: serde_json::Value = client()
+            .get(format!("{base}/v1/orders/{id}/tracking-token"))
+            .bearer_auth(PRODUCER)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        v["tracking_token"].as_str().unwrap().to_owned()
+    };
+    let dir = tempfile::tempdir().unwrap();
+
+    // The key the first run made and keeps in the embedded store.
+    let data = dir.path().join("stored-key");
+    let data_arg = data.to_str().unwrap();
+    let mut server = start_server(&data, &[("ORDERFLOW_PRODUCER_TOKEN", PRODUCER)]);
+    let stored = fetch(&server.base, "ord-cli-1");
+    let (code, stdout, stderr) =
+        orderflow(&["token", "ord-cli-1", "--data-dir", data_arg], &[], "");
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("tracking-token"), "{stderr}");
+    assert!(server.terminate().success());
+    let (code, stdout, stderr) =
+        orderflow(&["token", "ord-cli-1", "--data-dir", data_arg], &[], "");
+    assert_eq!(
+        (code, stdout.trim()),
+        (Some(0), stored.as_str()),
+        "{stderr}"
+    );
+
+    // A configured key: no store is opened, so the instance may run.
+    let key = "k".repeat(32);
+    let key_env = [
+        ("ORDERFLOW_PRODUCER_TOKEN", PRODUCER),
+        ("ORDERFLOW_TOKEN_SECRET", key.as_str()),
+    ];
+    let configured = dir.path().join("configured-key");
+    let mut server = start_server(&configured, &key_env);
+    let served = fetch(&server.base, "ord-cli-1");
+    assert_ne!(served, stored, "another key, another token");
+    let (code, stdout, stderr) = orderflow(
+        &[
+            "token",
+            "ord-cli-1",
+            "--data-dir",
+            configured.to_str().unwrap(),
+        ],
+        &key_env,
+        "",
+    );
+    assert_eq!(
+        (code, stdout.trim()),
+        (Some(0), served.as_str()),
+        "{stderr}"
+    );
+    assert!(server.terminate().success());
+
+    for bad in ["has space", "4242424242424242"] {
+        let (code, _, stderr) = orderflow(&["token", bad], &key_env, "");
+        assert_eq!(code, Some(2), "{bad}: {stderr}");
+    }
 }

@@ -1,7 +1,8 @@
 //! The HTTP contract of docs/design.md, end to end against an in-process
 //! instance (`orderflow::app::start`): every route, every error code that
 //! a client can provoke, idempotency (also across a restart), tracking
-//! tokens, SSE, inventory and the admin produce endpoint.
+//! tokens, SSE, inventory, the admin produce endpoint and the roles of
+//! API tokens.
 //!
 //! One suite, two backends: every case runs on the embedded deployment
 //! (module `embedded`) and on Kafka + Cassandra (module `distributed`,
@@ -14,11 +15,16 @@ use std::time::{Duration, Instant};
 
 use orderflow::app::{App, start};
 use orderflow::config::{Config, KafkaConfig, ScyllaConfig, Secret};
+use orderflow::http::auth::{Credentials, Role};
 use orderflow::pipeline::store::scylla::migrate;
 use reqwest::{Client, Response, StatusCode};
 use serde_json::{Value, json};
 
 const ADMIN: &str = "contract-admin-token";
+/// A second admin token, active beside the first as during a rotation.
+const ADMIN_NEXT: &str = "contract-admin-token-next";
+const READER: &str = "contract-reader-token";
+const PRODUCER: &str = "contract-producer-token";
 const DEADLINE: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(20);
 const TERMINAL: [&str; 5] = [
@@ -109,6 +115,8 @@ on_both_backends!(
     admin_routes_disabled_without_token,
     admin_produce_mixed_lines,
     ops_routes_and_fallbacks,
+    api_token_roles,
+    produced_order_followed_with_fetched_tracking_token,
 );
 
 struct Server {
@@ -119,12 +127,14 @@ struct Server {
 
 impl Server {
     async fn start_with(config: Config, admin: Option<&str>) -> Server {
+        Server::start_with_credentials(config, admin.map(Secret::new).into()).await
+    }
+
+    async fn start_with_credentials(config: Config, credentials: Credentials) -> Server {
         if let Some(scylla) = &config.scylla {
             migrate(scylla).await.expect("orderflow migrate");
         }
-        let app = start(config, admin.map(Secret::new))
-            .await
-            .expect("the app starts");
+        let app = start(config, credentials).await.expect("the app starts");
         let base = format!("http://{}", app.addr());
         Server {
             app,
@@ -1264,5 +1274,352 @@ async fn ops_routes_and_fallbacks(backend: Backend) {
     assert!(counted("/v1/orders", "405"), "{text}");
     assert!(counted("/healthz", "200"), "{text}");
     assert!(counted("unmatched", "404"), "{text}");
+    s.stop().await;
+}
+
+/// Every role's token at once, two of them admin (as during a rotation).
+fn all_roles() -> Credentials {
+    Credentials::new([
+        (Role::Admin, ADMIN),
+        (Role::Admin, ADMIN_NEXT),
+        (Role::Reader, READER),
+        (Role::Producer, PRODUCER),
+    ])
+    .unwrap()
+}
+
+/// Each role on each route class: allowed, or 403 `forbidden`; missing or unknown tokens 401 (order routes: 404); both admin tokens work.
+async fn api_token_roles(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with_credentials(config(dir.path(), backend), all_roles()).await;
+    let a = s
+        .accept(&order(Some("ord-roles"), "SKU-R", 1, "tok_visa"))
+        .await;
+    let tracking = a["tracking_token"].as_str().unwrap().to_owned();
+    let produce_body = format!("{}\n", order(Some("ord-roles-p"), "SKU-R", 1, "tok_visa"));
+    type Request = Box<dyn Fn(Option<&str>) -> reqwest::RequestBuilder>;
+    let with = |b: reqwest::RequestBuilder, token: Option<&str>| match token {
+        Some(t) => b.bearer_auth(t),
+        None => b,
+    };
+    // (route class, request, tokens it lets in, tokens it refuses with 403)
+    let classes: Vec<(&str, Request, Vec<&str>, Vec<&str>)> = vec![
+        (
+            "write stock",
+            Box::new({
+                let (h, u) = (s.http.clone(), s.url("/v1/inventory/SKU-R"));
+                move |t| with(h.put(&u).json(&json!({"available": 5})), t)
+            }),
+            vec![ADMIN, ADMIN_NEXT],
+            vec![READER, PRODUCER],
+        ),
+        (
+            "read stock",
+            Box::new({
+                let (h, u) = (s.http.clone(), s.url("/v1/inventory/SKU-R"));
+                move |t| with(h.get(&u), t)
+            }),
+            vec![ADMIN, ADMIN_NEXT, READER],
+            vec![PRODUCER],
+        ),
+        (
+            "park lane",
+            Box::new({
+                let (h, u) = (s.http.clone(), s.url("/v1/admin/parked"));
+                move |t| with(h.get(&u), t)
+            }),
+            vec![ADMIN, ADMIN_NEXT],
+            vec![READER, PRODUCER],
+        ),
+        (
+            "park lane commands",
+            Box::new({
+                let (h, u) = (s.http.clone(), s.url("/v1/admin/parked/0/retry"));
+                move |t| with(h.post(&u), t)
+            }),
+            vec![ADMIN, ADMIN_NEXT],
+            vec![READER, PRODUCER],
+        ),
+        (
+            "produce",
+            Box::new({
+                let (h, u, b) = (s.http.clone(), s.url("/v1/admin/produce"), produce_body);
+                move |t| with(h.post(&u).body(b.clone()), t)
+            }),
+            vec![ADMIN, ADMIN_NEXT, PRODUCER],
+            vec![READER],
+        ),
+        (
+            "tracking tokens",
+            Box::new({
+                let (h, u) = (s.http.clone(), s.url("/v1/orders/ord-roles/tracking-token"));
+                move |t| with(h.get(&u), t)
+            }),
+            vec![ADMIN, ADMIN_NEXT, PRODUCER],
+            vec![READER],
+        ),
+    ];
+    for (class, request, allowed, refused) in &classes {
+        for token in allowed {
+            let res = request(Some(token)).send().await.unwrap();
+            assert!(
+                res.status().is_success(),
+                "{class} with {token}: {} {}",
+                res.status(),
+                res.text().await.unwrap()
+            );
+            if *class == "tracking tokens" {
+                let v: Value = res.json().await.unwrap();
+                assert_eq!(v["tracking_token"], tracking.as_str(), "the 202's token");
+            }
+        }
+        for token in refused {
+            let p = problem(
+                request(Some(token)).send().await.unwrap(),
+                StatusCode::FORBIDDEN,
+                "forbidden",
+            )
+            .await;
+            assert!(!p["detail"].as_str().unwrap().contains(token), "{p}");
+        }
+        for token in [None, Some("not-a-token"), Some(tracking.as_str())] {
+            let res = request(token).send().await.unwrap();
+            assert!(
+                res.headers()
+                    .get("www-authenticate")
+                    .is_some_and(|v| v.to_str().unwrap().starts_with("Bearer")),
+                "{class} {token:?}"
+            );
+            problem(res, StatusCode::UNAUTHORIZED, "unauthorized").await;
+        }
+    }
+
+    // Once the order is finished the read model holds it, so every read
+    // below answers at once: no polling.
+    s.wait_terminal("ord-roles", &tracking).await;
+    for token in [ADMIN, ADMIN_NEXT, READER] {
+        let res = s.get_order("ord-roles", token).await;
+        assert_eq!(res.status(), StatusCode::OK, "{token}");
+        assert_eq!(res.json::<Value>().await.unwrap()["order_id"], "ord-roles");
+        problem(
+            s.get_order("ord-nowhere", token).await,
+            StatusCode::NOT_FOUND,
+            "order_not_found",
+        )
+        .await;
+    }
+    let p = problem(
+        s.get_order("ord-roles", PRODUCER).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    )
+    .await;
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("a producer token may not read orders"),
+        "{p}"
+    );
+    // The refusal depends on the token alone: an order that does not exist
+    // is refused alike, so it reveals nothing about which orders do.
+    problem(
+        s.get_order("ord-nowhere", PRODUCER).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    )
+    .await;
+    for token in ["not-a-token", ""] {
+        problem(
+            s.get_order("ord-roles", token).await,
+            StatusCode::NOT_FOUND,
+            "order_not_found",
+        )
+        .await;
+    }
+    let events = |token: &'static str| {
+        s.http
+            .get(s.url("/v1/orders/ord-roles/events"))
+            .bearer_auth(token)
+            .send()
+    };
+    let stream = events(READER).await.unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    assert!(!read_sse(stream).await.is_empty());
+    problem(
+        events(PRODUCER).await.unwrap(),
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    )
+    .await;
+    for (token, status) in [(READER, StatusCode::OK), (PRODUCER, StatusCode::NOT_FOUND)] {
+        let page = s
+            .http
+            .get(s.url(&format!("/track/ord-roles?token={token}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(page.status(), status, "/track with {token}");
+    }
+    s.stop().await;
+}
+
+/// A producer-written order is followed with the token the producer fetched; any valid id has one, an invalid id is refused.
+async fn produced_order_followed_with_fetched_tracking_token(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with_credentials(config(dir.path(), backend), all_roles()).await;
+    s.set_stock("SKU-U", 5).await;
+    let line = order(Some("ord-upstream"), "SKU-U", 2, "tok_visa");
+    let res = s
+        .http
+        .post(s.url("/v1/admin/produce"))
+        .bearer_auth(PRODUCER)
+        .body(format!("{line}\n"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        res.text().await.unwrap().trim().lines().count(),
+        1,
+        "one result line"
+    );
+    let res = s
+        .http
+        .get(s.url("/v1/orders/ord-upstream/tracking-token"))
+        .bearer_auth(PRODUCER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers().get("cache-control").unwrap(), "no-store");
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["order_id"], "ord-upstream");
+    assert_eq!(v["tracking_url"], "/v1/orders/ord-upstream");
+    let token = v["tracking_token"].as_str().unwrap().to_owned();
+    assert_eq!(token.len(), 43);
+
+    // The customer, with nothing but the token.
+    let by_query = s
+        .http
+        .get(s.url(&format!("/v1/orders/ord-upstream?token={token}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_query.status(), StatusCode::OK);
+    let done = s.wait_terminal("ord-upstream", &token).await;
+    assert_eq!(done["status"], "confirmed", "{done}");
+    let events = s
+        .http
+        .get(s.url(&format!("/v1/orders/ord-upstream/events?token={token}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), StatusCode::OK);
+    let events = read_sse(events).await;
+    assert_eq!(events.last().unwrap().data["status"], "confirmed");
+    problem(
+        s.get_order("ord-other", &token).await,
+        StatusCode::NOT_FOUND,
+        "order_not_found",
+    )
+    .await;
+
+    // No such order: a token all the same, which shows it as accepted.
+    let res = s
+        .http
+        .get(s.url("/v1/orders/ord-never-placed/tracking-token"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    let never: Value = res.json().await.unwrap();
+    let v: Value = s
+        .get_order(
+            "ord-never-placed",
+            never["tracking_token"].as_str().unwrap(),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (v["status"].as_str(), v["history"].as_array().map(Vec::len)),
+        (Some("accepted"), Some(0))
+    );
+    for bad in [
+        "has%20space",
+        &"x".repeat(65),
+        "4242424242424242",
+        "ord%2Fslash",
+    ] {
+        problem(
+            s.http
+                .get(s.url(&format!("/v1/orders/{bad}/tracking-token")))
+                .bearer_auth(PRODUCER)
+                .send()
+                .await
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "invalid_order_id",
+        )
+        .await;
+    }
+    s.stop().await;
+}
+
+/// A route no configured role may use answers 403 `admin_disabled`; one that a configured role may use, 401 for a wrong token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn routes_disabled_per_role() {
+    // Credentials are checked before any backend is touched, so the
+    // distributed backend would test nothing more.
+    let dir = tempfile::tempdir().unwrap();
+    let readers = Credentials::new([(Role::Reader, READER)]).unwrap();
+    let s = Server::start_with_credentials(config(dir.path(), Backend::Embedded), readers).await;
+    assert_eq!(
+        s.http
+            .get(s.url("/v1/inventory/SKU-D"))
+            .bearer_auth(READER)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    problem(
+        s.http
+            .get(s.url("/v1/inventory/SKU-D"))
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    )
+    .await;
+    for (req, roles) in [
+        (
+            s.http
+                .put(s.url("/v1/inventory/SKU-D"))
+                .json(&json!({"available": 1})),
+            "ORDERFLOW_ADMIN_TOKEN",
+        ),
+        (
+            s.http.post(s.url("/v1/admin/produce")).body("{}\n"),
+            "ORDERFLOW_ADMIN_TOKEN or ORDERFLOW_PRODUCER_TOKEN",
+        ),
+        (
+            s.http.get(s.url("/v1/orders/o-1/tracking-token")),
+            "ORDERFLOW_ADMIN_TOKEN or ORDERFLOW_PRODUCER_TOKEN",
+        ),
+    ] {
+        let p = problem(
+            req.bearer_auth(READER).send().await.unwrap(),
+            StatusCode::FORBIDDEN,
+            "admin_disabled",
+        )
+        .await;
+        assert!(p["detail"].as_str().unwrap().contains(roles), "{p}");
+    }
     s.stop().await;
 }

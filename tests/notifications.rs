@@ -1012,3 +1012,61 @@ max_batch = 50
     );
     check(&mails(smtp.dir.path()), &want);
 }
+
+/// An SMTP server's refusal, whose reply text quotes the recipient's
+/// address, reaches the info-level log with its reply code only: the
+/// address appears nowhere in the output.
+#[test]
+fn smtp_reply_texts_stay_out_of_info_logs() {
+    let smtp = start_smtp();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+[notifications]
+retry_base_ms = 50
+[notifications.email]
+smtp_host = "127.0.0.1"
+smtp_port = {}
+tls = "none"
+from = "Shop <orders@shop.test>"
+batch_window_ms = 10
+"#,
+            smtp.port
+        ),
+    );
+    let env = [
+        ("ORDERFLOW_CONFIG", config.to_str().unwrap()),
+        ("RUST_LOG", "info"),
+    ];
+    let mut server = start_server(&dir.path().join("data"), &env);
+    set_stock(&server.base, "SKU-1", 10);
+    let address = "refuse-ada@example.com";
+    assert_eq!(
+        submit(
+            &server.base,
+            &order("mail-refused", "SKU-1", "tok_visa", Some(address))
+        ),
+        202
+    );
+    let abandoned =
+        r#"orderflow_notification_deliveries_total{endpoint="email",outcome="abandoned"}"#;
+    wait_until(Duration::from_secs(60), "the refused email", || {
+        metric(&server.base, abandoned) >= 1.0
+    });
+    assert!(server.terminate().success());
+    let output = server.output_text();
+    let given_up = output
+        .lines()
+        .find(|l| l.contains("notification given up"))
+        .unwrap_or_else(|| panic!("no warning for the refused email:\n{output}"));
+    assert!(
+        given_up.contains("550"),
+        "the reply code is logged: {given_up}"
+    );
+    assert!(
+        !output.contains("refuse-ada"),
+        "the recipient's address is in the info-level log:\n{output}"
+    );
+}

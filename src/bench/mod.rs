@@ -106,8 +106,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0.0)]
     pub gateway_failure_rate: f64,
     /// Distributed target: Kafka bootstrap servers (the log), on topics of
-    /// this run's own.
-    #[arg(long, value_name = "HOST:PORT")]
+    /// this run's own. Needs `--scylla`: instances on Kafka need the shared
+    /// store (fencing, checkpoints).
+    #[arg(long, value_name = "HOST:PORT", requires = "scylla")]
     pub kafka: Option<String>,
     /// Distributed target: ScyllaDB/Cassandra contact point (the store); a
     /// fresh keyspace is migrated for the run.

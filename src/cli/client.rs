@@ -9,7 +9,8 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
 use serde_json::Value;
 
 use super::{CliError, ClientArgs, LISTEN_ENV, base_config};
-use crate::config::{ADMIN_TOKEN_ENV, Secret};
+use crate::config::Secret;
+use crate::http::auth::Role;
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -37,12 +38,14 @@ impl std::fmt::Display for Failure {
 impl Client {
     /// The server is `--server` / `ORDERFLOW_SERVER`, else `http://` + the
     /// listen address (`ORDERFLOW_LISTEN`, the config file, the default).
-    pub fn new(config_file: Option<&Path>, args: &ClientArgs) -> Result<Client, CliError> {
-        let token = Secret::from_env(ADMIN_TOKEN_ENV).ok_or_else(|| {
-            CliError::Usage(format!(
-                "{ADMIN_TOKEN_ENV} must hold the admin token of the server"
-            ))
-        })?;
+    /// The token is the first of `ORDERFLOW_<ROLE>_TOKEN` of the first of
+    /// `roles` (the roles the command's route accepts) that is set.
+    pub fn new(
+        config_file: Option<&Path>,
+        args: &ClientArgs,
+        roles: &[Role],
+    ) -> Result<Client, CliError> {
+        let token = client_token(roles, &|var| std::env::var(var).ok())?;
         let server = match &args.server {
             Some(s) => s.clone(),
             None => {
@@ -96,6 +99,31 @@ impl Client {
     pub fn base(&self) -> &Url {
         &self.base
     }
+}
+
+/// The token a client command sends: the first entry of the first of
+/// `roles`' variables that is set. A variable may list several tokens (the
+/// server's rotation list): the first is the newest by convention.
+fn client_token(roles: &[Role], env: &dyn Fn(&str) -> Option<String>) -> Result<Secret, CliError> {
+    roles
+        .iter()
+        .find_map(|role| {
+            let list = env(role.env_var())?;
+            let first = list.split(',').next()?.trim();
+            (!first.is_empty()).then(|| Secret::new(first))
+        })
+        .ok_or_else(|| {
+            let vars: Vec<&str> = roles.iter().map(|r| r.env_var()).collect();
+            CliError::Usage(format!(
+                "{} must hold a token of the server ({} role)",
+                vars.join(" or "),
+                roles
+                    .iter()
+                    .map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ))
+        })
 }
 
 /// Sends a request; a transport error names the server.
@@ -152,4 +180,42 @@ pub async fn status(client: &Client, id: &str) -> anyhow::Result<bool> {
         .context("cannot read the server's answer")?;
     println!("{}", text.trim_end());
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A command sends the first token of the first usable role that has one, else names every variable tried.
+    #[test]
+    fn client_token_by_role() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        let producer_only = env(&[("ORDERFLOW_PRODUCER_TOKEN", " p-new , p-old")]);
+        let t = client_token(&[Role::Admin, Role::Producer], &producer_only).unwrap();
+        assert_eq!(t.expose(), "p-new");
+        let both = env(&[
+            ("ORDERFLOW_ADMIN_TOKEN", "a-1"),
+            ("ORDERFLOW_READER_TOKEN", "r-1"),
+        ]);
+        assert_eq!(
+            client_token(&[Role::Admin, Role::Reader], &both)
+                .unwrap()
+                .expose(),
+            "a-1"
+        );
+        let Err(CliError::Usage(e)) = client_token(&[Role::Admin, Role::Reader], &producer_only)
+        else {
+            panic!("no admin or reader token is a usage error");
+        };
+        assert!(
+            e.contains("ORDERFLOW_ADMIN_TOKEN or ORDERFLOW_READER_TOKEN"),
+            "{e}"
+        );
+    }
 }

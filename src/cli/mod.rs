@@ -1,10 +1,12 @@
 //! The `orderflow` command line (clap). `run` starts an instance; the
-//! client commands (`produce`, `stock`, `status`) talk to a running one
-//! over HTTP with the admin token from `ORDERFLOW_ADMIN_TOKEN`.
+//! client commands (`produce`, `stock`, `status`, `parked`) talk to a
+//! running one over HTTP with an API token from the environment
+//! (`ORDERFLOW_ADMIN_TOKEN`, or the token of a role the command needs).
 //!
 //! Exit codes: 0 ok, 1 failure, 2 usage or configuration error.
 //! Logs go to stderr: `RUST_LOG` filters (default `info`),
-//! `ORDERFLOW_LOG_FORMAT=json` switches to JSON lines.
+//! `ORDERFLOW_LOG_FORMAT=json` switches to JSON lines; colour codes only
+//! when stderr is a terminal.
 
 mod client;
 mod parked;
@@ -13,6 +15,7 @@ pub mod replay;
 pub mod sim;
 mod stock;
 pub mod story;
+mod token;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -20,9 +23,10 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{ADMIN_TOKEN_ENV, Config, Secret};
+use crate::config::Config;
 use crate::gateway::sim_server;
 use crate::gateway::simulator::{self, SimOptions};
+use crate::http::auth::{Credentials, Role};
 
 pub const LISTEN_ENV: &str = "ORDERFLOW_LISTEN";
 pub const DATA_DIR_ENV: &str = "ORDERFLOW_DATA_DIR";
@@ -73,6 +77,18 @@ pub enum Command {
     Status {
         /// The order id.
         id: String,
+    },
+    /// Print the tracking token of an order id, as the instances of this
+    /// configuration derive it (any valid id has one, whether or not the
+    /// order exists): hand it to the customer of an order written to the
+    /// log. The key comes from ORDERFLOW_TOKEN_SECRET or `[tokens]`, else
+    /// from the state store (embedded: only while no instance runs on the
+    /// data directory).
+    Token {
+        /// The order id.
+        id: String,
+        #[command(flatten)]
+        run: RunArgs,
     },
     /// Rebuild partition state from the log of a stopped instance (effects
     /// suppressed) and compare with its checkpoint; exits 1 on a mismatch.
@@ -323,38 +339,46 @@ pub async fn dispatch(cli: Cli) -> Result<bool, CliError> {
     match command {
         Command::Run(args) => {
             let config = run_config(file, &args)?;
-            let admin_token = Secret::from_env(ADMIN_TOKEN_ENV);
-            if admin_token.is_none() {
+            let credentials =
+                Credentials::load(&config.auth).map_err(|e| CliError::Usage(e.to_string()))?;
+            if credentials.is_empty() {
                 tracing::warn!(
-                    "{ADMIN_TOKEN_ENV} is not set: the admin routes (inventory, produce) are disabled"
+                    "no API token is configured ({}, {}, {}): the routes that need one (inventory, produce, park lane, tracking tokens) answer 403",
+                    Role::Admin.env_var(),
+                    Role::Reader.env_var(),
+                    Role::Producer.env_var()
                 );
             }
-            start_app(config, admin_token).await?;
+            start_app(config, credentials).await?;
             Ok(true)
         }
         Command::Produce { input } => {
-            let c = client::Client::new(file, client)?;
+            let c = client::Client::new(file, client, &[Role::Admin, Role::Producer])?;
             Ok(produce::run(&c, &input).await?)
         }
         Command::Stock {
             command: StockCommand::Load { file: path },
         } => {
-            let c = client::Client::new(file, client)?;
+            let c = client::Client::new(file, client, &[Role::Admin])?;
             Ok(stock::load(&c, &path).await?)
         }
         Command::Stock {
             command: StockCommand::Get { sku },
         } => {
-            let c = client::Client::new(file, client)?;
+            let c = client::Client::new(file, client, &[Role::Admin, Role::Reader])?;
             Ok(stock::get(&c, &sku).await?)
         }
         Command::Parked { command } => {
-            let c = client::Client::new(file, client)?;
+            let c = client::Client::new(file, client, &[Role::Admin])?;
             Ok(parked::run(&c, command).await?)
         }
         Command::Status { id } => {
-            let c = client::Client::new(file, client)?;
+            let c = client::Client::new(file, client, &[Role::Admin, Role::Reader])?;
             Ok(client::status(&c, &id).await?)
+        }
+        Command::Token { id, run } => {
+            let config = run_config(file, &run)?;
+            token::print(&config, &id).await
         }
         Command::Replay {
             partition,
@@ -455,16 +479,20 @@ pub fn base_config(file: Option<&Path>) -> Result<Config, CliError> {
 }
 
 /// Starts the instance and runs it until it is told to stop.
-async fn start_app(config: Config, admin_token: Option<Secret>) -> anyhow::Result<()> {
-    crate::app::run(config, admin_token).await
+async fn start_app(config: Config, credentials: Credentials) -> anyhow::Result<()> {
+    crate::app::run(config, credentials).await
 }
 
 fn init_logging() {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var(LOG_FORMAT_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    // Colour codes only for a person at a terminal: in a file, a pipe or a
+    // log collector they are noise that breaks searches and parsers.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // A second initialisation (tests) keeps the first subscriber.
     let _ = if json {
@@ -632,5 +660,14 @@ mod tests {
         assert!(e.contains("`--failure-rate` = 2"), "{e}");
         let cli = Cli::try_parse_from(["orderflow", "migrate", "--data-dir", "d"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Migrate(_))));
+        let cli = Cli::try_parse_from(["orderflow", "token", "ord-1", "--data-dir", "d"]).unwrap();
+        let Some(Command::Token { id, run }) = cli.command else {
+            panic!("token parses as Token");
+        };
+        assert_eq!(
+            (id.as_str(), run.data_dir),
+            ("ord-1", Some(PathBuf::from("d")))
+        );
+        assert!(Cli::try_parse_from(["orderflow", "token"]).is_err());
     }
 }

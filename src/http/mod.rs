@@ -4,16 +4,22 @@
 //! | Route | Auth | Answers |
 //! |---|---|---|
 //! | `POST /v1/orders` | none | 202, 400 `<reason>`, 400 `invalid_idempotency_key`, 413 `payload_too_large`/`record_too_large`, 429 `log_full`, 503 `overloaded`/`unavailable`/`shutting_down` |
-//! | `GET /v1/orders/{id}` | tracking or admin token | 200, 404 `order_not_found` (unknown id, missing or wrong token alike), 503 `unavailable` |
-//! | `GET /v1/orders/{id}/events` | tracking or admin token | 200 SSE, 404 `order_not_found`, 503 `too_many_streams`/`unavailable` |
-//! | `GET /track/{id}?token=T` | tracking or admin token | 200 HTML tracking page; 404 HTML page (unknown id, missing or wrong token alike), 503 HTML page |
-//! | `PUT /v1/inventory/{sku}` | admin | 200, 400 `invalid_sku`/`invalid_body`, 401 `unauthorized`, 403 `admin_disabled`, 413, 429, 503 `apply_timeout`/`unavailable`/`shutting_down` |
-//! | `GET /v1/inventory/{sku}` | admin | 200 (zeros for an unknown SKU), 400 `invalid_sku`, 401, 403 |
+//! | `GET /v1/orders/{id}` | tracking token, or admin or reader token | 200, 404 `order_not_found` (unknown id, missing or wrong token alike), 403 `forbidden` (a producer token, whatever the id), 503 `unavailable` |
+//! | `GET /v1/orders/{id}/events` | same | 200 SSE, 404 `order_not_found`, 403 `forbidden`, 503 `too_many_streams`/`unavailable` |
+//! | `GET /track/{id}?token=T` | same | 200 HTML tracking page; 404 HTML page (unknown id, missing, wrong or producer token alike), 503 HTML page |
+//! | `GET /v1/orders/{id}/tracking-token` | admin or producer | 200 `{order_id, tracking_token, tracking_url}` (for any valid id: the token is a MAC of the id), 400 `invalid_order_id` |
+//! | `PUT /v1/inventory/{sku}` | admin | 200, 400 `invalid_sku`/`invalid_body`, 413, 429, 503 `apply_timeout`/`unavailable`/`shutting_down` |
+//! | `GET /v1/inventory/{sku}` | admin or reader | 200 (zeros for an unknown SKU), 400 `invalid_sku` |
 //! | `GET /v1/admin/parked`, `GET /v1/admin/parked/{p}/{offset}` | admin | 200 JSON (the park lane), 404 `not_parked`/`no_such_partition` |
 //! | `POST /v1/admin/parked/{p}/retry`, `POST /v1/admin/parked/{p}/{offset}/drop` | admin | 202 (the command is in the log), 404 `no_such_partition` |
-//! | `POST /v1/admin/produce` | admin | 200 NDJSON (per-line results), 401, 403, 413, 503 `shutting_down` |
+//! | `POST /v1/admin/produce` | admin or producer | 200 NDJSON (per-line results), 413, 503 `shutting_down` |
 //! | `GET /metrics`, `/healthz`, `/readyz` | none | 200; `/readyz` 503 `not_ready` |
 //! | anything else | | 404 `not_found`, 405 `method_not_allowed` |
+//!
+//! A route that needs an API token ([`auth`]: roles and scopes) answers 401
+//! `unauthorized` for a missing or unknown one, 403 `forbidden` for a token
+//! whose role may not use it, and 403 `admin_disabled` when no role that
+//! may use it has a token configured.
 //!
 //! Every route but the last three may also answer 429 `rate_limited` (per
 //! client, when `http.rate_limit_per_s` is set), and a route with a body
@@ -40,7 +46,7 @@ use axum::Router;
 use axum::routing::{get, post};
 use tokio::sync::Semaphore;
 
-use crate::config::{HttpConfig, Secret};
+use crate::config::HttpConfig;
 use crate::pipeline::intake::Intake;
 use crate::pipeline::inventory::Inventory;
 use crate::sinks::metrics::Metrics;
@@ -54,7 +60,8 @@ pub struct AppState {
     pub inventory: Arc<Inventory>,
     pub parked: Arc<crate::pipeline::parked::ParkLane>,
     pub metrics: Arc<Metrics>,
-    pub admin_token: Option<Secret>,
+    /// The API tokens by role (`auth`).
+    pub credentials: Arc<auth::Credentials>,
     pub config: HttpConfig,
     pub health: Arc<Health>,
 }
@@ -121,6 +128,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/orders", post(routes::post_order))
         .route("/v1/orders/{id}", get(routes::get_order))
         .route("/v1/orders/{id}/events", get(sse::order_events))
+        .route(
+            "/v1/orders/{id}/tracking-token",
+            get(routes::tracking_token),
+        )
         .route("/track/{id}", get(track::track_page))
         .route(
             "/v1/inventory/{sku}",

@@ -10,7 +10,7 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 
 use super::Ctx;
-use super::auth::require_admin;
+use super::auth::{Scope, require};
 use super::problem::Problem;
 use crate::domain::parked::ParkedRecord;
 use crate::pipeline::log::LogError;
@@ -58,7 +58,7 @@ pub(crate) async fn list(
     State(ctx): State<Ctx>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, Problem> {
-    require_admin(&ctx.app, &headers)?;
+    require(&ctx.app, &headers, Scope::ParkLane)?;
     let parked = ctx.app.parked.list().await.map_err(|e| problem(&ctx, e))?;
     Ok(Json(json!({
         "count": parked.len(),
@@ -72,7 +72,7 @@ pub(crate) async fn show(
     Path((partition, offset)): Path<(u32, u64)>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, Problem> {
-    require_admin(&ctx.app, &headers)?;
+    require(&ctx.app, &headers, Scope::ParkLane)?;
     let parked = ctx.app.parked.list().await.map_err(|e| problem(&ctx, e))?;
     let Some(r) = parked
         .iter()
@@ -105,7 +105,7 @@ pub(crate) async fn retry(
     Path(partition): Path<u32>,
     headers: HeaderMap,
 ) -> Result<(StatusCode, Json<Value>), Problem> {
-    require_admin(&ctx.app, &headers)?;
+    require(&ctx.app, &headers, Scope::ParkLane)?;
     let offset = ctx
         .app
         .parked
@@ -122,7 +122,7 @@ pub(crate) async fn drop_record(
     Path((partition, offset)): Path<(u32, u64)>,
     headers: HeaderMap,
 ) -> Result<(StatusCode, Json<Value>), Problem> {
-    require_admin(&ctx.app, &headers)?;
+    require(&ctx.app, &headers, Scope::ParkLane)?;
     let command = ctx
         .app
         .parked

@@ -6,6 +6,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use super::auth::{Role, Scope};
 use crate::pipeline::intake::{IntakeError, Shed};
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -85,23 +86,56 @@ impl Problem {
         )
     }
 
-    pub fn unauthorized() -> Problem {
+    /// A missing or unknown bearer token on a route that `roles` may use.
+    pub fn unauthorized(roles: &[Role]) -> Problem {
         let mut p = Problem::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "Unauthorized",
-            "this route needs the admin token as `Authorization: Bearer <token>`",
+            format!(
+                "this route needs a token of role {} as `Authorization: Bearer <token>`",
+                either(roles, |r| r.as_str())
+            ),
         );
         p.bearer_challenge = true;
         p
     }
 
-    pub fn admin_disabled() -> Problem {
+    /// No role that may use the route has a token configured. The code
+    /// predates roles, when only the admin token existed.
+    pub fn admin_disabled(roles: &[Role]) -> Problem {
         Problem::new(
             StatusCode::FORBIDDEN,
             "admin_disabled",
             "Admin API disabled",
-            "no admin token is configured (set ORDERFLOW_ADMIN_TOKEN to enable admin routes)",
+            format!(
+                "no token of role {} is configured (set {} to enable this route)",
+                either(roles, |r| r.as_str()),
+                either(roles, |r| r.env_var())
+            ),
+        )
+    }
+
+    /// A valid token whose role does not hold the route's scope.
+    pub fn forbidden(role: Role, scope: Scope) -> Problem {
+        Problem::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "Forbidden",
+            format!(
+                "a {role} token may not {}; this route needs a token of role {}",
+                scope.action(),
+                either(scope.roles(), |r| r.as_str())
+            ),
+        )
+    }
+
+    pub fn invalid_order_id() -> Problem {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_order_id",
+            "Invalid order id",
+            "an order id must match [A-Za-z0-9._:-]{1,64} and hold no card number",
         )
     }
 
@@ -258,6 +292,16 @@ impl Problem {
                 format!("the order exceeds the log's record limit of {max_bytes} bytes"),
             ),
         }
+    }
+}
+
+/// `a`, `a or b`, `a, b or c`.
+fn either(roles: &[Role], name: impl Fn(&Role) -> &'static str) -> String {
+    let names: Vec<&str> = roles.iter().map(name).collect();
+    match names.split_last() {
+        None => String::new(),
+        Some((last, [])) => (*last).to_owned(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
     }
 }
 

@@ -8,12 +8,13 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use super::auth::{TokenQuery, is_admin, presented_token, require_admin};
+use super::auth::{Scope, TokenQuery, presented_token, require};
 use super::body::{BodyError, read_limited};
 use super::problem::Problem;
 use super::views::OrderView;
 use super::{AppState, Ctx};
 use crate::domain::order::{valid_id, valid_sku};
+use crate::domain::pan::contains_pan;
 use crate::pipeline::intake::{IntakeError, valid_idempotency_key};
 use crate::pipeline::inventory::{InventoryError, StockCounts};
 use crate::pipeline::log::LogError;
@@ -122,12 +123,11 @@ pub(crate) async fn post_order(
 pub(crate) enum Access {
     /// With the order's tracking token: intake accepted the order.
     Token,
-    /// With the admin token: the order may not exist.
-    Admin,
+    /// With an API token whose role reads any order (admin, reader): the
+    /// order may not exist.
+    Credential,
 }
 
-/// Checks the token of a tracking request. Every refusal is the same 404
-/// as an unknown id.
 /// The order id of a `/v1/orders/{id}…` request and the caller's access to
 /// it; a bad path answers like an unknown order.
 pub(crate) async fn authorize_request(
@@ -144,6 +144,12 @@ pub(crate) async fn authorize_request(
     Ok((id, access))
 }
 
+/// Checks the token of a tracking request. A missing or wrong token is
+/// refused with the same 404 as an unknown id, so that the answer tells
+/// nothing about which orders exist. An API token of a role that may not
+/// read orders (producer) is refused with 403 `forbidden`: that answer
+/// depends on the token alone, never on the id, so it reveals nothing
+/// either, and tells an upstream system what it did wrong.
 pub(crate) async fn authorize_order(
     state: &AppState,
     id: &str,
@@ -156,8 +162,11 @@ pub(crate) async fn authorize_order(
     let Some(token) = presented_token(headers, query) else {
         return Err(Problem::order_not_found());
     };
-    if is_admin(state, Some(token)) {
-        return Ok(Access::Admin);
+    if let Some(role) = state.credentials.role_of(token) {
+        return match Scope::ReadOrders.allows(role) {
+            true => Ok(Access::Credential),
+            false => Err(Problem::forbidden(role, Scope::ReadOrders)),
+        };
     }
     match state.intake.verify_token(id, token) {
         true => Ok(Access::Token),
@@ -176,11 +185,11 @@ pub(crate) async fn get_order(
     let (id, access) = authorize_request(state, path, query, &headers).await?;
     // A valid tracking token proves intake accepted the order; an order the
     // read model does not hold (not processed yet, or past its retention)
-    // is then shown as accepted. The admin token proves nothing about it.
+    // is then shown as accepted. An API token proves nothing about it.
     let view = match (state.tracking.get(&id), access) {
         (Some(v), _) => OrderView::from_tracking(&v),
         (None, Access::Token) => OrderView::just_accepted(&id),
-        (None, Access::Admin) => return Err(Problem::order_not_found()),
+        (None, Access::Credential) => return Err(Problem::order_not_found()),
     };
     let mut res = Json(view).into_response();
     res.headers_mut()
@@ -220,14 +229,14 @@ fn stock_problem(state: &AppState, e: InventoryError) -> Problem {
     }
 }
 
-/// `GET /v1/inventory/{sku}` (admin).
+/// `GET /v1/inventory/{sku}` (admin, reader).
 pub(crate) async fn get_stock(
     State(ctx): State<Ctx>,
     path: Result<Path<String>, axum::extract::rejection::PathRejection>,
     headers: HeaderMap,
 ) -> Result<Json<StockCounts>, Problem> {
     let state = &ctx.app;
-    require_admin(state, &headers)?;
+    require(state, &headers, Scope::ReadStock)?;
     let sku = path.map(|p| p.0).unwrap_or_default();
     if !valid_sku(&sku) {
         return Err(Problem::invalid_sku());
@@ -257,7 +266,7 @@ pub(crate) async fn put_stock(
     body: Body,
 ) -> Result<Json<StockCounts>, Problem> {
     let state = &ctx.app;
-    require_admin(state, &headers)?;
+    require(state, &headers, Scope::WriteStock)?;
     if !state.health.is_accepting() {
         return Err(Problem::shutting_down(state.config.retry_after_s));
     }
@@ -297,7 +306,7 @@ enum ProduceLine<'a> {
     },
 }
 
-/// `POST /v1/admin/produce` (admin): NDJSON in, one NDJSON result per
+/// `POST /v1/admin/produce` (admin, producer): NDJSON in, one NDJSON result per
 /// non-blank input line out, in input order. Lines are numbered from 1;
 /// blank lines are skipped. A bad line does not stop the others.
 pub(crate) async fn admin_produce(
@@ -306,7 +315,7 @@ pub(crate) async fn admin_produce(
     body: Body,
 ) -> Result<Response, Problem> {
     let state = &ctx.app;
-    require_admin(state, &headers)?;
+    require(state, &headers, Scope::Produce)?;
     if !state.health.is_accepting() {
         return Err(Problem::shutting_down(state.config.retry_after_s));
     }
@@ -358,6 +367,40 @@ pub(crate) async fn admin_produce(
         out.push(b'\n');
     }
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], out).into_response())
+}
+
+#[derive(Serialize)]
+struct TrackingTokenView<'a> {
+    order_id: &'a str,
+    tracking_token: String,
+    tracking_url: String,
+}
+
+/// `GET /v1/orders/{id}/tracking-token` (admin, producer): the tracking
+/// token of an order an upstream system wrote to the log, so its customer
+/// can follow it like an order placed over HTTP. The token is a MAC of the
+/// id, so any valid id has one, whether or not such an order exists.
+pub(crate) async fn tracking_token(
+    State(ctx): State<Ctx>,
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let state = &ctx.app;
+    require(state, &headers, Scope::TrackingTokens)?;
+    let id = path.map(|p| p.0).unwrap_or_default();
+    // No order holding a card number is ever taken: its id is not echoed.
+    if !valid_id(&id) || contains_pan(id.as_bytes()) {
+        return Err(Problem::invalid_order_id());
+    }
+    let view = TrackingTokenView {
+        tracking_token: state.intake.tracking_token(&id),
+        tracking_url: format!("/v1/orders/{id}"),
+        order_id: &id,
+    };
+    let mut res = Json(view).into_response();
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(res)
 }
 
 /// `GET /metrics`: Prometheus text exposition format.

@@ -59,7 +59,7 @@ pub(crate) async fn order_events(
     // Subscribe before reading the view, so no event falls in between.
     let rx = state.tracking.subscribe(&id);
     let view = state.tracking.get(&id);
-    if view.is_none() && matches!(access, super::routes::Access::Admin) {
+    if view.is_none() && matches!(access, super::routes::Access::Credential) {
         return Err(Problem::order_not_found());
     }
     let mut stream = EventStream {

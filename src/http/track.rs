@@ -7,7 +7,7 @@
 //! `/v1/orders/{id}/events?token=T` with an `EventSource` and updates the
 //! page in place, closing the stream at a terminal status.
 //!
-//! Access is the API's: the tracking token (or the admin token) as
+//! Access is the API's: the tracking token (or an admin or reader token) as
 //! `?token=`, checked by [`authorize_order`]. An unknown id, a missing
 //! token and a wrong token all answer the same 404 page, byte for byte.
 //!
@@ -52,11 +52,15 @@ pub(crate) async fn track_page(
     // the event stream.
     let access = match authorize_order(state, &id, &HeaderMap::new(), &query).await {
         Ok(access) => access,
-        Err(p) if p.status == StatusCode::NOT_FOUND => return not_found_page(),
+        // The page is for customers: a producer's token in its address is
+        // a mistake the problem body of the API explains, not this page.
+        Err(p) if p.status == StatusCode::NOT_FOUND || p.status == StatusCode::FORBIDDEN => {
+            return not_found_page();
+        }
         Err(_) => return unavailable_page(state.config.retry_after_s),
     };
     let view = state.tracking.get(&id);
-    if view.is_none() && matches!(access, Access::Admin) {
+    if view.is_none() && matches!(access, Access::Credential) {
         return not_found_page();
     }
     let nonce = BASE64.encode(rand::random::<[u8; 16]>());

@@ -411,6 +411,11 @@ impl Intake {
         })
     }
 
+    /// The tracking token of `order_id`, under the current key.
+    pub fn tracking_token(&self, order_id: &str) -> String {
+        self.keys.token(order_id)
+    }
+
     /// Whether `token` is the tracking token of `order_id` (constant time).
     pub fn verify_token(&self, order_id: &str, token: &str) -> bool {
         self.keys.verify(order_id, token)

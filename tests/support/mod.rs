@@ -86,15 +86,8 @@ pub fn start_server(data_dir: &Path, extra_env: &[(&str, &str)]) -> Server {
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
-    let (child, addr, output, readers) = spawn_and_read_address(cmd, "orderflow", |text| {
-        let i = text.find("addr=")?;
-        Some(
-            text[i + 5..]
-                .chars()
-                .take_while(|c| !c.is_whitespace())
-                .collect(),
-        )
-    });
+    let (child, addr, output, readers) =
+        spawn_and_read_address(cmd, "orderflow", listening_address);
     let server = Server {
         child,
         base: format!("http://{addr}"),
@@ -108,6 +101,21 @@ pub fn start_server(data_dir: &Path, extra_env: &[(&str, &str)]) -> Server {
             .is_ok_and(|r| r.status() == 200)
     });
     server
+}
+
+/// The address of the `orderflow listening` line, as text (`addr=IP:PORT`)
+/// or as JSON (`ORDERFLOW_LOG_FORMAT=json`: `"addr":"IP:PORT"`).
+fn listening_address(text: &str) -> Option<String> {
+    if let Some(i) = text.find("\"addr\":\"") {
+        return Some(text[i + 8..].chars().take_while(|c| *c != '"').collect());
+    }
+    let i = text.find("addr=")?;
+    Some(
+        text[i + 5..]
+            .chars()
+            .take_while(|c| !c.is_whitespace())
+            .collect(),
+    )
 }
 
 impl Server {

@@ -1,6 +1,8 @@
 """A real SMTP server for the tests (aiosmtpd): every message it accepts
 is written to DIR as one JSON file {peer, mail_from, rcpt_tos, data}, where
-`peer` ("ip:port" of the client) tells the connection it came on.
+`peer` ("ip:port" of the client) tells the connection it came on. A
+recipient whose address starts with `refuse-` is refused with a permanent
+error whose text quotes the address, as real servers do.
 
 Usage: python smtp_sink.py DIR
 Listens on 127.0.0.1 on a free port and prints `PORT <n>` once listening.
@@ -20,6 +22,12 @@ from aiosmtpd.smtp import SMTP
 class Handler:
     def __init__(self, out):
         self.out = out
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.startswith("refuse-"):
+            return "550 5.1.1 <%s>: Recipient address rejected" % address
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
         record = {

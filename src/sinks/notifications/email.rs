@@ -240,13 +240,39 @@ async fn send_batch(smtp: &Smtp, batch: Vec<EmailJob>) {
 /// SMTP 5xx and client errors (a message that cannot be sent as it is)
 /// are permanent; 4xx, network, TLS and timeouts are worth retrying.
 fn classify(e: &lettre::transport::smtp::Error) -> AttemptError {
+    let detail = format!("SMTP: {}", loggable(e));
     if e.is_permanent() || e.is_client() {
-        AttemptError::Permanent(format!("SMTP: {e}"))
+        AttemptError::Permanent(detail)
     } else {
         AttemptError::Transient {
-            detail: format!("SMTP: {e}"),
+            detail,
             retry_after: None,
         }
+    }
+}
+
+/// What of an SMTP error may reach the info-level log, where attempt
+/// details end up (`notification given up`): its kind and reply code.
+/// A server's reply text often quotes the recipient's address (`550 5.1.1
+/// <ada@example.com>: Recipient address rejected`), and a client error our
+/// envelope, so their text goes to the debug log only. Network and TLS
+/// errors come from the OS and rustls and are kept whole.
+fn loggable(e: &lettre::transport::smtp::Error) -> String {
+    let kind = if e.is_permanent() {
+        "permanent error"
+    } else if e.is_transient() {
+        "transient error"
+    } else if e.is_response() {
+        "unreadable reply"
+    } else if e.is_client() {
+        "client error"
+    } else {
+        return e.to_string();
+    };
+    tracing::debug!(error = %e, "SMTP error, with the server's reply text");
+    match e.status() {
+        Some(code) => format!("{kind} ({code}; reply text at debug level)"),
+        None => format!("{kind} (text at debug level)"),
     }
 }
 
@@ -255,6 +281,9 @@ async fn connect(smtp: &Smtp) -> Result<AsyncSmtpConnection, AttemptError> {
         detail: format!("SMTP {what}: {e}"),
         retry_after: None,
     };
+    // The server's answers to the greeting, STARTTLS and AUTH: kind and
+    // code only (see `loggable`).
+    let refused = |what: &str, e: &lettre::transport::smtp::Error| failed(what, &loggable(e));
     let hello = ClientId::default();
     let tls = || TlsParameters::new_rustls(smtp.host.clone()).map_err(|e| failed("TLS setup", &e));
     let implicit = match smtp.tls {
@@ -271,7 +300,7 @@ async fn connect(smtp: &Smtp) -> Result<AsyncSmtpConnection, AttemptError> {
                 None,
             )
             .await
-            .map_err(|e| failed("connect", &e)),
+            .map_err(|e| refused("connect", &e)),
             None => {
                 // Our own socket, to turn Nagle off: SMTP is a chain of
                 // small writes each waiting for an answer, and Nagle with
@@ -282,7 +311,7 @@ async fn connect(smtp: &Smtp) -> Result<AsyncSmtpConnection, AttemptError> {
                 tcp.set_nodelay(true).map_err(|e| failed("connect", &e))?;
                 AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &hello)
                     .await
-                    .map_err(|e| failed("connect", &e))
+                    .map_err(|e| refused("connect", &e))
             }
         }
     };
@@ -293,7 +322,7 @@ async fn connect(smtp: &Smtp) -> Result<AsyncSmtpConnection, AttemptError> {
         tokio::time::timeout(smtp.timeout, conn.starttls(tls()?, &hello))
             .await
             .map_err(|_| failed("STARTTLS", &"timed out"))?
-            .map_err(|e| failed("STARTTLS", &e))?;
+            .map_err(|e| refused("STARTTLS", &e))?;
     }
     if let Some(credentials) = &smtp.credentials {
         tokio::time::timeout(
@@ -302,7 +331,7 @@ async fn connect(smtp: &Smtp) -> Result<AsyncSmtpConnection, AttemptError> {
         )
         .await
         .map_err(|_| failed("AUTH", &"timed out"))?
-        .map_err(|e| failed("AUTH", &e))?;
+        .map_err(|e| refused("AUTH", &e))?;
     }
     Ok(conn)
 }
