@@ -133,6 +133,164 @@ fn card_numbers_never_stored_or_logged() {
     }
 }
 
+/// Every file under `dir`, but the `orders` log an upstream system wrote.
+fn files_but_orders(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let orders = dir.join("log").join("orders");
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(d).unwrap() {
+            let path = entry.unwrap().path();
+            if path == orders {
+                continue;
+            }
+            if path.is_dir() {
+                stack.push(path)
+            } else {
+                files.push(path)
+            }
+        }
+    }
+    files
+}
+
+/// Records on the log that cannot be decoded and hold a card number (in
+/// the value or the key) are refused, not parked: the number reaches no
+/// checkpoint, no `orders-parked` record, no listing and no output.
+#[test]
+fn card_numbers_in_raw_records_never_reach_the_park_lane() {
+    use orderflow::config::{Config, LogConfig};
+    use orderflow::domain::parked::ParkEvent;
+    use orderflow::pipeline::log::embedded::EmbeddedLog;
+    use orderflow::pipeline::log::{Log, Record, RecordKind, Topic, partition_for_key};
+    use orderflow::sinks::metrics::Metrics;
+
+    let dir = tempfile::tempdir().unwrap();
+    let defaults = Config::default();
+    let topics = [
+        (Topic::Orders, defaults.partitions),
+        (Topic::OrderStatus, defaults.status_partitions),
+        (Topic::Parked, defaults.partitions),
+    ];
+    let open = || {
+        let metrics = std::sync::Arc::new(Metrics::new());
+        EmbeddedLog::open(
+            &dir.path().join("log"),
+            &topics,
+            &LogConfig::default(),
+            metrics,
+        )
+        .unwrap()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // An upstream system (or a damaged producer) wrote these to partition 0.
+    let raw = [
+        (
+            RecordKind::Internal,
+            b"k".to_vec(),
+            format!("\u{1}card {}", PANS[0]),
+        ),
+        (
+            RecordKind::Internal,
+            PANS[1].as_bytes().to_vec(),
+            "\u{1}x".to_owned(),
+        ),
+        (
+            RecordKind::OrderJson,
+            b"k".to_vec(),
+            format!("{{\"card\": \"{}", PANS[2]),
+        ),
+    ];
+    rt.block_on(async {
+        let log = open();
+        let records = raw
+            .iter()
+            .map(|(kind, key, value)| Record {
+                kind: *kind,
+                key: key.clone(),
+                value: value.clone().into_bytes(),
+            })
+            .collect();
+        log.append(Topic::Orders, 0, records).await.unwrap();
+        log.close().await;
+    });
+
+    let mut server = start_server(dir.path(), &[("RUST_LOG", "trace")]);
+    // An order behind them on partition 0 confirms: they were processed.
+    let sku = (0..)
+        .map(|i| format!("RAW-{i}"))
+        .find(|s| partition_for_key(s.as_bytes(), defaults.partitions) == 0)
+        .unwrap();
+    set_stock(&server.base, &sku, 1);
+    let r = client()
+        .post(format!("{}/v1/orders", server.base))
+        .json(&order_body("raw-ok", &sku, 1))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    wait_until(
+        Duration::from_secs(30),
+        "the order behind them to confirm",
+        || order_view(&server.base, "raw-ok").is_some_and(|v| v["status"] == "confirmed"),
+    );
+    assert!(server.terminate().success());
+    let mut output = server.output_text();
+
+    // The drain's checkpoint is written: the lane as listed is empty.
+    let mut server = start_server(dir.path(), &[]);
+    let lane: serde_json::Value = client()
+        .get(format!("{}/v1/admin/parked", server.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        lane["parked"],
+        serde_json::json!([]),
+        "nothing is parked: {lane}"
+    );
+    assert!(server.terminate().success());
+    output.push_str(&server.output_text());
+
+    // `orders-parked` says what was refused, with the digits masked.
+    let events = rt.block_on(async {
+        let log = open();
+        let (low, high) = log.offsets(Topic::Parked, 0).unwrap();
+        let records = log
+            .read(Topic::Parked, 0, low, 100, Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(records.len() as u64, high - low);
+        records
+            .iter()
+            .map(|r| ParkEvent::decode(&r.value).unwrap())
+            .collect::<Vec<_>>()
+    });
+    let refused = events
+        .iter()
+        .filter(|e| matches!(e, ParkEvent::Refused(_)))
+        .count();
+    assert_eq!(refused, 2, "{events:?}");
+    assert!(!events.iter().any(|e| matches!(e, ParkEvent::Parked(_))));
+
+    let files = files_but_orders(dir.path());
+    assert!(files.iter().any(|f| f.ends_with("state.redb")));
+    for pan in PANS {
+        for needle in [pan.to_owned(), digits(pan)] {
+            assert!(!output.contains(&needle), "output holds a card number");
+            for f in &files {
+                let bytes = std::fs::read(f).unwrap();
+                assert!(
+                    !contains(&bytes, needle.as_bytes()),
+                    "{} holds a card number",
+                    f.display()
+                );
+            }
+        }
+    }
+}
+
 /// SIGTERM drains and exits 0; while running, a second process on the
 /// same data directory fails at once with a clear error.
 #[test]

@@ -524,3 +524,156 @@ fn any_instance_answers_any_order() {
         || (0..3).all(|i| stock(&cluster.base(i), "D-ANY")["sold"] == 1),
     );
 }
+
+/// Records on Kafka that no orderflow writes (an unknown `orderflow-kind`
+/// header) and that hold a card number are refused, not parked: the
+/// number (in the value or the header) reaches no checkpoint blob, no
+/// `orders-parked` record, no listing and no output.
+#[test]
+fn card_numbers_on_kafka_never_reach_the_park_lane() {
+    use orderflow::domain::parked::ParkEvent;
+    use orderflow::pipeline::log::kafka::topic_name;
+    use orderflow::pipeline::log::partition_for_key;
+    use orderflow::pipeline::store::scylla::ScyllaStore;
+    use orderflow::pipeline::store::{Scope, StateStore};
+    use rdkafka::ClientConfig;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    const PAN: &str = "4242424242424242";
+    let mut cluster = Cluster::start(1);
+    let text = std::fs::read_to_string(&cluster.config).unwrap();
+    let scylla = orderflow::config::Config::from_toml(&text)
+        .unwrap()
+        .scylla
+        .unwrap();
+    let kafka = KafkaConfig {
+        bootstrap_servers: kafka_bootstrap(),
+        topic_prefix: cluster.prefix.clone(),
+        ..KafkaConfig::default()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &kafka.bootstrap_servers)
+            .create()
+            .unwrap();
+        let topic = topic_name(&kafka.topic_prefix, Topic::Orders);
+        let spaced = "4242 4242 4242 4242 ";
+        for (header, value) in [(PAN, "x".to_owned()), ("v9", format!("card {spaced}"))] {
+            let headers = OwnedHeaders::new().insert(Header {
+                key: "orderflow-kind",
+                value: Some(header),
+            });
+            producer
+                .send(
+                    FutureRecord::to(&topic)
+                        .partition(0)
+                        .key("k")
+                        .payload(&value)
+                        .headers(headers),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+    });
+    // A restock and an order behind them on partition 0 (offsets 2, 3).
+    let sku = (0..)
+        .map(|i| format!("D-RAW-{i}"))
+        .find(|s| partition_for_key(s.as_bytes(), PARTITIONS) == 0)
+        .unwrap();
+    let base = cluster.base(0);
+    set_stock(&base, &sku, 1);
+    let r = client()
+        .post(format!("{base}/v1/orders"))
+        .json(&order_with_token("raw-ok", &sku, 1, "tok_visa"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    wait_until(
+        Duration::from_secs(60),
+        "the order behind them to confirm",
+        || order_view(&base, "raw-ok").is_some_and(|v| v["status"] == "confirmed"),
+    );
+
+    let blobs = rt.block_on(async {
+        let store = ScyllaStore::connect(&scylla, None).await.unwrap();
+        // A checkpoint past all four records.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let loaded = loop {
+            let loaded = store.load(Scope::Orders, 0).await.unwrap();
+            if let Some(l) = loaded.filter(|l| l.next_offset >= 4) {
+                break l;
+            }
+            assert!(Instant::now() < deadline, "no checkpoint past the records");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let manifest = orderflow::stages::snapshot::Manifest::decode(0, &loaded.manifest).unwrap();
+        let mut blobs = vec![loaded.manifest.clone()];
+        let refs = manifest.blobs();
+        let read = store.read_blobs(Scope::Orders, 0, &refs).await.unwrap();
+        blobs.extend(read.into_iter().flatten());
+        blobs
+    });
+    let lane: Value = client()
+        .get(format!("{base}/v1/admin/parked"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    // The first record is parked (its bytes hold no card number; the
+    // header is not kept), the second refused.
+    let offsets: Vec<&Value> = lane["parked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| &r["offset"])
+        .collect();
+    assert_eq!(offsets, [&json!(0)], "{lane}");
+
+    let parked = rt.block_on(async {
+        let topics = [(Topic::Orders, PARTITIONS), (Topic::Parked, PARTITIONS)];
+        let log = KafkaLog::connect(&kafka, &topics, 1 << 20, Arc::new(Metrics::new()))
+            .await
+            .unwrap();
+        let (_, high) = log.offsets(Topic::Parked, 0).unwrap();
+        let records = log
+            .read(Topic::Parked, 0, 0, 100, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(records.len() as u64, high);
+        log.close().await;
+        records
+    });
+    let events: Vec<ParkEvent> = parked
+        .iter()
+        .map(|r| ParkEvent::decode(&r.value).unwrap())
+        .collect();
+    let refused = events
+        .iter()
+        .filter(|e| matches!(e, ParkEvent::Refused(_)))
+        .count();
+    let parked_events = events
+        .iter()
+        .filter(|e| matches!(e, ParkEvent::Parked(_)))
+        .count();
+    assert_eq!((refused, parked_events), (1, 1), "{events:?}");
+
+    assert!(cluster.nodes[0].terminate().success());
+    let output = cluster.nodes[0].output_text();
+    let digits = PAN.as_bytes();
+    let holds = |bytes: &[u8]| bytes.windows(digits.len()).any(|w| w == digits);
+    assert!(!holds(output.as_bytes()), "the output holds a card number");
+    assert!(
+        !output.contains("4242 4242"),
+        "the output holds a card number"
+    );
+    for bytes in parked.iter().map(|r| &r.value).chain(&blobs) {
+        assert!(!holds(bytes), "a record or blob holds a card number");
+        let spaced = b"4242 4242";
+        assert!(!bytes.windows(spaced.len()).any(|w| w == spaced));
+    }
+}

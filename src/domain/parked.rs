@@ -79,9 +79,10 @@ pub enum ParkEvent {
         partition: u32,
         offset: u64,
     },
-    /// Not set aside: the lane was at its bound (`processor.max_parked_*`).
-    /// The record is kept here, bytes included, for an operator to act on;
-    /// it never entered the lane.
+    /// Not set aside: the lane was at its bound (`processor.max_parked_*`),
+    /// or the record holds a card number. The record is kept here for an
+    /// operator to act on (bytes included, card digits masked); it never
+    /// entered the lane.
     Refused(ParkedRecord),
 }
 

@@ -924,9 +924,10 @@ fn kind_of(message: &BorrowedMessage<'_>) -> RecordKind {
         // JSON; as an internal message the processor refuses it, the same
         // way on every replay.
         Some(h) => {
+            // Its length only: the value is anyone's bytes (a card number).
             tracing::warn!(
                 offset = message.offset(),
-                value = ?h.value.map(String::from_utf8_lossy),
+                value_bytes = h.value.map_or(0, <[u8]>::len),
                 "unknown {KIND_HEADER} header; read as an internal record"
             );
             RecordKind::Internal
