@@ -238,3 +238,86 @@ fn replay_diff_lists_orders_decided_differently() {
     assert_eq!(summary["differ"], 2, "{text}");
     assert!(summary["orders"].as_u64().unwrap() >= 5, "{text}");
 }
+
+/// `orders-parked` is an audit trail kept up to `log.retention_bytes`:
+/// after many park events its oldest segments are gone, while the lane
+/// itself (in the checkpoints) still lists the parked record.
+#[test]
+fn orders_parked_is_trimmed_by_retention() {
+    use orderflow::config::LogConfig;
+    use orderflow::pipeline::log::embedded::EmbeddedLog;
+    use orderflow::pipeline::log::{Log, Topic};
+    use orderflow::sinks::metrics::Metrics;
+
+    const RETRIES: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("orderflow.toml");
+    std::fs::write(
+        &config,
+        "partitions = 1\nstatus_partitions = 1\n[log]\nsegment_size_bytes = 4096\nretention_bytes = 4096\nmax_record_bytes = 2048\n[checkpoint]\nevery_messages = 1\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let env = [
+        ("ORDERFLOW_FAULT_POISON_CUSTOMER", POISON),
+        ("ORDERFLOW_CONFIG", config.to_str().unwrap()),
+    ];
+    let mut server = start_server(&data, &env);
+    let base = server.base.clone();
+    set_stock(&base, "PK-R", 5);
+    let mut poison = order_body("pr-1", "PK-R", 1);
+    poison["customer_id"] = POISON.into();
+    post(&base, &poison);
+    wait_until(Duration::from_secs(30), "parked", || {
+        listed(&base).len() == 1
+    });
+    // Each retry parks the record again: two events (retried, parked).
+    for _ in 0..RETRIES {
+        let (ok, _) = parked(&base, &["retry"]);
+        assert!(ok, "parked retry failed");
+    }
+    assert!(server.terminate().success(), "drained");
+
+    let server = start_server(&data, &env);
+    assert_eq!(listed(&server.base).len(), 1, "the lane kept its record");
+    drop(server);
+    let log = EmbeddedLog::open(
+        &data.join("log"),
+        &[
+            (Topic::Orders, 1),
+            (Topic::OrderStatus, 1),
+            (Topic::Parked, 1),
+        ],
+        &LogConfig {
+            segment_size_bytes: 4096,
+            retention_bytes: 4096,
+            max_record_bytes: 2048,
+            ..LogConfig::default()
+        },
+        std::sync::Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    let (low, high) = log.offsets(Topic::Parked, 0).unwrap();
+    assert!(high > 2 * RETRIES as u64, "every event was written: {high}");
+    assert!(
+        low > 0,
+        "retention deleted the oldest segments: {low}..{high}"
+    );
+    let bytes: u64 = std::fs::read_dir(data.join("log").join("orders-parked"))
+        .unwrap()
+        .flat_map(|e| walk(&e.unwrap().path()))
+        .sum();
+    assert!(bytes < 4 * 4096, "orders-parked holds {bytes} bytes");
+}
+
+/// Total size of the files under `path`.
+fn walk(path: &std::path::Path) -> Vec<u64> {
+    if path.is_dir() {
+        std::fs::read_dir(path)
+            .unwrap()
+            .flat_map(|e| walk(&e.unwrap().path()))
+            .collect()
+    } else {
+        vec![std::fs::metadata(path).unwrap().len()]
+    }
+}
