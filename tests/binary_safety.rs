@@ -101,47 +101,22 @@ fn card_numbers_never_stored_or_logged() {
         || order_view(&server.base, "ok-1").is_some_and(|v| v["status"] == "confirmed"),
     );
     assert!(server.terminate().success());
-    let output = server.output_text();
-    let mut files = Vec::new();
-    let mut stack = vec![dir.path().to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(d).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path)
-            } else {
-                files.push(path)
-            }
-        }
-    }
+    let files = files_under(dir.path(), None);
     assert!(
         files.len() > 2,
         "the data directory holds the log and the store"
     );
-    for pan in PANS {
-        for needle in [pan.to_owned(), digits(pan)] {
-            assert!(!output.contains(&needle), "output holds a card number");
-            for f in &files {
-                let bytes = std::fs::read(f).unwrap();
-                assert!(
-                    !contains(&bytes, needle.as_bytes()),
-                    "{} holds a card number",
-                    f.display()
-                );
-            }
-        }
-    }
+    assert_no_card_numbers(&server.output_text(), &files);
 }
 
-/// Every file under `dir`, but the `orders` log an upstream system wrote.
-fn files_but_orders(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let orders = dir.join("log").join("orders");
+/// Every file under `dir`, but those under `skip`.
+fn files_under(dir: &std::path::Path, skip: Option<&std::path::Path>) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         for entry in std::fs::read_dir(d).unwrap() {
             let path = entry.unwrap().path();
-            if path == orders {
+            if Some(path.as_path()) == skip {
                 continue;
             }
             if path.is_dir() {
@@ -152,6 +127,23 @@ fn files_but_orders(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     files
+}
+
+/// Fails if `output` or any of `files` holds one of [`PANS`], spaced or not.
+fn assert_no_card_numbers(output: &str, files: &[std::path::PathBuf]) {
+    for pan in PANS {
+        for needle in [pan.to_owned(), digits(pan)] {
+            assert!(!output.contains(&needle), "output holds a card number");
+            for f in files {
+                let bytes = std::fs::read(f).unwrap();
+                assert!(
+                    !contains(&bytes, needle.as_bytes()),
+                    "{} holds a card number",
+                    f.display()
+                );
+            }
+        }
+    }
 }
 
 /// Records on the log that cannot be decoded and hold a card number (in
@@ -274,21 +266,10 @@ fn card_numbers_in_raw_records_never_reach_the_park_lane() {
     assert_eq!(refused, 2, "{events:?}");
     assert!(!events.iter().any(|e| matches!(e, ParkEvent::Parked(_))));
 
-    let files = files_but_orders(dir.path());
+    // All but the `orders` log the upstream system wrote.
+    let files = files_under(dir.path(), Some(&dir.path().join("log").join("orders")));
     assert!(files.iter().any(|f| f.ends_with("state.redb")));
-    for pan in PANS {
-        for needle in [pan.to_owned(), digits(pan)] {
-            assert!(!output.contains(&needle), "output holds a card number");
-            for f in &files {
-                let bytes = std::fs::read(f).unwrap();
-                assert!(
-                    !contains(&bytes, needle.as_bytes()),
-                    "{} holds a card number",
-                    f.display()
-                );
-            }
-        }
-    }
+    assert_no_card_numbers(&output, &files);
 }
 
 /// SIGTERM drains and exits 0; while running, a second process on the

@@ -12,19 +12,7 @@ pub const PAN_MAX_DIGITS: usize = 19;
 
 /// True if `text` holds a 13–19 digit run that passes the Luhn check.
 pub fn contains_pan(text: &[u8]) -> bool {
-    let mut i = 0;
-    while i < text.len() {
-        if !text[i].is_ascii_digit() {
-            i += 1;
-            continue;
-        }
-        let (end, digits, count) = digit_run(text, i);
-        if (PAN_MIN_DIGITS..=PAN_MAX_DIGITS).contains(&count) && luhn_valid(&digits[..count]) {
-            return true;
-        }
-        i = end;
-    }
-    false
+    pan_spans(text).next().is_some()
 }
 
 /// `text` with the digits of every card number in it replaced by `#`
@@ -32,25 +20,36 @@ pub fn contains_pan(text: &[u8]) -> bool {
 /// operator without the number. `None` when it holds none.
 pub fn redact_pans(text: &[u8]) -> Option<Vec<u8>> {
     let mut out: Option<Vec<u8>> = None;
-    let mut i = 0;
-    while i < text.len() {
-        if !text[i].is_ascii_digit() {
-            i += 1;
-            continue;
-        }
-        let (end, digits, count) = digit_run(text, i);
-        if (PAN_MIN_DIGITS..=PAN_MAX_DIGITS).contains(&count) && luhn_valid(&digits[..count]) {
-            let redacted = out.get_or_insert_with(|| text.to_vec());
-            for b in &mut redacted[i..end] {
-                if b.is_ascii_digit() {
-                    *b = b'#';
-                }
+    for span in pan_spans(text) {
+        let redacted = out.get_or_insert_with(|| text.to_vec());
+        for b in &mut redacted[span] {
+            if b.is_ascii_digit() {
+                *b = b'#';
             }
         }
-        i = end;
     }
     debug_assert!(out.as_deref().is_none_or(|r| !contains_pan(r)));
     out
+}
+
+/// The byte ranges of the card numbers in `text`, in order.
+fn pan_spans(text: &[u8]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        while i < text.len() {
+            if !text[i].is_ascii_digit() {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            let (end, digits, count) = digit_run(text, start);
+            i = end;
+            if (PAN_MIN_DIGITS..=PAN_MAX_DIGITS).contains(&count) && luhn_valid(&digits[..count]) {
+                return Some(start..end);
+            }
+        }
+        None
+    })
 }
 
 /// Reads the digit run starting at `start` (digits, optionally separated by

@@ -463,15 +463,8 @@ impl Processor {
             (RecordKind::OrderJson, _) => Some(format!("ord-{}-{}", self.partition, input.offset)),
             (RecordKind::Internal, _) => None,
         };
-        match order_id {
-            Some(id) => {
-                let mut ctx = self.ctx(input, status_offset, out);
-                if !ctx.knows(&id) {
-                    ctx.reject(&id, RejectReason::ParkLaneFull, None);
-                }
-            }
-            None => out.parked.push(ParkEvent::Refused(record)),
-        }
+        let reason = RejectReason::ParkLaneFull;
+        self.refuse(input, status_offset, order_id, reason, record, out);
     }
 
     /// A record holding a card number is refused, never parked. An order
@@ -490,15 +483,39 @@ impl Processor {
             "offset {}: a record holding a card number was refused, not parked",
             input.offset
         ));
-        match input.kind {
-            RecordKind::OrderJson => {
-                let id = format!("ord-{}-{}", self.partition, input.offset);
+        let order_id = (input.kind == RecordKind::OrderJson)
+            .then(|| format!("ord-{}-{}", self.partition, input.offset));
+        let reason = RejectReason::PanDetected;
+        self.refuse(
+            input,
+            status_offset,
+            order_id,
+            reason,
+            record.redacted(),
+            out,
+        );
+    }
+
+    /// A record not set aside: an order (`order_id`) ends `rejected` with
+    /// `reason` unless it already has a status; any other record goes to
+    /// `orders-parked` as refused.
+    fn refuse(
+        &mut self,
+        input: &Input<'_>,
+        status_offset: u64,
+        order_id: Option<String>,
+        reason: RejectReason,
+        record: ParkedRecord,
+        out: &mut Output,
+    ) {
+        match order_id {
+            Some(id) => {
                 let mut ctx = self.ctx(input, status_offset, out);
                 if !ctx.knows(&id) {
-                    ctx.reject(&id, RejectReason::PanDetected, None);
+                    ctx.reject(&id, reason, None);
                 }
             }
-            RecordKind::Internal => out.parked.push(ParkEvent::Refused(record.redacted())),
+            None => out.parked.push(ParkEvent::Refused(record)),
         }
     }
 
