@@ -230,6 +230,12 @@ pub async fn run(
         for problem in &flush.problems {
             tracing::error!(partition, %problem, "record skipped");
         }
+        let next = core.next_offset();
+        // Before the statuses are appended: whoever sees an order's status
+        // then reads stock that includes it. Safe before durability: the
+        // input is durable, so a replay computes the very same counts.
+        deps.inventory.refused(partition, &flush.stock_refused);
+        publish_stock(&deps, core.processor(), &flush.stock_touched, next);
         append_all(&deps, partition, flush.appends).await?;
         for effect in core.confirm_durable() {
             deps.effects
@@ -237,9 +243,6 @@ pub async fn run(
                 .await
                 .map_err(|_| RunnerError::ExecutorGone { partition })?;
         }
-        let next = core.next_offset();
-        deps.inventory.refused(partition, &flush.stock_refused);
-        publish_stock(&deps, core.processor(), &flush.stock_touched, next);
         publish_parked(&deps, core.processor(), partition);
         publish_sizes(&deps, core.state(), partition);
         deps.backlog.processed(partition, next);
