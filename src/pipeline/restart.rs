@@ -57,7 +57,7 @@ impl Deaths {
     /// The task died at `now_ms` (a monotonic clock, never going back).
     pub fn died(&mut self, now_ms: u64) -> Verdict {
         assert!(self.recent_ms.back().is_none_or(|last| *last <= now_ms));
-        self.forget_before(now_ms.saturating_sub(self.policy.window_ms));
+        self.forget_older(now_ms);
         self.recent_ms.push_back(now_ms);
         let deaths = self.recent_ms.len() as u32;
         assert!(deaths <= self.policy.max_deaths + 1);
@@ -70,10 +70,15 @@ impl Deaths {
         }
     }
 
-    /// Deaths at or before `cutoff_ms` no longer count: the task ran
-    /// for a whole window since.
-    fn forget_before(&mut self, cutoff_ms: u64) {
-        while self.recent_ms.front().is_some_and(|t| *t <= cutoff_ms) {
+    /// Deaths a whole window before `now_ms` no longer count: the task
+    /// ran that long since.
+    fn forget_older(&mut self, now_ms: u64) {
+        let window_ms = self.policy.window_ms;
+        while self
+            .recent_ms
+            .front()
+            .is_some_and(|t| now_ms - t >= window_ms)
+        {
             self.recent_ms.pop_front();
         }
     }
