@@ -54,6 +54,12 @@ impl Backlog {
         self.processed(partition, DOWN);
     }
 
+    /// `partition` is not run here any more (its dead runner will not be
+    /// restarted: the partition is stopping or moving to another owner).
+    pub fn disown(&self, partition: u32) {
+        self.processed(partition, NOT_OWNED);
+    }
+
     /// Whether the runner of `partition` died here and runs no more.
     pub fn is_down(&self, partition: u32) -> bool {
         self.next

@@ -146,7 +146,7 @@ where
             }
             if *stop.borrow() != running {
                 tracing::error!(task = %name, %panic, "partition task panicked while stopping");
-                return T::default();
+                return s.stopped_dead(name);
             }
             let backoff_ms = match deaths.died(clock.elapsed().as_millis() as u64) {
                 Verdict::Restart { backoff_ms, deaths } => {
@@ -161,7 +161,7 @@ where
             let backoff = tokio::time::sleep(Duration::from_millis(backoff_ms));
             tokio::select! {
                 _ = backoff => {}
-                _ = stop.wait_for(|mode| *mode != running) => return T::default(),
+                _ = stop.wait_for(|mode| *mode != running) => return s.stopped_dead(name),
             }
             s.metrics
                 .task_restarts
@@ -172,6 +172,16 @@ where
 }
 
 impl Supervision {
+    /// A dead task's partition stops here before it was restarted: a
+    /// runner's partition may be owned elsewhere next, and must not stay
+    /// refused here.
+    fn stopped_dead<T: Default>(&self, name: TaskName) -> T {
+        if name.topic == Topic::Orders {
+            self.backlog.disown(name.partition);
+        }
+        T::default()
+    }
+
     /// `name` kept dying: not ready from now on, naming it (not the panic,
     /// which only the log shows: `/readyz` is public); distributed, stop.
     async fn give_up(&self, name: TaskName, panic: &str, deaths: u32) {
@@ -519,5 +529,89 @@ async fn run_runner(
             let _ = d.fatal.send(e.to_string()).await;
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use super::*;
+
+    fn supervision(max_deaths: u32) -> (Supervision, mpsc::Receiver<String>) {
+        let (fatal, fatal_rx) = mpsc::channel(4);
+        let s = Supervision {
+            policy: RestartPolicy {
+                initial_backoff_ms: 1,
+                max_backoff_ms: 2,
+                max_deaths,
+                window_ms: 60_000,
+            },
+            metrics: Arc::new(Metrics::with_top_skus(0)),
+            health: Arc::new(Health::new()),
+            backlog: Arc::new(Backlog::new(4)),
+            fatal,
+            stop_when_down: true,
+        };
+        (s, fatal_rx)
+    }
+
+    const RUNNER_2: TaskName = TaskName {
+        task: "runner",
+        topic: Topic::Orders,
+        partition: 2,
+    };
+
+    /// A task that panics on its first `panics` runs, then returns `runs`.
+    fn flaky(panics: u32) -> impl FnMut() -> BoxFuture<'static, u32> + Send + 'static {
+        let runs = Arc::new(AtomicU32::new(0));
+        move || {
+            let runs = runs.clone();
+            async move {
+                let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                assert!(run > panics, "injected panic {run}");
+                run
+            }
+            .boxed()
+        }
+    }
+
+    /// Panicked runs are restarted and counted; the run that returns ends the watcher.
+    #[tokio::test]
+    async fn panics_are_restarted_and_counted() {
+        let (s, _fatal) = supervision(3);
+        let (_stop, rx) = watch::channel(Stop::Run);
+        let runs = spawn_watched(s.clone(), RUNNER_2, rx, Stop::Run, flaky(3));
+        assert_eq!(runs.await.unwrap(), 4);
+        let restarts = s.metrics.task_restarts.with_label_values(&["runner", "2"]);
+        assert_eq!(restarts.get(), 3);
+        assert!(s.health.down_reasons().is_empty());
+    }
+
+    /// One death too many: down in `/readyz`, the partition refused, the fatal path told.
+    #[tokio::test]
+    async fn a_task_that_keeps_dying_is_given_up_on() {
+        let (s, mut fatal) = supervision(2);
+        let (_stop, rx) = watch::channel(Stop::Run);
+        let runs = spawn_watched(s.clone(), RUNNER_2, rx, Stop::Run, flaky(u32::MAX));
+        assert_eq!(runs.await.unwrap(), 0);
+        let reason = "runner of orders partition 2 died 3 times within 60000 ms";
+        assert_eq!(s.health.down_reasons(), [reason]);
+        assert!(s.backlog.is_down(2));
+        assert_eq!(fatal.recv().await.as_deref(), Some(reason));
+        let down = s.metrics.task_down.with_label_values(&["runner", "2"]);
+        assert_eq!(down.get(), 1);
+    }
+
+    /// A task that dies while its partition stops is not restarted, and
+    /// the partition is not left refused here.
+    #[tokio::test]
+    async fn no_restart_once_stopping() {
+        let (s, _fatal) = supervision(3);
+        let (stop, rx) = watch::channel(Stop::Now);
+        let runs = spawn_watched(s.clone(), RUNNER_2, rx, Stop::Run, flaky(1));
+        assert_eq!(runs.await.unwrap(), 0);
+        assert!(!s.backlog.is_down(2));
+        drop(stop);
     }
 }
