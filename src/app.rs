@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use anyhow::Context;
+use futures::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -33,7 +34,7 @@ use crate::pipeline::log::kafka::KafkaLog;
 use crate::pipeline::log::{Log, Topic};
 use crate::pipeline::membership::kafka::KafkaGroup;
 use crate::pipeline::membership::{Membership, Static};
-use crate::pipeline::runner::RunnerExit;
+use crate::pipeline::runner::{PanicFault, RunnerExit};
 use crate::pipeline::store::StateStore;
 use crate::pipeline::store::embedded::EmbeddedStore;
 use crate::pipeline::store::scylla::ScyllaStore;
@@ -220,6 +221,14 @@ async fn start_inner(
         None => (log.clone(), None),
     };
     let backlog = Arc::new(Backlog::new(config.partitions));
+    let supervision = supervisor::Supervision {
+        policy: config.supervisor.policy(),
+        metrics: metrics.clone(),
+        health: health.clone(),
+        backlog: backlog.clone(),
+        fatal: fatal_tx.clone(),
+        stop_when_down: config.kafka.is_some(),
+    };
     let deps = supervisor::Deps {
         log: log.clone(),
         store: store.clone(),
@@ -244,6 +253,8 @@ async fn start_inner(
             Stop::Drain
         },
         poison_customer: poison_customer(),
+        panic_runner: panic_runner(),
+        supervision: supervision.clone(),
     };
     let mut membership: Box<dyn Membership> = match &config.kafka {
         Some(k) => Box::new(KafkaGroup::new(k, metrics.clone())),
@@ -254,11 +265,10 @@ async fn start_inner(
     membership.start(changes_tx)?;
     let read_model = start_read_model(
         &config,
-        &metrics,
+        &supervision,
         &log,
         &store,
         &tracking,
-        &fatal_tx,
         shutdown_rx.clone(),
     )
     .await?;
@@ -364,6 +374,37 @@ fn poison_customer() -> Option<String> {
     Some(customer)
 }
 
+/// Environment variable of the supervisor's test seam (debug builds only).
+pub const PANIC_RUNNER_ENV: &str = "ORDERFLOW_FAULT_PANIC_RUNNER";
+
+/// In debug builds only (the tests' binary), `ORDERFLOW_FAULT_PANIC_RUNNER
+/// = <partition>:<times>` makes that partition's runner panic on its next
+/// `times` batches, counted over its restarts, so the tests see the
+/// supervisor restart it and, past its death limit, give up; release
+/// builds never read it.
+fn panic_runner() -> Option<(u32, Arc<PanicFault>)> {
+    if !cfg!(debug_assertions) {
+        return None;
+    }
+    let value = std::env::var(PANIC_RUNNER_ENV).ok()?;
+    let parsed = value
+        .split_once(':')
+        .and_then(|(p, n)| Some((p.parse::<u32>().ok()?, n.parse::<u32>().ok()?)));
+    let Some((partition, times)) = parsed else {
+        tracing::warn!(
+            value,
+            "fault injection: {PANIC_RUNNER_ENV} is not <partition>:<times>; ignored"
+        );
+        return None;
+    };
+    tracing::warn!(
+        partition,
+        times,
+        "fault injection: this partition's runner will panic"
+    );
+    Some((partition, Arc::new(PanicFault::new(times))))
+}
+
 /// The log backend: Kafka when `[kafka]` is configured, else the embedded
 /// segment log in `data_dir/log`. The one place it is chosen.
 async fn open_log(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<dyn Log>> {
@@ -426,13 +467,13 @@ pub const TOKEN_SECRET: &str = "tracking-token-key";
 /// own (their reads must not disturb the sinks' positions on the shared one).
 async fn start_read_model(
     config: &Config,
-    metrics: &Arc<Metrics>,
+    supervision: &supervisor::Supervision,
     log: &Arc<dyn Log>,
     store: &Arc<dyn StateStore>,
     tracking: &Arc<Tracking>,
-    fatal: &mpsc::Sender<String>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let (metrics, fatal) = (&supervision.metrics, &supervision.fatal);
     let log: Arc<dyn Log> = match &config.kafka {
         Some(kafka) => Arc::new(
             KafkaLog::connect(
@@ -455,12 +496,23 @@ async fn start_read_model(
                 stop.clone(),
                 fatal.clone(),
             );
-            tokio::spawn(async move {
-                if let Err(e) = tracking::run_consumer(t, l, s, p, rx).await {
-                    tracing::error!(error = %e, "read model consumer failed");
-                    let _ = fatal.send(e.to_string()).await;
+            let consumer = move || {
+                let run = tracking::run_consumer(t.clone(), l.clone(), s.clone(), p, rx.clone());
+                let fatal = fatal.clone();
+                async move {
+                    if let Err(e) = run.await {
+                        tracing::error!(error = %e, "read model consumer failed");
+                        let _ = fatal.send(e.to_string()).await;
+                    }
                 }
-            })
+                .boxed()
+            };
+            let name = supervisor::TaskName {
+                task: "read_model",
+                topic: Topic::OrderStatus,
+                partition: p,
+            };
+            supervisor::spawn_watched(supervision.clone(), name, stop.clone(), false, consumer)
         })
         .collect())
 }

@@ -29,6 +29,8 @@ pub struct Config {
     pub http: HttpConfig,
     pub intake: IntakeConfig,
     pub metrics: MetricsConfig,
+    /// `[supervisor]`: how dead partition tasks are restarted.
+    pub supervisor: SupervisorConfig,
     /// `[notifications]`: webhooks and email; absent = no notifications.
     pub notifications: Option<NotificationsConfig>,
     /// `[kafka]`: Apache Kafka is the log (distributed deployment);
@@ -431,6 +433,63 @@ pub struct IntakeConfig {
     pub max_rss_bytes: u64,
 }
 
+/// `[supervisor]`: a partition task (runner or sink) that panics is
+/// restarted from its checkpoint after a back-off doubling from
+/// `restart_initial_backoff_ms` to `restart_max_backoff_ms`; one that dies
+/// more than `max_deaths` times within `death_window_ms` is given up on
+/// (see `crate::pipeline::restart`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisorConfig {
+    pub restart_initial_backoff_ms: u64,
+    pub restart_max_backoff_ms: u64,
+    pub max_deaths: u32,
+    pub death_window_ms: u64,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        SupervisorConfig {
+            restart_initial_backoff_ms: 100,
+            restart_max_backoff_ms: 10_000,
+            max_deaths: 5,
+            death_window_ms: 60_000,
+        }
+    }
+}
+
+impl SupervisorConfig {
+    pub fn policy(&self) -> crate::pipeline::restart::RestartPolicy {
+        crate::pipeline::restart::RestartPolicy {
+            initial_backoff_ms: self.restart_initial_backoff_ms,
+            max_backoff_ms: self.restart_max_backoff_ms,
+            max_deaths: self.max_deaths,
+            window_ms: self.death_window_ms,
+        }
+    }
+
+    /// Checks the bounds `Deaths` asserts, with the key that breaks them.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let initial = self.restart_initial_backoff_ms;
+        check_ranges(&[
+            ("supervisor.restart_initial_backoff_ms", initial, 1, 60_000),
+            (
+                "supervisor.restart_max_backoff_ms",
+                self.restart_max_backoff_ms,
+                initial,
+                600_000,
+            ),
+            ("supervisor.max_deaths", self.max_deaths.into(), 1, 1_000),
+            (
+                "supervisor.death_window_ms",
+                self.death_window_ms,
+                1_000,
+                86_400_000,
+            ),
+        ])
+    }
+}
+
 /// `[metrics]`: what the Prometheus metrics keep.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -465,6 +524,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             intake: IntakeConfig::default(),
             metrics: MetricsConfig::default(),
+            supervisor: SupervisorConfig::default(),
             notifications: None,
             kafka: None,
             scylla: None,
@@ -742,6 +802,7 @@ impl Config {
             1 << 20,
         )?;
         self.http.validate()?;
+        self.supervisor.validate()?;
         range("intake.max_inflight", self.intake.max_inflight, 1, 1 << 20)?;
         range(
             "intake.max_backlog_records",

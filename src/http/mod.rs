@@ -69,12 +69,15 @@ pub struct AppState {
 /// Liveness flags the app flips: `ready` once partitions are recovered
 /// (`/readyz`), `accepting` false once shutdown begins (writes answer 503
 /// `shutting_down`, open SSE streams end). `gateway` is the payment
-/// gateway's circuit breaker, shown (not judged) by `/readyz`.
+/// gateway's circuit breaker, shown (not judged) by `/readyz`. `down`
+/// names the partition tasks the supervisor gave up on (they kept dying):
+/// while any is, the instance is not ready whatever `ready` says.
 #[derive(Debug)]
 pub struct Health {
     pub ready: AtomicBool,
     pub accepting: AtomicBool,
     pub gateway: Option<Arc<crate::gateway::breaker::Breaker>>,
+    pub down: std::sync::Mutex<Vec<String>>,
 }
 
 impl Health {
@@ -84,11 +87,28 @@ impl Health {
             ready: AtomicBool::new(false),
             accepting: AtomicBool::new(true),
             gateway: None,
+            down: std::sync::Mutex::new(Vec::new()),
         }
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && self.down_reasons().is_empty()
+    }
+
+    /// A task is dead for good: `/readyz` fails with `reason` from now on.
+    pub fn mark_down(&self, reason: String) {
+        self.down
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(reason);
+    }
+
+    /// Why the instance is not ready beyond starting up, if it is not.
+    pub fn down_reasons(&self) -> Vec<String> {
+        self.down
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     pub fn is_accepting(&self) -> bool {

@@ -203,6 +203,16 @@ impl Problem {
         )
     }
 
+    /// `not_ready` because partition tasks kept dying and were given up on.
+    pub fn tasks_down(reasons: &[String]) -> Problem {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "Not ready",
+            format!("partition tasks are down: {}", reasons.join("; ")),
+        )
+    }
+
     pub fn too_many_streams(retry_after_s: u32) -> Problem {
         Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -239,6 +249,9 @@ impl Problem {
             Shed::Inflight => "too many orders are being taken at once",
             Shed::Backlog => "the order's partition is too far behind",
             Shed::Memory => "the server is above its memory bound",
+            Shed::Down => {
+                "the order's partition is not being processed (its runner died and is restarting, or was given up on)"
+            }
         };
         Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -422,11 +422,17 @@ pub(crate) async fn healthz() -> &'static str {
 
 /// `GET /readyz`: 200 `{"status": "ready", "gateway": {"gateway": NAME,
 /// "breaker": "closed" | "half_open" | "open"}}` once every partition is
-/// recovered, else 503. The breaker is shown, not judged: an open breaker
-/// still takes orders (they end `payment_failed`).
+/// recovered, else 503; the 503 names the partition tasks given up on, if
+/// any. The breaker is shown, not judged: an open breaker still takes
+/// orders (they end `payment_failed`).
 pub(crate) async fn readyz(State(ctx): State<Ctx>) -> Result<Response, Problem> {
-    if ctx.app.health.is_ready() {
-        let gateway = ctx.app.health.gateway.as_ref().map(|b| b.detail());
+    let health = &ctx.app.health;
+    let down = health.down_reasons();
+    if !down.is_empty() {
+        return Err(Problem::tasks_down(&down));
+    }
+    if health.is_ready() {
+        let gateway = health.gateway.as_ref().map(|b| b.detail());
         Ok(axum::Json(serde_json::json!({"status": "ready", "gateway": gateway})).into_response())
     } else {
         Err(Problem::not_ready())

@@ -6,6 +6,10 @@
 //!
 //! Only partitions this instance runs are known: distributed, an order
 //! whose partition another instance owns is not checked here.
+//!
+//! A partition whose runner died is marked down until a restarted runner
+//! owns it again (or for good, once the supervisor gave up on it): intake
+//! refuses its orders rather than accept what nobody will process.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -13,6 +17,8 @@ use crate::pipeline::log::{Log, Topic};
 
 /// `next` of a partition no runner of this instance owns.
 const NOT_OWNED: u64 = u64::MAX;
+/// `next` of a partition whose runner died here and is not running again.
+const DOWN: u64 = u64::MAX - 1;
 
 pub struct Backlog {
     next: Vec<AtomicU64>,
@@ -43,11 +49,29 @@ impl Backlog {
         }
     }
 
+    /// The runner of `partition` died; a restarted one calls [`Backlog::own`].
+    pub fn down(&self, partition: u32) {
+        self.processed(partition, DOWN);
+    }
+
+    /// `partition` is not run here any more (its dead runner will not be
+    /// restarted: the partition is stopping or moving to another owner).
+    pub fn disown(&self, partition: u32) {
+        self.processed(partition, NOT_OWNED);
+    }
+
+    /// Whether the runner of `partition` died here and runs no more.
+    pub fn is_down(&self, partition: u32) -> bool {
+        self.next
+            .get(partition as usize)
+            .is_some_and(|slot| slot.load(Ordering::Acquire) == DOWN)
+    }
+
     /// Records of `partition` appended but not yet read by its runner;
-    /// `None` when this instance does not run it.
+    /// `None` when this instance does not run it (or its runner is down).
     pub fn lag(&self, log: &dyn Log, partition: u32) -> Option<u64> {
         let next = self.next.get(partition as usize)?.load(Ordering::Acquire);
-        if next == NOT_OWNED {
+        if next == NOT_OWNED || next == DOWN {
             return None;
         }
         let (_, high) = log.offsets(Topic::Orders, partition).ok()?;
@@ -63,6 +87,35 @@ pub struct Owned<'a> {
 
 impl Drop for Owned<'_> {
     fn drop(&mut self) {
-        self.backlog.processed(self.partition, NOT_OWNED);
+        // A runner unwinding from a panic is down from this instant on,
+        // before the supervisor even notices: no order slips in between.
+        let next = if std::thread::panicking() {
+            DOWN
+        } else {
+            NOT_OWNED
+        };
+        self.backlog.processed(self.partition, next);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A runner that panics leaves its partition down, one that returns
+    /// leaves it unowned; owning it again brings it back.
+    #[test]
+    fn a_panicking_owner_leaves_the_partition_down() {
+        let backlog = Backlog::new(2);
+        drop(backlog.own(0, 5));
+        assert!(!backlog.is_down(0));
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _owned = backlog.own(1, 5);
+            panic!("injected");
+        }));
+        assert!(unwound.is_err());
+        assert!(backlog.is_down(1));
+        let _owned = backlog.own(1, 5);
+        assert!(!backlog.is_down(1));
     }
 }

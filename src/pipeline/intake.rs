@@ -13,7 +13,8 @@
 //! `Retry-After`) before it costs a log append when the process is above
 //! `intake.max_rss_bytes`, when `intake.max_inflight` orders are being
 //! taken already, or when its partition's runner is more than
-//! `intake.max_backlog_records` behind. Shedding here, and not only at the
+//! `intake.max_backlog_records` behind, or has died and is not running
+//! again yet (`down`: the supervisor restarts it). Shedding here, and not only at the
 //! log's append queue, keeps that queue free for what orderflow writes
 //! itself (payment results, saga messages, statuses): those are never
 //! shed, and under overload the accepted orders still finish.
@@ -102,6 +103,8 @@ pub enum Shed {
     Backlog,
     /// The process was above `intake.max_rss_bytes`.
     Memory,
+    /// The order's partition runner died and is not running again yet.
+    Down,
 }
 
 impl Shed {
@@ -110,6 +113,7 @@ impl Shed {
             Shed::Inflight => "inflight",
             Shed::Backlog => "backlog",
             Shed::Memory => "memory",
+            Shed::Down => "partition_down",
         }
     }
 }
@@ -340,13 +344,17 @@ impl Intake {
         })
     }
 
-    /// Sheds `orders` new orders for `partition` if its runner is too far behind.
+    /// Sheds `orders` new orders for `partition` if its runner is too far
+    /// behind, or dead.
     fn check_backlog(&self, partition: u32, orders: u64) -> Result<(), Shed> {
         let a = &self.admission;
-        let lag = a
-            .backlog
-            .as_ref()
-            .and_then(|b| b.lag(self.log.as_ref(), partition));
+        let Some(backlog) = a.backlog.as_ref() else {
+            return Ok(());
+        };
+        if backlog.is_down(partition) {
+            return Err(self.shed(Shed::Down, orders));
+        }
+        let lag = backlog.lag(self.log.as_ref(), partition);
         match lag {
             Some(lag) if lag > a.max_backlog_records => Err(self.shed(Shed::Backlog, orders)),
             _ => Ok(()),
@@ -476,13 +484,13 @@ impl Intake {
             }
         }
         by_partition.retain(|&partition, items| {
-            let shed = self.check_backlog(partition, items.len() as u64).is_err();
-            if shed {
+            let shed = self.check_backlog(partition, items.len() as u64).err();
+            if let Some(reason) = shed {
                 for (i, _, _) in items.iter() {
-                    results[*i] = Some(Err(IntakeError::Overloaded(Shed::Backlog)));
+                    results[*i] = Some(Err(IntakeError::Overloaded(reason)));
                 }
             }
-            !shed
+            shed.is_none()
         });
         let jobs = by_partition
             .into_iter()

@@ -9,6 +9,7 @@ pub mod inventory;
 pub mod log;
 pub mod membership;
 pub mod parked;
+pub mod restart;
 pub mod runner;
 pub mod store;
 pub mod supervisor;

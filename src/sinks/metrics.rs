@@ -84,6 +84,10 @@ pub struct Metrics {
     pub partition_replayed_records: IntCounterVec,
     /// Checkpoint writes refused because a newer owner claimed the partition.
     pub checkpoint_fenced: IntCounterVec,
+    /// Partition tasks restarted after they died, by task and partition.
+    pub task_restarts: IntCounterVec,
+    /// 1 for a partition task given up on (it kept dying), by task and partition.
+    pub task_down: IntGaugeVec,
     /// Records in a partition's park lane now.
     pub parked_records: IntGaugeVec,
     /// Age of the oldest parked record of a partition (0 when none).
@@ -296,6 +300,16 @@ impl Metrics {
                 "orderflow_checkpoint_fenced_total",
                 "Checkpoint writes refused because a newer owner claimed the partition.",
                 &["partition"],
+            ),
+            task_restarts: counter(
+                "orderflow_task_restarts_total",
+                "Partition tasks restarted after they died (panicked), by task and partition.",
+                &["task", "partition"],
+            ),
+            task_down: gauge(
+                "orderflow_task_down",
+                "1 for a partition task given up on because it kept dying, by task and partition.",
+                &["task", "partition"],
             ),
             parked_records: gauge(
                 "orderflow_parked_records",

@@ -18,6 +18,7 @@ pub mod core;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -29,6 +30,7 @@ use crate::pipeline::backlog::Backlog;
 use crate::pipeline::effects::EffectSender;
 use crate::pipeline::inventory::{Inventory, StockCounts};
 use crate::pipeline::log::{Log, LogError, LogRecord, Record, Topic};
+use crate::pipeline::restart::SignalOnce;
 use crate::pipeline::store::{Scope, SnapshotWrite, StateStore, StoreError, with_retries};
 use crate::pipeline::supervisor::Stop;
 use crate::sinks::metrics::Metrics;
@@ -71,12 +73,37 @@ pub struct RunnerDeps {
     pub limits: Limits,
     /// Ownership epoch (fences the checkpoints of a former owner).
     pub epoch: u64,
-    /// Receives one permit once this partition has recovered (readiness).
-    pub recovered: Arc<tokio::sync::Semaphore>,
+    /// Sent once this partition has recovered (readiness).
+    pub recovered: Arc<SignalOnce>,
     /// Where intake reads how far behind this partition is.
     pub backlog: Arc<Backlog>,
     /// Test seam of the park lane (`Processor::poison_customer`).
     pub poison_customer: Option<String>,
+    /// Test seam of the supervisor: panics on the next batches.
+    pub panic_fault: Option<Arc<PanicFault>>,
+}
+
+/// A debug build's injected runner panic: the next `times` batches read
+/// (by this runner or the ones restarted after it) panic before they are
+/// applied, as a bug in processing would.
+#[derive(Debug)]
+pub struct PanicFault {
+    remaining: AtomicU32,
+}
+
+impl PanicFault {
+    pub fn new(times: u32) -> PanicFault {
+        PanicFault {
+            remaining: AtomicU32::new(times),
+        }
+    }
+
+    /// Whether this batch is to panic; counts it.
+    fn fires(&self) -> bool {
+        self.remaining
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+    }
 }
 
 /// What a runner reports when it stops cleanly.
@@ -202,7 +229,7 @@ pub async fn run(
                 restore_ms = started.elapsed().as_millis() as u64,
                 "partition recovered"
             );
-            deps.recovered.add_permits(1);
+            deps.recovered.send();
         }
         let mode = *stop.borrow();
         if mode == Stop::Now {
@@ -225,6 +252,9 @@ pub async fn run(
         };
         if records.is_empty() && stopping {
             break;
+        }
+        if !records.is_empty() && deps.panic_fault.as_ref().is_some_and(|f| f.fires()) {
+            panic!("injected fault: partition {partition} runner panics on this batch");
         }
         let flush = core.apply(records.iter().map(input));
         for problem in &flush.problems {

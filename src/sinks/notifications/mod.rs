@@ -461,14 +461,14 @@ struct Partition {
 
 /// Delivers the status events of one `order-status` partition until `stop`
 /// leaves `Stop::Run`; then reads no more, lets the deliveries in flight
-/// settle (or be interrupted) and records what settled. Adds a permit to
-/// `started` once its start position is known.
+/// settle (or be interrupted) and records what settled. Signals `started`
+/// once its start position is known.
 pub async fn run_partition(
     n: Arc<Notifier>,
     log: Arc<dyn Log>,
     partition: u32,
     stop: watch::Receiver<Stop>,
-    started: Arc<tokio::sync::Semaphore>,
+    started: Arc<crate::pipeline::restart::SignalOnce>,
 ) -> Result<(), NotifyError> {
     let store = n.store.clone();
     let epoch = with_retries("claim notifications", || {
@@ -477,7 +477,7 @@ pub async fn run_partition(
     .await
     .map_err(|source| NotifyError::Store { partition, source })?;
     let (next, state) = start_position(&n, log.as_ref(), partition, epoch).await?;
-    started.add_permits(1);
+    started.send();
     // Deliveries only need "stopping or not".
     let (shutdown_tx, mut shutdown) = watch::channel(false);
     let mut stop = stop;
