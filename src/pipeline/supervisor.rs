@@ -485,7 +485,6 @@ async fn run_runner(
         }
     };
     tracing::info!(partition, epoch, "partition claimed");
-    d.inventory.set_owned(partition, true);
     let panic_fault = d
         .panic_runner
         .as_ref()

@@ -184,6 +184,9 @@ pub async fn run(
         0,
     );
     publish_all_stock(&deps, core.processor(), loaded_next);
+    // Only now: until the loaded counters are published, stock reads go to
+    // the checkpoint rather than to an empty map.
+    deps.inventory.set_owned(partition, true);
     for effect in core.pending_effects() {
         deps.effects
             .submit(effect)
