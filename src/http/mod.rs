@@ -12,7 +12,7 @@
 //! | `GET /v1/admin/parked`, `GET /v1/admin/parked/{p}/{offset}` | admin | 200 JSON (the park lane), 404 `not_parked`/`no_such_partition` |
 //! | `POST /v1/admin/parked/{p}/retry`, `POST /v1/admin/parked/{p}/{offset}/drop` | admin | 202 (the command is in the log), 404 `no_such_partition` |
 //! | `POST /v1/admin/produce` | admin | 200 NDJSON (per-line results), 401, 403, 413, 503 `shutting_down` |
-//! | `GET /metrics`, `/healthz`, `/readyz` | none | 200; `/readyz` 503 `not_ready` |
+//! | `GET /metrics`, `/healthz`, `/readyz` | none | 200; `/readyz` 503 `not_ready`/`gateway_auth_failed` |
 //! | anything else | | 404 `not_found`, 405 `method_not_allowed` |
 //!
 //! Every route but the last three may also answer 429 `rate_limited` (per
@@ -62,7 +62,8 @@ pub struct AppState {
 /// Liveness flags the app flips: `ready` once partitions are recovered
 /// (`/readyz`), `accepting` false once shutdown begins (writes answer 503
 /// `shutting_down`, open SSE streams end). `gateway` is the payment
-/// gateway's circuit breaker, shown (not judged) by `/readyz`.
+/// gateway's circuit breaker, shown (not judged) by `/readyz`, which judges
+/// only whether the gateway refuses orderflow's credentials.
 #[derive(Debug)]
 pub struct Health {
     pub ready: AtomicBool,

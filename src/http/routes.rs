@@ -380,12 +380,17 @@ pub(crate) async fn healthz() -> &'static str {
 /// `GET /readyz`: 200 `{"status": "ready", "gateway": {"gateway": NAME,
 /// "breaker": "closed" | "half_open" | "open"}}` once every partition is
 /// recovered, else 503. The breaker is shown, not judged: an open breaker
-/// still takes orders (they end `payment_failed`).
+/// still takes orders (they end `payment_failed`). Refused gateway
+/// credentials are judged (503 `gateway_auth_failed`): every payment
+/// fails until someone fixes the key, which is what readiness is for.
 pub(crate) async fn readyz(State(ctx): State<Ctx>) -> Result<Response, Problem> {
-    if ctx.app.health.is_ready() {
-        let gateway = ctx.app.health.gateway.as_ref().map(|b| b.detail());
-        Ok(axum::Json(serde_json::json!({"status": "ready", "gateway": gateway})).into_response())
-    } else {
-        Err(Problem::not_ready())
+    if !ctx.app.health.is_ready() {
+        return Err(Problem::not_ready());
     }
+    let gateway = ctx.app.health.gateway.as_ref();
+    if gateway.is_some_and(|b| b.auth_failed()) {
+        return Err(Problem::gateway_auth_failed());
+    }
+    let gateway = gateway.map(|b| b.detail());
+    Ok(axum::Json(serde_json::json!({"status": "ready", "gateway": gateway})).into_response())
 }

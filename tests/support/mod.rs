@@ -87,11 +87,15 @@ pub fn start_server(data_dir: &Path, extra_env: &[(&str, &str)]) -> Server {
         cmd.env(k, v);
     }
     let (child, addr, output, readers) = spawn_and_read_address(cmd, "orderflow", |text| {
-        let i = text.find("addr=")?;
+        // `addr=IP:PORT` in text logs, `"addr":"IP:PORT"` in JSON ones.
+        let (i, len) = match text.find("addr=") {
+            Some(i) => (i, 5),
+            None => (text.find("\"addr\":\"")?, 8),
+        };
         Some(
-            text[i + 5..]
+            text[i + len..]
                 .chars()
-                .take_while(|c| !c.is_whitespace())
+                .take_while(|c| !c.is_whitespace() && *c != '"')
                 .collect(),
         )
     });

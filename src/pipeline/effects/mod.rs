@@ -12,19 +12,27 @@
 //! - Only retryable failures (`GatewayError::Unavailable`: network errors,
 //!   timeouts, 429, 5xx, an open circuit) are retried, with exponential
 //!   back-off (`gateway.retry_base_ms`, doubling, capped at 5 s) and jitter.
+//!   A refusal, a 2xx that does not show what was asked
+//!   (`GatewayError::Unexpected`) and refused credentials
+//!   (`GatewayError::AuthFailed`, 401/403) are answers: retrying under the
+//!   same key and secret cannot change them.
 //! - An **authorization** makes at most `gateway.max_attempts` attempts and
 //!   must finish within `gateway.payment_deadline_ms` from its start, the
 //!   call in flight included (rejections by an open circuit spend no
 //!   attempt: the authorization waits, backing off, for the gateway to come
 //!   back until its deadline); otherwise its result is
-//!   `PaymentOutcome::Failed { reason: "gateway_unavailable" }`, and the
-//!   processor releases the stock and voids (by order) whatever the
-//!   gateway may have authorized.
+//!   `PaymentOutcome::Failed` with the reason of its last error
+//!   (`GatewayError::reason`: `gateway_unavailable`, `gateway_auth_failed`,
+//!   `gateway_unexpected_status`, `gateway_amount_mismatch`,
+//!   `gateway_currency_mismatch`), and the processor releases the stock
+//!   and voids (by order) whatever the gateway may have authorized. Its
+//!   log line says "failed after retries" only when it was retried.
 //! - A **capture or void** is never given up while the process runs: money
 //!   must move as the processor decided. After `max_attempts` failed
-//!   attempts it is parked (holding no in-flight slot) and tried again
-//!   after 1 s, 2 s, ... up to 30 s (with jitter) until it succeeds or is
-//!   refused for good (logged). The parked count is the
+//!   attempts (at once on refused credentials) it is parked (holding no
+//!   in-flight slot) and tried again after 1 s, 2 s, ... up to 30 s (with
+//!   jitter) until it succeeds or ends for good (a refusal or an unexpected
+//!   answer, logged). The parked count is the
 //!   `orderflow_queue_depth{queue="effects_parked"}` gauge.
 //! - At shutdown (every runner gone) calls in flight and parked effects
 //!   are abandoned: they are still in the checkpointed outbox and run
@@ -53,10 +61,11 @@ use crate::sinks::metrics::Metrics;
 
 use policy::{Answer, Decision, RetryPolicy, Tries};
 
+/// Reason of `payment_failed` when every attempt failed.
+pub use crate::gateway::REASON_GATEWAY_UNAVAILABLE;
+
 /// Effects queued for the executor before runners wait (back-pressure).
 pub const EFFECT_QUEUE_DEPTH: usize = 65_536;
-/// Reason of `payment_failed` when every attempt failed.
-pub const REASON_GATEWAY_UNAVAILABLE: &str = "gateway_unavailable";
 
 #[derive(Clone)]
 pub struct EffectSender {
@@ -322,7 +331,7 @@ impl Executor {
             .retrier
             .attempts(&mut tries, since, || self.gateway.authorize(&req))
             .await;
-        authorization_outcome(&effect.order_id, answered)
+        authorization_outcome(&effect.order_id, answered, tries.answers())
     }
 
     /// Capture or void; true once done (or refused for good, which is
@@ -369,25 +378,51 @@ impl Executor {
                 Attempted::Closing => return false,
                 Attempted::Answered(Ok(())) => return true,
                 Attempted::Answered(Err(e)) => {
-                    // The policy ends a capture or void only on a refusal.
-                    let reason = match e {
-                        GatewayError::Refused(reason) => reason,
-                        other => other.to_string(),
-                    };
-                    tracing::error!(order_id = %effect.order_id, op, %reason, "gateway refused; giving up");
+                    // The policy ends a capture or void only on a refusal
+                    // or an unexpected answer: retrying cannot help.
+                    let answers = tries.answers();
+                    match (&e, answers > 1) {
+                        (GatewayError::Unexpected { .. }, false) => {
+                            tracing::error!(order_id = %effect.order_id, op, reason = e.reason(), error = %e, "gateway call failed: unexpected answer; giving up");
+                        }
+                        (GatewayError::Unexpected { .. }, true) => {
+                            tracing::error!(order_id = %effect.order_id, op, reason = e.reason(), error = %e, answers, "gateway call failed after retries: unexpected answer; giving up");
+                        }
+                        (_, false) => {
+                            tracing::error!(order_id = %effect.order_id, op, error = %e, "gateway call failed: refused; giving up");
+                        }
+                        (_, true) => {
+                            tracing::error!(order_id = %effect.order_id, op, error = %e, answers, "gateway call failed after retries: refused; giving up");
+                        }
+                    }
                     return true;
+                }
+                Attempted::Parked {
+                    error: e @ GatewayError::AuthFailed(_),
+                    wait,
+                } => {
+                    tracing::error!(order_id = %effect.order_id, op, reason = e.reason(), error = %e, retry_in_ms = wait.as_millis() as u64, "gateway call failed: credentials refused; parked, will retry");
+                    if !self.park(wait).await {
+                        return false;
+                    }
                 }
                 Attempted::Parked { error: e, wait } => {
                     tracing::warn!(order_id = %effect.order_id, op, error = %e, retry_in_ms = wait.as_millis() as u64, "gateway unavailable; parked, will retry");
-                    self.parked.inc();
-                    let go_on = self.retrier.pause(wait).await;
-                    self.parked.dec();
-                    if !go_on {
+                    if !self.park(wait).await {
                         return false;
                     }
                 }
             }
         }
+    }
+
+    /// Waits out a park, counted in the parked gauge; false when the
+    /// executor closes first.
+    async fn park(&self, wait: Duration) -> bool {
+        self.parked.inc();
+        let go_on = self.retrier.pause(wait).await;
+        self.parked.dec();
+        go_on
     }
 
     /// Hands a result to the reporter, which appends it to the home
@@ -404,10 +439,12 @@ impl Executor {
     }
 }
 
-/// Maps the authorization's last answer; `None` when abandoned.
+/// Maps the authorization's last answer (after `answers` answers in all);
+/// `None` when abandoned.
 fn authorization_outcome(
     order_id: &str,
     answered: Attempted<AuthorizeOutcome>,
+    answers: u32,
 ) -> Option<PaymentOutcome> {
     match answered {
         Attempted::Closing => None,
@@ -419,9 +456,26 @@ fn authorization_outcome(
         }
         // An authorization never parks (the policy gives up instead).
         Attempted::Answered(Err(e)) | Attempted::Parked { error: e, .. } => {
-            tracing::warn!(order_id = %order_id, error = %e, "authorization failed after retries");
+            let reason = e.reason();
+            // Only an outage is worth less than an error: the others mean
+            // the gateway answered what orderflow cannot take.
+            let outage = e.is_retryable();
+            match (outage, answers > 1) {
+                (true, true) => {
+                    tracing::warn!(order_id = %order_id, reason, error = %e, answers, "authorization failed after retries")
+                }
+                (true, false) => {
+                    tracing::warn!(order_id = %order_id, reason, error = %e, "authorization failed")
+                }
+                (false, true) => {
+                    tracing::error!(order_id = %order_id, reason, error = %e, answers, "authorization failed after retries")
+                }
+                (false, false) => {
+                    tracing::error!(order_id = %order_id, reason, error = %e, "authorization failed")
+                }
+            }
             Some(PaymentOutcome::Failed {
-                reason: REASON_GATEWAY_UNAVAILABLE.to_owned(),
+                reason: reason.to_owned(),
             })
         }
     }
@@ -521,7 +575,7 @@ mod tests {
             .await;
         assert_eq!(start.elapsed(), Duration::from_millis(2_000));
         assert_eq!(
-            authorization_outcome("o1", got),
+            authorization_outcome("o1", got, 1),
             Some(PaymentOutcome::Failed {
                 reason: REASON_GATEWAY_UNAVAILABLE.into()
             })
