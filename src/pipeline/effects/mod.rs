@@ -34,6 +34,13 @@
 //!   jitter) until it succeeds or ends for good (a refusal or an unexpected
 //!   answer, logged). The parked count is the
 //!   `orderflow_queue_depth{queue="effects_parked"}` gauge.
+//! - **Captures and voids held are bounded** by `gateway.max_parked_effects`
+//!   (in flight or parked: each takes its place when the executor takes
+//!   it, so the parked ones never exceed the bound). At the bound the
+//!   executor takes no new effect from its queue until one of them ends:
+//!   the queue fills, runners wait to submit, their backlog grows and
+//!   intake sheds new orders (`503 overloaded`). Nothing is dropped: a
+//!   capture or void is money the processor decided to move.
 //! - **Results reach the log in process**: the reporter retries a failed
 //!   append with back-off (10 ms doubling to 5 s) until it succeeds,
 //!   holding at most [`MAX_HELD_RESULTS`] results (then effect tasks wait
@@ -84,6 +91,9 @@ pub const EFFECT_QUEUE_DEPTH: usize = 65_536;
 pub struct EffectSender {
     tx: mpsc::Sender<Effect>,
     depth: prometheus::IntGauge,
+    /// Dropped with the last sender: tells an executor waiting for room
+    /// (`gateway.max_parked_effects`) that no runner is left.
+    _open: Arc<watch::Sender<()>>,
 }
 
 impl EffectSender {
@@ -105,6 +115,10 @@ struct Executor {
     parked: prometheus::IntGauge,
 }
 
+/// A capture's or void's place among the `gateway.max_parked_effects`
+/// the executor may hold; released once its result is handed over.
+type Place = Option<OwnedSemaphorePermit>;
+
 /// Starts the executor; it stops when every `EffectSender` is dropped, and
 /// then abandons what is still in flight (see the module doc).
 pub fn spawn(
@@ -114,8 +128,12 @@ pub fn spawn(
     config: GatewayConfig,
 ) -> (EffectSender, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<Effect>(EFFECT_QUEUE_DEPTH);
+    let (open, mut senders_gone) = watch::channel(());
     let (closing_tx, closing) = watch::channel(false);
     let inflight = Arc::new(Semaphore::new(config.max_inflight));
+    let places = Arc::new(Semaphore::new(config.max_parked_effects));
+    let max_parked = config.max_parked_effects;
+    let held_full = metrics.effects_held_full.clone();
     let depth = metrics.queue_depth.with_label_values(&["effects"]);
     let parked = metrics.queue_depth.with_label_values(&["effects_parked"]);
     let retrying = metrics
@@ -137,6 +155,28 @@ pub fn spawn(
     let handle = tokio::spawn(async move {
         let mut tasks = JoinSet::new();
         while let Some(effect) = rx.recv().await {
+            let place = match effect.kind {
+                EffectKind::Authorize => None,
+                EffectKind::Capture | EffectKind::Void => {
+                    match places.clone().try_acquire_owned() {
+                        Ok(place) => Some(place),
+                        Err(_) => {
+                            held_full.inc();
+                            tracing::warn!(
+                                max_parked_effects = max_parked,
+                                order_id = %effect.order_id,
+                                op = effect.kind.as_str(),
+                                "effect executor full: it holds gateway.max_parked_effects captures and voids (in flight or parked); it takes no new effect until one of them ends"
+                            );
+                            tokio::select! {
+                                place = places.clone().acquire_owned() => Some(place.expect("semaphore never closed")),
+                                // Every runner is gone: what is queued stays in the outboxes.
+                                _ = senders_gone.changed() => break,
+                            }
+                        }
+                    }
+                }
+            };
             let permit = inflight
                 .clone()
                 .acquire_owned()
@@ -144,7 +184,7 @@ pub fn spawn(
                 .expect("semaphore never closed");
             let exec = exec.clone();
             tasks.spawn(async move {
-                exec.run(effect, permit).await;
+                exec.run(effect, permit, place).await;
             });
             while tasks.try_join_next().is_some() {}
         }
@@ -155,7 +195,12 @@ pub fn spawn(
         drop(exec);
         let _ = reporter.await;
     });
-    (EffectSender { tx, depth }, handle)
+    let sender = EffectSender {
+        tx,
+        depth,
+        _open: Arc::new(open),
+    };
+    (sender, handle)
 }
 
 /// Results waiting for the reporter before effect tasks wait (back-pressure).
@@ -460,10 +505,10 @@ impl Retrier {
 
 impl Executor {
     /// Runs one effect and hands its result to the reporter. The in-flight
-    /// slot of an authorization is held until the result is handed over:
-    /// while the log refuses results, the executor slows down instead of
-    /// piling up finished tasks.
-    async fn run(&self, effect: Effect, permit: OwnedSemaphorePermit) {
+    /// slot of an authorization, and the place of a capture or void, are
+    /// held until the result is handed over: while the log refuses results,
+    /// the executor slows down instead of piling up finished tasks.
+    async fn run(&self, effect: Effect, permit: OwnedSemaphorePermit, place: Place) {
         let (body, slot) = match effect.kind {
             EffectKind::Authorize => {
                 let outcome = self.authorize(&effect).await;
@@ -485,7 +530,7 @@ impl Executor {
         if let Some(body) = body {
             self.report(&effect.reply_key, body).await;
         }
-        drop(slot);
+        drop((slot, place));
     }
 
     /// The authorization's outcome, or `None` when abandoned at shutdown.
@@ -962,6 +1007,147 @@ mod tests {
         assert!(log.messages().is_empty());
     }
 
+    /// Captures fail (unavailable) while `down`; every call is noted by
+    /// idempotency key, and counted in a watch to wait on.
+    #[derive(Default)]
+    struct DownForCaptures {
+        down: std::sync::atomic::AtomicBool,
+        calls: std::sync::Mutex<Vec<String>>,
+        count: watch::Sender<usize>,
+    }
+
+    #[async_trait::async_trait]
+    impl PaymentGateway for DownForCaptures {
+        async fn authorize(
+            &self,
+            req: &AuthorizeRequest,
+        ) -> Result<AuthorizeOutcome, GatewayError> {
+            self.note(&req.idempotency_key);
+            Ok(AuthorizeOutcome::Authorized {
+                payment_id: format!("pi_{}", req.order_id),
+            })
+        }
+        async fn capture(&self, _: &str, _: u64, key: &str) -> Result<(), GatewayError> {
+            self.note(key);
+            if self.down.load(Ordering::SeqCst) {
+                return Err(GatewayError::Unavailable("503".into()));
+            }
+            Ok(())
+        }
+        async fn void(&self, _: &str, _: &str, key: &str) -> Result<(), GatewayError> {
+            self.note(key);
+            Ok(())
+        }
+    }
+
+    impl DownForCaptures {
+        fn note(&self, key: &str) {
+            self.calls.lock().unwrap().push(key.to_owned());
+            self.count.send_modify(|n| *n += 1);
+        }
+
+        fn calls_of(&self, key: &str) -> usize {
+            self.calls
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|k| *k == key)
+                .count()
+        }
+
+        /// Waits until `key` was called `n` times.
+        async fn called(&self, key: &str, n: usize) {
+            let mut rx = self.count.subscribe();
+            rx.wait_for(|_| self.calls_of(key) >= n).await.unwrap();
+        }
+    }
+
+    /// At `max_parked_effects` captures held (parked during an outage) the
+    /// executor takes no new effect and counts that it is full: the third
+    /// capture and the authorization behind it wait through several park
+    /// rounds, nothing is dropped, and all of them run once the gateway is
+    /// back.
+    #[tokio::test(start_paused = true)]
+    async fn parked_captures_are_bounded_by_back_pressure() {
+        let log = Arc::new(FlakyLog::default());
+        let gateway = Arc::new(DownForCaptures::default());
+        gateway.down.store(true, Ordering::SeqCst);
+        let metrics = Arc::new(Metrics::new());
+        let config = GatewayConfig {
+            max_attempts: 1,
+            max_parked_effects: 2,
+            ..GatewayConfig::default()
+        };
+        let (tx, executor) = spawn(log.clone(), gateway.clone(), metrics.clone(), config);
+        let parked = metrics.queue_depth.with_label_values(&["effects_parked"]);
+        for order in ["c1", "c2", "c3"] {
+            tx.submit(effect(order, EffectKind::Capture)).await.unwrap();
+        }
+        tx.submit(effect("a4", EffectKind::Authorize))
+            .await
+            .unwrap();
+        // Four rounds each, parked in between: the executor had all that
+        // time to take the third capture, and did not.
+        gateway.called("c1:capture", 4).await;
+        gateway.called("c2:capture", 4).await;
+        assert_eq!(gateway.calls_of("c3:capture"), 0, "no third capture held");
+        assert_eq!(
+            gateway.calls_of("a4:authorize"),
+            0,
+            "nor anything behind it"
+        );
+        assert_eq!(metrics.effects_held_full.get(), 1, "full, once");
+        assert!(log.messages().is_empty());
+
+        gateway.down.store(false, Ordering::SeqCst);
+        log.holds(4).await;
+        let mut done: Vec<String> = log
+            .messages()
+            .iter()
+            .map(|m| match m {
+                Message::EffectDone { order_id, kind } => format!("{order_id}:{}", kind.as_str()),
+                Message::PaymentResult { order_id, .. } => format!("{order_id}:result"),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        done.sort();
+        assert_eq!(
+            done,
+            ["a4:result", "c1:capture", "c2:capture", "c3:capture"]
+        );
+        assert_eq!(parked.get(), 0);
+        drop(tx);
+        executor.await.unwrap();
+    }
+
+    /// An executor waiting for room among its parked captures still ends
+    /// when every runner is gone (shutdown never hangs on an outage).
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_room_ends_with_the_runners() {
+        let gateway = Arc::new(DownForCaptures::default());
+        gateway.down.store(true, Ordering::SeqCst);
+        let config = GatewayConfig {
+            max_attempts: 1,
+            max_parked_effects: 1,
+            ..GatewayConfig::default()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let (tx, executor) = spawn(
+            Arc::new(FlakyLog::default()),
+            gateway.clone(),
+            metrics.clone(),
+            config,
+        );
+        tx.submit(effect("c1", EffectKind::Capture)).await.unwrap();
+        tx.submit(effect("c2", EffectKind::Capture)).await.unwrap();
+        // A second call comes after a park, by which time the executor
+        // has taken c2 and found no room.
+        gateway.called("c1:capture", 2).await;
+        assert_eq!(metrics.effects_held_full.get(), 1);
+        drop(tx);
+        executor.await.unwrap();
+        assert_eq!(gateway.calls_of("c2:capture"), 0);
+    }
     /// Closing abandons a call in flight and a back-off alike.
     #[tokio::test(start_paused = true)]
     async fn closing_abandons() {
