@@ -369,6 +369,10 @@ pub struct GatewayConfig {
     pub sim_max_calls: usize,
     /// Effects (gateway calls) in flight at once, over all partitions.
     pub max_inflight: usize,
+    /// Captures and voids the effect executor holds at once, in flight or
+    /// parked during an outage; at the bound it takes no new effect until
+    /// one ends (back-pressure; nothing is dropped).
+    pub max_parked_effects: usize,
     /// Attempts per effect before an authorization ends `payment_failed`.
     pub max_attempts: u32,
     /// First retry delay; doubles each attempt, with jitter.
@@ -578,6 +582,7 @@ impl Default for GatewayConfig {
             sim_key_ttl_ms: sim::DEFAULT_KEY_TTL_MS,
             sim_max_calls: sim::DEFAULT_MAX_CALLS,
             max_inflight: 10_000,
+            max_parked_effects: 10_000,
             max_attempts: 4,
             retry_base_ms: 20,
         }
@@ -777,6 +782,12 @@ impl Config {
         range(
             "gateway.max_inflight",
             self.gateway.max_inflight,
+            1,
+            1 << 20,
+        )?;
+        range(
+            "gateway.max_parked_effects",
+            self.gateway.max_parked_effects,
             1,
             1 << 20,
         )?;
@@ -1211,6 +1222,26 @@ mod tests {
             e.contains("`metrics.top_out_of_stock_skus` = 101 is out of range [0, 100]"),
             "{e}"
         );
+    }
+
+    /// `gateway.max_parked_effects` is read from the file and held to
+    /// [1, 2^20], the key and range in the message.
+    #[test]
+    fn max_parked_effects_range() {
+        assert_eq!(Config::default().gateway.max_parked_effects, 10_000);
+        let c = Config::from_toml("[gateway]\nmax_parked_effects = 3\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.gateway.max_parked_effects, 3);
+        for bad in [0, (1 << 20) + 1] {
+            let c = Config::from_toml(&format!("[gateway]\nmax_parked_effects = {bad}\n")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(
+                e.contains(&format!(
+                    "`gateway.max_parked_effects` = {bad} is out of range [1, 1048576]"
+                )),
+                "{e}"
+            );
+        }
     }
 
     /// The `[intake]` limits are read from the file and checked with the key

@@ -3,8 +3,10 @@
 //! out-of-process simulators agreeing; and end-to-end runs of the real
 //! binary with `gateway.kind = "stripe"` against an out-of-process
 //! gateway-sim: an outage under load (circuit breaker, no call storms,
-//! stock released, ledger invariants), a SIGKILL mid-load (no double
-//! capture), and secrets and card numbers never reaching the logs.
+//! stock released, ledger invariants), 2xx answers that do not show what
+//! was asked and refused credentials (typed reasons, no retries,
+//! `/readyz`), a SIGKILL mid-load (no double capture), and secrets and
+//! card numbers never reaching the logs.
 
 mod support;
 
@@ -13,8 +15,12 @@ use std::time::{Duration, Instant};
 
 use orderflow::config::{GatewayConfig, Secret};
 use orderflow::gateway::simulator::Simulator;
-use orderflow::gateway::stripe::{StripeClient, authorize_params};
-use orderflow::gateway::{AuthorizeOutcome, AuthorizeRequest, GatewayError, PaymentGateway};
+use orderflow::gateway::stripe::{
+    STRIPE_VERSION, StripeClient, authorize_params, cancel_params, capture_params,
+};
+use orderflow::gateway::{
+    AuthorizeOutcome, AuthorizeRequest, GatewayError, PaymentGateway, UnexpectedAnswer,
+};
 use serde_json::{Value, json};
 use support::*;
 
@@ -47,9 +53,13 @@ fn authorized(outcome: Result<AuthorizeOutcome, GatewayError>) -> String {
     }
 }
 
-/// The client against the real stripe-mock: authorize, capture and cancel
-/// (by id and by order search) are accepted and parsed, the idempotency
-/// key is sent, and a bad key is refused without being quoted.
+/// The client against the real stripe-mock (started with
+/// `-strict-version-check`): authorize, capture and cancel (by id and by
+/// order search) are accepted and parsed, the pinned `Stripe-Version` is
+/// the version of stripe-mock's specification, the idempotency key is sent,
+/// stripe-mock's canned 2xx answers (`requires_payment_method`, nothing
+/// capturable or received) are not taken for an authorization or a
+/// capture, and a bad key is `gateway_auth_failed` without being quoted.
 #[tokio::test]
 async fn stripe_client_against_stripe_mock() {
     let url = std::env::var("STRIPE_MOCK_URL").unwrap_or_else(|_| {
@@ -60,14 +70,26 @@ async fn stripe_client_against_stripe_mock() {
     });
     let client = client_for(&url, "sk_test_123");
     let r = req("ord-mock-1", "tok_visa", 1999);
-    let id = authorized(client.authorize(&r).await);
-    assert!(id.starts_with("pi_"), "{id}");
-    client
-        .capture(&id, 1999, "ord-mock-1:capture")
+    // A 2xx whose intent is not `requires_capture` authorizes nothing.
+    match client.authorize(&r).await {
+        Err(GatewayError::Unexpected {
+            op: "authorize",
+            problem:
+                UnexpectedAnswer::Status {
+                    got,
+                    want: "requires_capture",
+                    ..
+                },
+        }) => assert_eq!(got, "requires_payment_method"),
+        other => panic!("stripe-mock's canned intent taken for {other:?}"),
+    }
+    let e = client
+        .capture("pi_mock", 1999, "ord-mock-1:capture")
         .await
-        .unwrap();
+        .unwrap_err();
+    assert_eq!(e.reason(), "gateway_unexpected_status", "{e}");
     client
-        .void("ord-mock-1", &id, "ord-mock-1:void")
+        .void("ord-mock-1", "pi_mock", "ord-mock-1:void")
         .await
         .unwrap();
     // Without an id: search by metadata[order_id], then cancel what it finds.
@@ -75,6 +97,43 @@ async fn stripe_client_against_stripe_mock() {
         .void("ord-mock-2", "", "ord-mock-2:void")
         .await
         .unwrap();
+
+    // Every request shape, as the client sends it (pinned version
+    // included), is what stripe-mock's specification accepts.
+    let api = client.api();
+    for (path, params) in [
+        ("/v1/payment_intents", authorize_params(&r)),
+        ("/v1/payment_intents/pi_mock/capture", capture_params(1999)),
+        ("/v1/payment_intents/pi_mock/cancel", cancel_params()),
+    ] {
+        let res = api
+            .request(reqwest::Method::POST, path, &params, Some("k"))
+            .await
+            .unwrap();
+        assert_eq!(
+            res.status,
+            200,
+            "{path}: {}",
+            String::from_utf8_lossy(&res.body)
+        );
+    }
+    // stripe-mock refuses a version other than its specification's, naming
+    // it: the pinned one is that version.
+    let other = reqwest::Client::new()
+        .get(format!("{url}/v1/payment_intents"))
+        .bearer_auth("sk_test_123")
+        .header("Stripe-Version", "2019-12-03")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        other.status(),
+        400,
+        "stripe-mock does not check Stripe-Version: restart it with \
+         scripts/stripe-mock stop && scripts/stripe-mock start (which passes -strict-version-check)"
+    );
+    let body = other.text().await.unwrap();
+    assert!(body.contains(&format!("'{STRIPE_VERSION}'")), "{body}");
 
     // The Idempotency-Key header is sent (stripe-mock echoes it back), and
     // the form stripe-mock validated against Stripe's OpenAPI spec is ours.
@@ -103,11 +162,16 @@ async fn stripe_client_against_stripe_mock() {
         .unwrap();
     assert_eq!(res.status, 400);
 
-    // A key stripe-mock does not accept: refused, never retried, not quoted.
+    // A key stripe-mock does not accept: refused credentials, never
+    // retried, not quoted (stripe-mock quotes the whole header).
     let wrong = client_for(&url, "not_a_key_secret_5512");
     match wrong.authorize(&r).await {
-        Err(GatewayError::Refused(m)) => assert!(!m.contains("5512"), "{m}"),
-        other => panic!("expected a refusal, got {other:?}"),
+        Err(e @ GatewayError::AuthFailed(_)) => {
+            assert!(!e.to_string().contains("5512"), "{e}");
+            assert_eq!(e.reason(), "gateway_auth_failed");
+            assert!(!e.is_retryable());
+        }
+        other => panic!("expected refused credentials, got {other:?}"),
     }
 }
 
@@ -199,7 +263,8 @@ async fn stripe_client_against_gateway_sim() {
         Err(GatewayError::Refused(_))
     ));
 
-    // Without a test-mode key: 401, refused.
+    // Without a test-mode key: 401; the answer names the version it was
+    // made with, the pinned one for the client's requests.
     let anon = reqwest::Client::new()
         .post(format!("{}/v1/payment_intents", sim.url))
         .form(&params)
@@ -207,6 +272,8 @@ async fn stripe_client_against_gateway_sim() {
         .await
         .unwrap();
     assert_eq!(anon.status(), 401);
+    assert_ne!(anon.headers()["stripe-version"], STRIPE_VERSION);
+    assert_eq!(again.stripe_version.as_deref(), Some(STRIPE_VERSION));
 
     // Outage: 503, retryable, counted as received while down.
     let http = reqwest::Client::new();
@@ -295,6 +362,9 @@ async fn in_process_and_gateway_sim_agree() {
     fn show<T>(r: Result<T, GatewayError>, ok: impl FnOnce(T) -> String) -> String {
         match r {
             Ok(v) => ok(v),
+            Err(e @ (GatewayError::Unexpected { .. } | GatewayError::AuthFailed(_))) => {
+                format!("error({})", e.reason())
+            }
             Err(e) => format!("error(retryable={})", e.is_retryable()),
         }
     }
@@ -329,6 +399,22 @@ async fn in_process_and_gateway_sim_agree() {
         out.push(show(g.void("a", "", "a:void").await, done));
         out.push(show(g.void("zz", "", "zz:void").await, done));
         out.push(show(g.capture("pi_nope", 1, "x:capture").await, done));
+        // The simulator's own tokens for answers not to be trusted.
+        for (order, token) in [
+            ("p", "tok_simProcessing"),
+            ("h", "tok_simPartialAuthorization"),
+            ("m", "tok_simCurrencyMismatch"),
+            ("s", "tok_simCaptureShort"),
+            ("q", "tok_simCaptureProcessing"),
+        ] {
+            let r = g.authorize(&req(order, token, 1000)).await;
+            if let Ok(AuthorizeOutcome::Authorized { payment_id }) = &r {
+                ids.insert(order, payment_id.clone());
+            }
+            out.push(show(r, outcome));
+        }
+        out.push(show(g.capture(&ids["s"], 1000, "s:capture").await, done));
+        out.push(show(g.capture(&ids["q"], 1000, "q:capture").await, done));
         out
     }
     let a = script(&local).await;
@@ -350,6 +436,13 @@ async fn in_process_and_gateway_sim_agree() {
             "error(retryable=false)",
             "ok",
             "error(retryable=false)",
+            "error(gateway_unexpected_status)",
+            "error(gateway_amount_mismatch)",
+            "error(gateway_currency_mismatch)",
+            "authorized",
+            "authorized",
+            "error(gateway_amount_mismatch)",
+            "error(gateway_unexpected_status)",
         ]
     );
 }
@@ -644,6 +737,266 @@ fn gateway_outage_under_load() {
         "outage {outage:?}: {outage_orders} orders during it ({completed_after_outage} completed after it), {calls_while_down} calls reached the gateway while down; {} calls in all",
         ledger["summary"]["calls"]
     );
+}
+
+/// orderflow's log lines (run with `ORDERFLOW_LOG_FORMAT=json`) whose
+/// fields hold every `(name, value)` of `fields`.
+fn log_lines(output: &str, fields: &[(&str, &str)]) -> Vec<Value> {
+    output
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| fields.iter().all(|(k, v)| l["fields"][*k] == *v))
+        .collect()
+}
+
+/// The gateway-sim calls made under an idempotency key.
+fn calls_with_key(sim: &GatewaySim, key: &str) -> Vec<Value> {
+    sim.ledger()["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["idempotency_key"] == key)
+        .cloned()
+        .collect()
+}
+
+/// A 2xx that does not show what was asked, through the real binary and
+/// gateway-sim: an authorization answered `processing`, with too little to
+/// capture, or in another currency ends `payment_failed` with its own
+/// reason after one call (no retry), its stock released and whatever was
+/// authorized voided; a capture answered with another amount received or
+/// `processing` is one call, logged as failed with its reason.
+#[test]
+fn untrustworthy_answers_end_to_end() {
+    let sim = start_gateway_sim(&[], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = stripe_config(
+        dir.path(),
+        &sim.url,
+        "partitions = 2\nstatus_partitions = 2",
+        "",
+    );
+    let data = dir.path().join("data");
+    let mut server = start_server(
+        &data,
+        &[
+            ("ORDERFLOW_CONFIG", config.to_str().unwrap()),
+            ("ORDERFLOW_STRIPE_SECRET_KEY", TEST_KEY),
+            ("ORDERFLOW_LOG_FORMAT", "json"),
+        ],
+    );
+    let base = server.base.clone();
+    const INITIAL: u64 = 100;
+    set_stock(&base, "SKU-U", INITIAL);
+    let cases = [
+        (
+            "ord-u-proc",
+            "tok_simProcessing",
+            "payment_failed",
+            Some("gateway_unexpected_status"),
+        ),
+        (
+            "ord-u-part",
+            "tok_simPartialAuthorization",
+            "payment_failed",
+            Some("gateway_amount_mismatch"),
+        ),
+        (
+            "ord-u-cur",
+            "tok_simCurrencyMismatch",
+            "payment_failed",
+            Some("gateway_currency_mismatch"),
+        ),
+        ("ord-u-short", "tok_simCaptureShort", "confirmed", None),
+        ("ord-u-cproc", "tok_simCaptureProcessing", "confirmed", None),
+        ("ord-u-ok", "tok_visa", "confirmed", None),
+    ];
+    for (id, token, _, _) in cases {
+        assert_eq!(place(&base, id, "SKU-U", 2, token), 202, "{id}");
+    }
+    let ids: Vec<String> = cases.iter().map(|c| c.0.to_owned()).collect();
+    wait_all_terminal(&base, &ids, Duration::from_secs(60));
+    for (id, token, status, reason) in cases {
+        let (s, r) = status_of(&base, id).unwrap();
+        assert_eq!(
+            (s.as_str(), r.as_deref()),
+            (status, reason),
+            "{id} ({token})"
+        );
+        let creates = calls_with_key(&sim, &format!("{id}:authorize"));
+        assert_eq!(
+            creates.len(),
+            1,
+            "{id}: one authorization call: {creates:?}"
+        );
+    }
+    // Failed orders released their stock; the confirmed three sold theirs.
+    wait_until(Duration::from_secs(30), "stock settled", || {
+        let s = stock(&base, "SKU-U");
+        s["reserved"] == 0 && s["sold"] == 6
+    });
+    assert_eq!(stock(&base, "SKU-U")["available"], INITIAL - 6);
+    // What was authorized for a failed order is voided (by order).
+    wait_until(
+        Duration::from_secs(60),
+        "refused authorizations voided",
+        || {
+            let ledger = sim.ledger();
+            let status_of_order = |order: &str| {
+                ledger["intents"]
+                    .as_object()
+                    .unwrap()
+                    .values()
+                    .find(|i| i["order_id"] == order)
+                    .map(|i| i["status"].as_str().unwrap().to_owned())
+            };
+            status_of_order("ord-u-part").as_deref() == Some("canceled")
+                && status_of_order("ord-u-cur").as_deref() == Some("canceled")
+                && status_of_order("ord-u-proc").as_deref() == Some("processing")
+        },
+    );
+    // Each capture was one call, logged as failed with its reason.
+    for (id, reason) in [
+        ("ord-u-short", "gateway_amount_mismatch"),
+        ("ord-u-cproc", "gateway_unexpected_status"),
+    ] {
+        wait_until(Duration::from_secs(30), "the capture's log line", || {
+            !log_lines(
+                &server.output_text(),
+                &[("order_id", id), ("reason", reason)],
+            )
+            .is_empty()
+        });
+        let captures = calls_with_key(&sim, &format!("{id}:capture"));
+        assert_eq!(captures.len(), 1, "{id}: {captures:?}");
+    }
+    assert!(server.terminate().success());
+    let out = server.output_text();
+    for (id, _, _, reason) in cases {
+        let Some(reason) = reason else { continue };
+        let lines = log_lines(&out, &[("order_id", id), ("reason", reason)]);
+        assert_eq!(lines.len(), 1, "{id}: {lines:?}");
+        assert_eq!(lines[0]["level"], "ERROR");
+        assert_eq!(
+            lines[0]["fields"]["message"], "authorization failed",
+            "no retry was made"
+        );
+    }
+    for id in ["ord-u-short", "ord-u-cproc"] {
+        let lines = log_lines(&out, &[("order_id", id), ("op", "capture")]);
+        assert_eq!(lines.len(), 1, "{id}: {lines:?}");
+        assert_eq!(
+            lines[0]["fields"]["message"],
+            "gateway call failed: unexpected answer; giving up"
+        );
+    }
+}
+
+/// `/admin/auth` of gateway-sim.
+fn refuse_credentials(sim: &GatewaySim, status: Option<u16>) {
+    let r = client()
+        .post(format!("{}/admin/auth", sim.url))
+        .json(&json!({ "refuse": status }))
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "auth switch: {}", r.status());
+}
+
+/// A gateway refusing orderflow's key (401, then 403) through the real
+/// binary: the order ends `payment_failed` (`gateway_auth_failed`) after
+/// one call, with its stock released; `/readyz` answers 503
+/// `gateway_auth_failed` until a call is accepted again; the log says
+/// "authorization failed" once per order (never "after retries") and never
+/// shows the key; once the key is accepted, orders confirm again.
+#[test]
+fn refused_credentials_fail_fast_and_unready() {
+    let key = "sk_test_refusedKeyCanary81";
+    let sim = start_gateway_sim(&[], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = stripe_config(
+        dir.path(),
+        &sim.url,
+        "partitions = 2\nstatus_partitions = 2",
+        "max_attempts = 4\nretry_base_ms = 10",
+    );
+    let data = dir.path().join("data");
+    let mut server = start_server(
+        &data,
+        &[
+            ("ORDERFLOW_CONFIG", config.to_str().unwrap()),
+            ("ORDERFLOW_STRIPE_SECRET_KEY", key),
+            ("ORDERFLOW_LOG_FORMAT", "json"),
+        ],
+    );
+    let base = server.base.clone();
+    set_stock(&base, "SKU-A", 100);
+    let ready = || client().get(format!("{base}/readyz")).send().unwrap();
+    assert_eq!(ready().status(), 200);
+    for (n, status) in [401u16, 403].into_iter().enumerate() {
+        refuse_credentials(&sim, Some(status));
+        let id = format!("ord-a-refused-{status}");
+        assert_eq!(place(&base, &id, "SKU-A", 1, "tok_visa"), 202);
+        wait_all_terminal(&base, std::slice::from_ref(&id), Duration::from_secs(30));
+        assert_eq!(
+            status_of(&base, &id).unwrap(),
+            (
+                "payment_failed".to_owned(),
+                Some("gateway_auth_failed".to_owned())
+            )
+        );
+        let creates = calls_with_key(&sim, &format!("{id}:authorize"));
+        assert_eq!(creates.len(), 1, "no retry: {creates:?}");
+        assert_eq!(creates[0]["result"], "auth_refused");
+        assert_eq!(creates[0]["status"], status);
+        let r = ready();
+        assert_eq!(r.status(), 503);
+        let problem: Value = r.json().unwrap();
+        assert_eq!(problem["code"], "gateway_auth_failed", "{problem}");
+        wait_until(Duration::from_secs(30), "stock released", || {
+            stock(&base, "SKU-A")["reserved"] == 0
+        });
+
+        refuse_credentials(&sim, None);
+        let ok = format!("ord-a-ok-{n}");
+        assert_eq!(place(&base, &ok, "SKU-A", 1, "tok_visa"), 202);
+        wait_all_terminal(&base, std::slice::from_ref(&ok), Duration::from_secs(30));
+        assert_eq!(status_of(&base, &ok).unwrap().0, "confirmed");
+        wait_until(Duration::from_secs(30), "ready again", || {
+            ready().status() == 200
+        });
+    }
+    assert_eq!(stock(&base, "SKU-A")["sold"], 2);
+    assert!(server.terminate().success());
+    let out = server.output_text();
+    for status in [401, 403] {
+        let id = format!("ord-a-refused-{status}");
+        let lines = log_lines(
+            &out,
+            &[("order_id", &id), ("reason", "gateway_auth_failed")],
+        );
+        let authorizations: Vec<&Value> = lines
+            .iter()
+            .filter(|l| {
+                l["fields"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("authorization")
+            })
+            .collect();
+        assert_eq!(authorizations.len(), 1, "{lines:?}");
+        assert_eq!(
+            authorizations[0]["fields"]["message"],
+            "authorization failed"
+        );
+        assert_eq!(authorizations[0]["level"], "ERROR");
+    }
+    assert!(
+        !log_lines(&out, &[("message", "authorization failed after retries")])
+            .iter()
+            .any(|l| l["fields"]["reason"] == "gateway_auth_failed"),
+        "an authorization with refused credentials is never retried"
+    );
+    assert!(!out.contains(&key[8..]), "the secret key reached the logs");
 }
 
 /// SIGKILL orderflow mid-load with gateway-sim out of process, restart on

@@ -19,8 +19,18 @@
 //! `orderflow_gateway_breaker_state{gateway}` (0 closed, 1 half-open,
 //! 2 open) and `orderflow_gateway_breaker_transitions_total{gateway,to}`,
 //! and shown in `/readyz`.
+//!
+//! The breaker also sees whether the gateway accepts orderflow's
+//! credentials, since every call passes through it: a 401 or 403
+//! ([`GatewayError::AuthFailed`]) raises [`Breaker::auth_failed`], which
+//! makes `/readyz` answer 503 `gateway_auth_failed`, and the next answer
+//! that proves the key accepted (a success, a decline, any other refusal)
+//! lowers it. An auth failure is an answer, not an outage: it does not
+//! count towards opening the circuit, so authorizations end at once with
+//! their own reason instead of waiting out an open circuit.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -99,6 +109,9 @@ pub struct Breaker {
     config: BreakerConfig,
     st: Mutex<Inner>,
     metrics: Option<Arc<Metrics>>,
+    /// Whether the last answer that said anything about orderflow's
+    /// credentials refused them.
+    auth_failed: AtomicBool,
 }
 
 impl std::fmt::Debug for Breaker {
@@ -155,6 +168,7 @@ impl Breaker {
                 generation: 0,
             }),
             metrics,
+            auth_failed: AtomicBool::new(false),
         };
         if let Some(m) = &b.metrics {
             m.gateway_breaker_state
@@ -174,6 +188,30 @@ impl Breaker {
         let mut st = self.lock();
         self.cooled_down(&mut st);
         st.state
+    }
+
+    /// Whether the last answer that said anything about orderflow's
+    /// credentials refused them (401/403); `/readyz` then answers 503.
+    pub fn auth_failed(&self) -> bool {
+        self.auth_failed.load(Ordering::SeqCst)
+    }
+
+    /// Follows what an answer says about the credentials; logs a change.
+    fn note_credentials<T>(&self, result: &Result<T, GatewayError>) {
+        let refused = match result {
+            Err(GatewayError::AuthFailed(_)) => true,
+            // No answer, or the breaker's own: says nothing about the key.
+            Err(GatewayError::Unavailable(_)) => return,
+            Ok(_) | Err(GatewayError::Refused(_) | GatewayError::Unexpected { .. }) => false,
+        };
+        if self.auth_failed.swap(refused, Ordering::SeqCst) == refused {
+            return;
+        }
+        if refused {
+            tracing::error!(gateway = %self.name, reason = crate::gateway::REASON_GATEWAY_AUTH_FAILED, "the payment gateway refuses orderflow's credentials (HTTP 401/403): authorizations fail and /readyz answers 503 until it accepts them again; check the secret key");
+        } else {
+            tracing::info!(gateway = %self.name, "the payment gateway accepts orderflow's credentials again");
+        }
     }
 
     /// `{"kind": NAME, "breaker": "closed"}` for `/readyz`.
@@ -284,6 +322,7 @@ impl Breaker {
         let admission = self.admit()?;
         let result = call.await;
         admission.finish(matches!(result, Err(GatewayError::Unavailable(_))));
+        self.note_credentials(&result);
         result
     }
 }
@@ -324,6 +363,8 @@ mod tests {
     #[derive(Default)]
     struct Fake {
         down: AtomicBool,
+        /// Answers 401 while set.
+        refuse_key: AtomicBool,
         calls: AtomicU64,
         /// Each call takes this long (tokio time).
         delay_ms: AtomicU64,
@@ -339,6 +380,8 @@ mod tests {
             }
             if self.down.load(Ordering::SeqCst) {
                 Err(GatewayError::Unavailable("503".into()))
+            } else if self.refuse_key.load(Ordering::SeqCst) {
+                Err(GatewayError::AuthFailed("authorize: HTTP 401".into()))
             } else {
                 Ok(AuthorizeOutcome::Declined {
                     code: "generic_decline".into(),
@@ -509,5 +552,30 @@ mod tests {
         let r = tokio::time::timeout(Duration::from_millis(10), b.authorize(&req())).await;
         assert!(r.is_err(), "timed out");
         assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    /// A 401 raises `auth_failed` without counting towards opening the
+    /// circuit; an outage leaves it as it is; the next accepted answer
+    /// lowers it.
+    #[tokio::test(start_paused = true)]
+    async fn credentials_refused_is_an_answer_not_an_outage() {
+        let (fake, b, _) = setup();
+        assert!(!b.auth_failed());
+        fake.refuse_key.store(true, Ordering::SeqCst);
+        for _ in 0..20 {
+            assert!(matches!(
+                b.authorize(&req()).await,
+                Err(GatewayError::AuthFailed(_))
+            ));
+        }
+        assert!(b.auth_failed());
+        assert_eq!(b.state(), BreakerState::Closed, "20 refusals, no failure");
+        fake.down.store(true, Ordering::SeqCst);
+        assert!(b.authorize(&req()).await.unwrap_err().is_retryable());
+        assert!(b.auth_failed(), "an outage says nothing about the key");
+        fake.down.store(false, Ordering::SeqCst);
+        fake.refuse_key.store(false, Ordering::SeqCst);
+        b.authorize(&req()).await.unwrap();
+        assert!(!b.auth_failed());
     }
 }

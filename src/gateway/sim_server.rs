@@ -12,13 +12,18 @@
 //! | `GET /v1/payment_intents/{id}` | one intent |
 //! | `GET /ledger` | the last `--max-calls` calls (op, idempotency key, order id, intent, result, received while down), the intents kept (state, captures), a summary |
 //! | `GET`/`POST /admin/outage` | `{"down": true}` (optionally `"for_ms": N`) makes every API call answer 503 until `{"down": false}` |
+//! | `GET`/`POST /admin/auth` | `{"refuse": 401}` (or `403`) makes every API call answer that status, as Stripe does for a revoked key (401) or a key without the permission (403), until `{"refuse": null}` |
 //! | `GET /healthz` | `ok` |
 //!
 //! `/v1` routes need `Authorization: Bearer sk_test_…` (any test-mode
 //! key; 401 otherwise). The key is checked for its shape only and never
-//! logged or stored. `Idempotency-Key` is honoured as Stripe documents; a
+//! logged or stored; calls refused for it are in the ledger
+//! (`auth_refused`). `Idempotency-Key` is honoured as Stripe documents; a
 //! replayed answer carries `Idempotent-Replayed: true`, and every answer
-//! echoes the key. Failures answer `Stripe-Should-Retry`. The ledger and
+//! echoes the key. Failures answer `Stripe-Should-Retry`. Every `/v1`
+//! answer names the API version it was made with in `Stripe-Version`, as
+//! Stripe's do: the request's `Stripe-Version`, else
+//! [`DEFAULT_STRIPE_VERSION`] (an account's default). The ledger and
 //! admin routes need no key: the simulator is a test tool and listens on
 //! the address it is given (use loopback).
 //!
@@ -43,7 +48,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -61,6 +66,10 @@ use super::simulator::{Reply, SimEngine, SimOptions};
 pub const DEFAULT_MAX_INTENTS: usize = 1_000_000;
 /// gateway-sim's default of `--max-keys`.
 pub const DEFAULT_MAX_KEYS: usize = 2_000_000;
+/// The API version of an answer to a request without `Stripe-Version`: an
+/// old one, as an account's default often is, so a client that does not
+/// pin its version can tell.
+pub const DEFAULT_STRIPE_VERSION: &str = "2020-08-27";
 use super::stripe::{ApiError, ErrorBody, Failure, PaymentIntent};
 
 #[derive(Clone)]
@@ -69,6 +78,8 @@ struct Ctx {
     requests: Arc<AtomicU64>,
     /// Bumped by every outage switch, so a timed outage ends only itself.
     outage_gen: Arc<AtomicU64>,
+    /// 401 or 403 while `/admin/auth` refuses every key; 0 otherwise.
+    refuse_auth: Arc<AtomicU16>,
 }
 
 /// The router over `engine`.
@@ -77,6 +88,7 @@ pub fn router(engine: Arc<SimEngine>) -> Router {
         engine,
         requests: Arc::new(AtomicU64::new(0)),
         outage_gen: Arc::new(AtomicU64::new(0)),
+        refuse_auth: Arc::new(AtomicU16::new(0)),
     };
     let api = Router::new()
         .route("/v1/payment_intents", post(create))
@@ -84,11 +96,15 @@ pub fn router(engine: Arc<SimEngine>) -> Router {
         .route("/v1/payment_intents/{id}", get(retrieve))
         .route("/v1/payment_intents/{id}/capture", post(capture))
         .route("/v1/payment_intents/{id}/cancel", post(cancel))
-        .route_layer(axum::middleware::from_fn(require_test_key));
+        .route_layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            require_test_key,
+        ));
     Router::new()
         .merge(api)
         .route("/ledger", get(ledger))
         .route("/admin/outage", get(outage_get).post(outage_set))
+        .route("/admin/auth", get(auth_get).post(auth_set))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async {
             stripe_error(
@@ -163,8 +179,32 @@ pub async fn run(listen: SocketAddr, options: SimOptions) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn require_test_key(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let ok = req
+/// The ledger's `op` of an API call.
+fn op_of(method: &axum::http::Method, path: &str) -> &'static str {
+    if method == axum::http::Method::GET {
+        return if path.ends_with("/search") {
+            "search"
+        } else {
+            "retrieve"
+        };
+    }
+    if path.ends_with("/capture") {
+        "capture"
+    } else if path.ends_with("/cancel") {
+        "cancel"
+    } else {
+        "create"
+    }
+}
+
+/// Checks the key (its shape, and the `/admin/auth` switch) and stamps
+/// the answer with the API version it was made with.
+async fn require_test_key(
+    State(ctx): State<Ctx>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let well_formed = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -174,21 +214,42 @@ async fn require_test_key(req: axum::extract::Request, next: axum::middleware::N
                 && key.len() > 8
                 && key.bytes().all(|b| b.is_ascii_graphic())
         });
-    if ok {
-        next.run(req).await
-    } else {
-        // Stripe quotes a masked key here; this simulator quotes none of it.
-        stripe_error(
+    let version = req
+        .headers()
+        .get("stripe-version")
+        .cloned()
+        .unwrap_or(HeaderValue::from_static(DEFAULT_STRIPE_VERSION));
+    // Stripe quotes a masked key in these; this simulator quotes none of it.
+    let refusal = match (well_formed, ctx.refuse_auth.load(Ordering::SeqCst)) {
+        (false, _) | (true, 401) => Some((
             StatusCode::UNAUTHORIZED,
-            ApiError {
-                kind: "invalid_request_error".into(),
-                message: Some(
-                    "Invalid API Key provided: send `Authorization: Bearer sk_test_…`".into(),
-                ),
-                ..ApiError::default()
-            },
-        )
-    }
+            "Invalid API Key provided: send `Authorization: Bearer sk_test_…`",
+        )),
+        (true, 403) => Some((
+            StatusCode::FORBIDDEN,
+            "The provided key does not have the required permissions for this endpoint.",
+        )),
+        _ => None,
+    };
+    let mut res = match refusal {
+        None => next.run(req).await,
+        Some((status, message)) => {
+            let op = op_of(req.method(), req.uri().path());
+            let key = idempotency_key(req.headers());
+            ctx.engine
+                .record_auth_refusal(op, key.as_deref(), status.as_u16());
+            stripe_error(
+                status,
+                ApiError {
+                    kind: "invalid_request_error".into(),
+                    message: Some(message.into()),
+                    ..ApiError::default()
+                },
+            )
+        }
+    };
+    res.headers_mut().insert("stripe-version", version);
+    res
 }
 
 fn stripe_error(status: StatusCode, error: ApiError) -> Response {
@@ -353,6 +414,40 @@ struct OutageBody {
     down: bool,
     /// End the outage by itself after this long.
     for_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthBody {
+    /// 401 or 403: refuse every key with it; `null`: accept test keys.
+    refuse: Option<u16>,
+}
+
+async fn auth_get(State(ctx): State<Ctx>) -> Response {
+    let refuse = match ctx.refuse_auth.load(Ordering::SeqCst) {
+        0 => None,
+        status => Some(status),
+    };
+    axum::Json(serde_json::json!({ "refuse": refuse })).into_response()
+}
+
+async fn auth_set(State(ctx): State<Ctx>, body: Bytes) -> Response {
+    let refuse = match serde_json::from_slice::<AuthBody>(&body) {
+        Ok(AuthBody { refuse: None }) => 0,
+        Ok(AuthBody {
+            refuse: Some(status @ (401 | 403)),
+        }) => status,
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(serde_json::json!({"error": "expected {\"refuse\": 401|403|null}"})),
+            )
+                .into_response();
+        }
+    };
+    ctx.refuse_auth.store(refuse, Ordering::SeqCst);
+    tracing::info!(refuse, "gateway-sim credentials switch");
+    auth_get(State(ctx)).await
 }
 
 async fn outage_get(State(ctx): State<Ctx>) -> Response {

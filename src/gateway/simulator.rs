@@ -11,7 +11,20 @@
 //! `tok_chargeDeclined` / `pm_card_chargeDeclined` decline with
 //! `card_declined` / `generic_decline`, and
 //! `tok_chargeDeclinedInsufficientFunds` with `card_declined` /
-//! `insufficient_funds` (a 402 `card_error`). `Idempotency-Key` works as
+//! `insufficient_funds` (a 402 `card_error`). Test tokens of its own
+//! make it answer the way a gateway must not be trusted blindly, so the
+//! client's checks of 2xx answers can be tested (each also as
+//! `pm_card_<name>`):
+//!
+//! | token | answer |
+//! |---|---|
+//! | `tok_simProcessing` | the create answers 200 with `status = processing` |
+//! | `tok_simPartialAuthorization` | `requires_capture` with `amount_capturable` half the amount (rounded down) |
+//! | `tok_simCurrencyMismatch` | `requires_capture` in another currency (`eur`, or `usd` when `eur` was asked) |
+//! | `tok_simCaptureShort` | authorized; the capture answers `succeeded` with `amount_received` one less than captured |
+//! | `tok_simCaptureProcessing` | authorized; the capture answers 200 with `status = processing` and nothing received |
+//!
+//! `Idempotency-Key` works as
 //! Stripe documents: the same key with the same parameters answers the
 //! stored first answer (`Idempotent-Replayed: true`); the same key with
 //! other parameters is a 400 `idempotency_error`. Results are stored only
@@ -29,7 +42,8 @@
 //!
 //! - Payment intents: at most `max_intents` (100 000). An intent that holds
 //!   no authorization, called settled here (`succeeded`, `canceled`,
-//!   `requires_payment_method` after a decline, or never confirmed), is
+//!   `processing`, `requires_payment_method` after a decline, or never
+//!   confirmed), is
 //!   forgotten `intent_retention_ms` (24 h) after it settled, and, when a
 //!   create finds `max_intents` kept, the settled intent created first is
 //!   forgotten to make room. An intent in `requires_capture` is never
@@ -227,6 +241,7 @@ enum Status {
     RequiresPaymentMethod,
     RequiresConfirmation,
     RequiresCapture,
+    Processing,
     Succeeded,
     Canceled,
 }
@@ -237,6 +252,7 @@ impl Status {
             Status::RequiresPaymentMethod => "requires_payment_method",
             Status::RequiresConfirmation => "requires_confirmation",
             Status::RequiresCapture => "requires_capture",
+            Status::Processing => "processing",
             Status::Succeeded => "succeeded",
             Status::Canceled => "canceled",
         }
@@ -265,7 +281,7 @@ pub struct IntentView {
 #[derive(Clone, Debug, Serialize)]
 pub struct CallRecord {
     pub seq: u64,
-    /// `create`, `capture`, `cancel` or `search`.
+    /// `create`, `capture`, `cancel`, `search` or `retrieve`.
     pub op: &'static str,
     pub idempotency_key: Option<String>,
     /// `metadata[order_id]` of the intent concerned (or searched for).
@@ -274,7 +290,8 @@ pub struct CallRecord {
     /// HTTP status of the answer.
     pub status: u16,
     /// `ok`, `replayed`, `declined:<decline_code>`, `unavailable`,
-    /// `idempotency_error` or `error:<code>`.
+    /// `idempotency_error`, `auth_refused` (401/403, gateway-sim only) or
+    /// `error:<code>`.
     pub result: String,
     /// The call arrived while the outage switch was on.
     pub down: bool,
@@ -329,6 +346,35 @@ struct Fixed {
     amount: u64,
     currency: String,
     capture_method: &'static str,
+    /// How its answers stray from what was asked (its payment method's).
+    quirk: Option<Quirk>,
+}
+
+/// The simulator's own test tokens (module doc): answers a client must
+/// not take at their word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Quirk {
+    Processing,
+    PartialAuthorization,
+    CurrencyMismatch,
+    CaptureShort,
+    CaptureProcessing,
+}
+
+impl Quirk {
+    fn of(payment_method: &str) -> Option<Quirk> {
+        let name = payment_method
+            .strip_prefix("pm_card_")
+            .or_else(|| payment_method.strip_prefix("tok_"))?;
+        Some(match name {
+            "simProcessing" => Quirk::Processing,
+            "simPartialAuthorization" => Quirk::PartialAuthorization,
+            "simCurrencyMismatch" => Quirk::CurrencyMismatch,
+            "simCaptureShort" => Quirk::CaptureShort,
+            "simCaptureProcessing" => Quirk::CaptureProcessing,
+            _ => return None,
+        })
+    }
 }
 
 struct Intent {
@@ -826,6 +872,12 @@ impl SimEngine {
         }
     }
 
+    /// Records a call that gateway-sim refused for its credentials (401 or
+    /// 403) before it reached the engine; `op` as in [`CallRecord`].
+    pub fn record_auth_refusal(&self, op: &'static str, key: Option<&str>, status: u16) {
+        self.record(op, key, None, None, status, "auth_refused".into(), false);
+    }
+
     /// `POST /v1/payment_intents`.
     pub async fn create(&self, params: &[(String, String)], key: Option<&str>) -> Reply {
         let order_id = params
@@ -1136,11 +1188,18 @@ impl SimEngine {
         }
         st.next_id += 1;
         let id: Arc<str> = Arc::from(format!("pi_{:08x}{:016x}", self.tag, st.next_id));
+        let quirk = payment_method.as_deref().and_then(Quirk::of);
+        let currency = match quirk {
+            Some(Quirk::CurrencyMismatch) if currency == "eur" => "usd".to_owned(),
+            Some(Quirk::CurrencyMismatch) => "eur".to_owned(),
+            _ => currency,
+        };
         let fixed = Arc::new(Fixed {
             metadata,
             amount,
             currency,
             capture_method,
+            quirk,
         });
         let mut intent = Intent {
             fixed,
@@ -1162,9 +1221,13 @@ impl SimEngine {
                     intent.status = Status::RequiresPaymentMethod;
                     decline = Some(codes);
                 }
+                None if quirk == Some(Quirk::Processing) => intent.status = Status::Processing,
                 None if capture_method == "manual" => {
                     intent.status = Status::RequiresCapture;
-                    intent.amount_capturable = amount;
+                    intent.amount_capturable = match quirk {
+                        Some(Quirk::PartialAuthorization) => amount / 2,
+                        _ => amount,
+                    };
                     intent.authorized = true;
                 }
                 None => {
@@ -1325,9 +1388,17 @@ fn do_capture(st: &mut State, id: &str, params: &[(String, String)]) -> (Answer,
         let stored = stored_error(&f);
         return (Err(f), stored);
     }
-    intent.status = Status::Succeeded;
-    intent.amount_received = amount;
     intent.amount_capturable = 0;
+    if intent.fixed.quirk == Some(Quirk::CaptureProcessing) {
+        // Nothing received yet: not a capture that moved money.
+        intent.status = Status::Processing;
+        return executed(st, id, true);
+    }
+    intent.status = Status::Succeeded;
+    intent.amount_received = match intent.fixed.quirk {
+        Some(Quirk::CaptureShort) => amount.saturating_sub(1),
+        _ => amount,
+    };
     intent.captures += 1;
     let captures = intent.captures;
     st.count_capture(captures);
@@ -1719,6 +1790,76 @@ mod tests {
         assert_eq!(sim.intents()[&p4].status, "canceled");
         // And voiding an order that never authorized is a no-op.
         sim.void("o5", "", "o5:void").await.unwrap();
+    }
+
+    /// The simulator's own test tokens answer 2xx with what was not asked
+    /// for, as the module doc says, and the in-process gateway (the Stripe
+    /// protocol) turns each into its typed error; the authorizations it
+    /// refused can be voided by order.
+    #[tokio::test]
+    async fn untrustworthy_answers() {
+        let sim = Simulator::new(&GatewayConfig::default());
+        let created = |order: &str| {
+            let intents = sim.intents();
+            let (id, view) = intents
+                .into_iter()
+                .find(|(_, v)| v.order_id.as_deref() == Some(order))
+                .unwrap();
+            (id, view)
+        };
+        let req = |order: &str, token: &str| {
+            let mut r = req(order, token);
+            r.amount = 1001;
+            r
+        };
+        let e = sim
+            .authorize(&req("p", "tok_simProcessing"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason(), "gateway_unexpected_status");
+        assert_eq!(created("p").1.status, "processing");
+        let e = sim
+            .authorize(&req("h", "pm_card_simPartialAuthorization"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason(), "gateway_amount_mismatch");
+        let (h, view) = created("h");
+        assert_eq!(
+            (view.status.as_str(), view.amount),
+            ("requires_capture", 1001)
+        );
+        assert_eq!(sim.engine().retrieve(&h).unwrap().amount_capturable, 500);
+        let e = sim
+            .authorize(&req("c", "tok_simCurrencyMismatch"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason(), "gateway_currency_mismatch");
+        assert_eq!(created("c").1.currency, "eur");
+        for order in ["h", "c", "p"] {
+            sim.void(order, "", &format!("{order}:void")).await.unwrap();
+        }
+        assert_eq!(created("h").1.status, "canceled");
+        assert_eq!(created("c").1.status, "canceled");
+        assert_eq!(created("p").1.status, "processing", "not cancelable");
+
+        for (order, token, status, received, captures) in [
+            ("s", "tok_simCaptureShort", "succeeded", 1000, 1),
+            ("q", "tok_simCaptureProcessing", "processing", 0, 0),
+        ] {
+            let AuthorizeOutcome::Authorized { payment_id } =
+                sim.authorize(&req(order, token)).await.unwrap()
+            else {
+                panic!("{token} authorizes");
+            };
+            let key = format!("{order}:capture");
+            assert!(sim.capture(&payment_id, 1001, &key).await.is_err());
+            let view = &sim.intents()[&payment_id];
+            assert_eq!(
+                (view.status.as_str(), view.amount_received, view.captures),
+                (status, received, captures),
+                "{token}"
+            );
+        }
     }
 
     /// Same key with other parameters is an idempotency error; injected

@@ -13,11 +13,24 @@
 //! | capture | `POST /v1/payment_intents/{id}/capture` `amount_to_capture` | `order:capture` |
 //! | void | `POST /v1/payment_intents/{id}/cancel` `cancellation_reason=abandoned` (without an id: the intents that `GET /v1/payment_intents/search?query=metadata['order_id']:'…'` finds) | `order:void` |
 //!
-//! Answers: 2xx → ok; 402 `card_error` → declined with its `decline_code`
-//! (else `code`); network errors, timeouts, 409 (key in use), 429 and 5xx →
+//! Answers: a 2xx counts only when the PaymentIntent shows what was asked:
+//! an authorization `status = requires_capture` in the order's currency
+//! with `amount_capturable` ≥ the amount, a capture `status = succeeded`
+//! with `amount_received` = the amount; any other 2xx is
+//! [`GatewayError::Unexpected`] with its own reason
+//! (`gateway_unexpected_status`, `gateway_amount_mismatch`,
+//! `gateway_currency_mismatch`), never retried (the key would replay the
+//! same answer). 402 `card_error` → declined with its `decline_code` (else
+//! `code`); 401 and 403 → [`GatewayError::AuthFailed`]
+//! (`gateway_auth_failed`: the key is refused, retrying cannot help);
+//! network errors, timeouts, 409 (key in use), 429 and 5xx →
 //! [`GatewayError::Unavailable`] (retryable); other 4xx →
 //! [`GatewayError::Refused`]. A `Stripe-Should-Retry` header overrides the
-//! status-based choice.
+//! status-based choice (not for 401 and 403).
+//!
+//! Every request pins the API version ([`STRIPE_VERSION`], the
+//! `Stripe-Version` header) so the answers keep the shape this code reads
+//! whatever the account's default version is or becomes.
 //!
 //! Payment tokens: a PaymentMethod id (`pm_…`) is sent as is. Stripe's
 //! test tokens `tok_<name>` (letters and `_` only, e.g. `tok_visa`,
@@ -33,8 +46,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::{AuthorizeOutcome, AuthorizeRequest, GatewayError, PaymentGateway};
+use super::{AuthorizeOutcome, AuthorizeRequest, GatewayError, PaymentGateway, UnexpectedAnswer};
 use crate::config::{GatewayConfig, Secret};
+
+/// The Stripe API version every request is made with (`Stripe-Version`):
+/// the version of the OpenAPI specification stripe-mock v0.203.0 serves,
+/// which the tests check the requests against. Change it only together
+/// with that specification, after checking the fields this module reads.
+pub const STRIPE_VERSION: &str = "2026-08-26.dahlia";
 
 /// A PaymentIntent as the API answers it: the fields orderflow reads
 /// (others are ignored).
@@ -190,6 +209,9 @@ pub fn is_cancelable(status: &str) -> bool {
 pub fn gateway_error(op: &str, failure: &Failure) -> GatewayError {
     match failure {
         Failure::Transport(m) => GatewayError::Unavailable(format!("{op}: {m}")),
+        Failure::Api { status, error, .. } if is_auth_status(*status) => {
+            GatewayError::AuthFailed(describe(op, *status, error))
+        }
         Failure::Api {
             status,
             error,
@@ -216,8 +238,8 @@ fn describe(op: &str, status: u16, e: &ApiError) -> String {
         s.push('/');
         s.push_str(code);
     }
-    // A 401 message may quote (part of) the key: never copy it.
-    if status != 401
+    // A 401 or 403 message may quote (part of) the key: never copy it.
+    if !is_auth_status(status)
         && let Some(m) = &e.message
     {
         s.push_str(": ");
@@ -226,12 +248,26 @@ fn describe(op: &str, status: u16, e: &ApiError) -> String {
     s
 }
 
-/// Maps an authorization answer: a card error is a decline, not an error.
+/// 401 (no valid key) and 403 (a key without the permission).
+fn is_auth_status(status: u16) -> bool {
+    matches!(status, 401 | 403)
+}
+
+/// Maps an authorization answer: a card error is a decline, not an error,
+/// and a 2xx is an authorization only when it holds the order's amount in
+/// its currency, ready to capture.
 pub fn authorize_outcome(
+    req: &AuthorizeRequest,
     result: Result<PaymentIntent, Failure>,
 ) -> Result<AuthorizeOutcome, GatewayError> {
     match result {
-        Ok(pi) => Ok(AuthorizeOutcome::Authorized { payment_id: pi.id }),
+        Ok(pi) => {
+            check_authorization(req, &pi).map_err(|problem| GatewayError::Unexpected {
+                op: "authorize",
+                problem,
+            })?;
+            Ok(AuthorizeOutcome::Authorized { payment_id: pi.id })
+        }
         Err(Failure::Api {
             status: 402, error, ..
         }) if error.kind == "card_error" => {
@@ -245,6 +281,64 @@ pub fn authorize_outcome(
         }
         Err(f) => Err(gateway_error("authorize", &f)),
     }
+}
+
+/// What an authorization's PaymentIntent must show, checked in this order:
+/// the status, the currency, then the amount that can be captured.
+fn check_authorization(req: &AuthorizeRequest, pi: &PaymentIntent) -> Result<(), UnexpectedAnswer> {
+    let payment_id = || pi.id.clone();
+    if pi.status != "requires_capture" {
+        return Err(UnexpectedAnswer::Status {
+            payment_id: payment_id(),
+            got: pi.status.clone(),
+            want: "requires_capture",
+        });
+    }
+    if !pi.currency.eq_ignore_ascii_case(&req.currency) {
+        return Err(UnexpectedAnswer::Currency {
+            payment_id: payment_id(),
+            got: pi.currency.clone(),
+            want: req.currency.to_ascii_lowercase(),
+        });
+    }
+    if pi.amount_capturable < req.amount {
+        return Err(UnexpectedAnswer::Amount {
+            payment_id: payment_id(),
+            field: "amount_capturable",
+            got: pi.amount_capturable,
+            want: req.amount,
+        });
+    }
+    Ok(())
+}
+
+/// Maps a capture answer: a 2xx counts only when the payment succeeded
+/// with exactly the amount asked for.
+pub fn capture_outcome(
+    amount: u64,
+    result: Result<PaymentIntent, Failure>,
+) -> Result<(), GatewayError> {
+    let pi = result.map_err(|f| gateway_error("capture", &f))?;
+    let problem = if pi.status != "succeeded" {
+        UnexpectedAnswer::Status {
+            payment_id: pi.id,
+            got: pi.status,
+            want: "succeeded",
+        }
+    } else if pi.amount_received != amount {
+        UnexpectedAnswer::Amount {
+            payment_id: pi.id,
+            field: "amount_received",
+            got: pi.amount_received,
+            want: amount,
+        }
+    } else {
+        return Ok(());
+    };
+    Err(GatewayError::Unexpected {
+        op: "capture",
+        problem,
+    })
 }
 
 /// The payment gateway protocol over a [`StripeApi`] transport.
@@ -268,7 +362,7 @@ impl<A: StripeApi> PaymentGateway for Stripe<A> {
     async fn authorize(&self, req: &AuthorizeRequest) -> Result<AuthorizeOutcome, GatewayError> {
         let params = authorize_params(req);
         let result = self.api.create_intent(&params, &req.idempotency_key).await;
-        let outcome = authorize_outcome(result);
+        let outcome = authorize_outcome(req, result);
         tracing::debug!(order_id = %req.order_id, key = %req.idempotency_key, outcome = ?outcome, "payment authorize");
         outcome
     }
@@ -283,8 +377,9 @@ impl<A: StripeApi> PaymentGateway for Stripe<A> {
             .api
             .capture_intent(payment_id, &capture_params(amount), idempotency_key)
             .await;
-        tracing::debug!(payment_intent = %payment_id, key = %idempotency_key, ok = result.is_ok(), "payment capture");
-        result.map(|_| ()).map_err(|f| gateway_error("capture", &f))
+        let outcome = capture_outcome(amount, result);
+        tracing::debug!(payment_intent = %payment_id, key = %idempotency_key, outcome = ?outcome, "payment capture");
+        outcome
     }
 
     async fn void(
@@ -337,6 +432,8 @@ pub struct ApiResponse {
     /// `Idempotent-Replayed: true`: the stored first answer.
     pub replayed: bool,
     pub should_retry: Option<bool>,
+    /// The `Stripe-Version` the answer was made with, when the API says.
+    pub stripe_version: Option<String>,
 }
 
 /// The HTTP transport: reqwest with rustls, explicit connect and request
@@ -414,7 +511,8 @@ impl HttpApi {
         let mut req = self
             .http
             .request(method.clone(), &url)
-            .header(reqwest::header::AUTHORIZATION, auth);
+            .header(reqwest::header::AUTHORIZATION, auth)
+            .header("Stripe-Version", STRIPE_VERSION);
         if let Some(key) = idempotency_key {
             req = req.header("Idempotency-Key", key);
         }
@@ -432,6 +530,7 @@ impl HttpApi {
         let idempotency_key = header("idempotency-key");
         let replayed = header("idempotent-replayed").is_some_and(|v| v == "true");
         let should_retry = header("stripe-should-retry").map(|v| v == "true");
+        let stripe_version = header("stripe-version");
         let body = res.bytes().await.map_err(|e| self.transport(e))?.to_vec();
         Ok(ApiResponse {
             status,
@@ -439,6 +538,7 @@ impl HttpApi {
             idempotency_key,
             replayed,
             should_retry,
+            stripe_version,
         })
     }
 
@@ -550,7 +650,36 @@ impl StripeApi for HttpApi {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::gateway::UnexpectedAnswer as U;
+
+    fn auth_req(amount: u64) -> AuthorizeRequest {
+        AuthorizeRequest {
+            order_id: "o1".into(),
+            amount,
+            currency: "USD".into(),
+            token: "tok_visa".into(),
+            idempotency_key: "o1:authorize".into(),
+        }
+    }
+
+    fn intent(status: &str, currency: &str, capturable: u64, received: u64) -> PaymentIntent {
+        PaymentIntent {
+            id: "pi_1".into(),
+            object: "payment_intent".into(),
+            amount: 100,
+            amount_capturable: capturable,
+            amount_received: received,
+            currency: currency.into(),
+            status: status.into(),
+            capture_method: Some("manual".into()),
+            cancellation_reason: None,
+            metadata: BTreeMap::new(),
+            livemode: false,
+        }
+    }
 
     fn api_failure(status: u16, kind: &str, code: Option<&str>, decline: Option<&str>) -> Failure {
         Failure::Api {
@@ -571,7 +700,8 @@ mod tests {
     /// other 4xx are refusals, and `Stripe-Should-Retry` wins.
     #[test]
     fn answer_mapping() {
-        let declined = |f| authorize_outcome(Err(f)).unwrap();
+        let r = auth_req(100);
+        let declined = |f| authorize_outcome(&r, Err(f)).unwrap();
         assert_eq!(
             declined(api_failure(
                 402,
@@ -624,6 +754,221 @@ mod tests {
             },
         );
         assert!(!e.to_string().contains("sk_test"), "{e}");
+    }
+
+    /// A 2xx authorization counts only as `requires_capture` in the order's
+    /// currency with enough to capture; a 2xx capture only as `succeeded`
+    /// with exactly the amount; anything else is a typed error with its own
+    /// reason.
+    #[test]
+    fn two_xx_answers_are_checked() {
+        let r = auth_req(100);
+        let authorize = |pi| authorize_outcome(&r, Ok(pi));
+        assert_eq!(
+            authorize(intent("requires_capture", "usd", 100, 0)),
+            Ok(AuthorizeOutcome::Authorized {
+                payment_id: "pi_1".into()
+            })
+        );
+        assert!(authorize(intent("requires_capture", "USD", 150, 0)).is_ok());
+        let failed = |pi| {
+            let e = authorize(pi).unwrap_err();
+            assert!(!e.is_retryable(), "{e}");
+            e
+        };
+        let e = failed(intent("requires_payment_method", "usd", 100, 0));
+        assert_eq!(e.reason(), "gateway_unexpected_status");
+        assert_eq!(
+            e,
+            GatewayError::Unexpected {
+                op: "authorize",
+                problem: U::Status {
+                    payment_id: "pi_1".into(),
+                    got: "requires_payment_method".into(),
+                    want: "requires_capture",
+                }
+            }
+        );
+        assert_eq!(
+            failed(intent("processing", "usd", 0, 0)).reason(),
+            "gateway_unexpected_status"
+        );
+        assert_eq!(
+            failed(intent("succeeded", "usd", 0, 100)).reason(),
+            "gateway_unexpected_status",
+            "captured at once: not what manual capture asked for"
+        );
+        let e = failed(intent("requires_capture", "eur", 100, 0));
+        assert_eq!(e.reason(), "gateway_currency_mismatch");
+        assert!(e.to_string().contains("currency `eur` where `usd`"), "{e}");
+        let e = failed(intent("requires_capture", "usd", 99, 0));
+        assert_eq!(e.reason(), "gateway_amount_mismatch");
+        assert!(
+            e.to_string().contains("amount_capturable = 99 where 100"),
+            "{e}"
+        );
+
+        assert_eq!(
+            capture_outcome(100, Ok(intent("succeeded", "usd", 0, 100))),
+            Ok(())
+        );
+        let e = capture_outcome(100, Ok(intent("processing", "usd", 0, 0))).unwrap_err();
+        assert_eq!(e.reason(), "gateway_unexpected_status");
+        let e = capture_outcome(100, Ok(intent("succeeded", "usd", 0, 99))).unwrap_err();
+        assert_eq!(e.reason(), "gateway_amount_mismatch");
+        assert!(e.to_string().contains("amount_received = 99"), "{e}");
+        let e = capture_outcome(100, Ok(intent("succeeded", "usd", 0, 101))).unwrap_err();
+        assert_eq!(e.reason(), "gateway_amount_mismatch");
+    }
+
+    /// 401 and 403 are `AuthFailed` (`gateway_auth_failed`), never
+    /// retryable whatever `Stripe-Should-Retry` says, and their message is
+    /// never copied.
+    #[test]
+    fn auth_refusals_are_typed() {
+        for status in [401, 403] {
+            let f = Failure::Api {
+                status,
+                error: Box::new(ApiError {
+                    kind: "invalid_request_error".into(),
+                    message: Some("The provided key 'rk_test_****wxyz' is refused".into()),
+                    ..ApiError::default()
+                }),
+                should_retry: Some(true),
+            };
+            let e = gateway_error("authorize", &f);
+            assert!(matches!(e, GatewayError::AuthFailed(_)), "{e:?}");
+            assert!(!e.is_retryable());
+            assert_eq!(e.reason(), "gateway_auth_failed");
+            assert!(!e.to_string().contains("wxyz"), "{e}");
+            assert!(e.to_string().contains(&format!("HTTP {status}")), "{e}");
+            let r = auth_req(1);
+            assert_eq!(authorize_outcome(&r, Err(f)), Err(e));
+        }
+    }
+
+    /// Against gateway-sim (served in process on a loopback port): each of
+    /// its untrustworthy answers is the typed error it must be, refused
+    /// credentials are `AuthFailed` until the switch is off, and every
+    /// request carries the pinned `Stripe-Version`.
+    #[tokio::test]
+    async fn against_gateway_sim() {
+        let engine = Arc::new(crate::gateway::simulator::SimEngine::new(
+            crate::gateway::simulator::SimOptions {
+                record_calls: true,
+                ..Default::default()
+            },
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(crate::gateway::sim_server::serve(
+            listener,
+            engine.clone(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let config = GatewayConfig {
+            url: url.clone(),
+            ..GatewayConfig::default()
+        };
+        let client = StripeClient::from_config(&config, Secret::new("sk_test_unit")).unwrap();
+        let req = |order: &str, token: &str| AuthorizeRequest {
+            order_id: order.into(),
+            amount: 1000,
+            currency: "USD".into(),
+            token: token.into(),
+            idempotency_key: format!("{order}:authorize"),
+        };
+        let reason = |r: Result<AuthorizeOutcome, GatewayError>| r.unwrap_err().reason();
+        let a = client.authorize(&req("a", "tok_simProcessing")).await;
+        assert_eq!(reason(a), "gateway_unexpected_status");
+        let b = client
+            .authorize(&req("b", "tok_simPartialAuthorization"))
+            .await;
+        assert_eq!(reason(b), "gateway_amount_mismatch");
+        let c = client.authorize(&req("c", "tok_simCurrencyMismatch")).await;
+        assert_eq!(reason(c), "gateway_currency_mismatch");
+        for (order, token, want) in [
+            ("d", "tok_simCaptureShort", "gateway_amount_mismatch"),
+            ("e", "tok_simCaptureProcessing", "gateway_unexpected_status"),
+        ] {
+            let Ok(AuthorizeOutcome::Authorized { payment_id }) =
+                client.authorize(&req(order, token)).await
+            else {
+                panic!("{token} authorizes");
+            };
+            let e = client
+                .capture(&payment_id, 1000, &format!("{order}:capture"))
+                .await
+                .unwrap_err();
+            assert_eq!(e.reason(), want, "{token}: {e}");
+        }
+
+        let res = client
+            .api()
+            .request(
+                reqwest::Method::GET,
+                "/v1/payment_intents/pi_none",
+                &[],
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.status, 404);
+        assert_eq!(res.stripe_version.as_deref(), Some(STRIPE_VERSION));
+
+        let switch = |refuse: Option<u16>| {
+            let url = format!("{url}/admin/auth");
+            async move {
+                let res = reqwest::Client::new()
+                    .post(url)
+                    .json(&serde_json::json!({ "refuse": refuse }))
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(res.status().is_success());
+            }
+        };
+        for status in [401, 403] {
+            switch(Some(status)).await;
+            let e = client.authorize(&req("f", "tok_visa")).await.unwrap_err();
+            assert!(
+                matches!(&e, GatewayError::AuthFailed(m) if m.contains(&status.to_string())),
+                "{e:?}"
+            );
+            let e = client.capture("pi_x", 1, "x:capture").await.unwrap_err();
+            assert_eq!(e.reason(), "gateway_auth_failed");
+            let e = client.void("f", "", "f:void").await.unwrap_err();
+            assert_eq!(
+                e.reason(),
+                "gateway_auth_failed",
+                "the search is refused too"
+            );
+        }
+        switch(None).await;
+        assert!(client.authorize(&req("f", "tok_visa")).await.is_ok());
+        let refused: Vec<_> = engine
+            .ledger()
+            .calls
+            .into_iter()
+            .filter(|c| c.result == "auth_refused")
+            .map(|c| (c.op, c.status))
+            .collect();
+        assert_eq!(
+            refused,
+            [
+                ("create", 401),
+                ("capture", 401),
+                ("search", 401),
+                ("create", 403),
+                ("capture", 403),
+                ("search", 403),
+            ]
+        );
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
     }
 
     /// Test tokens become their documented test PaymentMethods; others pass.

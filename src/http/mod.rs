@@ -12,8 +12,8 @@
 //! | `GET /v1/inventory/{sku}` | admin or reader | 200 (zeros for an unknown SKU), 400 `invalid_sku` |
 //! | `GET /v1/admin/parked`, `GET /v1/admin/parked/{p}/{offset}` | admin | 200 JSON (the park lane), 404 `not_parked`/`no_such_partition` |
 //! | `POST /v1/admin/parked/{p}/retry`, `POST /v1/admin/parked/{p}/{offset}/drop` | admin | 202 (the command is in the log), 404 `no_such_partition` |
-//! | `POST /v1/admin/produce` | admin or producer | 200 NDJSON (per-line results), 413, 503 `shutting_down` |
-//! | `GET /metrics`, `/healthz`, `/readyz` | none | 200; `/readyz` 503 `not_ready` |
+//! | `POST /v1/admin/produce` | admin or producer | 200 NDJSON (per-line results), 401, 403, 413, 503 `shutting_down` |
+//! | `GET /metrics`, `/healthz`, `/readyz` | none | 200; `/readyz` 503 `not_ready`/`gateway_auth_failed` |
 //! | anything else | | 404 `not_found`, 405 `method_not_allowed` |
 //!
 //! A route that needs an API token ([`auth`]: roles and scopes) answers 401
@@ -69,7 +69,8 @@ pub struct AppState {
 /// Liveness flags the app flips: `ready` once partitions are recovered
 /// (`/readyz`), `accepting` false once shutdown begins (writes answer 503
 /// `shutting_down`, open SSE streams end). `gateway` is the payment
-/// gateway's circuit breaker, shown (not judged) by `/readyz`. `down`
+/// gateway's circuit breaker, shown (not judged) by `/readyz`, which judges
+/// only whether the gateway refuses orderflow's credentials. `down`
 /// names the partition tasks the supervisor gave up on (they kept dying):
 /// while any is, the instance is not ready whatever `ready` says.
 #[derive(Debug)]

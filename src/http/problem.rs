@@ -213,6 +213,16 @@ impl Problem {
         )
     }
 
+    /// `/readyz` while the payment gateway refuses orderflow's credentials.
+    pub fn gateway_auth_failed() -> Problem {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "gateway_auth_failed",
+            "Payment gateway refuses the credentials",
+            "the payment gateway answers 401/403 to orderflow's secret key: authorizations end payment_failed (gateway_auth_failed) until it accepts the key again",
+        )
+    }
+
     pub fn too_many_streams(retry_after_s: u32) -> Problem {
         Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -424,17 +424,22 @@ pub(crate) async fn healthz() -> &'static str {
 /// "breaker": "closed" | "half_open" | "open"}}` once every partition is
 /// recovered, else 503; the 503 names the partition tasks given up on, if
 /// any. The breaker is shown, not judged: an open breaker still takes
-/// orders (they end `payment_failed`).
+/// orders (they end `payment_failed`). Refused gateway credentials are
+/// judged (503 `gateway_auth_failed`): every payment fails until someone
+/// fixes the key, which is what readiness is for.
 pub(crate) async fn readyz(State(ctx): State<Ctx>) -> Result<Response, Problem> {
     let health = &ctx.app.health;
     let down = health.down_reasons();
     if !down.is_empty() {
         return Err(Problem::tasks_down(&down));
     }
-    if health.is_ready() {
-        let gateway = health.gateway.as_ref().map(|b| b.detail());
-        Ok(axum::Json(serde_json::json!({"status": "ready", "gateway": gateway})).into_response())
-    } else {
-        Err(Problem::not_ready())
+    if !health.is_ready() {
+        return Err(Problem::not_ready());
     }
+    let gateway = health.gateway.as_ref();
+    if gateway.is_some_and(|b| b.auth_failed()) {
+        return Err(Problem::gateway_auth_failed());
+    }
+    let gateway = gateway.map(|b| b.detail());
+    Ok(axum::Json(serde_json::json!({"status": "ready", "gateway": gateway})).into_response())
 }

@@ -57,6 +57,9 @@ pub struct Metrics {
     /// Status events the read model ignored: an order id seen from two
     /// home partitions.
     pub tracking_conflicts: prometheus::IntCounter,
+    /// Times the effect executor stopped taking effects because it held
+    /// `gateway.max_parked_effects` captures and voids.
+    pub effects_held_full: prometheus::IntCounter,
     pub queue_depth: IntGaugeVec,
     pub partition_lag: IntGaugeVec,
     pub gateway_calls: IntCounterVec,
@@ -204,6 +207,14 @@ impl Metrics {
                 prometheus::IntCounter::new(
                     "orderflow_tracking_conflicts_total",
                     "Status events the read model ignored: their order id was first seen from another home partition.",
+                )
+                .expect("valid counter"),
+            ),
+            effects_held_full: registered(
+                &registry,
+                prometheus::IntCounter::new(
+                    "orderflow_effects_held_full_total",
+                    "Times the effect executor held gateway.max_parked_effects captures and voids (in flight or parked) and took no new effect until one ended.",
                 )
                 .expect("valid counter"),
             ),

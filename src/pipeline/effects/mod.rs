@@ -12,23 +12,48 @@
 //! - Only retryable failures (`GatewayError::Unavailable`: network errors,
 //!   timeouts, 429, 5xx, an open circuit) are retried, with exponential
 //!   back-off (`gateway.retry_base_ms`, doubling, capped at 5 s) and jitter.
+//!   A refusal, a 2xx that does not show what was asked
+//!   (`GatewayError::Unexpected`) and refused credentials
+//!   (`GatewayError::AuthFailed`, 401/403) are answers: retrying under the
+//!   same key and secret cannot change them.
 //! - An **authorization** makes at most `gateway.max_attempts` attempts and
 //!   must finish within `gateway.payment_deadline_ms` from its start, the
 //!   call in flight included (rejections by an open circuit spend no
 //!   attempt: the authorization waits, backing off, for the gateway to come
 //!   back until its deadline); otherwise its result is
-//!   `PaymentOutcome::Failed { reason: "gateway_unavailable" }`, and the
-//!   processor releases the stock and voids (by order) whatever the
-//!   gateway may have authorized.
+//!   `PaymentOutcome::Failed` with the reason of its last error
+//!   (`GatewayError::reason`: `gateway_unavailable`, `gateway_auth_failed`,
+//!   `gateway_unexpected_status`, `gateway_amount_mismatch`,
+//!   `gateway_currency_mismatch`), and the processor releases the stock
+//!   and voids (by order) whatever the gateway may have authorized. Its
+//!   log line says "failed after retries" only when it was retried.
 //! - A **capture or void** is never given up while the process runs: money
 //!   must move as the processor decided. After `max_attempts` failed
-//!   attempts it is parked (holding no in-flight slot) and tried again
-//!   after 1 s, 2 s, ... up to 30 s (with jitter) until it succeeds or is
-//!   refused for good (logged). The parked count is the
+//!   attempts (at once on refused credentials) it is parked (holding no
+//!   in-flight slot) and tried again after 1 s, 2 s, ... up to 30 s (with
+//!   jitter) until it succeeds or ends for good (a refusal or an unexpected
+//!   answer, logged). The parked count is the
 //!   `orderflow_queue_depth{queue="effects_parked"}` gauge.
+//! - **Captures and voids held are bounded** by `gateway.max_parked_effects`
+//!   (in flight or parked: each takes its place when the executor takes
+//!   it, so the parked ones never exceed the bound). At the bound the
+//!   executor takes no new effect from its queue until one of them ends:
+//!   the queue fills, runners wait to submit, their backlog grows and
+//!   intake sheds new orders (`503 overloaded`). Nothing is dropped: a
+//!   capture or void is money the processor decided to move.
+//! - **Results reach the log in process**: the reporter retries a failed
+//!   append with back-off (10 ms doubling to 5 s) until it succeeds,
+//!   holding at most [`MAX_HELD_RESULTS`] results (then effect tasks wait
+//!   to hand theirs over, holding their slot, so the executor slows down
+//!   instead of growing); the results waiting for a retry are the
+//!   `orderflow_queue_depth{queue="effect_results_retrying"}` gauge. Order
+//!   per partition is kept, and a result appended twice is harmless: the
+//!   processor applies a payment result only to an order awaiting it and
+//!   an `EffectDone` only removes its effect from the outbox.
 //! - At shutdown (every runner gone) calls in flight and parked effects
-//!   are abandoned: they are still in the checkpointed outbox and run
-//!   again at the next start, under the same idempotency keys.
+//!   are abandoned, and results the log still refuses after one last
+//!   attempt are dropped: they are all still in the checkpointed outbox and
+//!   run again at the next start, under the same idempotency keys.
 //!
 //! The decisions among these rules (retry, park, give up, and after how
 //! long) are [`policy::RetryPolicy`], pure and clock-free, which the
@@ -37,9 +62,12 @@
 
 pub mod policy;
 
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
@@ -48,20 +76,24 @@ use tokio::time::Instant;
 use crate::config::GatewayConfig;
 use crate::domain::{Effect, EffectKind, Envelope, Message, PaymentOutcome, RecordKind};
 use crate::gateway::{AuthorizeOutcome, AuthorizeRequest, GatewayError, PaymentGateway};
-use crate::pipeline::log::{Log, Record, Topic};
+use crate::pipeline::log::{Log, LogError, Record, Topic};
 use crate::sinks::metrics::Metrics;
 
 use policy::{Answer, Decision, RetryPolicy, Tries};
 
+/// Reason of `payment_failed` when every attempt failed.
+pub use crate::gateway::REASON_GATEWAY_UNAVAILABLE;
+
 /// Effects queued for the executor before runners wait (back-pressure).
 pub const EFFECT_QUEUE_DEPTH: usize = 65_536;
-/// Reason of `payment_failed` when every attempt failed.
-pub const REASON_GATEWAY_UNAVAILABLE: &str = "gateway_unavailable";
 
 #[derive(Clone)]
 pub struct EffectSender {
     tx: mpsc::Sender<Effect>,
     depth: prometheus::IntGauge,
+    /// Dropped with the last sender: tells an executor waiting for room
+    /// (`gateway.max_parked_effects`) that no runner is left.
+    _open: Arc<watch::Sender<()>>,
 }
 
 impl EffectSender {
@@ -83,6 +115,10 @@ struct Executor {
     parked: prometheus::IntGauge,
 }
 
+/// A capture's or void's place among the `gateway.max_parked_effects`
+/// the executor may hold; released once its result is handed over.
+type Place = Option<OwnedSemaphorePermit>;
+
 /// Starts the executor; it stops when every `EffectSender` is dropped, and
 /// then abandons what is still in flight (see the module doc).
 pub fn spawn(
@@ -92,11 +128,18 @@ pub fn spawn(
     config: GatewayConfig,
 ) -> (EffectSender, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<Effect>(EFFECT_QUEUE_DEPTH);
+    let (open, mut senders_gone) = watch::channel(());
     let (closing_tx, closing) = watch::channel(false);
     let inflight = Arc::new(Semaphore::new(config.max_inflight));
+    let places = Arc::new(Semaphore::new(config.max_parked_effects));
+    let max_parked = config.max_parked_effects;
+    let held_full = metrics.effects_held_full.clone();
     let depth = metrics.queue_depth.with_label_values(&["effects"]);
     let parked = metrics.queue_depth.with_label_values(&["effects_parked"]);
-    let (reports, reporter) = spawn_reporter(log);
+    let retrying = metrics
+        .queue_depth
+        .with_label_values(&["effect_results_retrying"]);
+    let (reports, reporter) = spawn_reporter(log, retrying);
     let exec = Arc::new(Executor {
         reports,
         gateway,
@@ -112,6 +155,28 @@ pub fn spawn(
     let handle = tokio::spawn(async move {
         let mut tasks = JoinSet::new();
         while let Some(effect) = rx.recv().await {
+            let place = match effect.kind {
+                EffectKind::Authorize => None,
+                EffectKind::Capture | EffectKind::Void => {
+                    match places.clone().try_acquire_owned() {
+                        Ok(place) => Some(place),
+                        Err(_) => {
+                            held_full.inc();
+                            tracing::warn!(
+                                max_parked_effects = max_parked,
+                                order_id = %effect.order_id,
+                                op = effect.kind.as_str(),
+                                "effect executor full: it holds gateway.max_parked_effects captures and voids (in flight or parked); it takes no new effect until one of them ends"
+                            );
+                            tokio::select! {
+                                place = places.clone().acquire_owned() => Some(place.expect("semaphore never closed")),
+                                // Every runner is gone: what is queued stays in the outboxes.
+                                _ = senders_gone.changed() => break,
+                            }
+                        }
+                    }
+                }
+            };
             let permit = inflight
                 .clone()
                 .acquire_owned()
@@ -119,7 +184,7 @@ pub fn spawn(
                 .expect("semaphore never closed");
             let exec = exec.clone();
             tasks.spawn(async move {
-                exec.run(effect, permit).await;
+                exec.run(effect, permit, place).await;
             });
             while tasks.try_join_next().is_some() {}
         }
@@ -130,42 +195,198 @@ pub fn spawn(
         drop(exec);
         let _ = reporter.await;
     });
-    (EffectSender { tx, depth }, handle)
+    let sender = EffectSender {
+        tx,
+        depth,
+        _open: Arc::new(open),
+    };
+    (sender, handle)
 }
 
 /// Results waiting for the reporter before effect tasks wait (back-pressure).
 pub const REPORT_QUEUE_DEPTH: usize = 65_536;
-/// Most results appended in one round (one append per partition).
+/// Most results appended at once to one partition.
 const REPORT_BATCH_MAX: usize = 4_096;
+/// Results the reporter holds (waiting for an append, or for a retry of
+/// one that failed) before it takes no more and effect tasks wait.
+pub const MAX_HELD_RESULTS: usize = 65_536;
+/// First wait before a failed append of results is tried again; it
+/// doubles with each failure up to [`REPORT_RETRY_MAX_MS`].
+pub const REPORT_RETRY_FIRST_MS: u64 = 10;
+pub const REPORT_RETRY_MAX_MS: u64 = 5_000;
 
-/// Appends effect results in batches: everything waiting, one append per
-/// partition, partitions in parallel. One append per result made the
-/// orders log do an append (and its wake-ups) per payment call: the
-/// benchmark showed 2 appends per order this way. A result is not waited
-/// for: if it is lost in a crash, its effect is still in the outbox and runs
-/// again under the same idempotency key.
-fn spawn_reporter(log: Arc<dyn Log>) -> (mpsc::Sender<Record>, tokio::task::JoinHandle<()>) {
-    let (tx, mut rx) = mpsc::channel::<Record>(REPORT_QUEUE_DEPTH);
-    let handle = tokio::spawn(async move {
-        let partitions = log.partition_count(Topic::Orders);
+/// Appends effect results in batches: everything waiting for a partition
+/// in one append, partitions independently. One append per result made
+/// the orders log do an append (and its wake-ups) per payment call: the
+/// benchmark showed 2 appends per order this way. A failed append is
+/// retried in process with back-off (module doc); until then the order
+/// would sit `reserved`, as the outbox re-runs effects only at a restart.
+fn spawn_reporter(
+    log: Arc<dyn Log>,
+    retrying: prometheus::IntGauge,
+) -> (mpsc::Sender<Record>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel::<Record>(REPORT_QUEUE_DEPTH);
+    let reporter = Reporter {
+        partitions: log.partition_count(Topic::Orders),
+        log,
+        lanes: BTreeMap::new(),
+        held: 0,
+        retrying,
+    };
+    (tx, tokio::spawn(reporter.run(rx)))
+}
+
+/// The results of one `orders` partition on their way to the log, in order.
+struct Lane {
+    records: VecDeque<Record>,
+    /// An append of the first records is in flight (they are out of
+    /// `records` meanwhile).
+    in_flight: usize,
+    /// Appends failed in a row.
+    failures: u32,
+    /// When the next attempt may start after a failure.
+    retry_at: Option<Instant>,
+    /// The wait after the next failure.
+    delay_ms: u64,
+}
+
+impl Lane {
+    fn new() -> Lane {
+        Lane {
+            records: VecDeque::new(),
+            in_flight: 0,
+            failures: 0,
+            retry_at: None,
+            delay_ms: REPORT_RETRY_FIRST_MS,
+        }
+    }
+
+    /// Whether an append may start now (`closing`: without waiting out a
+    /// back-off, for the last attempt).
+    fn ready(&self, now: Instant, closing: bool) -> bool {
+        self.in_flight == 0
+            && !self.records.is_empty()
+            && (closing || self.retry_at.is_none_or(|at| at <= now))
+    }
+}
+
+type AppendDone = (u32, Vec<Record>, Result<u64, LogError>);
+
+struct Reporter {
+    log: Arc<dyn Log>,
+    partitions: u32,
+    lanes: BTreeMap<u32, Lane>,
+    /// Records in the lanes and in flight (at most [`MAX_HELD_RESULTS`]).
+    held: usize,
+    /// `orderflow_queue_depth{queue="effect_results_retrying"}`.
+    retrying: prometheus::IntGauge,
+}
+
+impl Reporter {
+    async fn run(mut self, mut rx: mpsc::Receiver<Record>) {
+        let mut appends = FuturesUnordered::new();
         let mut batch = Vec::with_capacity(REPORT_BATCH_MAX);
-        while rx.recv_many(&mut batch, REPORT_BATCH_MAX).await > 0 {
-            let mut by_partition: std::collections::BTreeMap<u32, Vec<Record>> = Default::default();
-            for record in batch.drain(..) {
-                let p = crate::domain::partition::partition_for_key(&record.key, partitions);
-                by_partition.entry(p).or_default().push(record);
-            }
-            let appends = by_partition.into_iter().map(|(p, records)| {
-                crate::pipeline::runner::append_with_retry(log.as_ref(), Topic::Orders, p, records)
-            });
-            for result in futures::future::join_all(appends).await {
-                if let Err(e) = result {
-                    tracing::error!(error = %e, "cannot log effect results; they are re-run after restart");
+        let mut open = true;
+        loop {
+            let now = Instant::now();
+            for (&p, lane) in self.lanes.iter_mut() {
+                if lane.ready(now, !open) {
+                    let n = lane.records.len().min(REPORT_BATCH_MAX);
+                    let chunk: Vec<Record> = lane.records.drain(..n).collect();
+                    lane.in_flight = n;
+                    let log = self.log.clone();
+                    appends.push(async move {
+                        let result = log.append(Topic::Orders, p, chunk.clone()).await;
+                        (p, chunk, result)
+                    });
                 }
             }
+            self.publish();
+            if !open && appends.is_empty() {
+                debug_assert_eq!(self.held, 0, "the last attempt settles every lane");
+                return;
+            }
+            let next_retry = self
+                .lanes
+                .values()
+                .filter(|l| l.in_flight == 0 && !l.records.is_empty())
+                .filter_map(|l| l.retry_at)
+                .min();
+            let room = MAX_HELD_RESULTS.saturating_sub(self.held);
+            tokio::select! {
+                Some(done) = appends.next(), if !appends.is_empty() => self.settle(done, !open),
+                n = rx.recv_many(&mut batch, room.min(REPORT_BATCH_MAX)), if open && room > 0 => {
+                    if n == 0 {
+                        open = false;
+                    }
+                    for record in batch.drain(..) {
+                        let p = crate::domain::partition::partition_for_key(&record.key, self.partitions);
+                        self.lanes.entry(p).or_insert_with(Lane::new).records.push_back(record);
+                        self.held += 1;
+                    }
+                }
+                _ = tokio::time::sleep_until(next_retry.unwrap_or(now)), if next_retry.is_some() => {}
+            }
         }
-    });
-    (tx, handle)
+    }
+
+    /// Takes the outcome of an append: done, or back in its lane for a
+    /// retry after a back-off, or dropped when retrying cannot help (or the
+    /// executor is closing): the effects are still in the outbox.
+    fn settle(&mut self, (p, chunk, result): AppendDone, closing: bool) {
+        let lane = self.lanes.get_mut(&p).expect("a lane with an append");
+        lane.in_flight = 0;
+        let n = chunk.len();
+        let error = match result {
+            Ok(_) => {
+                if lane.failures > 0 {
+                    tracing::info!(
+                        partition = p,
+                        failed_appends = lane.failures,
+                        "effect results appended after failed attempts"
+                    );
+                }
+                lane.failures = 0;
+                lane.retry_at = None;
+                lane.delay_ms = REPORT_RETRY_FIRST_MS;
+                self.held -= n;
+                return;
+            }
+            Err(e) => e,
+        };
+        let hopeless = matches!(
+            error,
+            LogError::RecordTooLarge { .. } | LogError::NoSuchPartition { .. }
+        );
+        if hopeless || closing {
+            tracing::error!(partition = p, records = n, error = %error, "cannot log effect results; they are re-run after restart");
+            self.held -= n;
+            return;
+        }
+        lane.failures += 1;
+        let delay_ms = lane.delay_ms;
+        lane.retry_at = Some(Instant::now() + Duration::from_millis(delay_ms));
+        lane.delay_ms = (delay_ms * 2).min(REPORT_RETRY_MAX_MS);
+        if lane.failures == 1 {
+            tracing::warn!(partition = p, records = n, error = %error, retry_in_ms = delay_ms, "effect results: append failed; retrying until the log takes writes again");
+        } else {
+            tracing::debug!(partition = p, records = n, error = %error, failed_appends = lane.failures, retry_in_ms = delay_ms, "cannot log effect results; retrying");
+        }
+        for record in chunk.into_iter().rev() {
+            lane.records.push_front(record);
+        }
+    }
+
+    /// Publishes how many results wait for a retry.
+    fn publish(&self) {
+        let waiting: usize = self
+            .lanes
+            .values()
+            .filter(|l| l.failures > 0)
+            .map(|l| l.records.len() + l.in_flight)
+            .sum();
+        self.retrying.set(waiting as i64);
+    }
 }
 
 /// How a retried call ended.
@@ -283,28 +504,33 @@ impl Retrier {
 }
 
 impl Executor {
-    async fn run(&self, effect: Effect, permit: OwnedSemaphorePermit) {
-        let body = match effect.kind {
+    /// Runs one effect and hands its result to the reporter. The in-flight
+    /// slot of an authorization, and the place of a capture or void, are
+    /// held until the result is handed over: while the log refuses results,
+    /// the executor slows down instead of piling up finished tasks.
+    async fn run(&self, effect: Effect, permit: OwnedSemaphorePermit, place: Place) {
+        let (body, slot) = match effect.kind {
             EffectKind::Authorize => {
                 let outcome = self.authorize(&effect).await;
-                drop(permit);
-                outcome.map(|outcome| Message::PaymentResult {
+                let body = outcome.map(|outcome| Message::PaymentResult {
                     order_id: effect.order_id.clone(),
                     outcome,
-                })
+                });
+                (body, Some(permit))
             }
             EffectKind::Capture | EffectKind::Void => {
-                self.settle(&effect, permit)
-                    .await
-                    .then(|| Message::EffectDone {
-                        order_id: effect.order_id.clone(),
-                        kind: effect.kind,
-                    })
+                let done = self.settle(&effect, permit).await;
+                let body = done.then(|| Message::EffectDone {
+                    order_id: effect.order_id.clone(),
+                    kind: effect.kind,
+                });
+                (body, None)
             }
         };
         if let Some(body) = body {
             self.report(&effect.reply_key, body).await;
         }
+        drop((slot, place));
     }
 
     /// The authorization's outcome, or `None` when abandoned at shutdown.
@@ -322,7 +548,7 @@ impl Executor {
             .retrier
             .attempts(&mut tries, since, || self.gateway.authorize(&req))
             .await;
-        authorization_outcome(&effect.order_id, answered)
+        authorization_outcome(&effect.order_id, answered, tries.answers())
     }
 
     /// Capture or void; true once done (or refused for good, which is
@@ -369,20 +595,37 @@ impl Executor {
                 Attempted::Closing => return false,
                 Attempted::Answered(Ok(())) => return true,
                 Attempted::Answered(Err(e)) => {
-                    // The policy ends a capture or void only on a refusal.
-                    let reason = match e {
-                        GatewayError::Refused(reason) => reason,
-                        other => other.to_string(),
-                    };
-                    tracing::error!(order_id = %effect.order_id, op, %reason, "gateway refused; giving up");
+                    // The policy ends a capture or void only on a refusal
+                    // or an unexpected answer: retrying cannot help.
+                    let answers = tries.answers();
+                    match (&e, answers > 1) {
+                        (GatewayError::Unexpected { .. }, false) => {
+                            tracing::error!(order_id = %effect.order_id, op, reason = e.reason(), error = %e, "gateway call failed: unexpected answer; giving up");
+                        }
+                        (GatewayError::Unexpected { .. }, true) => {
+                            tracing::error!(order_id = %effect.order_id, op, reason = e.reason(), error = %e, answers, "gateway call failed after retries: unexpected answer; giving up");
+                        }
+                        (_, false) => {
+                            tracing::error!(order_id = %effect.order_id, op, error = %e, "gateway call failed: refused; giving up");
+                        }
+                        (_, true) => {
+                            tracing::error!(order_id = %effect.order_id, op, error = %e, answers, "gateway call failed after retries: refused; giving up");
+                        }
+                    }
                     return true;
+                }
+                Attempted::Parked {
+                    error: e @ GatewayError::AuthFailed(_),
+                    wait,
+                } => {
+                    tracing::error!(order_id = %effect.order_id, op, reason = e.reason(), error = %e, retry_in_ms = wait.as_millis() as u64, "gateway call failed: credentials refused; parked, will retry");
+                    if !self.park(wait).await {
+                        return false;
+                    }
                 }
                 Attempted::Parked { error: e, wait } => {
                     tracing::warn!(order_id = %effect.order_id, op, error = %e, retry_in_ms = wait.as_millis() as u64, "gateway unavailable; parked, will retry");
-                    self.parked.inc();
-                    let go_on = self.retrier.pause(wait).await;
-                    self.parked.dec();
-                    if !go_on {
+                    if !self.park(wait).await {
                         return false;
                     }
                 }
@@ -390,24 +633,45 @@ impl Executor {
         }
     }
 
+    /// Waits out a park, counted in the parked gauge; false when the
+    /// executor closes first.
+    async fn park(&self, wait: Duration) -> bool {
+        self.parked.inc();
+        let go_on = self.retrier.pause(wait).await;
+        self.parked.dec();
+        go_on
+    }
+
     /// Hands a result to the reporter, which appends it to the home
-    /// partition. If the log is down the effect stays in the outbox.
+    /// partition (retrying while the log refuses it). Abandoned only when
+    /// the executor closes while the reporter is full: the effect is still
+    /// in the outbox.
     async fn report(&self, reply_key: &str, body: Message) {
         let record = Record {
             kind: RecordKind::Internal,
             key: reply_key.as_bytes().to_vec(),
             value: Envelope::new(None, body).encode(),
         };
-        if self.reports.send(record).await.is_err() {
-            tracing::error!("the effect reporter stopped; the result is re-run after restart");
+        let mut closing = self.retrier.closing.clone();
+        let sent = tokio::select! {
+            biased;
+            sent = self.reports.send(record) => sent.is_ok(),
+            _ = closing.wait_for(|c| *c) => false,
+        };
+        if !sent {
+            tracing::error!(
+                "the effect reporter is full or stopped at shutdown; the result is re-run after restart"
+            );
         }
     }
 }
 
-/// Maps the authorization's last answer; `None` when abandoned.
+/// Maps the authorization's last answer (after `answers` answers in all);
+/// `None` when abandoned.
 fn authorization_outcome(
     order_id: &str,
     answered: Attempted<AuthorizeOutcome>,
+    answers: u32,
 ) -> Option<PaymentOutcome> {
     match answered {
         Attempted::Closing => None,
@@ -419,9 +683,26 @@ fn authorization_outcome(
         }
         // An authorization never parks (the policy gives up instead).
         Attempted::Answered(Err(e)) | Attempted::Parked { error: e, .. } => {
-            tracing::warn!(order_id = %order_id, error = %e, "authorization failed after retries");
+            let reason = e.reason();
+            // Only an outage is worth less than an error: the others mean
+            // the gateway answered what orderflow cannot take.
+            let outage = e.is_retryable();
+            match (outage, answers > 1) {
+                (true, true) => {
+                    tracing::warn!(order_id = %order_id, reason, error = %e, answers, "authorization failed after retries")
+                }
+                (true, false) => {
+                    tracing::warn!(order_id = %order_id, reason, error = %e, "authorization failed")
+                }
+                (false, true) => {
+                    tracing::error!(order_id = %order_id, reason, error = %e, answers, "authorization failed after retries")
+                }
+                (false, false) => {
+                    tracing::error!(order_id = %order_id, reason, error = %e, "authorization failed")
+                }
+            }
             Some(PaymentOutcome::Failed {
-                reason: REASON_GATEWAY_UNAVAILABLE.to_owned(),
+                reason: reason.to_owned(),
             })
         }
     }
@@ -521,7 +802,7 @@ mod tests {
             .await;
         assert_eq!(start.elapsed(), Duration::from_millis(2_000));
         assert_eq!(
-            authorization_outcome("o1", got),
+            authorization_outcome("o1", got, 1),
             Some(PaymentOutcome::Failed {
                 reason: REASON_GATEWAY_UNAVAILABLE.into()
             })
@@ -559,6 +840,314 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
 
+    /// A log that refuses appends while `refuse` is set (as Kafka does
+    /// past its request timeout: unavailable, and not known to recover),
+    /// noting when it refused, and keeps what it takes in memory. The
+    /// counts are watched so tests wait on them instead of on time.
+    #[derive(Default)]
+    struct FlakyLog {
+        refuse: std::sync::atomic::AtomicBool,
+        refused_at: std::sync::Mutex<Vec<Instant>>,
+        refusals: watch::Sender<usize>,
+        records: std::sync::Mutex<Vec<(u32, Record)>>,
+        appended: watch::Sender<usize>,
+    }
+
+    #[async_trait::async_trait]
+    impl Log for FlakyLog {
+        fn partition_count(&self, _: Topic) -> u32 {
+            4
+        }
+        async fn append(&self, _: Topic, p: u32, records: Vec<Record>) -> Result<u64, LogError> {
+            if self.refuse.load(Ordering::SeqCst) {
+                self.refused_at.lock().unwrap().push(Instant::now());
+                self.refusals.send_modify(|n| *n += 1);
+                return Err(LogError::Unavailable("broker down".into()));
+            }
+            let n = records.len();
+            let first = {
+                let mut kept = self.records.lock().unwrap();
+                let first = kept.len() as u64;
+                kept.extend(records.into_iter().map(|r| (p, r)));
+                first
+            };
+            self.appended.send_modify(|a| *a += n);
+            Ok(first)
+        }
+        async fn read(
+            &self,
+            _: Topic,
+            _: u32,
+            _: u64,
+            _: usize,
+            _: Duration,
+        ) -> Result<Vec<crate::pipeline::log::LogRecord>, LogError> {
+            Ok(Vec::new())
+        }
+        fn offsets(&self, _: Topic, _: u32) -> Result<(u64, u64), LogError> {
+            Ok((0, 0))
+        }
+        fn release_before(&self, _: Topic, _: u32, _: u64) {}
+        async fn close(&self) {}
+    }
+
+    impl FlakyLog {
+        /// The messages logged so far, in order.
+        fn messages(&self) -> Vec<Message> {
+            let kept = self.records.lock().unwrap();
+            kept.iter()
+                .map(|(_, r)| Envelope::decode(&r.value).unwrap().body)
+                .collect()
+        }
+
+        async fn refused(&self, n: usize) {
+            let mut rx = self.refusals.subscribe();
+            rx.wait_for(|r| *r >= n).await.unwrap();
+        }
+
+        async fn holds(&self, n: usize) {
+            let mut rx = self.appended.subscribe();
+            rx.wait_for(|a| *a >= n).await.unwrap();
+        }
+    }
+
+    fn effect(order: &str, kind: EffectKind) -> Effect {
+        Effect {
+            order_id: order.into(),
+            kind,
+            reply_key: format!("SKU-{order}"),
+            amount: 100,
+            currency: "USD".into(),
+            token: if kind == EffectKind::Authorize {
+                "tok_visa".into()
+            } else {
+                String::new()
+            },
+            payment_id: if kind == EffectKind::Capture {
+                format!("pi_{order}")
+            } else {
+                String::new()
+            },
+        }
+    }
+
+    /// A payment result whose append fails is appended in process once the
+    /// log takes writes again, with no restart; meanwhile it is counted as
+    /// waiting for a retry, and the retries back off, doubling from 10 ms
+    /// up to 5 s.
+    #[tokio::test(start_paused = true)]
+    async fn results_reach_the_log_without_restart() {
+        let log = Arc::new(FlakyLog::default());
+        log.refuse.store(true, Ordering::SeqCst);
+        let metrics = Arc::new(Metrics::new());
+        let gateway = Arc::new(crate::gateway::simulator::Simulator::new(
+            &GatewayConfig::default(),
+        ));
+        let (tx, executor) = spawn(
+            log.clone(),
+            gateway,
+            metrics.clone(),
+            GatewayConfig::default(),
+        );
+        let waiting = metrics
+            .queue_depth
+            .with_label_values(&["effect_results_retrying"]);
+        tx.submit(effect("o1", EffectKind::Authorize))
+            .await
+            .unwrap();
+        // 10, 20, ... 2 560 ms, then the 5 s cap twice.
+        let want_ms = [10, 20, 40, 80, 160, 320, 640, 1_280, 2_560, 5_000, 5_000];
+        log.refused(want_ms.len() + 1).await;
+        assert_eq!(waiting.get(), 1, "counted while it waits");
+        let at = log.refused_at.lock().unwrap().clone();
+        let waits_ms: Vec<u128> = at.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect();
+        assert_eq!(waits_ms[..want_ms.len()], want_ms, "{waits_ms:?}");
+        assert!(log.messages().is_empty());
+
+        log.refuse.store(false, Ordering::SeqCst);
+        log.holds(1).await;
+        let [Message::PaymentResult { order_id, outcome }] = &log.messages()[..] else {
+            panic!("{:?}", log.messages())
+        };
+        assert_eq!(order_id, "o1");
+        assert!(
+            matches!(outcome, PaymentOutcome::Authorized { .. }),
+            "{outcome:?}"
+        );
+        drop(tx);
+        executor.await.unwrap();
+        assert_eq!(waiting.get(), 0, "nothing waiting once appended");
+        assert_eq!(log.messages().len(), 1, "appended once");
+    }
+
+    /// Results still refused when the executor closes get one last attempt
+    /// and are dropped (they are in the outbox), so shutdown never hangs on
+    /// a log that refuses everything.
+    #[tokio::test(start_paused = true)]
+    async fn closing_drops_results_the_log_refuses() {
+        let log = Arc::new(FlakyLog::default());
+        log.refuse.store(true, Ordering::SeqCst);
+        let gateway = Arc::new(crate::gateway::simulator::Simulator::new(
+            &GatewayConfig::default(),
+        ));
+        let (tx, executor) = spawn(
+            log.clone(),
+            gateway,
+            Arc::new(Metrics::new()),
+            GatewayConfig::default(),
+        );
+        tx.submit(effect("o1", EffectKind::Authorize))
+            .await
+            .unwrap();
+        log.refused(1).await;
+        let before = *log.refusals.borrow();
+        drop(tx);
+        executor.await.unwrap();
+        assert_eq!(*log.refusals.borrow(), before + 1, "one last attempt");
+        assert!(log.messages().is_empty());
+    }
+
+    /// Captures fail (unavailable) while `down`; every call is noted by
+    /// idempotency key, and counted in a watch to wait on.
+    #[derive(Default)]
+    struct DownForCaptures {
+        down: std::sync::atomic::AtomicBool,
+        calls: std::sync::Mutex<Vec<String>>,
+        count: watch::Sender<usize>,
+    }
+
+    #[async_trait::async_trait]
+    impl PaymentGateway for DownForCaptures {
+        async fn authorize(
+            &self,
+            req: &AuthorizeRequest,
+        ) -> Result<AuthorizeOutcome, GatewayError> {
+            self.note(&req.idempotency_key);
+            Ok(AuthorizeOutcome::Authorized {
+                payment_id: format!("pi_{}", req.order_id),
+            })
+        }
+        async fn capture(&self, _: &str, _: u64, key: &str) -> Result<(), GatewayError> {
+            self.note(key);
+            if self.down.load(Ordering::SeqCst) {
+                return Err(GatewayError::Unavailable("503".into()));
+            }
+            Ok(())
+        }
+        async fn void(&self, _: &str, _: &str, key: &str) -> Result<(), GatewayError> {
+            self.note(key);
+            Ok(())
+        }
+    }
+
+    impl DownForCaptures {
+        fn note(&self, key: &str) {
+            self.calls.lock().unwrap().push(key.to_owned());
+            self.count.send_modify(|n| *n += 1);
+        }
+
+        fn calls_of(&self, key: &str) -> usize {
+            self.calls
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|k| *k == key)
+                .count()
+        }
+
+        /// Waits until `key` was called `n` times.
+        async fn called(&self, key: &str, n: usize) {
+            let mut rx = self.count.subscribe();
+            rx.wait_for(|_| self.calls_of(key) >= n).await.unwrap();
+        }
+    }
+
+    /// At `max_parked_effects` captures held (parked during an outage) the
+    /// executor takes no new effect and counts that it is full: the third
+    /// capture and the authorization behind it wait through several park
+    /// rounds, nothing is dropped, and all of them run once the gateway is
+    /// back.
+    #[tokio::test(start_paused = true)]
+    async fn parked_captures_are_bounded_by_back_pressure() {
+        let log = Arc::new(FlakyLog::default());
+        let gateway = Arc::new(DownForCaptures::default());
+        gateway.down.store(true, Ordering::SeqCst);
+        let metrics = Arc::new(Metrics::new());
+        let config = GatewayConfig {
+            max_attempts: 1,
+            max_parked_effects: 2,
+            ..GatewayConfig::default()
+        };
+        let (tx, executor) = spawn(log.clone(), gateway.clone(), metrics.clone(), config);
+        let parked = metrics.queue_depth.with_label_values(&["effects_parked"]);
+        for order in ["c1", "c2", "c3"] {
+            tx.submit(effect(order, EffectKind::Capture)).await.unwrap();
+        }
+        tx.submit(effect("a4", EffectKind::Authorize))
+            .await
+            .unwrap();
+        // Four rounds each, parked in between: the executor had all that
+        // time to take the third capture, and did not.
+        gateway.called("c1:capture", 4).await;
+        gateway.called("c2:capture", 4).await;
+        assert_eq!(gateway.calls_of("c3:capture"), 0, "no third capture held");
+        assert_eq!(
+            gateway.calls_of("a4:authorize"),
+            0,
+            "nor anything behind it"
+        );
+        assert_eq!(metrics.effects_held_full.get(), 1, "full, once");
+        assert!(log.messages().is_empty());
+
+        gateway.down.store(false, Ordering::SeqCst);
+        log.holds(4).await;
+        let mut done: Vec<String> = log
+            .messages()
+            .iter()
+            .map(|m| match m {
+                Message::EffectDone { order_id, kind } => format!("{order_id}:{}", kind.as_str()),
+                Message::PaymentResult { order_id, .. } => format!("{order_id}:result"),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        done.sort();
+        assert_eq!(
+            done,
+            ["a4:result", "c1:capture", "c2:capture", "c3:capture"]
+        );
+        assert_eq!(parked.get(), 0);
+        drop(tx);
+        executor.await.unwrap();
+    }
+
+    /// An executor waiting for room among its parked captures still ends
+    /// when every runner is gone (shutdown never hangs on an outage).
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_room_ends_with_the_runners() {
+        let gateway = Arc::new(DownForCaptures::default());
+        gateway.down.store(true, Ordering::SeqCst);
+        let config = GatewayConfig {
+            max_attempts: 1,
+            max_parked_effects: 1,
+            ..GatewayConfig::default()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let (tx, executor) = spawn(
+            Arc::new(FlakyLog::default()),
+            gateway.clone(),
+            metrics.clone(),
+            config,
+        );
+        tx.submit(effect("c1", EffectKind::Capture)).await.unwrap();
+        tx.submit(effect("c2", EffectKind::Capture)).await.unwrap();
+        // A second call comes after a park, by which time the executor
+        // has taken c2 and found no room.
+        gateway.called("c1:capture", 2).await;
+        assert_eq!(metrics.effects_held_full.get(), 1);
+        drop(tx);
+        executor.await.unwrap();
+        assert_eq!(gateway.calls_of("c2:capture"), 0);
+    }
     /// Closing abandons a call in flight and a back-off alike.
     #[tokio::test(start_paused = true)]
     async fn closing_abandons() {

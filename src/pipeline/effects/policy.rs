@@ -31,6 +31,12 @@ pub enum Answer {
     CircuitOpen,
     /// The gateway refused the request itself: retrying cannot help.
     Refused,
+    /// A 2xx that does not show what was asked (wrong status, amount or
+    /// currency): retrying under the same key replays it.
+    Unexpected,
+    /// 401/403: the gateway refuses orderflow's credentials; retrying
+    /// with the same key cannot help.
+    AuthFailed,
 }
 
 impl Answer {
@@ -38,8 +44,10 @@ impl Answer {
         match result {
             Ok(_) => Answer::Ok,
             Err(GatewayError::Unavailable(m)) if m == CIRCUIT_OPEN => Answer::CircuitOpen,
-            Err(e) if e.is_retryable() => Answer::Retryable,
-            Err(_) => Answer::Refused,
+            Err(GatewayError::Unavailable(_)) => Answer::Retryable,
+            Err(GatewayError::Refused(_)) => Answer::Refused,
+            Err(GatewayError::Unexpected { .. }) => Answer::Unexpected,
+            Err(GatewayError::AuthFailed(_)) => Answer::AuthFailed,
         }
     }
 
@@ -50,6 +58,8 @@ impl Answer {
             Answer::Retryable => "unavailable",
             Answer::CircuitOpen => "circuit_open",
             Answer::Refused => "refused",
+            Answer::Unexpected => "unexpected",
+            Answer::AuthFailed => "auth_failed",
         }
     }
 
@@ -66,11 +76,13 @@ pub enum Decision {
     Done,
     /// Call again after this delay, in the same round.
     RetryAfter { delay_ms: u64 },
-    /// A capture or void spent its round: wait this long holding no
-    /// in-flight slot, then start a new round.
+    /// A capture or void spent its round, or was refused for its
+    /// credentials: wait this long holding no in-flight slot, then start a
+    /// new round.
     Park { delay_ms: u64 },
-    /// The authorization ends `payment_failed` (`gateway_unavailable`):
-    /// attempts spent, the deadline too close, or a refusal.
+    /// The authorization ends `payment_failed` (with the reason of its
+    /// last error): attempts spent, the deadline too close, a refusal, an
+    /// unexpected answer or refused credentials.
     GiveUp,
 }
 
@@ -88,6 +100,8 @@ pub struct Tries {
     kind: EffectKind,
     /// Attempts spent in the current round.
     spent: u32,
+    /// Answers received, every round and circuit-open rejections included.
+    answers: u32,
     /// Authorizations only: the call in flight is cut at this time.
     deadline_ms: Option<u64>,
     /// Next wait of a parked capture or void.
@@ -102,6 +116,11 @@ impl Tries {
     /// Attempts spent in the current round.
     pub fn spent(&self) -> u32 {
         self.spent
+    }
+
+    /// Answers received so far: more than one means the effect was retried.
+    pub fn answers(&self) -> u32 {
+        self.answers
     }
 
     /// When an authorization must have its answer, the call in flight
@@ -127,6 +146,7 @@ impl RetryPolicy {
         Tries {
             kind,
             spent: 0,
+            answers: 0,
             deadline_ms,
             park_ms: PARK_FIRST_MS,
         }
@@ -144,11 +164,18 @@ impl RetryPolicy {
         if !free {
             tries.spent += 1;
         }
+        tries.answers = tries.answers.saturating_add(1);
         let authorize = tries.kind == EffectKind::Authorize;
         match answer {
             Answer::Ok => return Decision::Done,
-            Answer::Refused if authorize => return Decision::GiveUp,
-            Answer::Refused => return Decision::Done,
+            Answer::Refused | Answer::Unexpected | Answer::AuthFailed if authorize => {
+                return Decision::GiveUp;
+            }
+            Answer::Refused | Answer::Unexpected => return Decision::Done,
+            // Money must still move as the processor decided, and the key
+            // may be accepted again (a permission granted to a restricted
+            // key): no retry in this round, a new one after a park.
+            Answer::AuthFailed => return Self::park(tries, jitter),
             Answer::Retryable | Answer::CircuitOpen => {}
         }
         debug_assert!(answer.is_retryable());
@@ -167,6 +194,11 @@ impl RetryPolicy {
         }
         // Money must move as the processor decided: a capture or void is
         // never given up, only parked for longer and longer.
+        Self::park(tries, jitter)
+    }
+
+    /// Parks a capture or void: 1 s, 2 s, ... up to 30 s, plus jitter.
+    fn park(tries: &mut Tries, jitter: u64) -> Decision {
         let delay_ms = tries.park_ms + pick(jitter, tries.park_ms / 4);
         tries.park_ms = (tries.park_ms * 2).min(PARK_MAX_MS);
         tries.spent = 0;
@@ -293,16 +325,42 @@ mod tests {
         }
     }
 
-    /// A refusal ends an authorization as failed and a capture or void as done.
+    /// A refusal or an unexpected answer ends an authorization as failed
+    /// and a capture or void as done, without a retry.
     #[test]
     fn refusals_are_not_retried() {
         let p = policy(4);
-        let mut t = p.start(EffectKind::Authorize, 0);
-        assert_eq!(p.decide(&mut t, Answer::Refused, 0, 0), Decision::GiveUp);
-        let mut t = p.start(EffectKind::Capture, 0);
-        assert_eq!(p.decide(&mut t, Answer::Refused, 0, 0), Decision::Done);
+        for answer in [Answer::Refused, Answer::Unexpected] {
+            let mut t = p.start(EffectKind::Authorize, 0);
+            assert_eq!(p.decide(&mut t, answer, 0, 0), Decision::GiveUp);
+            assert_eq!(t.answers(), 1);
+            let mut t = p.start(EffectKind::Capture, 0);
+            assert_eq!(p.decide(&mut t, answer, 0, 0), Decision::Done);
+        }
         let mut t = p.start(EffectKind::Authorize, 0);
         assert_eq!(p.decide(&mut t, Answer::Ok, 0, 0), Decision::Done);
+    }
+
+    /// Refused credentials end an authorization at its first answer, and
+    /// park a capture or void at once (no retry within the round).
+    #[test]
+    fn auth_failures_are_not_retried() {
+        let p = policy(4);
+        let mut t = p.start(EffectKind::Authorize, 0);
+        assert_eq!(p.decide(&mut t, Answer::AuthFailed, 0, 0), Decision::GiveUp);
+        assert_eq!(t.answers(), 1);
+        for kind in [EffectKind::Capture, EffectKind::Void] {
+            let mut t = p.start(kind, 0);
+            assert_eq!(
+                p.decide(&mut t, Answer::AuthFailed, 0, 0),
+                Decision::Park { delay_ms: 1_000 }
+            );
+            assert_eq!(
+                p.decide(&mut t, Answer::AuthFailed, 0, 0),
+                Decision::Park { delay_ms: 2_000 }
+            );
+            assert_eq!(p.decide(&mut t, Answer::Ok, 0, 0), Decision::Done);
+        }
     }
 
     /// Back-off doubles from the base up to 5 s; jitter moves it within its upper half.
@@ -343,6 +401,8 @@ mod tests {
         assert_eq!(Answer::of(&down).label(), "unavailable");
         let refused: Result<(), _> = Err(GatewayError::Refused("400".into()));
         assert_eq!(Answer::of(&refused), Answer::Refused);
+        let key: Result<(), _> = Err(GatewayError::AuthFailed("401".into()));
+        assert_eq!(Answer::of(&key).label(), "auth_failed");
         assert_eq!(Answer::of(&Ok::<_, GatewayError>(())), Answer::Ok);
     }
 }
