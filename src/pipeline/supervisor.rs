@@ -510,11 +510,8 @@ async fn run_runner(
             source: StoreError::Fenced { stored_epoch, .. },
             ..
         }) => {
-            // Not fatal: another instance owns the partition now.
-            d.metrics
-                .checkpoint_fenced
-                .with_label_values(&[&partition.to_string()])
-                .inc();
+            // Not fatal: another instance owns the partition now (the
+            // store counted the refusal).
             tracing::warn!(
                 partition,
                 epoch,

@@ -152,9 +152,13 @@ pub fn spawn(
         inflight: inflight.clone(),
         parked,
     });
+    let queued = depth.clone();
     let handle = tokio::spawn(async move {
         let mut tasks = JoinSet::new();
         while let Some(effect) = rx.recv().await {
+            // Also here, not only on submit: the gauge must fall to zero
+            // when the executor drains the queue and nothing new comes.
+            queued.set(rx.len() as i64);
             let place = match effect.kind {
                 EffectKind::Authorize => None,
                 EffectKind::Capture | EffectKind::Void => {
@@ -978,6 +982,31 @@ mod tests {
         executor.await.unwrap();
         assert_eq!(waiting.get(), 0, "nothing waiting once appended");
         assert_eq!(log.messages().len(), 1, "appended once");
+    }
+
+    /// The queue gauge falls back to zero once the executor has taken what was queued.
+    #[tokio::test(start_paused = true)]
+    async fn queue_gauge_is_current_when_idle() {
+        let log = Arc::new(FlakyLog::default());
+        let metrics = Arc::new(Metrics::new());
+        let gateway = Arc::new(crate::gateway::simulator::Simulator::new(
+            &GatewayConfig::default(),
+        ));
+        let (tx, executor) = spawn(
+            log.clone(),
+            gateway,
+            metrics.clone(),
+            GatewayConfig::default(),
+        );
+        let depth = metrics.queue_depth.with_label_values(&["effects"]);
+        for id in ["o1", "o2"] {
+            tx.submit(effect(id, EffectKind::Authorize)).await.unwrap();
+        }
+        assert_eq!(depth.get(), 2, "both queued before the executor ran");
+        log.holds(2).await;
+        assert_eq!(depth.get(), 0, "nothing queued any more");
+        drop(tx);
+        executor.await.unwrap();
     }
 
     /// Results still refused when the executor closes get one last attempt

@@ -429,6 +429,7 @@ impl StateStore for EmbeddedStore {
     /// One transaction: fencing check, blobs, the row, then deletions.
     async fn commit(&self, write: &SnapshotWrite) -> Result<(), StoreError> {
         let write = write.clone();
+        let metrics = self.metrics.clone();
         self.blocking("commit", move |db| {
             let (scope, partition) = (write.scope, write.partition);
             let txn = begin_write(db)?;
@@ -439,7 +440,13 @@ impl StateStore for EmbeddedStore {
                 let stored_epoch = read_row(&rows, scope, partition)?.map_or(0, |r| r.epoch);
                 if stored_epoch != write.epoch {
                     // Dropping the uncommitted transaction aborts it: nothing is written.
-                    return Err(not_owner(scope, partition, write.epoch, stored_epoch));
+                    let error = not_owner(scope, partition, write.epoch, stored_epoch);
+                    if let (Some(m), StoreError::Fenced { .. }) = (&metrics, &error) {
+                        m.checkpoint_fenced
+                            .with_label_values(&[&partition.to_string()])
+                            .inc();
+                    }
+                    return Err(error);
                 }
                 let mut blobs = txn
                     .open_table(BLOBS)
@@ -627,6 +634,26 @@ fn decode_secret(bytes: &[u8], name: &str) -> Result<[u8; 32], StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A commit refused because a newer owner claimed the partition is counted once.
+    #[tokio::test]
+    async fn a_fenced_commit_is_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let store = EmbeddedStore::open(&dir.path().join("state.redb"))
+            .unwrap()
+            .with_metrics(metrics.clone());
+        let first = store.claim(Scope::Orders, 7).await.unwrap();
+        store.claim(Scope::Orders, 7).await.unwrap();
+        let write = SnapshotWrite::manifest_only(Scope::Orders, 7, first, 1, vec![]);
+        let fenced = store.commit(&write).await;
+        assert!(
+            matches!(fenced, Err(StoreError::Fenced { .. })),
+            "{fenced:?}"
+        );
+        let counted = metrics.checkpoint_fenced.with_label_values(&["7"]).get();
+        assert_eq!(counted, 1);
+    }
 
     /// Undecodable stored rows give `Corrupt` naming the table and key, never a panic.
     #[tokio::test]
