@@ -352,10 +352,10 @@ mod tests {
         }
     }
 
-    /// The example section in the README parses and validates.
+    /// The example in docs/notifications.md parses and validates.
     #[test]
     fn readme_example_is_valid() {
-        let readme = include_str!("../../../README.md");
+        let readme = include_str!("../../../docs/notifications.md");
         let section = readme
             .split_once("## Notifications")
             .expect("a Notifications section")
