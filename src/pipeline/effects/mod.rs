@@ -895,6 +895,16 @@ mod tests {
         async fn close(&self) {}
     }
 
+    /// An executor over the in-process simulator, with default settings.
+    fn with_simulator(
+        log: Arc<FlakyLog>,
+        metrics: Arc<Metrics>,
+    ) -> (EffectSender, tokio::task::JoinHandle<()>) {
+        let config = GatewayConfig::default();
+        let gateway = Arc::new(crate::gateway::simulator::Simulator::new(&config));
+        spawn(log, gateway, metrics, config)
+    }
+
     impl FlakyLog {
         /// The messages logged so far, in order.
         fn messages(&self) -> Vec<Message> {
@@ -944,15 +954,7 @@ mod tests {
         let log = Arc::new(FlakyLog::default());
         log.refuse.store(true, Ordering::SeqCst);
         let metrics = Arc::new(Metrics::new());
-        let gateway = Arc::new(crate::gateway::simulator::Simulator::new(
-            &GatewayConfig::default(),
-        ));
-        let (tx, executor) = spawn(
-            log.clone(),
-            gateway,
-            metrics.clone(),
-            GatewayConfig::default(),
-        );
+        let (tx, executor) = with_simulator(log.clone(), metrics.clone());
         let waiting = metrics
             .queue_depth
             .with_label_values(&["effect_results_retrying"]);
@@ -989,15 +991,7 @@ mod tests {
     async fn queue_gauge_is_current_when_idle() {
         let log = Arc::new(FlakyLog::default());
         let metrics = Arc::new(Metrics::new());
-        let gateway = Arc::new(crate::gateway::simulator::Simulator::new(
-            &GatewayConfig::default(),
-        ));
-        let (tx, executor) = spawn(
-            log.clone(),
-            gateway,
-            metrics.clone(),
-            GatewayConfig::default(),
-        );
+        let (tx, executor) = with_simulator(log.clone(), metrics.clone());
         let depth = metrics.queue_depth.with_label_values(&["effects"]);
         for id in ["o1", "o2"] {
             tx.submit(effect(id, EffectKind::Authorize)).await.unwrap();
@@ -1016,15 +1010,7 @@ mod tests {
     async fn closing_drops_results_the_log_refuses() {
         let log = Arc::new(FlakyLog::default());
         log.refuse.store(true, Ordering::SeqCst);
-        let gateway = Arc::new(crate::gateway::simulator::Simulator::new(
-            &GatewayConfig::default(),
-        ));
-        let (tx, executor) = spawn(
-            log.clone(),
-            gateway,
-            Arc::new(Metrics::new()),
-            GatewayConfig::default(),
-        );
+        let (tx, executor) = with_simulator(log.clone(), Arc::new(Metrics::new()));
         tx.submit(effect("o1", EffectKind::Authorize))
             .await
             .unwrap();
