@@ -139,28 +139,13 @@ impl Gateway {
     }
 }
 
-/// `start` with a given simulator, which tests keep across restarts the way
-/// a real gateway outlives the process. It is wrapped in the circuit
-/// breaker like any configured gateway (`gateway.kind` is ignored).
-pub async fn start_with_gateway(
-    config: Config,
-    credentials: impl Into<Credentials>,
-    gateway: Arc<Simulator>,
-) -> anyhow::Result<App> {
-    start_inner(config, credentials.into(), Gateway::Simulator(gateway)).await
-}
-
 async fn start_inner(
     config: Config,
     credentials: Credentials,
     gateway: Gateway,
 ) -> anyhow::Result<App> {
     config.validate()?;
-    // Only a deployment with something on local disk takes the data dir.
-    let lock = match (&config.kafka, &config.scylla) {
-        (Some(_), Some(_)) => None,
-        _ => Some(lock_data_dir(&config.data_dir)?),
-    };
+    let lock = lock_if_local(&config)?;
     let metrics = Arc::new(Metrics::with_top_skus(config.metrics.top_out_of_stock_skus));
     // Before anything starts, so a bad certificate leaves nothing running.
     let server = crate::http::server::Server::new(&config.http, &metrics)?;
@@ -261,7 +246,12 @@ async fn start_inner(
         None => Box::new(Static::all(config.partitions, config.status_partitions)),
     };
     let (changes_tx, changes_rx) = mpsc::channel(16);
-    let supervisor = tokio::spawn(supervisor::run(deps, changes_rx, shutdown_rx.clone()));
+    let supervisor = tokio::spawn(supervisor::run(
+        deps,
+        changes_rx,
+        membership.groups(),
+        shutdown_rx.clone(),
+    ));
     membership.start(changes_tx)?;
     let read_model = start_read_model(
         &config,
@@ -405,9 +395,17 @@ fn panic_runner() -> Option<(u32, Arc<PanicFault>)> {
     Some((partition, Arc::new(PanicFault::new(times))))
 }
 
+/// Only a deployment with something on local disk takes the data dir.
+pub fn lock_if_local(config: &Config) -> anyhow::Result<Option<File>> {
+    Ok(match (&config.kafka, &config.scylla) {
+        (Some(_), Some(_)) => None,
+        _ => Some(lock_data_dir(&config.data_dir)?),
+    })
+}
+
 /// The log backend: Kafka when `[kafka]` is configured, else the embedded
 /// segment log in `data_dir/log`. The one place it is chosen.
-async fn open_log(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<dyn Log>> {
+pub async fn open_log(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<dyn Log>> {
     let topics = topics(config);
     Ok(match &config.kafka {
         Some(k) => Arc::new(
@@ -426,7 +424,7 @@ async fn open_log(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc
 
 /// The state store backend: ScyllaDB when `[scylla]` is configured, else
 /// the embedded store in `data_dir/state.redb`. The one place it is chosen.
-async fn open_store(
+pub async fn open_store(
     config: &Config,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<Arc<dyn StateStore>> {
@@ -473,7 +471,7 @@ async fn start_read_model(
     tracking: &Arc<Tracking>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
-    let (metrics, fatal) = (&supervision.metrics, &supervision.fatal);
+    let metrics = &supervision.metrics;
     let log: Arc<dyn Log> = match &config.kafka {
         Some(kafka) => Arc::new(
             KafkaLog::connect(
@@ -489,28 +487,31 @@ async fn start_read_model(
     };
     Ok((0..config.status_partitions)
         .map(|p| {
-            let (t, l, s, rx, fatal) = (
-                tracking.clone(),
-                log.clone(),
-                store.clone(),
-                stop.clone(),
-                fatal.clone(),
-            );
-            let consumer = move || {
-                let run = tracking::run_consumer(t.clone(), l.clone(), s.clone(), p, rx.clone());
-                let fatal = fatal.clone();
-                async move {
-                    if let Err(e) = run.await {
-                        tracing::error!(error = %e, "read model consumer failed");
-                        let _ = fatal.send(e.to_string()).await;
-                    }
-                }
-                .boxed()
-            };
             let name = supervisor::TaskName {
                 task: "read_model",
                 topic: Topic::OrderStatus,
                 partition: p,
+            };
+            let (t, l, s, rx, sv) = (
+                tracking.clone(),
+                log.clone(),
+                store.clone(),
+                stop.clone(),
+                supervision.clone(),
+            );
+            let consumer = move || {
+                let (t, l, s, rx, sv) = (t.clone(), l.clone(), s.clone(), rx.clone(), sv.clone());
+                let stop = rx.clone();
+                let attempt = move || {
+                    tracking::run_consumer(t.clone(), l.clone(), s.clone(), p, rx.clone()).boxed()
+                };
+                async move {
+                    if let Err(e) = sv.through_outages(name, stop, false, attempt).await {
+                        tracing::error!(error = %e, "read model consumer failed");
+                        let _ = sv.fatal.send(e.to_string()).await;
+                    }
+                }
+                .boxed()
             };
             supervisor::spawn_watched(supervision.clone(), name, stop.clone(), false, consumer)
         })

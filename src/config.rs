@@ -845,6 +845,9 @@ impl Config {
         if self.kafka.is_some() && self.scylla.is_none() {
             return Err(ConfigError::Invalid(KAFKA_WITHOUT_SCYLLA.into()));
         }
+        if self.kafka.is_some() && self.gateway.kind == GatewayKind::Simulator {
+            return Err(ConfigError::Invalid(KAFKA_WITH_SIMULATOR.into()));
+        }
         Ok(())
     }
 }
@@ -859,6 +862,16 @@ pub const KAFKA_WITHOUT_SCYLLA: &str = "`[kafka]` (or ORDERFLOW_KAFKA_BOOTSTRAP)
      there is no cross-instance fencing (two instances could run one partition at once and sell the same \
      stock twice) and no shared read model (each instance would keep its own checkpoints and tracking \
      positions); add `[scylla]`, or remove `[kafka]` for the embedded deployment";
+
+/// Why `[kafka]` refuses the in-process gateway simulator: its ledger
+/// lives in one process, and a partition's payments move with it. After a
+/// failover the new owner captures authorizations its own simulator never
+/// saw, and those orders stay confirmed and unpaid.
+pub const KAFKA_WITH_SIMULATOR: &str = "`[kafka]` needs a payment gateway every instance shares, not the \
+     in-process simulator (`gateway.kind` = \"simulator\", the default): its ledger lives in one process, so \
+     after a failover the new owner would capture authorizations its own simulator never saw and leave those \
+     orders confirmed and unpaid; set `[gateway]` `kind = \"stripe\"` with `url` pointing at \
+     `orderflow gateway-sim` (one for the whole deployment) or at a real Stripe-compatible API";
 
 impl HttpConfig {
     /// Checks the server's deadlines, limits and TLS keys (called by
@@ -1161,7 +1174,16 @@ mod tests {
             e.contains("needs `[scylla]`") && e.contains("fencing") && e.contains("read model"),
             "{e}"
         );
-        Config::from_toml("[kafka]\n[scylla]\n")
+        let e = Config::from_toml("[kafka]\n[scylla]\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("in-process simulator") && e.contains("gateway-sim"),
+            "{e}"
+        );
+        Config::from_toml("[kafka]\n[scylla]\n[gateway]\nkind = \"stripe\"\n")
             .unwrap()
             .validate()
             .unwrap();

@@ -248,7 +248,7 @@ fn card_numbers_in_raw_records_never_reach_the_park_lane() {
     // `orders-parked` says what was refused, with the digits masked.
     let events = rt.block_on(async {
         let log = open();
-        let (low, high) = log.offsets(Topic::Parked, 0).unwrap();
+        let (low, high) = log.offsets(Topic::Parked, 0).await.unwrap();
         let records = log
             .read(Topic::Parked, 0, low, 100, Duration::ZERO)
             .await
@@ -502,6 +502,38 @@ fn kafka_without_scylla_is_refused_at_start() {
         }
         assert!(!data.exists(), "{command} created the data directory");
     }
+}
+
+/// Distributed with the in-process gateway simulator (the default gateway)
+/// is refused at start, pointing to gateway-sim or a real gateway, before
+/// anything is connected to or created.
+#[test]
+fn kafka_with_in_process_gateway_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("orderflow.toml");
+    // Nothing listens there: a start that got as far as connecting would hang or fail otherwise.
+    std::fs::write(
+        &config,
+        "[kafka]\nbootstrap_servers = \"127.0.0.1:9\"\n[scylla]\nnodes = [\"127.0.0.1:9\"]\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_orderflow"))
+        .args(["run", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env("ORDERFLOW_CONFIG", &config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    for reason in [
+        "in-process simulator",
+        "confirmed and unpaid",
+        "orderflow gateway-sim",
+    ] {
+        assert!(stderr.contains(reason), "{stderr}");
+    }
+    assert!(!data.exists(), "run created the data directory");
 }
 
 /// Logs piped to another process carry no terminal colour codes, and with

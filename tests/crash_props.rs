@@ -121,6 +121,13 @@ fn check_step(base: &str, model: &Model) {
             + s["sold"].as_u64().unwrap();
         assert_eq!(total, INITIAL, "conservation of {sku}: {s}");
     }
+    // A 202 promises durability, not that the order is processed yet: an
+    // acknowledged order must show up, and soon.
+    let mut missing: Vec<&String> = model.acked.keys().collect();
+    wait_until(Duration::from_secs(30), "acknowledged orders shown", || {
+        missing.retain(|id| order_view(base, id).is_none());
+        missing.is_empty()
+    });
     for id in model.acked.keys() {
         let v = order_view(base, id).unwrap_or_else(|| panic!("acknowledged order {id} is lost"));
         let history = v["history"].as_array().unwrap();

@@ -28,10 +28,16 @@ fn sigkill_mid_load_then_restart_embedded() {
 #[test]
 fn sigkill_mid_load_then_restart_distributed() {
     let dir = tempfile::tempdir().unwrap();
-    let config = distributed_config(dir.path(), "", "");
+    // Distributed instances share one gateway; it outlives the restart.
+    let sim = start_gateway_sim(&[], &[]);
+    let gateway = format!("[gateway]\nkind = \"stripe\"\nurl = \"{}\"", sim.url);
+    let config = distributed_config(dir.path(), "", &gateway);
     sigkill_mid_load_then_restart(
         dir.path(),
-        &[("ORDERFLOW_CONFIG", config.to_str().unwrap())],
+        &[
+            ("ORDERFLOW_CONFIG", config.to_str().unwrap()),
+            ("ORDERFLOW_STRIPE_SECRET_KEY", "sk_test_orderflow_crash"),
+        ],
     );
 }
 

@@ -190,7 +190,7 @@ async fn log_on_a_full_disk_rolls_back_and_resumes() {
     // Records of the failed batch that a segment roll inside it made
     // durable (and readable) before the disk filled stay, as after a crash
     // mid-batch; the rest is gone, torn frame included.
-    let (_, durable) = log.offsets(Topic::Orders, 0).unwrap();
+    let (_, durable) = log.offsets(Topic::Orders, 0).await.unwrap();
     assert!((acked..acked + 5).contains(&durable), "{acked} {durable}");
     let mut acked = durable;
     assert_eq!(assert_segments_whole(&dir) as u64, acked);
@@ -200,7 +200,7 @@ async fn log_on_a_full_disk_rolls_back_and_resumes() {
         log.append(Topic::Orders, 0, larger).await.is_err(),
         "still full"
     );
-    assert_eq!(log.offsets(Topic::Orders, 0).unwrap(), (0, acked));
+    assert_eq!(log.offsets(Topic::Orders, 0).await.unwrap(), (0, acked));
     assert_eq!(assert_segments_whole(&dir) as u64, acked);
 
     std::fs::remove_file(spare).unwrap();
@@ -228,7 +228,7 @@ async fn log_on_a_full_disk_rolls_back_and_resumes() {
 
     assert_eq!(assert_segments_whole(&dir) as u64, acked);
     let log = open_log(&dir);
-    assert_eq!(log.offsets(Topic::Orders, 0).unwrap(), (0, acked));
+    assert_eq!(log.offsets(Topic::Orders, 0).await.unwrap(), (0, acked));
     log.close().await;
 }
 

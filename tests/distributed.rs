@@ -102,7 +102,7 @@ impl Cluster {
                 .unwrap();
             let mut events = Vec::new();
             for p in 0..STATUS_PARTITIONS {
-                let (_, high) = log.offsets(Topic::OrderStatus, p).unwrap();
+                let (_, high) = log.offsets(Topic::OrderStatus, p).await.unwrap();
                 let mut next = 0;
                 while next < high {
                     let batch = log
@@ -367,6 +367,108 @@ fn failover_after_sigkill_keeps_every_invariant() {
     stop.store(true, Ordering::SeqCst);
 }
 
+/// How many partitions of `topic` each node in `nodes` owns.
+fn owned(cluster: &Cluster, nodes: &[usize], topic: &str) -> Vec<u32> {
+    let labels = format!("topic=\"{topic}\"");
+    nodes
+        .iter()
+        .map(|&i| metric(&cluster.base(i), "orderflow_partitions_owned", &labels) as u32)
+        .collect()
+}
+
+/// Waits until `nodes` own every partition of each topic, spread evenly
+/// (max − min ≤ 1 per topic); panics with the last counts otherwise.
+fn wait_balanced(cluster: &Cluster, nodes: &[usize]) {
+    let topics = [("orders", PARTITIONS), ("order-status", STATUS_PARTITIONS)];
+    let mut last = Vec::new();
+    let balanced = wait_for(Duration::from_secs(90), || {
+        last = topics.map(|(t, _)| owned(cluster, nodes, t)).to_vec();
+        topics.iter().zip(&last).all(|((_, total), counts)| {
+            let (max, min) = (counts.iter().max(), counts.iter().min());
+            counts.iter().sum::<u32>() == *total && max.zip(min).is_some_and(|(a, b)| a - b <= 1)
+        })
+    });
+    assert!(
+        balanced,
+        "nodes {nodes:?} own (orders, order-status) {last:?}"
+    );
+}
+
+/// Each topic's partitions spread evenly over the instances: 3 of them,
+/// then 4 after one joins, then 3 after one is killed.
+#[test]
+fn partitions_of_each_topic_are_balanced() {
+    let mut cluster = Cluster::start(3);
+    wait_balanced(&cluster, &[0, 1, 2]);
+    let joined = cluster.start_node(3);
+    cluster.nodes.push(joined);
+    wait_balanced(&cluster, &[0, 1, 2, 3]);
+    cluster.nodes[0].kill();
+    wait_balanced(&cluster, &[1, 2, 3]);
+}
+
+/// Runs `orderflow ARGS` with the cluster's configuration; its exit code and stdout.
+fn orderflow(cluster: &Cluster, args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_orderflow"))
+        .args(args)
+        .env("ORDERFLOW_CONFIG", &cluster.config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "orderflow {args:?}: {stderr}");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// `orderflow replay` reads Kafka and Cassandra while the instances run:
+/// every partition's replay matches its checkpoint, and `--order` tells an
+/// order's story from the topics.
+#[test]
+fn replay_reads_kafka_and_cassandra() {
+    let cluster = Cluster::start(2);
+    for sku in SKUS {
+        set_stock(&cluster.base(0), sku, SUPPLY);
+    }
+    let ids = produce_with_cli(cluster.dir.path(), &cluster.base(1), "rp", 60);
+    settle_and_check(&cluster, &[0, 1], &ids);
+    let mut last = String::new();
+    let covered = wait_for(Duration::from_secs(90), || {
+        let (code, out) = orderflow(&cluster, &["replay"]);
+        assert_eq!(
+            code,
+            Some(0),
+            "a replay differs from its checkpoint:\n{out}"
+        );
+        let lines: Vec<Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), PARTITIONS as usize, "{out}");
+        assert!(lines.iter().all(|l| l["matches"] == true), "{out}");
+        last = out;
+        // Checkpoints that hold the orders, not only the empty start.
+        let covered: u64 = lines
+            .iter()
+            .map(|l| l["next_offset"].as_u64().unwrap())
+            .sum();
+        covered >= ids.len() as u64
+    });
+    assert!(covered, "the checkpoints never covered the orders:\n{last}");
+    let (code, story) = orderflow(&cluster, &["replay", "--order", &ids[0]]);
+    assert_eq!(code, Some(0), "{story}");
+    for step in [
+        format!("order {}:", ids[0]),
+        "order placed".into(),
+        "status confirmed".into(),
+    ] {
+        assert!(story.contains(&step), "no `{step}` in the story:\n{story}");
+    }
+    let (code, _) = orderflow(&cluster, &["replay", "--order", "rp-nobody"]);
+    assert_eq!(code, Some(1), "an order no record concerns");
+}
+
 /// A paused owner (SIGSTOP past the session timeout) loses its partitions;
 /// after SIGCONT its checkpoints are refused (fenced), it rejoins the group
 /// cleanly and the invariants hold.
@@ -435,11 +537,10 @@ fn paused_owner_is_fenced_and_rejoins() {
         "node 2's stale checkpoint was not fenced; its output:\n{}",
         zombie.output_text()
     );
-    // Rejoined = assigned partitions again. Of which topic is the
-    // assignor's choice: cooperative-sticky balances the count over both
-    // topics, so the returning member may get only `order-status` ones.
+    // Rejoined = assigned `orders` partitions again: each topic is
+    // balanced on its own, so the returning member gets its share of both.
     let rejoined = wait_for(Duration::from_secs(90), || {
-        metric(&zombie.base, "orderflow_partitions_owned", "") > 0.0
+        owned_orders_partitions(&zombie.base) > 0.0
     });
     assert!(
         rejoined,
@@ -639,7 +740,7 @@ fn card_numbers_on_kafka_never_reach_the_park_lane() {
         let log = KafkaLog::connect(&kafka, &topics, 1 << 20, Arc::new(Metrics::new()))
             .await
             .unwrap();
-        let (_, high) = log.offsets(Topic::Parked, 0).unwrap();
+        let (_, high) = log.offsets(Topic::Parked, 0).await.unwrap();
         let records = log
             .read(Topic::Parked, 0, 0, 100, Duration::from_secs(5))
             .await

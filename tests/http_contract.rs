@@ -10,11 +10,15 @@
 
 mod support;
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use orderflow::app::{App, start};
-use orderflow::config::{Config, KafkaConfig, ScyllaConfig, Secret};
+use orderflow::config::{Config, GatewayKind, KafkaConfig, ScyllaConfig, Secret};
+use orderflow::gateway::sim_server;
+use orderflow::gateway::simulator::{SimEngine, SimOptions};
 use orderflow::http::auth::{Credentials, Role};
 use orderflow::pipeline::store::scylla::migrate;
 use reqwest::{Client, Response, StatusCode};
@@ -77,6 +81,45 @@ fn config(dir: &Path, backend: Backend) -> Config {
     c
 }
 
+/// Distributed instances must share their gateway: points `config` at a
+/// gateway-sim served in this process, one per data directory (so one
+/// case's order ids meet no other case's, and a restarted instance finds
+/// the intents it made), with the configured latency.
+fn use_shared_gateway(config: &mut Config) {
+    static SIMS: Mutex<BTreeMap<PathBuf, String>> = Mutex::new(BTreeMap::new());
+    let latency = Duration::from_millis(config.gateway.latency_ms);
+    let mut sims = SIMS.lock().unwrap();
+    let url = sims.entry(config.data_dir.clone()).or_insert_with(|| {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        // Its own runtime: it outlives the runtime of the case that started it.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let options = SimOptions {
+                    latency,
+                    ..SimOptions::default()
+                };
+                let engine = Arc::new(SimEngine::new(options));
+                sim_server::serve(listener, engine, std::future::pending())
+                    .await
+                    .unwrap();
+            });
+        });
+        url
+    });
+    let key_file = config.data_dir.join("stripe-key");
+    std::fs::write(&key_file, "sk_test_http_contract").unwrap();
+    config.gateway.kind = GatewayKind::Stripe;
+    config.gateway.url = url.clone();
+    config.gateway.secret_key_file = Some(key_file);
+}
+
 /// Runs each named case once per backend, as `embedded::NAME` and
 /// `distributed::NAME`.
 macro_rules! on_both_backends {
@@ -117,6 +160,7 @@ on_both_backends!(
     ops_routes_and_fallbacks,
     api_token_roles,
     produced_order_followed_with_fetched_tracking_token,
+    consumer_lag_for_every_topic,
 );
 
 struct Server {
@@ -130,9 +174,10 @@ impl Server {
         Server::start_with_credentials(config, admin.map(Secret::new).into()).await
     }
 
-    async fn start_with_credentials(config: Config, credentials: Credentials) -> Server {
+    async fn start_with_credentials(mut config: Config, credentials: Credentials) -> Server {
         if let Some(scylla) = &config.scylla {
             migrate(scylla).await.expect("orderflow migrate");
+            use_shared_gateway(&mut config);
         }
         let app = start(config, credentials).await.expect("the app starts");
         let base = format!("http://{}", app.addr());
@@ -1620,6 +1665,59 @@ async fn routes_disabled_per_role() {
         )
         .await;
         assert!(p["detail"].as_str().unwrap().contains(roles), "{p}");
+    }
+    s.stop().await;
+}
+
+/// `orderflow_partition_lag_records` by (topic, partition, consumer).
+fn lag_series(metrics: &str) -> BTreeMap<(String, u32, String), i64> {
+    let label = |line: &str, name: &str| {
+        let start = line
+            .find(&format!("{name}=\""))
+            .map(|i| i + name.len() + 2)?;
+        let len = line[start..].find('"')?;
+        Some(line[start..start + len].to_owned())
+    };
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("orderflow_partition_lag_records{"))
+        .filter_map(|l| {
+            let key = (
+                label(l, "topic")?,
+                label(l, "partition")?.parse().ok()?,
+                label(l, "consumer")?,
+            );
+            Some((key, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Every consumer reports its lag per partition: the runners on `orders`,
+/// the read model on `order-status`; all fall to zero once the order is done.
+async fn consumer_lag_for_every_topic(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(dir.path(), backend);
+    let (orders, status) = (c.partitions, c.status_partitions);
+    let s = Server::start_with(c, Some(ADMIN)).await;
+    s.set_stock("SKU-LAG", 5).await;
+    let a = s
+        .accept(&order(Some("ord-lag"), "SKU-LAG", 1, "tok_visa"))
+        .await;
+    s.wait_terminal("ord-lag", a["tracking_token"].as_str().unwrap())
+        .await;
+    let want: Vec<(String, u32, String)> = (0..orders)
+        .map(|p| ("orders".to_owned(), p, "runner".to_owned()))
+        .chain((0..status).map(|p| ("order-status".to_owned(), p, "read_model".to_owned())))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let res = s.http.get(s.url("/metrics")).send().await.unwrap();
+        let lags = lag_series(&res.text().await.unwrap());
+        if want.iter().all(|k| lags.get(k) == Some(&0)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "lag series: {lags:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     s.stop().await;
 }

@@ -271,7 +271,7 @@ async fn append_then_read(backend: Backend) {
 async fn offsets_follow_appends(backend: Backend) {
     let f = Fixture::open(backend).await;
     let log = f.log.as_ref();
-    assert_eq!(log.offsets(Topic::Orders, 2).unwrap(), (0, 0));
+    assert_eq!(log.offsets(Topic::Orders, 2).await.unwrap(), (0, 0));
     log.append(
         Topic::Orders,
         2,
@@ -279,7 +279,7 @@ async fn offsets_follow_appends(backend: Backend) {
     )
     .await
     .unwrap();
-    assert_eq!(log.offsets(Topic::Orders, 2).unwrap(), (0, 2));
+    assert_eq!(log.offsets(Topic::Orders, 2).await.unwrap(), (0, 2));
     log.append(
         Topic::Orders,
         2,
@@ -287,15 +287,15 @@ async fn offsets_follow_appends(backend: Backend) {
     )
     .await
     .unwrap();
-    assert_eq!(log.offsets(Topic::Orders, 2).unwrap(), (0, 5));
+    assert_eq!(log.offsets(Topic::Orders, 2).await.unwrap(), (0, 5));
     assert_eq!(
-        log.offsets(Topic::Orders, 3).unwrap(),
+        log.offsets(Topic::Orders, 3).await.unwrap(),
         (0, 0),
         "other partitions do not move"
     );
-    assert_eq!(log.offsets(Topic::OrderStatus, 0).unwrap(), (0, 0));
+    assert_eq!(log.offsets(Topic::OrderStatus, 0).await.unwrap(), (0, 0));
     assert!(matches!(
-        log.offsets(Topic::Orders, ORDERS_PARTITIONS),
+        log.offsets(Topic::Orders, ORDERS_PARTITIONS).await,
         Err(LogError::NoSuchPartition { .. })
     ));
 }
@@ -463,7 +463,7 @@ async fn record_too_large(backend: Backend) {
         other => panic!("expected RecordTooLarge, got {other:?}"),
     }
     assert_eq!(
-        log.offsets(Topic::Orders, 5).unwrap(),
+        log.offsets(Topic::Orders, 5).await.unwrap(),
         (0, 0),
         "nothing of the batch was written"
     );
@@ -599,7 +599,7 @@ async fn cancelled_reads_lose_nothing(backend: Backend) {
 async fn kafka_offsets_follow_other_producers() {
     let f = Fixture::open(Backend::Kafka).await;
     let log = f.log.as_ref();
-    assert_eq!(log.offsets(Topic::Orders, 4).unwrap(), (0, 0));
+    assert_eq!(log.offsets(Topic::Orders, 4).await.unwrap(), (0, 0));
     assert!(
         log.read(Topic::Orders, 4, 0, 10, Duration::from_millis(100))
             .await
@@ -610,11 +610,11 @@ async fn kafka_offsets_follow_other_producers() {
         f.produce_plain(4, b"k", i.to_string().as_bytes()).await;
     }
     let deadline = Instant::now() + Duration::from_secs(20);
-    while log.offsets(Topic::Orders, 4).unwrap() != (0, 3) {
+    while log.offsets(Topic::Orders, 4).await.unwrap() != (0, 3) {
         assert!(
             Instant::now() < deadline,
             "offsets stayed at {:?}",
-            log.offsets(Topic::Orders, 4)
+            log.offsets(Topic::Orders, 4).await
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -713,7 +713,7 @@ async fn kafka_forget_then_read_again() {
     .await
     .unwrap();
     assert_eq!(read_n(log, Topic::Orders, 1, 0, 5, 10).await.len(), 5);
-    assert_eq!(log.offsets(Topic::Orders, 1).unwrap(), (0, 5));
+    assert_eq!(log.offsets(Topic::Orders, 1).await.unwrap(), (0, 5));
 
     log.forget(Topic::Orders, 1);
     let other = connect_kafka(f.kafka.as_ref().unwrap(), Arc::new(Metrics::new())).await;
@@ -726,7 +726,7 @@ async fn kafka_forget_then_read_again() {
         .await
         .unwrap();
     assert_eq!(
-        log.offsets(Topic::Orders, 1).unwrap(),
+        log.offsets(Topic::Orders, 1).await.unwrap(),
         (0, 8),
         "asked the leader again"
     );

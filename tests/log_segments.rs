@@ -56,7 +56,7 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
 
 /// Reads partition 0 from 0 to its high-watermark and checks every record.
 async fn assert_intact(log: &EmbeddedLog, expected: u64) {
-    assert_eq!(log.offsets(Topic::Orders, 0).unwrap(), (0, expected));
+    assert_eq!(log.offsets(Topic::Orders, 0).await.unwrap(), (0, expected));
     let mut next = 0;
     while next < expected {
         let batch = log

@@ -288,6 +288,20 @@ events = "terminal"
         ) >= 1.0
     });
     assert_eq!(receiver.bad_signatures.load(Ordering::SeqCst), 0);
+    wait_until(Duration::from_secs(30), "the sinks' lag at zero", || {
+        let text = client()
+            .get(format!("{}/metrics", server.base))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        let lags: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("orderflow_partition_lag_records{"))
+            .filter(|l| l.contains("consumer=\"notifications\""))
+            .collect();
+        !lags.is_empty() && lags.iter().all(|l| l.ends_with(" 0"))
+    });
 
     // A forged request (wrong secret) is refused by the receiver.
     let body = br#"{"id":"x:1","type":"order.status","order_id":"x","seq":1,"status":"confirmed","reason":null,"at":"2024-01-01T00:00:00.000Z"}"#;

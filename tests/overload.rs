@@ -310,7 +310,7 @@ async fn memory_bound_sheds_new_orders() {
     assert_eq!(server.shed_total().await.get("memory"), Some(&1));
     let log = server.app.log();
     for p in 0..log.partition_count(Topic::Orders) {
-        assert_eq!(log.offsets(Topic::Orders, p).unwrap(), (0, 0));
+        assert_eq!(log.offsets(Topic::Orders, p).await.unwrap(), (0, 0));
     }
     server.app.shutdown().await.expect("clean shutdown");
 }

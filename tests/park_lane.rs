@@ -297,7 +297,8 @@ fn orders_parked_is_trimmed_by_retention() {
         std::sync::Arc::new(Metrics::new()),
     )
     .unwrap();
-    let (low, high) = log.offsets(Topic::Parked, 0).unwrap();
+    let offsets = futures::executor::block_on(log.offsets(Topic::Parked, 0));
+    let (low, high) = offsets.unwrap();
     assert!(high > 2 * RETRIES as u64, "every event was written: {high}");
     assert!(
         low > 0,

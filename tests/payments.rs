@@ -765,7 +765,7 @@ fn calls_with_key(sim: &GatewaySim, key: &str) -> Vec<Value> {
 /// capture, or in another currency ends `payment_failed` with its own
 /// reason after one call (no retry), its stock released and whatever was
 /// authorized voided; a capture answered with another amount received or
-/// `processing` is one call, logged as failed with its reason.
+/// `processing` is one call, logged with its reason, and waits for an operator.
 #[test]
 fn untrustworthy_answers_end_to_end() {
     let sim = start_gateway_sim(&[], &[]);
@@ -870,6 +870,10 @@ fn untrustworthy_answers_end_to_end() {
         let captures = calls_with_key(&sim, &format!("{id}:capture"));
         assert_eq!(captures.len(), 1, "{id}: {captures:?}");
     }
+    // Both wait for an operator instead of vanishing into the log.
+    wait_until(Duration::from_secs(30), "two failed captures", || {
+        readyz(&server.base)["failed_effects"] == 2
+    });
     assert!(server.terminate().success());
     let out = server.output_text();
     for (id, _, _, reason) in cases {
@@ -887,7 +891,7 @@ fn untrustworthy_answers_end_to_end() {
         assert_eq!(lines.len(), 1, "{id}: {lines:?}");
         assert_eq!(
             lines[0]["fields"]["message"],
-            "gateway call failed: unexpected answer; giving up"
+            "gateway call failed for good; the effect waits for an operator (`orderflow parked list`)"
         );
     }
 }
@@ -997,6 +1001,149 @@ fn refused_credentials_fail_fast_and_unready() {
         "an authorization with refused credentials is never retried"
     );
     assert!(!out.contains(&key[8..]), "the secret key reached the logs");
+}
+
+/// `POST /admin/captures {"refuse": refuse}` on gateway-sim.
+fn refuse_captures(sim: &GatewaySim, refuse: bool) {
+    let r = client()
+        .post(format!("{}/admin/captures", sim.url))
+        .json(&json!({ "refuse": refuse }))
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "captures switch: {}", r.status());
+}
+
+/// `orderflow parked ARGS` against `base`; its stdout (it must succeed).
+fn parked_cli(base: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_orderflow"))
+        .arg("parked")
+        .args(args)
+        .args(["--server", base])
+        .env("ORDERFLOW_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "orderflow parked {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// The failed captures and voids `orderflow parked list` shows, as (order, kind, reason).
+fn failed_effects(base: &str) -> Vec<(String, String, String)> {
+    parked_cli(base, &["list"])
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|l| {
+            let f = l.get("failed_effect")?;
+            let field = |k: &str| f[k].as_str().unwrap().to_owned();
+            Some((field("order_id"), field("kind"), field("reason")))
+        })
+        .collect()
+}
+
+/// The successful capture calls of `order` gateway-sim saw.
+fn captures_of(sim: &GatewaySim, order: &str) -> usize {
+    calls_with_key(sim, &format!("{order}:capture"))
+        .iter()
+        .filter(|c| c["result"] == "ok")
+        .count()
+}
+
+/// A capture the gateway refuses for good does not vanish: the order stays
+/// confirmed, the capture waits in the outbox (metric, `/readyz` detail,
+/// `orderflow parked list`), is not run again by a restart, and runs again
+/// on `orderflow parked retry`; `drop-effect` forgets one settled by hand.
+#[test]
+fn failed_captures_wait_for_an_operator() {
+    let sim = start_gateway_sim(&[], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = stripe_config(
+        dir.path(),
+        &sim.url,
+        "partitions = 2\nstatus_partitions = 2\n[checkpoint]\nevery_ms = 100",
+        "max_attempts = 2\nretry_base_ms = 10",
+    );
+    let data = dir.path().join("data");
+    let env = [
+        ("ORDERFLOW_CONFIG", config.to_str().unwrap()),
+        ("ORDERFLOW_STRIPE_SECRET_KEY", TEST_KEY),
+    ];
+    let mut server = start_server(&data, &env);
+    set_stock(&server.base, "SKU-F", 10);
+    refuse_captures(&sim, true);
+    let ids = ["ord-f-1".to_owned(), "ord-f-2".to_owned()];
+    for id in &ids {
+        assert_eq!(place(&server.base, id, "SKU-F", 1, "tok_visa"), 202);
+    }
+    let done = wait_all_terminal(&server.base, &ids, Duration::from_secs(30));
+    assert!(done.values().all(|s| s == "confirmed"), "{done:?}");
+    let base = server.base.clone();
+    wait_until(
+        Duration::from_secs(30),
+        "both captures listed as failed",
+        || failed_effects(&base).len() == 2,
+    );
+    let listed = failed_effects(&base);
+    for (id, (order, kind, reason)) in ids.iter().zip(&listed) {
+        assert_eq!(
+            (order, kind.as_str(), reason.as_str()),
+            (id, "capture", "gateway_refused")
+        );
+    }
+    assert_eq!(
+        metric_sum(&base, "orderflow_effects_failed", &[]) as usize,
+        2
+    );
+    assert_eq!(readyz(&base)["failed_effects"], 2);
+
+    // A restart runs the outbox again, but not what failed for good.
+    assert!(server.terminate().success());
+    refuse_captures(&sim, false);
+    let server = start_server(&data, &env);
+    let base = server.base.clone();
+    assert_eq!(
+        failed_effects(&base).len(),
+        2,
+        "still waiting after the restart"
+    );
+    assert_eq!(readyz(&base)["failed_effects"], 2);
+    assert_eq!(captures_of(&sim, &ids[0]) + captures_of(&sim, &ids[1]), 0);
+
+    // The second was settled by hand: forget it; retry the first.
+    let partition_of = |id: &str| {
+        let v: Value = serde_json::from_str(
+            parked_cli(&base, &["list"])
+                .lines()
+                .find(|l| l.contains(id))
+                .unwrap(),
+        )
+        .unwrap();
+        v["failed_effect"]["partition"]
+            .as_u64()
+            .unwrap()
+            .to_string()
+    };
+    let p2 = partition_of(&ids[1]);
+    parked_cli(&base, &["drop-effect", &p2, &ids[1], "capture"]);
+    parked_cli(&base, &["retry"]);
+    wait_until(Duration::from_secs(30), "the first captured", || {
+        captures_of(&sim, &ids[0]) == 1
+    });
+    wait_until(Duration::from_secs(30), "nothing failed any more", || {
+        failed_effects(&base).is_empty() && readyz(&base)["failed_effects"] == 0
+    });
+    assert_eq!(
+        metric_sum(&base, "orderflow_effects_failed", &[]) as usize,
+        0
+    );
+    assert_eq!(
+        captures_of(&sim, &ids[1]),
+        0,
+        "a dropped capture is not run"
+    );
 }
 
 /// SIGKILL orderflow mid-load with gateway-sim out of process, restart on

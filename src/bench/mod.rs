@@ -95,10 +95,11 @@ pub struct BenchArgs {
     /// record).
     #[arg(long)]
     pub no_fsync: bool,
-    /// Payment gateway: `simulator` (in process) or `gateway-sim` (spawns
-    /// `orderflow gateway-sim` on loopback and calls it over HTTP).
-    #[arg(long, default_value = "simulator", value_parser = ["simulator", "gateway-sim"])]
-    pub gateway: String,
+    /// Payment gateway: `simulator` (in process; the default embedded) or
+    /// `gateway-sim` (spawns `orderflow gateway-sim` on loopback and calls
+    /// it over HTTP; the default, and the only choice, with `--kafka`).
+    #[arg(long, value_parser = ["simulator", "gateway-sim"])]
+    pub gateway: Option<String>,
     /// Latency of each gateway call, in ms (either gateway).
     #[arg(long, default_value_t = 0)]
     pub gateway_latency_ms: u64,
@@ -149,6 +150,17 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
+    /// The gateway of the run: distributed instances must share one, so
+    /// `--kafka` defaults to `gateway-sim` (config validation refuses the
+    /// in-process simulator there).
+    pub fn gateway(&self) -> &str {
+        match (&self.gateway, &self.kafka) {
+            (Some(g), _) => g,
+            (None, Some(_)) => "gateway-sim",
+            (None, None) => "simulator",
+        }
+    }
+
     fn workload(&self) -> WorkloadSpec {
         WorkloadSpec {
             kind: self.workload,
@@ -257,7 +269,7 @@ impl BenchArgs {
             "fsync": config.log.fsync,
             "log": if config.kafka.is_some() { "kafka" } else { "embedded" },
             "store": if config.scylla.is_some() { "scylla" } else { "embedded" },
-            "gateway": self.gateway,
+            "gateway": self.gateway(),
             "gateway_latency_ms": self.gateway_latency_ms,
             "gateway_failure_rate": self.gateway_failure_rate,
         })
@@ -356,7 +368,8 @@ async fn measure(args: BenchArgs, base: Config, machine: Machine) -> anyhow::Res
         log.as_ref(),
         &app.metrics,
         shared.sent.load(Ordering::Relaxed),
-    )?;
+    )
+    .await?;
     app.shutdown().await?;
 
     let mut report = Report::new(
@@ -488,14 +501,14 @@ async fn distributed_config(args: &BenchArgs, config: &mut Config) -> anyhow::Re
 /// Log records written (both topics, all partitions) and state-store
 /// requests by operation, per order sent (probe and stock records
 /// included, a rounding error over a run).
-fn io_per_order(log: &dyn Log, metrics: &Metrics, orders: u64) -> anyhow::Result<String> {
+async fn io_per_order(log: &dyn Log, metrics: &Metrics, orders: u64) -> anyhow::Result<String> {
     use std::fmt::Write;
     let orders = orders.max(1) as f64;
     let mut parts = Vec::new();
     for topic in Topic::ALL {
         let mut records = 0;
         for p in 0..log.partition_count(topic) {
-            records += log.offsets(topic, p)?.1;
+            records += log.offsets(topic, p).await?.1;
         }
         parts.push(format!(
             "{:.2} {} records",
@@ -540,7 +553,7 @@ fn gateway_sim(
     dir: &Path,
 ) -> anyhow::Result<Option<ChildGuard>> {
     use std::io::BufRead;
-    if args.gateway != "gateway-sim" {
+    if args.gateway() != "gateway-sim" {
         return Ok(None);
     }
     let mut child = std::process::Command::new(std::env::current_exe()?)

@@ -156,7 +156,7 @@ impl Sample {
             checkpoints.1 += h.get_sample_sum();
             orders_lag += metrics
                 .partition_lag
-                .with_label_values(&["orders", &p])
+                .with_label_values(&["orders", &p, "runner"])
                 .get();
         }
         Sample {

@@ -90,8 +90,10 @@ pub enum Command {
         #[command(flatten)]
         run: RunArgs,
     },
-    /// Rebuild partition state from the log of a stopped instance (effects
-    /// suppressed) and compare with its checkpoint; exits 1 on a mismatch.
+    /// Rebuild partition state from the log (effects suppressed) and
+    /// compare with its checkpoint: a stopped embedded instance's data
+    /// directory, or a running distributed deployment's Kafka topics and
+    /// ScyllaDB checkpoints; exits 1 on a mismatch.
     /// With `--order ID`, tell that order's story instead; with `--diff
     /// DIR`, list the orders this binary would decide differently.
     Replay {
@@ -217,7 +219,8 @@ impl GatewaySimArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum ParkedCommand {
-    /// One JSON line per parked record, by partition and offset.
+    /// One JSON line per parked record, by partition and offset, then one
+    /// `{"failed_effect": …}` line per capture or void that failed for good.
     List,
     /// One parked record with its bytes.
     Show {
@@ -225,9 +228,11 @@ pub enum ParkedCommand {
         #[arg(value_parser = parked::parse_position)]
         position: (u32, u64),
     },
-    /// Process the parked records again, in their original order.
+    /// Run the failed captures and voids again, and process the parked
+    /// records again, in their original order.
     Retry {
-        /// Only this partition (default: every partition with parked records).
+        /// Only this partition (default: every partition with parked
+        /// records or failed effects).
         #[arg(long)]
         partition: Option<u32>,
     },
@@ -236,6 +241,14 @@ pub enum ParkedCommand {
         /// PARTITION:OFFSET
         #[arg(value_parser = parked::parse_position)]
         position: (u32, u64),
+    },
+    /// Forget a capture or void that failed for good, once it has been
+    /// settled by hand at the gateway.
+    DropEffect {
+        partition: u32,
+        order_id: String,
+        #[arg(value_parser = ["capture", "void"])]
+        kind: String,
     },
 }
 

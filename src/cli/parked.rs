@@ -1,5 +1,6 @@
-//! `orderflow parked list|show|retry|drop`: the park lane of a running
-//! instance, through its admin routes.
+//! `orderflow parked list|show|retry|drop|drop-effect`: the park lane and
+//! the failed captures and voids of a running instance, through its admin
+//! routes.
 
 use reqwest::Method;
 use serde_json::Value;
@@ -29,6 +30,9 @@ pub async fn run(client: &Client, command: ParkedCommand) -> anyhow::Result<bool
             };
             for r in v["parked"].as_array().into_iter().flatten() {
                 println!("{r}");
+            }
+            for f in v["failed_effects"].as_array().into_iter().flatten() {
+                println!("{}", serde_json::json!({ "failed_effect": f }));
             }
             Ok(true)
         }
@@ -61,22 +65,33 @@ pub async fn run(client: &Client, command: ParkedCommand) -> anyhow::Result<bool
             ];
             print(call(client, Method::POST, &path).await?)
         }
+        ParkedCommand::DropEffect {
+            partition,
+            order_id,
+            kind,
+        } => {
+            let p = partition.to_string();
+            let path = [
+                "v1", "admin", "parked", &p, "effects", &order_id, &kind, "drop",
+            ];
+            print(call(client, Method::POST, &path).await?)
+        }
     }
 }
 
-/// The partitions that have parked records now.
+/// The partitions that have parked records or failed effects now.
 async fn partitions_with_parked(client: &Client) -> anyhow::Result<Vec<u32>> {
     let Some(v) = call(client, Method::GET, &["v1", "admin", "parked"]).await? else {
         anyhow::bail!("cannot list the park lane");
     };
-    let mut ps: Vec<u32> = v["parked"]
-        .as_array()
+    let listed = ["parked", "failed_effects"].map(|list| v[list].as_array().cloned());
+    let ps: std::collections::BTreeSet<u32> = listed
         .into_iter()
+        .flatten()
         .flatten()
         .filter_map(|r| u32::try_from(r["partition"].as_u64()?).ok())
         .collect();
-    ps.dedup();
-    Ok(ps)
+    Ok(ps.into_iter().collect())
 }
 
 async fn call(client: &Client, method: Method, path: &[&str]) -> anyhow::Result<Option<Value>> {

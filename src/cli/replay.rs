@@ -1,26 +1,27 @@
 //! `orderflow replay`: rebuilds each partition's state from its log, from
 //! offset 0 up to the last checkpoint, with every output and effect
 //! suppressed, and compares its hash with the checkpointed state
-//! (invariant 5). Runs on a stopped instance's data directory (it takes the
-//! same lock as `run`). With `--order ID` it tells that order's story
-//! instead (see `story`); with `--diff DIR` it lists the orders whose
-//! outcome this binary would decide differently from DIR's checkpoint.
+//! (invariant 5). It reads the deployment's own backends, as `run` opens
+//! them: embedded, a stopped instance's data directory (it takes the same
+//! lock as `run`); distributed, the Kafka topics and the ScyllaDB
+//! checkpoints, while the instances run. With `--order ID` it tells that
+//! order's story instead (see `story`); with `--diff DIR` it lists the
+//! orders whose outcome this binary would decide differently from DIR's
+//! checkpoint (embedded).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use serde::Serialize;
 
-use crate::app::lock_data_dir;
+use crate::app::{lock_data_dir, lock_if_local, open_log, open_store};
 use crate::config::Config;
-use crate::pipeline::log::Topic;
-use crate::pipeline::log::embedded::EmbeddedLog;
-use crate::pipeline::runner::{load_state, replay};
-use crate::pipeline::store::embedded::EmbeddedStore;
+use crate::pipeline::runner::{RunnerError, load_state, replay};
+use crate::pipeline::store::StateStore;
 use crate::sinks::metrics::Metrics;
 use crate::stages::PartitionState;
+use crate::stages::processor::Limits;
 
 use super::story;
 
@@ -44,15 +45,15 @@ pub async fn run(config: &Config, only: Option<u32>) -> anyhow::Result<bool> {
             config.partitions
         );
     }
-    let _lock = lock_data_dir(&config.data_dir)?;
-    let log = open_log(config)?;
-    let store = EmbeddedStore::open(&config.data_dir.join("state.redb"))
-        .context("opening the state store")?;
+    let _lock = lock_if_local(config)?;
+    let metrics = Arc::new(Metrics::new());
+    let log = open_log(config, &metrics).await?;
+    let store = open_store(config, &metrics).await?;
     let mut all_match = true;
     for partition in (0..config.partitions).filter(|p| only.is_none_or(|o| o == *p)) {
         let limits = config.processor.limits();
-        let (live, next_offset, _) = load_state(&store, partition, &limits).await?;
-        let replayed = replay(&log, partition, next_offset, limits).await?;
+        let (live, next_offset) = checkpoint(store.as_ref(), partition, &limits).await?;
+        let replayed = replay(log.as_ref(), partition, next_offset, limits).await?;
         let (checkpoint_hash, replay_hash) = (live.hash(), replayed.hash());
         let matches = checkpoint_hash == replay_hash;
         let report = PartitionReplay {
@@ -71,9 +72,9 @@ pub async fn run(config: &Config, only: Option<u32>) -> anyhow::Result<bool> {
 /// Prints the story of `order_id` (text, or one JSON line per step);
 /// returns whether any record concerned it.
 pub async fn order_story(config: &Config, order_id: &str, json: bool) -> anyhow::Result<bool> {
-    let _lock = lock_data_dir(&config.data_dir)?;
-    let log = open_log(config)?;
-    let steps = story::collect(&log, order_id, config.processor.limits()).await?;
+    let _lock = lock_if_local(config)?;
+    let log = open_log(config, &Arc::new(Metrics::new())).await?;
+    let steps = story::collect(log.as_ref(), order_id, config.processor.limits()).await?;
     if json {
         for step in &steps {
             println!("{}", serde_json::to_string(step)?);
@@ -85,6 +86,27 @@ pub async fn order_story(config: &Config, order_id: &str, json: bool) -> anyhow:
         eprintln!("no record of the log concerns order {order_id}");
     }
     Ok(!steps.is_empty())
+}
+
+/// Checkpoint loads before giving up while the owner replaces blobs.
+const CHECKPOINT_LOADS: u32 = 5;
+
+/// Partition `partition`'s checkpointed state and the offset it covers.
+/// A running owner may replace the checkpoint between the read of its
+/// manifest and of its blobs (and delete the old blobs): load it again.
+async fn checkpoint(
+    store: &dyn StateStore,
+    partition: u32,
+    limits: &Limits,
+) -> Result<(PartitionState, u64), RunnerError> {
+    let mut loads = 1;
+    loop {
+        match load_state(store, partition, limits).await {
+            Ok((state, next_offset, _)) => return Ok((state, next_offset)),
+            Err(RunnerError::BadCheckpoint { .. }) if loads < CHECKPOINT_LOADS => loads += 1,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// An order this binary decides differently from the checkpoint. A
@@ -108,15 +130,21 @@ pub async fn diff(config: &Config, dir: &Path) -> anyhow::Result<bool> {
         data_dir: dir.to_owned(),
         ..config.clone()
     };
+    anyhow::ensure!(
+        config.kafka.is_none() && config.scylla.is_none(),
+        "--diff compares the data directory of a stopped embedded instance; this configuration is distributed"
+    );
     let _lock = lock_data_dir(&config.data_dir)?;
-    let log = open_log(&config)?;
-    let store = EmbeddedStore::open(&config.data_dir.join("state.redb"))
-        .context("opening the state store")?;
+    let metrics = Arc::new(Metrics::new());
+    let (log, store) = (
+        open_log(&config, &metrics).await?,
+        open_store(&config, &metrics).await?,
+    );
     let (mut orders, mut differ) = (0usize, 0usize);
     let limits = config.processor.limits();
     for partition in 0..config.partitions {
-        let (recorded, next_offset, _) = load_state(&store, partition, &limits).await?;
-        let replayed = replay(&log, partition, next_offset, limits).await?;
+        let (recorded, next_offset, _) = load_state(store.as_ref(), partition, &limits).await?;
+        let replayed = replay(log.as_ref(), partition, next_offset, limits).await?;
         let (was, now) = (outcomes(&recorded), outcomes(&replayed));
         let ids: BTreeSet<&String> = was.keys().chain(now.keys()).collect();
         orders += ids.len();
@@ -164,18 +192,4 @@ fn outcomes(state: &PartitionState) -> BTreeMap<String, String> {
         out.insert(id.clone(), format!("{} (seq {})", rec.status, rec.seq));
     }
     out
-}
-
-fn open_log(config: &Config) -> anyhow::Result<EmbeddedLog> {
-    let topics = [
-        (Topic::Orders, config.partitions),
-        (Topic::OrderStatus, config.status_partitions),
-    ];
-    EmbeddedLog::open(
-        &config.data_dir.join("log"),
-        &topics,
-        &config.log,
-        Arc::new(Metrics::new()),
-    )
-    .context("opening the log")
 }

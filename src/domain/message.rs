@@ -112,6 +112,17 @@ pub enum Message {
     /// Operator: take the parked record at `offset` out of the lane for
     /// good, unprocessed.
     DropParked { offset: u64 },
+    /// A capture or void the gateway refused for good (or answered
+    /// unexpectedly): it stays in the outbox, marked failed with `reason`,
+    /// until an operator retries (`RetryParked`) or drops it. Keyed by the
+    /// order's home SKU.
+    EffectFailed {
+        order_id: String,
+        kind: EffectKind,
+        reason: String,
+    },
+    /// Operator: forget a failed capture or void (settled by hand).
+    DropEffect { order_id: String, kind: EffectKind },
 }
 
 impl Message {
@@ -158,7 +169,14 @@ impl Message {
             Message::ReservationResult { order_id, .. }
             | Message::Commit { order_id, .. }
             | Message::Release { order_id, .. }
-            | Message::EffectDone { order_id, .. } => id(order_id),
+            | Message::EffectDone { order_id, .. }
+            | Message::DropEffect { order_id, .. } => id(order_id),
+            Message::EffectFailed {
+                order_id, reason, ..
+            } => {
+                id(order_id)?;
+                text("reason", reason)
+            }
             Message::SetStock { sku: s, .. } => sku("sku", s),
             Message::RetryParked | Message::DropParked { .. } => Ok(()),
         }
@@ -172,8 +190,13 @@ impl Message {
             | Message::Commit { order_id, .. }
             | Message::Release { order_id, .. }
             | Message::PaymentResult { order_id, .. }
-            | Message::EffectDone { order_id, .. } => Some(order_id),
-            Message::SetStock { .. } | Message::RetryParked | Message::DropParked { .. } => None,
+            | Message::EffectDone { order_id, .. }
+            | Message::EffectFailed { order_id, .. } => Some(order_id),
+            // Operator commands run before the park lane's check.
+            Message::SetStock { .. }
+            | Message::RetryParked
+            | Message::DropParked { .. }
+            | Message::DropEffect { .. } => None,
         }
     }
 }

@@ -12,6 +12,7 @@
 //! | `GET /v1/payment_intents/{id}` | one intent |
 //! | `GET /ledger` | the last `--max-calls` calls (op, idempotency key, order id, intent, result, received while down), the intents kept (state, captures), a summary |
 //! | `GET`/`POST /admin/outage` | `{"down": true}` (optionally `"for_ms": N`) makes every API call answer 503 until `{"down": false}` |
+//! | `GET`/`POST /admin/captures` | `{"refuse": true}` makes every capture answer 400 `payment_intent_unexpected_state` (a refusal for good, remembered under no idempotency key) until `{"refuse": false}` |
 //! | `GET`/`POST /admin/auth` | `{"refuse": 401}` (or `403`) makes every API call answer that status, as Stripe does for a revoked key (401) or a key without the permission (403), until `{"refuse": null}` |
 //! | `GET /healthz` | `ok` |
 //!
@@ -48,7 +49,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -80,6 +81,8 @@ struct Ctx {
     outage_gen: Arc<AtomicU64>,
     /// 401 or 403 while `/admin/auth` refuses every key; 0 otherwise.
     refuse_auth: Arc<AtomicU16>,
+    /// While `/admin/captures` refuses every capture.
+    refuse_captures: Arc<AtomicBool>,
 }
 
 /// The router over `engine`.
@@ -89,6 +92,7 @@ pub fn router(engine: Arc<SimEngine>) -> Router {
         requests: Arc::new(AtomicU64::new(0)),
         outage_gen: Arc::new(AtomicU64::new(0)),
         refuse_auth: Arc::new(AtomicU16::new(0)),
+        refuse_captures: Arc::new(AtomicBool::new(false)),
     };
     let api = Router::new()
         .route("/v1/payment_intents", post(create))
@@ -105,6 +109,7 @@ pub fn router(engine: Arc<SimEngine>) -> Router {
         .route("/ledger", get(ledger))
         .route("/admin/outage", get(outage_get).post(outage_set))
         .route("/admin/auth", get(auth_get).post(auth_set))
+        .route("/admin/captures", get(captures_get).post(captures_set))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async {
             stripe_error(
@@ -345,6 +350,17 @@ async fn capture(
         Ok(p) => p,
         Err(res) => return *res,
     };
+    if ctx.refuse_captures.load(Ordering::SeqCst) {
+        return stripe_error(
+            StatusCode::BAD_REQUEST,
+            ApiError {
+                kind: "invalid_request_error".into(),
+                code: Some("payment_intent_unexpected_state".into()),
+                message: Some("captures are refused (gateway-sim /admin/captures)".into()),
+                ..ApiError::default()
+            },
+        );
+    }
     let key = idempotency_key(&headers);
     let reply = ctx.engine.capture(&id, &params, key.as_deref()).await;
     tracing::debug!(op = "capture", payment_intent = %id, key = key.as_deref().unwrap_or(""), ok = reply.answer.is_ok(), replayed = reply.replayed, "gateway-sim call");
@@ -448,6 +464,30 @@ async fn auth_set(State(ctx): State<Ctx>, body: Bytes) -> Response {
     ctx.refuse_auth.store(refuse, Ordering::SeqCst);
     tracing::info!(refuse, "gateway-sim credentials switch");
     auth_get(State(ctx)).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CapturesBody {
+    refuse: bool,
+}
+
+async fn captures_get(State(ctx): State<Ctx>) -> Response {
+    let refuse = ctx.refuse_captures.load(Ordering::SeqCst);
+    axum::Json(serde_json::json!({ "refuse": refuse })).into_response()
+}
+
+async fn captures_set(State(ctx): State<Ctx>, body: Bytes) -> Response {
+    let Ok(CapturesBody { refuse }) = serde_json::from_slice(&body) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(serde_json::json!({"error": "expected {\"refuse\": true|false}"})),
+        )
+            .into_response();
+    };
+    ctx.refuse_captures.store(refuse, Ordering::SeqCst);
+    tracing::info!(refuse, "gateway-sim captures switch");
+    captures_get(State(ctx)).await
 }
 
 async fn outage_get(State(ctx): State<Ctx>) -> Response {

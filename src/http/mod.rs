@@ -11,7 +11,7 @@
 //! | `PUT /v1/inventory/{sku}` | admin | 200, 400 `invalid_sku`/`invalid_body`, 413, 429, 503 `apply_timeout`/`unavailable`/`shutting_down` |
 //! | `GET /v1/inventory/{sku}` | admin or reader | 200 (zeros for an unknown SKU), 400 `invalid_sku` |
 //! | `GET /v1/admin/parked`, `GET /v1/admin/parked/{p}/{offset}` | admin | 200 JSON (the park lane), 404 `not_parked`/`no_such_partition` |
-//! | `POST /v1/admin/parked/{p}/retry`, `POST /v1/admin/parked/{p}/{offset}/drop` | admin | 202 (the command is in the log), 404 `no_such_partition` |
+//! | `POST /v1/admin/parked/{p}/retry`, `POST /v1/admin/parked/{p}/{offset}/drop`, `POST /v1/admin/parked/{p}/effects/{order_id}/{kind}/drop` | admin | 202 (the command is in the log), 404 `no_such_partition`, 400 `invalid_effect_kind` |
 //! | `POST /v1/admin/produce` | admin or producer | 200 NDJSON (per-line results), 401, 403, 413, 503 `shutting_down` |
 //! | `GET /metrics`, `/healthz`, `/readyz` | none | 200; `/readyz` 503 `not_ready`/`gateway_auth_failed` |
 //! | anything else | | 404 `not_found`, 405 `method_not_allowed` |
@@ -165,6 +165,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/admin/parked/{partition}/{offset}/drop",
             post(parked::drop_record),
+        )
+        .route(
+            "/v1/admin/parked/{partition}/effects/{order_id}/{kind}/drop",
+            post(parked::drop_effect),
         )
         .route("/metrics", get(routes::metrics))
         .route("/healthz", get(routes::healthz))

@@ -1,7 +1,8 @@
 //! Admin routes of the park lane (`orderflow parked`):
 //! `GET /v1/admin/parked`, `GET /v1/admin/parked/{partition}/{offset}`,
 //! `POST /v1/admin/parked/{partition}/retry`,
-//! `POST /v1/admin/parked/{partition}/{offset}/drop`.
+//! `POST /v1/admin/parked/{partition}/{offset}/drop`,
+//! `POST /v1/admin/parked/{partition}/effects/{order_id}/{kind}/drop`.
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -12,9 +13,10 @@ use serde_json::{Value, json};
 use super::Ctx;
 use super::auth::{Scope, require};
 use super::problem::Problem;
+use crate::domain::EffectKind;
 use crate::domain::parked::ParkedRecord;
 use crate::pipeline::log::LogError;
-use crate::pipeline::parked::ParkedError;
+use crate::pipeline::parked::{FailedEffect, ParkedError};
 
 fn summary(r: &ParkedRecord) -> Value {
     json!({
@@ -53,16 +55,32 @@ fn problem(ctx: &Ctx, e: ParkedError) -> Problem {
     }
 }
 
-/// `GET /v1/admin/parked`: what is parked now, oldest position first.
+fn failed_summary(f: &FailedEffect) -> Value {
+    json!({
+        "partition": f.partition,
+        "order_id": f.effect.order_id,
+        "kind": f.effect.kind.as_str(),
+        "reason": f.reason,
+        "amount": f.effect.amount,
+        "currency": f.effect.currency,
+        "payment_id": f.effect.payment_id,
+    })
+}
+
+/// `GET /v1/admin/parked`: what is parked now, oldest position first, and
+/// the captures and voids that failed for good (as of the checkpoints).
 pub(crate) async fn list(
     State(ctx): State<Ctx>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, Problem> {
     require(&ctx.app, &headers, Scope::ParkLane)?;
-    let parked = ctx.app.parked.list().await.map_err(|e| problem(&ctx, e))?;
+    let lane = &ctx.app.parked;
+    let parked = lane.list().await.map_err(|e| problem(&ctx, e))?;
+    let failed = lane.failed_effects().await.map_err(|e| problem(&ctx, e))?;
     Ok(Json(json!({
         "count": parked.len(),
         "parked": parked.iter().map(summary).collect::<Vec<_>>(),
+        "failed_effects": failed.iter().map(failed_summary).collect::<Vec<_>>(),
     })))
 }
 
@@ -98,8 +116,9 @@ fn accepted(partition: u32, offset: u64) -> (StatusCode, Json<Value>) {
     )
 }
 
-/// `POST /v1/admin/parked/{partition}/retry`: process the partition's
-/// parked records again, in order (202: the command is in the log).
+/// `POST /v1/admin/parked/{partition}/retry`: run the partition's failed
+/// captures and voids again, and process its parked records again, in
+/// order (202: the command is in the log).
 pub(crate) async fn retry(
     State(ctx): State<Ctx>,
     Path(partition): Path<u32>,
@@ -127,6 +146,36 @@ pub(crate) async fn drop_record(
         .app
         .parked
         .drop_record(partition, offset)
+        .await
+        .map_err(|e| problem(&ctx, e))?;
+    Ok(accepted(partition, command))
+}
+
+/// `POST /v1/admin/parked/{partition}/effects/{order_id}/{kind}/drop`:
+/// forget a failed capture or void an operator settled by hand (202: the
+/// command is in the log).
+pub(crate) async fn drop_effect(
+    State(ctx): State<Ctx>,
+    Path((partition, order_id, kind)): Path<(u32, String, String)>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<Value>), Problem> {
+    require(&ctx.app, &headers, Scope::ParkLane)?;
+    let kind = match kind.as_str() {
+        "capture" => EffectKind::Capture,
+        "void" => EffectKind::Void,
+        _ => {
+            return Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_effect_kind",
+                "Invalid effect kind",
+                format!("{kind:?} is neither `capture` nor `void`"),
+            ));
+        }
+    };
+    let command = ctx
+        .app
+        .parked
+        .drop_effect(partition, order_id, kind)
         .await
         .map_err(|e| problem(&ctx, e))?;
     Ok(accepted(partition, command))

@@ -421,7 +421,9 @@ pub(crate) async fn healthz() -> &'static str {
 }
 
 /// `GET /readyz`: 200 `{"status": "ready", "gateway": {"gateway": NAME,
-/// "breaker": "closed" | "half_open" | "open"}}` once every partition is
+/// "breaker": "closed" | "half_open" | "open"}, "failed_effects": N}` (N:
+/// captures and voids that failed for good on the partitions owned here,
+/// shown, not judged: they wait for an operator) once every partition is
 /// recovered, else 503; the 503 names the partition tasks given up on, if
 /// any. The breaker is shown, not judged: an open breaker still takes
 /// orders (they end `payment_failed`). Refused gateway credentials are
@@ -441,5 +443,7 @@ pub(crate) async fn readyz(State(ctx): State<Ctx>) -> Result<Response, Problem> 
         return Err(Problem::gateway_auth_failed());
     }
     let gateway = gateway.map(|b| b.detail());
-    Ok(axum::Json(serde_json::json!({"status": "ready", "gateway": gateway})).into_response())
+    let failed_effects = ctx.app.metrics.effects_failed_now();
+    let body = serde_json::json!({"status": "ready", "gateway": gateway, "failed_effects": failed_effects});
+    Ok(axum::Json(body).into_response())
 }

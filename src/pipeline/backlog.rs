@@ -69,12 +69,12 @@ impl Backlog {
 
     /// Records of `partition` appended but not yet read by its runner;
     /// `None` when this instance does not run it (or its runner is down).
-    pub fn lag(&self, log: &dyn Log, partition: u32) -> Option<u64> {
+    pub async fn lag(&self, log: &dyn Log, partition: u32) -> Option<u64> {
         let next = self.next.get(partition as usize)?.load(Ordering::Acquire);
         if next == NOT_OWNED || next == DOWN {
             return None;
         }
-        let (_, high) = log.offsets(Topic::Orders, partition).ok()?;
+        let (_, high) = log.offsets(Topic::Orders, partition).await.ok()?;
         Some(high.saturating_sub(next))
     }
 }

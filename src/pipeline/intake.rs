@@ -346,7 +346,7 @@ impl Intake {
 
     /// Sheds `orders` new orders for `partition` if its runner is too far
     /// behind, or dead.
-    fn check_backlog(&self, partition: u32, orders: u64) -> Result<(), Shed> {
+    async fn check_backlog(&self, partition: u32, orders: u64) -> Result<(), Shed> {
         let a = &self.admission;
         let Some(backlog) = a.backlog.as_ref() else {
             return Ok(());
@@ -354,7 +354,7 @@ impl Intake {
         if backlog.is_down(partition) {
             return Err(self.shed(Shed::Down, orders));
         }
-        let lag = backlog.lag(self.log.as_ref(), partition);
+        let lag = backlog.lag(self.log.as_ref(), partition).await;
         match lag {
             Some(lag) if lag > a.max_backlog_records => Err(self.shed(Shed::Backlog, orders)),
             _ => Ok(()),
@@ -403,6 +403,7 @@ impl Intake {
         let key = order.home_sku().as_bytes().to_vec();
         let partition = partition_for_key(&key, self.log.partition_count(Topic::Orders));
         self.check_backlog(partition, 1)
+            .await
             .map_err(IntakeError::Overloaded)?;
         let record = Record {
             kind: RecordKind::OrderJson,
@@ -439,6 +440,7 @@ impl Intake {
         let (record, order_id) = raw_record(line)?;
         let partition = partition_for_key(&record.key, self.log.partition_count(Topic::Orders));
         self.check_backlog(partition, 1)
+            .await
             .map_err(IntakeError::Overloaded)?;
         let offset = self
             .log
@@ -483,16 +485,18 @@ impl Intake {
                 Err(e) => results[i] = Some(Err(e)),
             }
         }
-        by_partition.retain(|&partition, items| {
-            let shed = self.check_backlog(partition, items.len() as u64).err();
-            if let Some(reason) = shed {
-                for (i, _, _) in items.iter() {
-                    results[*i] = Some(Err(IntakeError::Overloaded(reason)));
+        let mut admitted = Vec::with_capacity(by_partition.len());
+        for (partition, items) in by_partition {
+            match self.check_backlog(partition, items.len() as u64).await {
+                Ok(()) => admitted.push((partition, items)),
+                Err(reason) => {
+                    for (i, _, _) in items {
+                        results[i] = Some(Err(IntakeError::Overloaded(reason)));
+                    }
                 }
             }
-            shed.is_none()
-        });
-        let jobs = by_partition
+        }
+        let jobs = admitted
             .into_iter()
             .map(|(partition, items)| self.produce_partition(partition, items));
         for done in futures::future::join_all(jobs).await {
@@ -673,7 +677,7 @@ mod tests {
         ) -> Result<Vec<LogRecord>, LogError> {
             Ok(vec![])
         }
-        fn offsets(&self, _: Topic, partition: u32) -> Result<(u64, u64), LogError> {
+        async fn offsets(&self, _: Topic, partition: u32) -> Result<(u64, u64), LogError> {
             let parts = self.parts.lock().unwrap();
             Ok((0, parts.get(&partition).map_or(0, |p| p.len() as u64)))
         }
@@ -846,7 +850,7 @@ mod tests {
         assert!(r[1].is_ok());
         assert_eq!(shed_count(&i, Shed::Backlog), 2);
         // The runner caught up: taken again.
-        backlog.processed(p, log.offsets(Topic::Orders, p).unwrap().1);
+        backlog.processed(p, log.offsets(Topic::Orders, p).await.unwrap().1);
         i.submit(order(None).as_bytes(), None).await.unwrap();
         drop(owned);
         for _ in 0..3 {

@@ -14,6 +14,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::Semaphore;
 
+/// A task failure that the log or the state store being unavailable
+/// explains (past the call's own retries): the supervisor starts the task
+/// again later, the instance stays up.
+pub trait Outage: std::fmt::Display {
+    fn is_outage(&self) -> bool;
+}
+
 /// The bounds of [`Deaths`]; checked by `crate::config` before it is built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RestartPolicy {

@@ -14,9 +14,13 @@
 //! restart, and gives up on a task that keeps dying
 //! ([`crate::pipeline::restart`]): the instance turns not ready, naming
 //! the task; distributed, it also stops (the fatal path), which leaves the
-//! consumer group so another instance takes the partitions. A task that
-//! fails with an error (not a panic) reports it on the fatal path, as
-//! before: those are failures of the log or store, not of the task.
+//! consumer group so another instance takes the partitions.
+//!
+//! A task that fails because the log or the state store stayed unavailable
+//! past the call's own retries (an [`Outage`]: a store node restarting, a
+//! broker election) is started again after a back-off, for as long as the
+//! outage lasts, and counted; it never stops the instance, since no other
+//! instance would fare better. Any other error goes to the fatal path.
 
 use std::any::Any;
 use std::collections::BTreeMap;
@@ -36,7 +40,7 @@ use crate::pipeline::effects::EffectSender;
 use crate::pipeline::inventory::Inventory;
 use crate::pipeline::log::{Log, Topic};
 use crate::pipeline::membership::{Change, Part};
-use crate::pipeline::restart::{Deaths, RestartPolicy, SignalOnce, Verdict};
+use crate::pipeline::restart::{Deaths, Outage, RestartPolicy, SignalOnce, Verdict};
 use crate::pipeline::runner::{self, PanicFault, RunnerDeps, RunnerError, RunnerExit};
 use crate::pipeline::store::{Scope, StateStore, StoreError, with_retries};
 use crate::sinks::metrics::Metrics;
@@ -172,14 +176,64 @@ where
 }
 
 impl Supervision {
+    /// Runs `attempt` again, after a back-off, each time it fails with an
+    /// [`Outage`] while `stop` still says `running`, counting each in
+    /// `orderflow_task_outages_total`; returns the first other result (or
+    /// the outage, once stopping). While a runner waits, intake refuses
+    /// its partition (503) rather than queue orders nobody processes.
+    pub async fn through_outages<S, T, E>(
+        &self,
+        name: TaskName,
+        mut stop: watch::Receiver<S>,
+        running: S,
+        mut attempt: impl FnMut() -> BoxFuture<'static, Result<T, E>>,
+    ) -> Result<T, E>
+    where
+        S: PartialEq,
+        E: Outage,
+    {
+        let mut backoff_ms = self.policy.initial_backoff_ms;
+        loop {
+            let started = Instant::now();
+            let e = match attempt().await {
+                Err(e) if e.is_outage() => e,
+                other => return other,
+            };
+            if *stop.borrow() != running {
+                return Err(self.stopped_dead_with(name, e));
+            }
+            // A run that lasted got past the last outage: start over.
+            if started.elapsed() > Duration::from_millis(self.policy.max_backoff_ms) {
+                backoff_ms = self.policy.initial_backoff_ms;
+            }
+            tracing::warn!(task = %name, error = %e, backoff_ms, "partition task stopped by an outage of the log or state store; starting it again");
+            self.metrics
+                .task_outages
+                .with_label_values(&[name.task, &name.partition.to_string()])
+                .inc();
+            if name.topic == Topic::Orders {
+                self.backlog.down(name.partition);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(backoff_ms)) => {}
+                _ = stop.wait_for(|mode| *mode != running) => return Err(self.stopped_dead_with(name, e)),
+            }
+            backoff_ms = (backoff_ms * 2).min(self.policy.max_backoff_ms);
+        }
+    }
+
     /// A dead task's partition stops here before it was restarted: a
     /// runner's partition may be owned elsewhere next, and must not stay
     /// refused here.
     fn stopped_dead<T: Default>(&self, name: TaskName) -> T {
+        self.stopped_dead_with(name, T::default())
+    }
+
+    fn stopped_dead_with<T>(&self, name: TaskName, out: T) -> T {
         if name.topic == Topic::Orders {
             self.backlog.disown(name.partition);
         }
-        T::default()
+        out
     }
 
     /// `name` kept dying: not ready from now on, naming it (not the panic,
@@ -219,27 +273,47 @@ struct Running {
 struct Supervisor {
     deps: Arc<Deps>,
     running: BTreeMap<Part, Running>,
-    became_ready: bool,
+    /// Until the instance is ready: what readiness waits for.
+    startup: Option<Startup>,
+}
+
+/// The instance turns ready once every group's first assignment has
+/// recovered (runners replayed their tails, sinks know where they start)
+/// and the read model has applied the status log as it is then.
+struct Startup {
+    /// Groups whose first assignment has not arrived yet.
+    groups_left: usize,
+    /// One permit per recovered task of the first assignments.
+    recovered: Arc<Semaphore>,
+    /// How many permits readiness waits for.
+    tasks: u32,
 }
 
 /// Runs until `shutdown` turns true; then stops every runner, then every
 /// sink (so the sinks see the runners' last statuses), and returns the
 /// runners' exits.
+/// `groups`: how many first assignments the membership sends.
 pub async fn run(
     deps: Deps,
     mut changes: mpsc::Receiver<Change>,
+    groups: usize,
     mut shutdown: watch::Receiver<bool>,
 ) -> Vec<RunnerExit> {
+    assert!(groups > 0, "a membership has at least one group");
     let mut s = Supervisor {
         deps: Arc::new(deps),
         running: BTreeMap::new(),
-        became_ready: false,
+        startup: Some(Startup {
+            groups_left: groups,
+            recovered: Arc::new(Semaphore::new(0)),
+            tasks: 0,
+        }),
     };
     let mut membership_open = true;
     loop {
         tokio::select! {
             change = changes.recv(), if membership_open => match change {
-                Some(Change::Assigned(parts)) => s.start(parts),
+                Some(Change::Assigned { parts, first }) => s.start(parts, first),
                 Some(Change::Revoked { parts, lost, done }) => {
                     if lost {
                         tracing::warn!(?parts, "partitions lost (session expired): stopping them; their checkpoints are fenced");
@@ -276,8 +350,12 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 }
 
 impl Supervisor {
-    fn start(&mut self, parts: Vec<Part>) {
-        let recovered = Arc::new(Semaphore::new(0));
+    fn start(&mut self, parts: Vec<Part>, first: bool) {
+        // Later assignments signal a semaphore nobody waits on.
+        let recovered = match (&self.startup, first) {
+            (Some(startup), true) => startup.recovered.clone(),
+            _ => Arc::new(Semaphore::new(0)),
+        };
         let mut runners = 0;
         for part in parts {
             if self.running.contains_key(&part) {
@@ -300,19 +378,42 @@ impl Supervisor {
             self.running.insert(part, Running { stop, tasks });
         }
         self.publish_owned();
-        // Ready once the first assignment's partitions and the read
-        // model have caught up.
-        if !self.became_ready {
-            self.became_ready = true;
-            let (health, tracking) = (self.deps.health.clone(), self.deps.tracking.clone());
-            tokio::spawn(async move {
-                if let Ok(permits) = recovered.acquire_many(runners).await {
-                    permits.forget();
-                    tracking.wait_caught_up().await;
-                    health.ready.store(true, Ordering::SeqCst);
-                }
-            });
+        if first {
+            self.first_assigned(runners);
         }
+    }
+
+    /// A group's first assignment started `tasks` that signal recovery;
+    /// after the last group's, readiness waits for them all.
+    fn first_assigned(&mut self, tasks: u32) {
+        let Some(startup) = self.startup.as_mut() else {
+            return;
+        };
+        startup.tasks += tasks;
+        startup.groups_left -= 1;
+        if startup.groups_left > 0 {
+            return;
+        }
+        let Startup {
+            recovered, tasks, ..
+        } = self.startup.take().expect("checked above");
+        let (health, tracking, log) = (
+            self.deps.health.clone(),
+            self.deps.tracking.clone(),
+            self.deps.log.clone(),
+        );
+        tokio::spawn(async move {
+            let Ok(permits) = recovered.acquire_many(tasks).await else {
+                return;
+            };
+            permits.forget();
+            // After the runners' recovery: their re-emitted statuses too.
+            while let Err(e) = tracking.wait_current(log.as_ref()).await {
+                tracing::warn!(error = %e, "cannot read the status log's end; readiness waits");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            health.ready.store(true, Ordering::SeqCst);
+        });
     }
 
     fn publish_owned(&self) {
@@ -363,68 +464,57 @@ impl Supervisor {
             partition,
         };
         let mut tasks = Vec::new();
-        let (t, store, log, rx, fatal) = (
+        let (s, owner) = (d.supervision.clone(), name("tracking_owner"));
+        let (t, store, log, rx) = (
             d.tracking.clone(),
             d.store.clone(),
             d.tracking_log.clone(),
             stop.clone(),
-            d.fatal.clone(),
         );
-        let owner = move || {
-            let (t, store, log, rx, fatal) = (
-                t.clone(),
-                store.clone(),
-                log.clone(),
-                rx.clone(),
-                fatal.clone(),
-            );
-            async move {
-                if let Err(e) = tracking::run_owner(t, store, log, partition, rx).await {
-                    tracing::error!(error = %e, "tracking replay point failed");
-                    let _ = fatal.send(e.to_string()).await;
-                }
-                None
-            }
-            .boxed()
+        let start_owner = move || {
+            let (t, store, log, rx) = (t.clone(), store.clone(), log.clone(), rx.clone());
+            let stop = rx.clone();
+            let attempt = move || {
+                tracking::run_owner(t.clone(), store.clone(), log.clone(), partition, rx.clone())
+                    .boxed()
+            };
+            run_sink(s.clone(), owner, stop, attempt).boxed()
         };
         let supervision = d.supervision.clone();
-        let watched = spawn_watched(
+        tasks.push(spawn_watched(
             supervision.clone(),
-            name("tracking_owner"),
+            owner,
             stop.clone(),
             Stop::Run,
-            owner,
-        );
-        tasks.push(watched);
+            start_owner,
+        ));
         let mut signalling = 0;
         if let Some((n, log)) = &d.notifications {
-            let (n, log, fatal, rx) = (n.clone(), log.clone(), d.fatal.clone(), stop.clone());
+            let (n, log, rx) = (n.clone(), log.clone(), stop.clone());
             let started = SignalOnce::new(started.clone());
             signalling += 1;
-            let sink = move || {
-                let run = notifications::run_partition(
-                    n.clone(),
-                    log.clone(),
-                    partition,
-                    rx.clone(),
-                    started.clone(),
-                );
-                let fatal = fatal.clone();
-                async move {
-                    if let Err(e) = run.await {
-                        tracing::error!(error = %e, "notifications sink failed");
-                        let _ = fatal.send(e.to_string()).await;
-                    }
-                    None
-                }
-                .boxed()
+            let (s, sink) = (supervision.clone(), name("notifications"));
+            let start_sink = move || {
+                let (n, log, rx, started) = (n.clone(), log.clone(), rx.clone(), started.clone());
+                let stop = rx.clone();
+                let attempt = move || {
+                    notifications::run_partition(
+                        n.clone(),
+                        log.clone(),
+                        partition,
+                        rx.clone(),
+                        started.clone(),
+                    )
+                    .boxed()
+                };
+                run_sink(s.clone(), sink, stop, attempt).boxed()
             };
             tasks.push(spawn_watched(
                 supervision,
-                name("notifications"),
+                sink,
                 stop,
                 Stop::Run,
-                sink,
+                start_sink,
             ));
         }
         (tasks, signalling)
@@ -450,40 +540,81 @@ impl Supervisor {
             }
             if topic == Topic::Orders {
                 self.deps.inventory.set_owned(p, false);
+                self.deps.metrics.forget_orders_partition(p);
             }
-            // The next owner reports this partition's lag from now on.
-            let _ = self
-                .deps
-                .metrics
-                .partition_lag
-                .remove_label_values(&[topic.name(), &p.to_string()]);
+            // The next owner reports this partition's lag from now on (the
+            // read model's, fed on every instance, stays).
+            let owner = match topic {
+                Topic::Orders => "runner",
+                _ => "notifications",
+            };
+            let _ = self.deps.metrics.partition_lag.remove_label_values(&[
+                topic.name(),
+                &p.to_string(),
+                owner,
+            ]);
         }
         self.publish_owned();
         exits
     }
 }
 
-/// One run of partition `partition`'s runner: claim, load, run; what it
-/// returns once stopped (`None` when fenced or failed).
+/// One run of a sink task: `attempt` through outages; any other failure
+/// goes to the fatal path.
+async fn run_sink<E: Outage + Send>(
+    s: Supervision,
+    name: TaskName,
+    stop: watch::Receiver<Stop>,
+    attempt: impl FnMut() -> BoxFuture<'static, Result<(), E>> + Send,
+) -> Option<RunnerExit> {
+    if let Err(e) = s.through_outages(name, stop, Stop::Run, attempt).await {
+        tracing::error!(task = %name, error = %e, "partition task failed");
+        let _ = s.fatal.send(e.to_string()).await;
+    }
+    None
+}
+
+/// One run of partition `partition`'s runner, started again through
+/// outages; what it returns once stopped (`None` when fenced or failed).
 async fn run_runner(
     d: Arc<Deps>,
     partition: u32,
     stop: watch::Receiver<Stop>,
     recovered: Arc<SignalOnce>,
 ) -> Option<RunnerExit> {
-    let claimed = with_retries("claim partition", || {
-        d.store.claim(Scope::Orders, partition)
-    });
-    let epoch = match claimed.await {
-        Ok(epoch) => epoch,
-        Err(e) => {
-            let _ = d
-                .fatal
-                .send(format!("cannot claim partition {partition}: {e}"))
-                .await;
-            return None;
-        }
+    let name = TaskName {
+        task: "runner",
+        topic: Topic::Orders,
+        partition,
     };
+    let attempt = || attempt_runner(d.clone(), partition, stop.clone(), recovered.clone()).boxed();
+    let supervision = &d.supervision;
+    match supervision
+        .through_outages(name, stop.clone(), Stop::Run, attempt)
+        .await
+    {
+        Ok(exit) => exit,
+        Err(e) => {
+            tracing::error!(error = %e, "partition runner failed");
+            let _ = d.fatal.send(e.to_string()).await;
+            None
+        }
+    }
+}
+
+/// Claims partition `partition`, loads it and runs it; `None` when a
+/// newer owner fenced it.
+async fn attempt_runner(
+    d: Arc<Deps>,
+    partition: u32,
+    stop: watch::Receiver<Stop>,
+    recovered: Arc<SignalOnce>,
+) -> Result<Option<RunnerExit>, RunnerError> {
+    let epoch = with_retries("claim partition", || {
+        d.store.claim(Scope::Orders, partition)
+    })
+    .await
+    .map_err(|source| RunnerError::Store { partition, source })?;
     tracing::info!(partition, epoch, "partition claimed");
     let panic_fault = d
         .panic_runner
@@ -505,7 +636,7 @@ async fn run_runner(
         panic_fault,
     };
     match runner::run(partition, deps, stop).await {
-        Ok(exit) => Some(exit),
+        Ok(exit) => Ok(Some(exit)),
         Err(RunnerError::Store {
             source: StoreError::Fenced { stored_epoch, .. },
             ..
@@ -518,13 +649,9 @@ async fn run_runner(
                 stored_epoch,
                 "partition taken over by a newer owner; this runner stops"
             );
-            None
+            Ok(None)
         }
-        Err(e) => {
-            tracing::error!(error = %e, "partition runner failed");
-            let _ = d.fatal.send(e.to_string()).await;
-            None
-        }
+        Err(e) => Err(e),
     }
 }
 
@@ -597,6 +724,89 @@ mod tests {
         assert_eq!(fatal.recv().await.as_deref(), Some(reason));
         let down = s.metrics.task_down.with_label_values(&["runner", "2"]);
         assert_eq!(down.get(), 1);
+    }
+
+    /// A failure of the test tasks below; `outage` says whether an outage explains it.
+    #[derive(Debug)]
+    struct Failed {
+        outage: bool,
+    }
+
+    impl std::fmt::Display for Failed {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "failed (outage: {})", self.outage)
+        }
+    }
+
+    impl Outage for Failed {
+        fn is_outage(&self) -> bool {
+            self.outage
+        }
+    }
+
+    /// A task that fails with `errors` in turn, then returns how many runs it took.
+    fn failing(
+        errors: Vec<Failed>,
+    ) -> impl FnMut() -> BoxFuture<'static, Result<u32, Failed>> + Send + 'static {
+        let errors = Arc::new(std::sync::Mutex::new(errors.into_iter()));
+        let runs = Arc::new(AtomicU32::new(0));
+        move || {
+            let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+            let next = errors.lock().unwrap().next();
+            async move { next.map_or(Ok(run), Err) }.boxed()
+        }
+    }
+
+    /// Outages start the task again, each counted, past any death limit,
+    /// until a run succeeds; the partition is refused meanwhile.
+    #[tokio::test]
+    async fn outages_start_the_task_again() {
+        let (s, _fatal) = supervision(1);
+        let (_stop, rx) = watch::channel(Stop::Run);
+        let outages = (0..5).map(|_| Failed { outage: true }).collect();
+        let runs = s.through_outages(RUNNER_2, rx, Stop::Run, failing(outages));
+        assert_eq!(runs.await.unwrap(), 6);
+        let counted = s.metrics.task_outages.with_label_values(&["runner", "2"]);
+        assert_eq!(counted.get(), 5);
+        assert!(
+            s.backlog.is_down(2),
+            "refused until the runner owns it again"
+        );
+    }
+
+    /// An error no outage explains is returned at once, for the fatal path.
+    #[tokio::test]
+    async fn other_errors_are_not_retried() {
+        let (s, _fatal) = supervision(3);
+        let (_stop, rx) = watch::channel(Stop::Run);
+        let errors = vec![Failed { outage: false }, Failed { outage: true }];
+        let run = s.through_outages(RUNNER_2, rx, Stop::Run, failing(errors));
+        assert!(!run.await.unwrap_err().is_outage());
+        let counted = s.metrics.task_outages.with_label_values(&["runner", "2"]);
+        assert_eq!(counted.get(), 0);
+    }
+
+    /// Once the partition stops, an outage is returned, and the partition
+    /// is not left refused here.
+    #[tokio::test]
+    async fn no_outage_retry_once_stopping() {
+        let (s, _fatal) = supervision(3);
+        let (stop, rx) = watch::channel(Stop::Run);
+        let errors = (0..1000).map(|_| Failed { outage: true }).collect();
+        let run = tokio::spawn({
+            let s = s.clone();
+            async move {
+                s.through_outages(RUNNER_2, rx, Stop::Run, failing(errors))
+                    .await
+            }
+        });
+        let counted = s.metrics.task_outages.with_label_values(&["runner", "2"]);
+        while counted.get() == 0 {
+            tokio::task::yield_now().await;
+        }
+        stop.send_replace(Stop::Now);
+        assert!(run.await.unwrap().unwrap_err().is_outage());
+        assert!(!s.backlog.is_down(2));
     }
 
     /// A task that dies while its partition stops is not restarted, and

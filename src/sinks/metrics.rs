@@ -89,10 +89,15 @@ pub struct Metrics {
     pub checkpoint_fenced: IntCounterVec,
     /// Partition tasks restarted after they died, by task and partition.
     pub task_restarts: IntCounterVec,
+    /// Partition tasks started again after an outage of the log or store.
+    pub task_outages: IntCounterVec,
     /// 1 for a partition task given up on (it kept dying), by task and partition.
     pub task_down: IntGaugeVec,
     /// Records in a partition's park lane now.
     pub parked_records: IntGaugeVec,
+    /// Captures and voids of a partition that failed for good, waiting
+    /// for an operator.
+    pub effects_failed: IntGaugeVec,
     /// Age of the oldest parked record of a partition (0 when none).
     pub parked_oldest_age: prometheus::GaugeVec,
     /// State store request latency, by operation.
@@ -225,8 +230,8 @@ impl Metrics {
             ),
             partition_lag: gauge(
                 "orderflow_partition_lag_records",
-                "Records in the log not yet processed, per topic partition.",
-                &["topic", "partition"],
+                "Records in the log not yet read, per topic partition and consumer (runner, read_model, notifications).",
+                &["topic", "partition", "consumer"],
             ),
             gateway_calls: counter(
                 "orderflow_gateway_calls_total",
@@ -317,6 +322,11 @@ impl Metrics {
                 "Partition tasks restarted after they died (panicked), by task and partition.",
                 &["task", "partition"],
             ),
+            task_outages: counter(
+                "orderflow_task_outages_total",
+                "Partition tasks started again after the log or state store stayed unavailable past a call's own retries, by task and partition.",
+                &["task", "partition"],
+            ),
             task_down: gauge(
                 "orderflow_task_down",
                 "1 for a partition task given up on because it kept dying, by task and partition.",
@@ -325,6 +335,11 @@ impl Metrics {
             parked_records: gauge(
                 "orderflow_parked_records",
                 "Records in a partition's park lane.",
+                &["partition"],
+            ),
+            effects_failed: gauge(
+                "orderflow_effects_failed",
+                "Captures and voids the gateway refused for good, waiting in a partition's outbox for an operator (orderflow parked).",
                 &["partition"],
             ),
             parked_oldest_age: registered(
@@ -491,6 +506,27 @@ impl Metrics {
     /// The tracking sink stopped consuming `partition` (it moved to
     /// another instance, or this one stops): its orders in flight are no
     /// longer ours to watch.
+    /// Captures and voids failed for good on the partitions this instance
+    /// owns (`/readyz` shows it).
+    pub fn effects_failed_now(&self) -> i64 {
+        use prometheus::core::Collector;
+        self.effects_failed
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .map(|m| m.get_gauge().get_value() as i64)
+            .sum()
+    }
+
+    /// The owner's gauges of `orders` partition `partition`: its next owner
+    /// reports them from now on.
+    pub fn forget_orders_partition(&self, partition: u32) {
+        let label = [partition.to_string()];
+        let _ = self.parked_records.remove_label_values(&[&label[0]]);
+        let _ = self.parked_oldest_age.remove_label_values(&[&label[0]]);
+        let _ = self.effects_failed.remove_label_values(&[&label[0]]);
+    }
+
     pub fn forget_status_partition(&self, partition: u32) {
         let mut saga = self.saga.lock().expect("saga health lock");
         saga.in_flight.forget_partition(partition);

@@ -284,7 +284,18 @@ impl Ctx<'_> {
     }
 
     pub fn finish_effect(&mut self, order_id: &str, kind: crate::domain::EffectKind) {
-        self.state.outbox.remove(&(order_id.to_owned(), kind));
+        let key = (order_id.to_owned(), kind);
+        self.state.outbox.remove(&key);
+        self.state.failed_effects.remove(&key);
+    }
+
+    /// The gateway refused an outbox effect for good: it waits, marked,
+    /// for an operator (a late report of one already done is ignored).
+    pub fn fail_effect(&mut self, order_id: &str, kind: crate::domain::EffectKind, reason: String) {
+        let key = (order_id.to_owned(), kind);
+        if self.state.outbox.contains_key(&key) {
+            self.state.failed_effects.insert(key, reason);
+        }
     }
 }
 
@@ -346,6 +357,13 @@ impl Processor {
                     return self.retry_parked(input.offset, input.timestamp_ms, out);
                 }
                 Message::DropParked { offset } => return self.drop_parked(offset, out),
+                Message::DropEffect { ref order_id, kind } => {
+                    let key = (order_id.clone(), kind);
+                    if self.state.failed_effects.remove(&key).is_some() {
+                        self.state.outbox.remove(&key);
+                    }
+                    return;
+                }
                 _ => {}
             }
         }
@@ -523,7 +541,17 @@ impl Processor {
     /// its own position (its emitted ids derive from its own offset), in
     /// the original order; one that still fails is parked again and holds
     /// back those behind it again.
+    /// Runs the failed captures and voids again, then processes the
+    /// parked records again, in order.
     fn retry_parked(&mut self, command_offset: u64, now_ms: u64, out: &mut Output) {
+        for key in std::mem::take(&mut self.state.failed_effects).into_keys() {
+            let effect = self
+                .state
+                .outbox
+                .get(&key)
+                .expect("a failed effect is in the outbox");
+            out.effects.push(effect.clone());
+        }
         let offsets: Vec<u64> = self.state.parked.keys().copied().collect();
         let records: Vec<ParkedRecord> = offsets
             .into_iter()
@@ -556,9 +584,16 @@ impl Processor {
         }
     }
 
-    /// Effects asked for and not yet done: restarted after recovery.
+    /// Effects asked for and not yet done: restarted after recovery
+    /// (those that failed for good wait for an operator's retry).
     pub fn pending_effects(&self) -> Vec<Effect> {
-        self.state.outbox.values().cloned().collect()
+        let failed = &self.state.failed_effects;
+        self.state
+            .outbox
+            .iter()
+            .filter(|(key, _)| !failed.contains_key(*key))
+            .map(|(_, e)| e.clone())
+            .collect()
     }
 }
 
@@ -617,9 +652,14 @@ fn apply_message(ctx: &mut Ctx<'_>, env: Envelope, retried: bool) {
         Message::Release { order_id, line } => inventory::release(ctx, &order_id, line),
         Message::PaymentResult { order_id, outcome } => payment::result(ctx, &order_id, outcome),
         Message::EffectDone { order_id, kind } => ctx.finish_effect(&order_id, kind),
+        Message::EffectFailed {
+            order_id,
+            kind,
+            reason,
+        } => ctx.fail_effect(&order_id, kind, reason),
         Message::SetStock { sku, available } => inventory::set_stock(ctx, &sku, available),
         // Handled before the lane check (`Processor::apply_record`).
-        Message::RetryParked | Message::DropParked { .. } => {}
+        Message::RetryParked | Message::DropParked { .. } | Message::DropEffect { .. } => {}
     }
 }
 

@@ -55,6 +55,8 @@ pub const ORDER_MAX_BYTES: usize = 9_216;
 pub const HOLD_MAX_BYTES: usize = 160;
 /// An outbox effect with its key.
 pub const EFFECT_MAX_BYTES: usize = 768;
+/// A failed effect's mark: its key and reason.
+pub const FAILED_EFFECT_MAX_BYTES: usize = 352;
 /// A watermark with its key.
 pub const WATERMARK_MAX_BYTES: usize = 32;
 /// A parked record beyond twice its [`super::state::parked_size`] (its bytes are
@@ -91,11 +93,12 @@ pub fn worst_case(limits: &Limits, partitions: u32) -> CheckpointBounds {
     let stock_pages = STOCK_BUCKETS + stock_bytes / (PAGE_BYTES - STOCK_ROW_MAX_BYTES);
     let chunks = limits.finished.max_entries / FINISHED_CHUNK as usize + 2;
     // In flight: orders, holds, effects (admission stops at twice the
-    // in-flight bound; each admitted order adds at most two more), one
-    // watermark per partition, the unsealed tail, map headers.
+    // in-flight bound; each admitted order adds at most two more) and
+    // their failure marks, one watermark per partition, the unsealed
+    // tail, map headers.
     let head_bytes = limits
         .max_inflight_orders
-        .saturating_mul(ORDER_MAX_BYTES + 4 * EFFECT_MAX_BYTES)
+        .saturating_mul(ORDER_MAX_BYTES + 4 * (EFFECT_MAX_BYTES + FAILED_EFFECT_MAX_BYTES))
         .saturating_add(limits.max_holds.saturating_mul(HOLD_MAX_BYTES))
         .saturating_add(partitions as usize * WATERMARK_MAX_BYTES)
         .saturating_add(FINISHED_CHUNK as usize * ENTRY_BYTES + 64);
@@ -264,7 +267,7 @@ pub struct Checkpoint {
 
 /// Everything but the stock, the sealed finished chunks and the lane.
 #[derive(Serialize, Deserialize)]
-struct Head<O, H, W, X> {
+struct Head<O, H, W, X, F> {
     orders: O,
     holds: H,
     watermarks: W,
@@ -274,6 +277,10 @@ struct Head<O, H, W, X> {
     /// Finished entries not yet in a chunk: key ++ stamp, 24 bytes each.
     #[serde(with = "serde_bytes_compat")]
     tail: Vec<u8>,
+    /// The outbox's failed effects; last and defaulted, so heads written
+    /// before it existed still read.
+    #[serde(default)]
+    failed_effects: F,
 }
 
 type HeadOut<'a> = Head<
@@ -281,12 +288,14 @@ type HeadOut<'a> = Head<
     &'a BTreeMap<(String, u16), Hold>,
     &'a BTreeMap<u32, (u64, u32)>,
     &'a BTreeMap<(String, EffectKind), Effect>,
+    &'a BTreeMap<(String, EffectKind), String>,
 >;
 type HeadIn = Head<
     BTreeMap<String, OrderRec>,
     BTreeMap<(String, u16), Hold>,
     BTreeMap<u32, (u64, u32)>,
     BTreeMap<(String, EffectKind), Effect>,
+    BTreeMap<(String, EffectKind), String>,
 >;
 
 /// MessagePack `bin` for the tail (a `Vec<u8>` would be an array of ints).
@@ -572,6 +581,7 @@ fn write(
         outbox: &state.outbox,
         tail_first,
         tail,
+        failed_effects: &state.failed_effects,
     };
     let head = rmp_serde::to_vec(&head).expect("a head always serializes");
     garbage.append(&mut manifest.head);
@@ -660,6 +670,24 @@ pub fn parked_lane(
     rmp_serde::from_slice(&lane).map_err(|e| m.error(format!("undecodable lane: {e}")))
 }
 
+/// The failed captures and voids of a checkpoint, with their reasons
+/// (`blobs` must hold the manifest's head pages).
+pub fn failed_effects(
+    manifest: &Manifest,
+    blobs: &BTreeMap<BlobRef, Vec<u8>>,
+) -> Result<Vec<(Effect, String)>, SnapshotError> {
+    let m = manifest;
+    let head = joined(m, Kind::Head, &m.head, |blob| present(m, blobs, blob))?;
+    let head: HeadIn =
+        rmp_serde::from_slice(&head).map_err(|e| m.error(format!("undecodable head: {e}")))?;
+    let mut outbox = head.outbox;
+    Ok(head
+        .failed_effects
+        .into_iter()
+        .filter_map(|(key, reason)| Some((outbox.remove(&key)?, reason)))
+        .collect())
+}
+
 fn present<'a>(
     m: &Manifest,
     blobs: &'a BTreeMap<BlobRef, Vec<u8>>,
@@ -736,6 +764,17 @@ pub fn restore(
     state.holds = head.holds;
     state.watermarks = head.watermarks;
     state.outbox = head.outbox;
+    state.failed_effects = head.failed_effects;
+    if let Some((order_id, kind)) = state
+        .failed_effects
+        .keys()
+        .find(|k| !state.outbox.contains_key(*k))
+    {
+        return Err(m.error(format!(
+            "failed effect {order_id}:{} is not in the outbox",
+            kind.as_str()
+        )));
+    }
     state.parked = parked_lane(m, blobs)?;
     state.reindex();
     state.check_stock().map_err(|e| m.error(e))?;
@@ -1004,6 +1043,12 @@ mod tests {
             size(&effect) <= EFFECT_MAX_BYTES,
             "effect: {}",
             size(&effect)
+        );
+        let failed = ((id.clone(), EffectKind::Capture), token.clone());
+        assert!(
+            size(&failed) <= FAILED_EFFECT_MAX_BYTES,
+            "failed effect: {}",
+            size(&failed)
         );
         let watermark = (u32::MAX, (u64::MAX, u32::MAX));
         assert!(

@@ -226,6 +226,10 @@ pub struct PartitionState {
     pub watermarks: BTreeMap<u32, (u64, u32)>,
     /// Effects asked for and not yet reported done.
     pub outbox: BTreeMap<(String, EffectKind), Effect>,
+    /// Captures and voids of the outbox the gateway refused for good, with
+    /// the reason: not run again until an operator retries them. Every key
+    /// is one of the outbox's.
+    pub failed_effects: BTreeMap<(String, EffectKind), String>,
     /// The park lane of this partition: records set aside, by offset.
     pub parked: BTreeMap<u64, ParkedRecord>,
     /// Orders that finished recently (idempotency).
@@ -415,6 +419,9 @@ impl PartitionState {
         }
         for row in &self.outbox {
             item(b'X', &encode(&row));
+        }
+        for row in &self.failed_effects {
+            item(b'F', &encode(&row));
         }
         for row in &self.parked {
             item(b'P', &encode(&row));

@@ -217,6 +217,77 @@ fn gateway_failure_voids() {
     assert!(h.proc.state.outbox.is_empty());
 }
 
+/// A capture refused for good stays in the outbox, marked, and is not
+/// run again at recovery; a retry runs it again, a drop forgets it, and
+/// both survive a checkpoint.
+#[test]
+fn failed_effects_wait_for_an_operator() {
+    let sku = sku_on(3, 0);
+    let mut h = Harness::new(3);
+    h.stock(&sku, 5);
+    h.order("o1", &[(&sku, 1)], "tok_visa");
+    h.order("o2", &[(&sku, 1)], "tok_visa");
+    for id in ["o1", "o2"] {
+        let paid = Message::PaymentResult {
+            order_id: id.into(),
+            outcome: PaymentOutcome::Authorized {
+                payment_id: format!("pi_{id}"),
+            },
+        };
+        assert_eq!(h.msg(&sku, None, paid).effects[0].kind, EffectKind::Capture);
+    }
+    for id in ["o1", "o2"] {
+        let failed = Message::EffectFailed {
+            order_id: id.into(),
+            kind: EffectKind::Capture,
+            reason: "gateway_refused".into(),
+        };
+        assert!(h.msg(&sku, None, failed).effects.is_empty());
+    }
+    // A late failure of an effect already done marks nothing.
+    let stray = Message::EffectFailed {
+        order_id: "o9".into(),
+        kind: EffectKind::Void,
+        reason: "gateway_refused".into(),
+    };
+    h.msg(&sku, None, stray);
+    assert_eq!(h.proc.state.failed_effects.len(), 2);
+    assert!(
+        h.proc.pending_effects().is_empty(),
+        "not run again at recovery"
+    );
+
+    let (manifest, blobs) = crate::stages::snapshot::full(&h.proc.state, 3);
+    let listed = crate::stages::snapshot::failed_effects(&manifest, &blobs).unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0].0.payment_id, "pi_o1");
+    assert_eq!(listed[0].1, "gateway_refused");
+    let restored = crate::stages::snapshot::restore(&manifest, &blobs, Default::default()).unwrap();
+    assert_eq!(restored.hash(), h.proc.state.hash());
+
+    let drop = Message::DropEffect {
+        order_id: "o2".into(),
+        kind: EffectKind::Capture,
+    };
+    h.msg("ops", None, drop);
+    assert_eq!(h.proc.state.outbox.len(), 1);
+    let retried = h.msg("ops", None, Message::RetryParked);
+    let again: Vec<(&str, EffectKind)> = retried
+        .effects
+        .iter()
+        .map(|e| (e.order_id.as_str(), e.kind))
+        .collect();
+    assert_eq!(again, [("o1", EffectKind::Capture)]);
+    assert!(h.proc.state.failed_effects.is_empty());
+    assert_eq!(h.proc.pending_effects().len(), 1, "in flight again");
+    let done = Message::EffectDone {
+        order_id: "o1".into(),
+        kind: EffectKind::Capture,
+    };
+    h.msg(&sku, None, done);
+    assert!(h.proc.state.outbox.is_empty());
+}
+
 /// Invalid orders from the log are rejected with the contract's code; a
 /// card number is rejected under a position id, never its own fields.
 #[test]

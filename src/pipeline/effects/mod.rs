@@ -32,7 +32,10 @@
 //!   attempts (at once on refused credentials) it is parked (holding no
 //!   in-flight slot) and tried again after 1 s, 2 s, ... up to 30 s (with
 //!   jitter) until it succeeds or ends for good (a refusal or an unexpected
-//!   answer, logged). The parked count is the
+//!   answer). One that ends for good is reported `EffectFailed`: the
+//!   processor keeps it in its outbox, marked, not run again until an
+//!   operator retries or drops it (`orderflow parked`), and counts it in
+//!   `orderflow_effects_failed`. The parked count is the
 //!   `orderflow_queue_depth{queue="effects_parked"}` gauge.
 //! - **Captures and voids held are bounded** by `gateway.max_parked_effects`
 //!   (in flight or parked: each takes its place when the executor takes
@@ -507,6 +510,20 @@ impl Retrier {
     }
 }
 
+/// How a capture or void ended.
+enum Settled {
+    Done,
+    /// Refused for good, or answered unexpectedly: retrying cannot help.
+    Failed {
+        reason: &'static str,
+    },
+    /// The executor closes (shutdown): the outbox runs it at the next start.
+    Closing,
+}
+
+/// Why a capture or void failed when the gateway refused it.
+pub const REASON_GATEWAY_REFUSED: &str = "gateway_refused";
+
 impl Executor {
     /// Runs one effect and hands its result to the reporter. The in-flight
     /// slot of an authorization, and the place of a capture or void, are
@@ -523,11 +540,16 @@ impl Executor {
                 (body, Some(permit))
             }
             EffectKind::Capture | EffectKind::Void => {
-                let done = self.settle(&effect, permit).await;
-                let body = done.then(|| Message::EffectDone {
-                    order_id: effect.order_id.clone(),
-                    kind: effect.kind,
-                });
+                let (order_id, kind) = (effect.order_id.clone(), effect.kind);
+                let body = match self.settle(&effect, permit).await {
+                    Settled::Done => Some(Message::EffectDone { order_id, kind }),
+                    Settled::Failed { reason } => Some(Message::EffectFailed {
+                        order_id,
+                        kind,
+                        reason: reason.to_owned(),
+                    }),
+                    Settled::Closing => None,
+                };
                 (body, None)
             }
         };
@@ -555,10 +577,11 @@ impl Executor {
         authorization_outcome(&effect.order_id, answered, tries.answers())
     }
 
-    /// Capture or void; true once done (or refused for good, which is
-    /// logged: retrying cannot help). Retries, parked between rounds, until
-    /// then; false only when the executor closes first.
-    async fn settle(&self, effect: &Effect, permit: OwnedSemaphorePermit) -> bool {
+    /// Capture or void, retried (parked between rounds) until it is done
+    /// or refused for good (retrying cannot help: it is reported failed,
+    /// and waits in the processor's outbox for an operator), or the
+    /// executor closes first.
+    async fn settle(&self, effect: &Effect, permit: OwnedSemaphorePermit) -> Settled {
         let key = effect.idempotency_key();
         let op = effect.kind.as_str();
         let mut permit = Some(permit);
@@ -571,7 +594,7 @@ impl Executor {
                     let mut closing = self.retrier.closing.clone();
                     tokio::select! {
                         biased;
-                        _ = closing.wait_for(|c| *c) => return false,
+                        _ = closing.wait_for(|c| *c) => return Settled::Closing,
                         p = self.inflight.clone().acquire_owned() => p.expect("semaphore never closed"),
                     }
                 }
@@ -596,27 +619,18 @@ impl Executor {
             };
             drop(slot);
             match answered {
-                Attempted::Closing => return false,
-                Attempted::Answered(Ok(())) => return true,
+                Attempted::Closing => return Settled::Closing,
+                Attempted::Answered(Ok(())) => return Settled::Done,
                 Attempted::Answered(Err(e)) => {
                     // The policy ends a capture or void only on a refusal
                     // or an unexpected answer: retrying cannot help.
+                    let reason = match e {
+                        GatewayError::Refused(_) => REASON_GATEWAY_REFUSED,
+                        _ => e.reason(),
+                    };
                     let answers = tries.answers();
-                    match (&e, answers > 1) {
-                        (GatewayError::Unexpected { .. }, false) => {
-                            tracing::error!(order_id = %effect.order_id, op, reason = e.reason(), error = %e, "gateway call failed: unexpected answer; giving up");
-                        }
-                        (GatewayError::Unexpected { .. }, true) => {
-                            tracing::error!(order_id = %effect.order_id, op, reason = e.reason(), error = %e, answers, "gateway call failed after retries: unexpected answer; giving up");
-                        }
-                        (_, false) => {
-                            tracing::error!(order_id = %effect.order_id, op, error = %e, "gateway call failed: refused; giving up");
-                        }
-                        (_, true) => {
-                            tracing::error!(order_id = %effect.order_id, op, error = %e, answers, "gateway call failed after retries: refused; giving up");
-                        }
-                    }
-                    return true;
+                    tracing::error!(order_id = %effect.order_id, op, reason, error = %e, answers, "gateway call failed for good; the effect waits for an operator (`orderflow parked list`)");
+                    return Settled::Failed { reason };
                 }
                 Attempted::Parked {
                     error: e @ GatewayError::AuthFailed(_),
@@ -624,13 +638,13 @@ impl Executor {
                 } => {
                     tracing::error!(order_id = %effect.order_id, op, reason = e.reason(), error = %e, retry_in_ms = wait.as_millis() as u64, "gateway call failed: credentials refused; parked, will retry");
                     if !self.park(wait).await {
-                        return false;
+                        return Settled::Closing;
                     }
                 }
                 Attempted::Parked { error: e, wait } => {
                     tracing::warn!(order_id = %effect.order_id, op, error = %e, retry_in_ms = wait.as_millis() as u64, "gateway unavailable; parked, will retry");
                     if !self.park(wait).await {
-                        return false;
+                        return Settled::Closing;
                     }
                 }
             }
@@ -888,7 +902,7 @@ mod tests {
         ) -> Result<Vec<crate::pipeline::log::LogRecord>, LogError> {
             Ok(Vec::new())
         }
-        fn offsets(&self, _: Topic, _: u32) -> Result<(u64, u64), LogError> {
+        async fn offsets(&self, _: Topic, _: u32) -> Result<(u64, u64), LogError> {
             Ok((0, 0))
         }
         fn release_before(&self, _: Topic, _: u32, _: u64) {}

@@ -1192,15 +1192,10 @@ impl Log for KafkaLog {
         Ok(records)
     }
 
-    /// The first call for a partition asks its leader (a blocking round
-    /// trip); later ones answer from memory.
-    fn offsets(&self, topic: Topic, partition: u32) -> Result<(u64, u64), LogError> {
-        let inner = &self.inner;
-        let (ts, ps) = inner.partition(topic, partition)?;
-        if !ps.known.load(Ordering::Acquire) {
-            inner.query_watermarks(ts, partition)?;
-        }
-        Ok(inner.cached_offsets(ts, ps, partition))
+    /// The first call for a partition asks its leader (a round trip, on
+    /// a blocking thread); later ones answer from memory.
+    async fn offsets(&self, topic: Topic, partition: u32) -> Result<(u64, u64), LogError> {
+        self.inner.watermarks(topic, partition).await
     }
 
     /// Kafka deletes by its own retention (see the module documentation).

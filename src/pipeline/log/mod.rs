@@ -131,7 +131,7 @@ pub trait Log: Send + Sync + 'static {
 
     /// `(low, high)`: the first offset still kept and the next offset to be
     /// written (only durable records count).
-    fn offsets(&self, topic: Topic, partition: u32) -> Result<(u64, u64), LogError>;
+    async fn offsets(&self, topic: Topic, partition: u32) -> Result<(u64, u64), LogError>;
 
     /// Everything below `offset` has been checkpointed by every reader of
     /// this partition; retention may delete whole segments below it.

@@ -77,8 +77,8 @@ impl Log for ReleaseView {
             .await
     }
 
-    fn offsets(&self, topic: Topic, partition: u32) -> Result<(u64, u64), LogError> {
-        self.shared.inner.offsets(topic, partition)
+    async fn offsets(&self, topic: Topic, partition: u32) -> Result<(u64, u64), LogError> {
+        self.shared.inner.offsets(topic, partition).await
     }
 
     fn release_before(&self, topic: Topic, partition: u32, offset: u64) {
@@ -141,7 +141,7 @@ mod tests {
         ) -> Result<Vec<LogRecord>, LogError> {
             Ok(vec![])
         }
-        fn offsets(&self, _: Topic, _: u32) -> Result<(u64, u64), LogError> {
+        async fn offsets(&self, _: Topic, _: u32) -> Result<(u64, u64), LogError> {
             Ok((0, 0))
         }
         fn release_before(&self, _: Topic, _: u32, offset: u64) {

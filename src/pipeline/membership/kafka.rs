@@ -1,15 +1,19 @@
-//! Kafka consumer-group membership. One consumer per instance joins the
-//! group on both topics (`orders` and `order-status`) with the
-//! cooperative-sticky assignor, so a rebalance moves only the partitions
-//! that must move. It reads no records: every partition it is given is
-//! paused at once; the runners and sinks read through the log with
-//! explicit offsets from orderflow's checkpoints (Kafka's committed
-//! offsets are never used). Its only jobs are the rebalance callbacks:
-//! - revoke: runs on this consumer's poll thread and blocks until the
+//! Kafka consumer-group membership: one group per topic, so that each
+//! topic's partitions spread evenly over the instances (one group over
+//! both topics balanced their sum: `orders` could come out 6 / 1 / 1 over
+//! three instances). `orders` is shared in the group `group_id`,
+//! `order-status` in `group_id.status`; each instance runs one consumer in
+//! each, with the cooperative-sticky assignor, so a rebalance moves only
+//! the partitions that must move. They read no records: every partition
+//! they are given is paused at once; the runners and sinks read through
+//! the log with explicit offsets from orderflow's checkpoints (Kafka's
+//! committed offsets are never used). Their only jobs are the rebalance
+//! callbacks:
+//! - revoke: runs on that consumer's poll thread and blocks until the
 //!   supervisor has stopped the partitions (runners checkpoint first), so
 //!   the next owner loads a checkpoint that is current;
 //! - assign: hands the new partitions to the supervisor, which claims a
-//!   new ownership epoch for each `orders` partition before running it.
+//!   new ownership epoch for each partition before running it.
 //!
 //! A member cut off for longer than `session_timeout_ms` (paused, network)
 //! loses its partitions without a revoke it could act on in time; when it
@@ -37,11 +41,22 @@ const POLL_INTERVAL_MS: u64 = 100;
 /// group moves on without us (the epochs still fence late writes).
 const REVOKE_TIMEOUT_MS: u64 = 60_000;
 
+/// The topics that have a group, each balanced on its own.
+const GROUPED: [Topic; 2] = [Topic::Orders, Topic::OrderStatus];
+
+/// The consumer group that shares `topic`'s partitions.
+pub fn group_id(config: &KafkaConfig, topic: Topic) -> String {
+    match topic {
+        Topic::OrderStatus => format!("{}.status", config.group_id),
+        _ => config.group_id.clone(),
+    }
+}
+
 pub struct KafkaGroup {
     config: KafkaConfig,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl KafkaGroup {
@@ -50,15 +65,18 @@ impl KafkaGroup {
             config: config.clone(),
             metrics,
             stop: Arc::new(AtomicBool::new(false)),
-            thread: None,
+            threads: Vec::new(),
         }
     }
 }
 
+/// One group's consumer: the topic it shares, where its changes go.
 struct GroupContext {
     changes: mpsc::Sender<Change>,
-    topics: [(String, Topic); 2],
+    topic: Topic,
     metrics: Arc<Metrics>,
+    /// No assignment delivered yet (the next one is the group's first).
+    first: AtomicBool,
 }
 
 impl GroupContext {
@@ -66,10 +84,7 @@ impl GroupContext {
         let mut parts: Vec<Part> = tpl
             .elements()
             .iter()
-            .filter_map(|e| {
-                let topic = self.topics.iter().find(|(n, _)| n == e.topic())?.1;
-                Some((topic, u32::try_from(e.partition()).ok()?))
-            })
+            .filter_map(|e| Some((self.topic, u32::try_from(e.partition()).ok()?)))
             .collect();
         parts.sort_unstable();
         parts
@@ -124,7 +139,10 @@ impl ConsumerContext for GroupContext {
                     .with_label_values(&["assigned"])
                     .inc();
                 tracing::info!(?parts, "partitions assigned");
-                let _ = self.changes.blocking_send(Change::Assigned(parts));
+                let first = self.first.swap(false, Ordering::SeqCst);
+                let _ = self
+                    .changes
+                    .blocking_send(Change::Assigned { parts, first });
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "consumer group rebalance error"),
             Rebalance::Revoke(_) => {}
@@ -133,20 +151,41 @@ impl ConsumerContext for GroupContext {
 }
 
 impl Membership for KafkaGroup {
+    fn groups(&self) -> usize {
+        GROUPED.len()
+    }
+
     fn start(&mut self, changes: mpsc::Sender<Change>) -> anyhow::Result<()> {
-        let topics = [
-            (
-                topic_name(&self.config.topic_prefix, Topic::Orders),
-                Topic::Orders,
-            ),
-            (
-                topic_name(&self.config.topic_prefix, Topic::OrderStatus),
-                Topic::OrderStatus,
-            ),
-        ];
+        for topic in GROUPED {
+            let consumer = self.consumer(topic, changes.clone())?;
+            let stop = self.stop.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("kafka-group-{}", topic.name()))
+                .spawn(move || poll_until_stopped(consumer, &stop))?;
+            self.threads.push(thread);
+        }
+        Ok(())
+    }
+
+    fn leave(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl KafkaGroup {
+    /// A member of `topic`'s group, subscribed and ready to be polled.
+    fn consumer(
+        &self,
+        topic: Topic,
+        changes: mpsc::Sender<Change>,
+    ) -> anyhow::Result<BaseConsumer<GroupContext>> {
         let session_ms = self.config.session_timeout_ms;
+        let group = group_id(&self.config, topic);
         let consumer: BaseConsumer<GroupContext> = client_config(&self.config)
-            .set("group.id", &self.config.group_id)
+            .set("group.id", &group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "latest")
@@ -163,28 +202,19 @@ impl Membership for KafkaGroup {
             )
             .create_with_context(GroupContext {
                 changes,
-                topics: topics.clone(),
+                topic,
                 metrics: self.metrics.clone(),
+                first: AtomicBool::new(true),
             })
-            .map_err(|e| anyhow::anyhow!("cannot create the Kafka group consumer: {e}"))?;
-        let names: Vec<&str> = topics.iter().map(|(n, _)| n.as_str()).collect();
+            .map_err(|e| {
+                anyhow::anyhow!("cannot create the Kafka group consumer of {group}: {e}")
+            })?;
+        let name = topic_name(&self.config.topic_prefix, topic);
         consumer
-            .subscribe(&names)
-            .map_err(|e| anyhow::anyhow!("cannot subscribe to {names:?}: {e}"))?;
-        let stop = self.stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("kafka-group".into())
-            .spawn(move || poll_until_stopped(consumer, &stop))?;
-        self.thread = Some(thread);
-        tracing::info!(group = %self.config.group_id, "joining the Kafka consumer group");
-        Ok(())
-    }
-
-    fn leave(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+            .subscribe(&[&name])
+            .map_err(|e| anyhow::anyhow!("cannot subscribe to {name} in group {group}: {e}"))?;
+        tracing::info!(%group, topic = %name, "joining the Kafka consumer group");
+        Ok(consumer)
     }
 }
 

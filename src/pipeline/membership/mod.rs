@@ -1,8 +1,8 @@
 //! Partition ownership: which `orders` and `order-status` partitions this
 //! instance runs. Embedded, one process owns them all for its whole life
-//! ([`Static`]); distributed, a Kafka consumer group shares them among the
-//! instances and moves them when one joins, leaves or dies
-//! ([`kafka::KafkaGroup`]). The supervisor (`crate::pipeline::supervisor`)
+//! ([`Static`]); distributed, one Kafka consumer group per topic shares
+//! its partitions among the instances and moves them when one joins,
+//! leaves or dies ([`kafka::KafkaGroup`]). The supervisor (`crate::pipeline::supervisor`)
 //! starts and stops the partition tasks on each [`Change`].
 
 pub mod kafka;
@@ -18,7 +18,9 @@ pub type Part = (Topic, u32);
 #[derive(Debug)]
 pub enum Change {
     /// Start these partitions (each runner claims a new ownership epoch).
-    Assigned(Vec<Part>),
+    /// `first`: the first assignment of one of the membership's groups;
+    /// the instance is ready once every group's first one has recovered.
+    Assigned { parts: Vec<Part>, first: bool },
     /// Stop these partitions (runners checkpoint first), then answer on
     /// `done`: the group hands them to another instance only after that,
     /// so two owners never run at once unless this one was cut off
@@ -32,6 +34,10 @@ pub enum Change {
 
 /// Who decides which partitions this instance owns.
 pub trait Membership: Send {
+    /// How many groups deliver assignments independently (each sends one
+    /// `first` assignment).
+    fn groups(&self) -> usize;
+
     /// Starts delivering changes on `changes`; the first is the initial
     /// assignment.
     fn start(&mut self, changes: mpsc::Sender<Change>) -> anyhow::Result<()>;
@@ -57,9 +63,16 @@ impl Static {
 }
 
 impl Membership for Static {
+    fn groups(&self) -> usize {
+        1
+    }
+
     fn start(&mut self, changes: mpsc::Sender<Change>) -> anyhow::Result<()> {
         changes
-            .try_send(Change::Assigned(self.parts.clone()))
+            .try_send(Change::Assigned {
+                parts: self.parts.clone(),
+                first: true,
+            })
             .map_err(|e| anyhow::anyhow!("cannot deliver the initial assignment: {e}"))
     }
 

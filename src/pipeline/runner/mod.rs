@@ -45,6 +45,11 @@ pub const READ_BATCH_RECORDS: usize = 4096;
 /// How long a read waits for new records before the runner looks at its
 /// checkpoint timer and shutdown signal again.
 const READ_WAIT_MS: u64 = 50;
+/// How long one read of a replay waits for records it knows are there.
+const REPLAY_READ_WAIT_MS: u64 = 1_000;
+/// Empty reads in a row, below the end, before a replay gives up (the
+/// log holds the records but does not deliver them).
+const REPLAY_EMPTY_READS: u32 = 30;
 /// Longest back-off while the log is busy (`Full`).
 const MAX_APPEND_BACKOFF_MS: u64 = 1_000;
 
@@ -60,6 +65,16 @@ pub enum RunnerError {
     CheckpointTask { partition: u32, detail: String },
     #[error("partition {partition}: the effect executor stopped")]
     ExecutorGone { partition: u32 },
+}
+
+impl crate::pipeline::restart::Outage for RunnerError {
+    fn is_outage(&self) -> bool {
+        match self {
+            RunnerError::Log { source, .. } => source.is_retryable(),
+            RunnerError::Store { source, .. } => source.is_retryable(),
+            _ => false,
+        }
+    }
 }
 
 pub struct RunnerDeps {
@@ -184,6 +199,7 @@ pub async fn run(
         0,
     );
     publish_all_stock(&deps, core.processor(), loaded_next);
+    publish_parked(&deps, core.processor(), partition);
     // Only now: until the loaded counters are published, stock reads go to
     // the checkpoint rather than to an empty map.
     deps.inventory.set_owned(partition, true);
@@ -198,6 +214,7 @@ pub async fn run(
     let (_, catch_up_to) = deps
         .log
         .offsets(Topic::Orders, partition)
+        .await
         .map_err(|source| RunnerError::Log { partition, source })?;
     let mut recovering = true;
     tracing::info!(
@@ -206,10 +223,10 @@ pub async fn run(
         catch_up_to,
         "partition checkpoint loaded, replaying the tail"
     );
-    let lag = deps
-        .metrics
-        .partition_lag
-        .with_label_values(&["orders", &partition.to_string()]);
+    let lag =
+        deps.metrics
+            .partition_lag
+            .with_label_values(&["orders", &partition.to_string(), "runner"]);
     let mut writing: Option<CheckpointTask> = None;
     let clock = Instant::now();
     let now_ms = || clock.elapsed().as_millis() as u64;
@@ -279,7 +296,7 @@ pub async fn run(
         publish_parked(&deps, core.processor(), partition);
         publish_sizes(&deps, core.state(), partition);
         deps.backlog.processed(partition, next);
-        if let Ok((_, high)) = deps.log.offsets(Topic::Orders, partition) {
+        if let Ok((_, high)) = deps.log.offsets(Topic::Orders, partition).await {
             lag.set(high.saturating_sub(next) as i64);
         }
         // One checkpoint in flight at a time: a due one waits for the
@@ -470,6 +487,10 @@ fn publish_parked(deps: &RunnerDeps, processor: &Processor, partition: u32) {
         .parked_oldest_age
         .with_label_values(&[&label])
         .set(oldest_ms.map_or(0.0, |t| now_ms.saturating_sub(t) as f64 / 1000.0));
+    deps.metrics
+        .effects_failed
+        .with_label_values(&[&label])
+        .set(processor.state.failed_effects.len() as i64);
 }
 
 /// The size gauges of the partition's bounded structures.
@@ -560,20 +581,37 @@ pub async fn replay_inspected(
     let mut processor =
         Processor::new(partition, partitions, PartitionState::default()).with_limits(limits);
     let mut out = Output::default();
+    // Up to the end as it is now: a remote log (Kafka) may answer a read
+    // before its fetch arrived, so an empty read proves nothing.
+    let (low, high) = log.offsets(Topic::Orders, partition).await?;
+    let until = until.min(high);
+    if low > 0 && until > 0 {
+        // Retention deleted the start: a replay from it would differ.
+        return Err(LogError::OffsetOutOfRange {
+            topic: Topic::Orders.name(),
+            partition,
+            offset: 0,
+            low,
+            high,
+        });
+    }
     let mut next = 0;
+    let mut empty_reads = 0;
     while next < until {
+        let wait = Duration::from_millis(REPLAY_READ_WAIT_MS);
         let records = log
-            .read(
-                Topic::Orders,
-                partition,
-                next,
-                READ_BATCH_RECORDS,
-                Duration::ZERO,
-            )
+            .read(Topic::Orders, partition, next, READ_BATCH_RECORDS, wait)
             .await?;
         if records.is_empty() {
-            break;
+            empty_reads += 1;
+            if empty_reads == REPLAY_EMPTY_READS {
+                return Err(LogError::Unavailable(format!(
+                    "no record at offset {next} of `orders` partition {partition} after {REPLAY_EMPTY_READS} reads, below its end {until}"
+                )));
+            }
+            continue;
         }
+        empty_reads = 0;
         for r in records.iter().take_while(|r| r.offset < until) {
             let watched = inspect.before(r, &processor.state);
             if watched {

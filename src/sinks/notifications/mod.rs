@@ -119,6 +119,16 @@ pub enum NotifyError {
     Task { partition: u32, detail: String },
 }
 
+impl crate::pipeline::restart::Outage for NotifyError {
+    fn is_outage(&self) -> bool {
+        match self {
+            NotifyError::Log { source, .. } => source.is_retryable(),
+            NotifyError::Store { source, .. } => source.is_retryable(),
+            NotifyError::Task { .. } => false,
+        }
+    }
+}
+
 /// Backoff between attempts: `base * 2^(n-1)` capped at `max`, then
 /// "equal jitter" (a random point in its upper half).
 #[derive(Clone, Debug)]
@@ -328,6 +338,7 @@ async fn start_position(
     }
     let (_, high) = log
         .offsets(Topic::OrderStatus, partition)
+        .await
         .map_err(|source| NotifyError::Log { partition, source })?;
     let state = SinkState::default();
     let write = snapshot(partition, epoch, high, &state);
@@ -505,6 +516,11 @@ pub async fn run_partition(
         written_at: Instant::now(),
         shutdown: shutdown.clone(),
     };
+    let lag = p.n.metrics.partition_lag.with_label_values(&[
+        Topic::OrderStatus.name(),
+        &partition.to_string(),
+        "notifications",
+    ]);
     loop {
         let stopping = *shutdown.borrow();
         if stopping && p.running.is_empty() {
@@ -547,6 +563,9 @@ pub async fn run_partition(
                     p.next = last.offset + 1;
                     p.admit(&records);
                     p.advance();
+                }
+                if let Ok((_, high)) = log.offsets(Topic::OrderStatus, partition).await {
+                    lag.set(high.saturating_sub(p.next) as i64);
                 }
                 p.flush(false).await?;
             }

@@ -42,8 +42,8 @@ pub struct Tracking {
     models: Vec<RwLock<PartitionModel>>,
     /// Partitions whose owner is this instance: it counts their metrics.
     owned: Vec<AtomicBool>,
-    /// Partitions whose model has caught up since the start.
-    caught_up: watch::Sender<usize>,
+    /// Per partition, the offset after the last record its model applied.
+    applied: Vec<watch::Sender<u64>>,
     metrics: Arc<Metrics>,
     live: Arc<DashMap<String, broadcast::Sender<StatusEvent>>>,
 }
@@ -85,7 +85,7 @@ impl Tracking {
                 .map(|_| RwLock::new(PartitionModel::new(share, 0)))
                 .collect(),
             owned: (0..partitions).map(|_| AtomicBool::new(false)).collect(),
-            caught_up: watch::Sender::new(0),
+            applied: (0..partitions).map(|_| watch::Sender::new(0)).collect(),
             metrics,
             live: Arc::new(DashMap::new()),
         }
@@ -141,12 +141,15 @@ impl Tracking {
         self.owned[partition as usize].store(owned, Ordering::SeqCst);
     }
 
-    /// Resolves once every partition's model has caught up with the log
-    /// as it was when its consumer started.
-    pub async fn wait_caught_up(&self) {
-        let all = self.models.len();
-        let mut rx = self.caught_up.subscribe();
-        let _ = rx.wait_for(|n| *n >= all).await;
+    /// Resolves once every partition's model has applied the log as it is
+    /// now (what the runners appended while they recovered included), so
+    /// that every order acknowledged before is visible.
+    pub async fn wait_current(&self, log: &dyn Log) -> Result<(), LogError> {
+        for (partition, applied) in (0..).zip(&self.applied) {
+            let (_, high) = log.offsets(Topic::OrderStatus, partition).await?;
+            let _ = applied.subscribe().wait_for(|next| *next >= high).await;
+        }
+        Ok(())
     }
 
     fn replay_point(&self, partition: u32) -> u64 {
@@ -218,6 +221,15 @@ pub enum SinkError {
     Store { partition: u32, source: StoreError },
 }
 
+impl crate::pipeline::restart::Outage for SinkError {
+    fn is_outage(&self) -> bool {
+        match self {
+            SinkError::Log { source, .. } => source.is_retryable(),
+            SinkError::Store { source, .. } => source.is_retryable(),
+        }
+    }
+}
+
 /// Feeds partition `partition`'s model from the stored replay point (or
 /// the log's oldest record) until `stop` turns true. Runs on every
 /// instance, for every `order-status` partition.
@@ -236,6 +248,7 @@ pub async fn run_consumer(
     .map_err(|source| SinkError::Store { partition, source })?;
     let (low, high) = log
         .offsets(Topic::OrderStatus, partition)
+        .await
         .map_err(log_err)?;
     let mut next = stored.map_or(low, |s| s.next_offset).max(low);
     tracking.models[partition as usize]
@@ -243,13 +256,16 @@ pub async fn run_consumer(
         .unwrap_or_else(PoisonError::into_inner)
         .restart_at(next);
     tracing::info!(partition, from = next, to = high, "read model replaying");
-    let mut caught_up = false;
+    let applied = &tracking.applied[partition as usize];
+    applied.send_replace(next);
+    let lag = tracking.metrics.partition_lag.with_label_values(&[
+        Topic::OrderStatus.name(),
+        &partition.to_string(),
+        "read_model",
+    ]);
+    lag.set(high.saturating_sub(next) as i64);
     let wait = Duration::from_millis(READ_WAIT_MS);
     loop {
-        if !caught_up && next >= high {
-            caught_up = true;
-            tracking.caught_up.send_modify(|n| *n += 1);
-        }
         let read = tokio::select! {
             r = log.read(Topic::OrderStatus, partition, next, READ_BATCH_RECORDS, wait) => r,
             _ = stop.wait_for(|s| *s) => return Ok(()),
@@ -265,6 +281,7 @@ pub async fn run_consumer(
                     "status records deleted before the read model applied them"
                 );
                 next = low;
+                applied.send_replace(next);
                 continue;
             }
             r => r.map_err(log_err)?,
@@ -274,6 +291,10 @@ pub async fn run_consumer(
         };
         next = last.offset + 1;
         tracking.apply(partition, &records);
+        applied.send_replace(next);
+        if let Ok((_, high)) = log.offsets(Topic::OrderStatus, partition).await {
+            lag.set(high.saturating_sub(next) as i64);
+        }
     }
 }
 

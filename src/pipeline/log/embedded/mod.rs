@@ -682,7 +682,7 @@ impl Log for EmbeddedLog {
         }
     }
 
-    fn offsets(&self, topic: Topic, partition: u32) -> Result<(u64, u64), LogError> {
+    async fn offsets(&self, topic: Topic, partition: u32) -> Result<(u64, u64), LogError> {
         Ok(self.handle(topic, partition)?.shared.offsets())
     }
 

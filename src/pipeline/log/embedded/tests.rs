@@ -39,7 +39,7 @@ async fn read_all(
     from: u64,
     chunk: usize,
 ) -> Vec<LogRecord> {
-    let (_, high) = log.offsets(topic, partition).unwrap();
+    let (_, high) = log.offsets(topic, partition).await.unwrap();
     let mut out = Vec::new();
     let mut next = from;
     while next < high {
@@ -122,14 +122,14 @@ async fn append_read_round_trip_across_partitions() {
 async fn offsets_monotonic_and_first_offset_returned() {
     let dir = tempfile::tempdir().unwrap();
     let log = open(dir.path(), &config());
-    assert_eq!(log.offsets(Topic::Orders, 1).unwrap(), (0, 0));
+    assert_eq!(log.offsets(Topic::Orders, 1).await.unwrap(), (0, 0));
     let mut expected = 0;
     for n in 1..=20u64 {
         let records = (0..n).map(|i| record("k", &format!("{n}/{i}"))).collect();
         let first = log.append(Topic::Orders, 1, records).await.unwrap();
         assert_eq!(first, expected);
         expected += n;
-        assert_eq!(log.offsets(Topic::Orders, 1).unwrap(), (0, expected));
+        assert_eq!(log.offsets(Topic::Orders, 1).await.unwrap(), (0, expected));
     }
     assert_eq!(
         log.append(Topic::Orders, 1, Vec::new()).await.unwrap(),
@@ -139,7 +139,7 @@ async fn offsets_monotonic_and_first_offset_returned() {
     let records = read_all(&log, Topic::Orders, 1, 0, 1000).await;
     assert_eq!(records.len() as u64, expected);
     assert_eq!(
-        log.offsets(Topic::Orders, 0).unwrap(),
+        log.offsets(Topic::Orders, 0).await.unwrap(),
         (0, 0),
         "other partitions untouched"
     );
@@ -360,7 +360,7 @@ async fn retention_deletes_only_released_segments() {
     let before = segment_files(dir.path(), Topic::Orders, 3);
     assert!(before.len() > 10);
     assert_eq!(
-        log.offsets(Topic::Orders, 3).unwrap(),
+        log.offsets(Topic::Orders, 3).await.unwrap(),
         (0, 200),
         "nothing released, nothing deleted"
     );
@@ -393,7 +393,7 @@ async fn retention_deletes_only_released_segments() {
         .sum();
     assert!(bytes <= 1024, "{bytes} bytes left");
     assert!(!remaining.is_empty());
-    let (low, high) = log.offsets(Topic::Orders, 3).unwrap();
+    let (low, high) = log.offsets(Topic::Orders, 3).await.unwrap();
     assert!(low < high, "active segment kept");
     assert_eq!(
         log.append(Topic::Orders, 3, vec![record("k", "after")])
@@ -421,7 +421,7 @@ async fn wait_for_files_from(dir: &Path, partition: u32, low: u64) -> Vec<PathBu
 
 async fn wait_for_low(log: &EmbeddedLog, partition: u32, done: impl Fn(u64) -> bool) -> u64 {
     for _ in 0..500 {
-        let (low, _) = log.offsets(Topic::Orders, partition).unwrap();
+        let (low, _) = log.offsets(Topic::Orders, partition).await.unwrap();
         if done(low) {
             return low;
         }
@@ -465,7 +465,7 @@ async fn reopen_keeps_everything() {
 
     let log = open(dir.path(), &config);
     for p in 0..2 {
-        assert_eq!(log.offsets(Topic::OrderStatus, p).unwrap(), (0, 250));
+        assert_eq!(log.offsets(Topic::OrderStatus, p).await.unwrap(), (0, 250));
         assert_eq!(
             read_all(&log, Topic::OrderStatus, p, 0, 64).await,
             before[p as usize]
@@ -521,7 +521,7 @@ async fn record_too_large() {
         "{err}"
     );
     assert_eq!(
-        log.offsets(Topic::Orders, 0).unwrap(),
+        log.offsets(Topic::Orders, 0).await.unwrap(),
         (0, 1),
         "nothing of a refused append is written"
     );
@@ -684,7 +684,7 @@ mod disk_faults {
             );
             assert!(log.may_recover(), "a full disk is not a failure for good");
             assert_eq!(file_len(&segment), durable, "the partial write is gone");
-            assert_eq!(log.offsets(Topic::Orders, 0).unwrap(), (0, 10));
+            assert_eq!(log.offsets(Topic::Orders, 0).await.unwrap(), (0, 10));
         }
         log.faults.arm(Fault::WriteEnospc, false);
 
