@@ -43,8 +43,10 @@ pub struct Cli {
     /// TOML configuration file (defaults apply to what it leaves out).
     #[arg(long, global = true, env = "ORDERFLOW_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    #[command(flatten)]
-    pub client: ClientArgs,
+    /// Accepted before the command too, as earlier versions had it; each
+    /// client command lists it in its own help.
+    #[arg(long = "server", hide = true, value_name = "URL")]
+    pub server_before_command: Option<String>,
     /// What to do; without one, `run` with its defaults (so that
     /// `cargo run --release` starts the embedded deployment).
     #[command(subcommand)]
@@ -54,29 +56,43 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run an instance: the embedded log and store, processors, HTTP API.
+    #[command(after_help = EXAMPLES_RUN)]
     Run(RunArgs),
     /// Write NDJSON orders (a file, or - for stdin) to the log of a running
     /// instance. Prints one result line per input line.
+    #[command(after_help = EXAMPLES_PRODUCE)]
     Produce {
         /// NDJSON file of orders, or `-` for standard input.
         #[arg(value_name = "FILE|-")]
         input: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Set or read stock levels.
+    #[command(after_help = EXAMPLES_STOCK)]
     Stock {
         #[command(subcommand)]
         command: StockCommand,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// The park lane: records a partition set aside (undecodable, or failed
-    /// processing) and those waiting behind them.
+    /// processing) and those waiting behind them, and the captures and
+    /// voids that failed for good.
+    #[command(after_help = EXAMPLES_PARKED)]
     Parked {
         #[command(subcommand)]
         command: ParkedCommand,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Print an order's status and history (as an operator).
+    #[command(after_help = EXAMPLES_STATUS)]
     Status {
         /// The order id.
         id: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Print the tracking token of an order id, as the instances of this
     /// configuration derive it (any valid id has one, whether or not the
@@ -84,11 +100,12 @@ pub enum Command {
     /// log. The key comes from ORDERFLOW_TOKEN_SECRET or `[tokens]`, else
     /// from the state store (embedded: only while no instance runs on the
     /// data directory).
+    #[command(after_help = EXAMPLES_TOKEN)]
     Token {
         /// The order id.
         id: String,
         #[command(flatten)]
-        run: RunArgs,
+        data: DataArgs,
     },
     /// Rebuild partition state from the log (effects suppressed) and
     /// compare with its checkpoint: a stopped embedded instance's data
@@ -96,6 +113,7 @@ pub enum Command {
     /// ScyllaDB checkpoints; exits 1 on a mismatch.
     /// With `--order ID`, tell that order's story instead; with `--diff
     /// DIR`, list the orders this binary would decide differently.
+    #[command(after_help = EXAMPLES_REPLAY)]
     Replay {
         /// Only this partition (default: all).
         #[arg(long, conflicts_with = "order")]
@@ -114,27 +132,82 @@ pub enum Command {
         #[arg(long, value_name = "DIR", conflicts_with_all = ["order", "partition"])]
         diff: Option<PathBuf>,
         #[command(flatten)]
-        run: RunArgs,
+        data: DataArgs,
     },
     /// Create the ScyllaDB keyspace and tables of `[scylla]` unless they
     /// exist (idempotent); run it before the first `run` that uses them.
     /// Prints what it created.
+    #[command(after_help = EXAMPLES_MIGRATE)]
     Migrate(RunArgs),
     /// Run the payment gateway simulator as its own process, speaking the
     /// Stripe API subset orderflow uses (point `gateway.kind = "stripe"`,
     /// `gateway.url` at it). Prints `gateway-sim listening addr=IP:PORT`.
+    #[command(after_help = EXAMPLES_GATEWAY_SIM)]
     GatewaySim(GatewaySimArgs),
     /// Benchmark a whole instance in this process: a seeded workload
     /// offered open-loop at `--rate` (0 = saturation), latency from intake
     /// to terminal status; a report to stdout, and `--json`, `--markdown`,
     /// `--plots` files. Exits 1 if an order was lost or never finished.
+    #[command(after_help = EXAMPLES_BENCH)]
     Bench(Box<crate::bench::BenchArgs>),
     /// Deterministic simulation of the embedded pipeline: crash points,
     /// torn writes, gateway failures, invariants checked after every step.
     /// Exits 1 on a violation, printing a minimal trace and the command
     /// that reproduces it.
+    #[command(after_help = EXAMPLES_SIM)]
     Sim(sim::SimArgs),
+    /// Print a shell completion script for orderflow to standard output.
+    #[command(after_help = EXAMPLES_COMPLETIONS)]
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
 }
+
+const EXAMPLES_RUN: &str = "Examples:
+  orderflow run
+  orderflow run --listen 0.0.0.0:8080 --data-dir /var/lib/orderflow
+  ORDERFLOW_CONFIG=orderflow.toml orderflow run";
+const EXAMPLES_PRODUCE: &str = "Examples:
+  orderflow produce orders.ndjson
+  generate-orders | orderflow produce - --server http://10.0.0.5:8080";
+const EXAMPLES_STOCK: &str = "Examples:
+  orderflow stock load stock.csv
+  orderflow stock get SKU-1 --server http://10.0.0.5:8080";
+const EXAMPLES_PARKED: &str = "Examples:
+  orderflow parked list
+  orderflow parked show 3:1042
+  orderflow parked retry --partition 3
+  orderflow parked drop 3:1042
+  orderflow parked drop-effect 3 o-42 capture";
+const EXAMPLES_STATUS: &str = "Examples:
+  orderflow status o-42
+  orderflow status o-42 --server http://10.0.0.5:8080";
+const EXAMPLES_TOKEN: &str = "Examples:
+  orderflow token o-42
+  ORDERFLOW_CONFIG=orderflow.toml orderflow token o-42";
+const EXAMPLES_REPLAY: &str = "Examples:
+  orderflow replay --data-dir data
+  orderflow replay --order o-42
+  orderflow replay --diff /backups/data-copy
+  ORDERFLOW_CONFIG=distributed.toml orderflow replay --partition 3";
+const EXAMPLES_MIGRATE: &str = "Examples:
+  ORDERFLOW_CONFIG=distributed.toml orderflow migrate
+  ORDERFLOW_SCYLLA_NODES=10.0.0.7:9042 orderflow migrate";
+const EXAMPLES_GATEWAY_SIM: &str = "Examples:
+  orderflow gateway-sim --listen 127.0.0.1:12111
+  orderflow gateway-sim --listen 0.0.0.0:12111 --latency-ms 20 --failure-rate 0.01";
+const EXAMPLES_BENCH: &str = "Examples:
+  orderflow bench --workload uniform --rate 0 --seconds 30
+  orderflow bench --search --slo-p99-ms 5 --postgres postgres://postgres@127.0.0.1/postgres
+  orderflow bench --kafka 127.0.0.1:9092 --scylla 127.0.0.1:9042 --rate 5000";
+const EXAMPLES_SIM: &str = "Examples:
+  orderflow sim --seed 7 --steps 2000
+  orderflow sim --seed 1 --seeds 100";
+const EXAMPLES_COMPLETIONS: &str = "Examples:
+  orderflow completions bash > /etc/bash_completion.d/orderflow
+  orderflow completions zsh > \"${fpath[1]}/_orderflow\"
+  orderflow completions fish > ~/.config/fish/completions/orderflow.fish";
 
 #[derive(Args, Debug)]
 pub struct GatewaySimArgs {
@@ -269,6 +342,14 @@ pub struct RunArgs {
     /// HTTP listen address [default: 127.0.0.1:8080].
     #[arg(long, env = LISTEN_ENV, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub data: DataArgs,
+}
+
+/// Where an instance's data is: what the commands that read it offline
+/// (`replay`, `token`) take.
+#[derive(Args, Debug, Default, Clone)]
+pub struct DataArgs {
     /// Directory of the embedded log and state store [default: data].
     #[arg(long, env = DATA_DIR_ENV, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -277,12 +358,23 @@ pub struct RunArgs {
     pub partitions: Option<u32>,
 }
 
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, Default)]
 pub struct ClientArgs {
-    /// Client commands: base URL of a running instance
+    /// Base URL of a running instance (or ORDERFLOW_SERVER)
     /// [default: http:// + the listen address].
-    #[arg(long, global = true, env = SERVER_ENV, value_name = "URL")]
+    #[arg(long, global = true, value_name = "URL")]
     pub server: Option<String>,
+}
+
+impl ClientArgs {
+    /// The server named after the command, else before it, else by
+    /// ORDERFLOW_SERVER.
+    fn or_before(self, before: &Option<String>) -> ClientArgs {
+        let env = || std::env::var(SERVER_ENV).ok().filter(|s| !s.is_empty());
+        ClientArgs {
+            server: self.server.or_else(|| before.clone()).or_else(env),
+        }
+    }
 }
 
 /// A command's failure: `Usage` exits 2, `Failed` exits 1.
@@ -345,7 +437,7 @@ pub fn main() -> ExitCode {
 /// Runs a parsed command; `Ok(false)` is a partial failure (exit 1).
 pub async fn dispatch(cli: Cli) -> Result<bool, CliError> {
     let file = cli.config.as_deref();
-    let client = &cli.client;
+    let before = &cli.server_before_command;
     let command = cli
         .command
         .unwrap_or_else(|| Command::Run(RunArgs::default()));
@@ -365,32 +457,39 @@ pub async fn dispatch(cli: Cli) -> Result<bool, CliError> {
             start_app(config, credentials).await?;
             Ok(true)
         }
-        Command::Produce { input } => {
-            let c = client::Client::new(file, client, &[Role::Admin, Role::Producer])?;
+        Command::Produce { input, client } => {
+            let client = client.or_before(before);
+            let c = client::Client::new(file, &client, &[Role::Admin, Role::Producer])?;
             Ok(produce::run(&c, &input).await?)
         }
         Command::Stock {
             command: StockCommand::Load { file: path },
+            client,
         } => {
-            let c = client::Client::new(file, client, &[Role::Admin])?;
+            let client = client.or_before(before);
+            let c = client::Client::new(file, &client, &[Role::Admin])?;
             Ok(stock::load(&c, &path).await?)
         }
         Command::Stock {
             command: StockCommand::Get { sku },
+            client,
         } => {
-            let c = client::Client::new(file, client, &[Role::Admin, Role::Reader])?;
+            let client = client.or_before(before);
+            let c = client::Client::new(file, &client, &[Role::Admin, Role::Reader])?;
             Ok(stock::get(&c, &sku).await?)
         }
-        Command::Parked { command } => {
-            let c = client::Client::new(file, client, &[Role::Admin])?;
+        Command::Parked { command, client } => {
+            let client = client.or_before(before);
+            let c = client::Client::new(file, &client, &[Role::Admin])?;
             Ok(parked::run(&c, command).await?)
         }
-        Command::Status { id } => {
-            let c = client::Client::new(file, client, &[Role::Admin, Role::Reader])?;
+        Command::Status { id, client } => {
+            let client = client.or_before(before);
+            let c = client::Client::new(file, &client, &[Role::Admin, Role::Reader])?;
             Ok(client::status(&c, &id).await?)
         }
-        Command::Token { id, run } => {
-            let config = run_config(file, &run)?;
+        Command::Token { id, data } => {
+            let config = run_config(file, &RunArgs { listen: None, data })?;
             token::print(&config, &id).await
         }
         Command::Replay {
@@ -398,9 +497,9 @@ pub async fn dispatch(cli: Cli) -> Result<bool, CliError> {
             order,
             json,
             diff,
-            run,
+            data,
         } => {
-            let config = run_config(file, &run)?;
+            let config = run_config(file, &RunArgs { listen: None, data })?;
             match (order, diff) {
                 (Some(id), _) => Ok(replay::order_story(&config, &id, json).await?),
                 (None, Some(dir)) => Ok(replay::diff(&config, &dir).await?),
@@ -434,6 +533,12 @@ pub async fn dispatch(cli: Cli) -> Result<bool, CliError> {
             Ok(crate::bench::run(*args, config).await?)
         }
         Command::Sim(args) => sim::run(&args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut command = Cli::command();
+            clap_complete::generate(shell, &mut command, "orderflow", &mut std::io::stdout());
+            Ok(true)
+        }
         Command::GatewaySim(args) => {
             let options = args.sim_options().map_err(CliError::Usage)?;
             sim_server::run(args.listen, options).await?;
@@ -449,10 +554,10 @@ pub fn run_config(file: Option<&Path>, args: &RunArgs) -> Result<Config, CliErro
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
-    if let Some(dir) = &args.data_dir {
+    if let Some(dir) = &args.data.data_dir {
         config.data_dir = dir.clone();
     }
-    if let Some(p) = args.partitions {
+    if let Some(p) = args.data.partitions {
         config.partitions = p;
     }
     apply_backend_env(&mut config);
@@ -527,8 +632,10 @@ mod tests {
         std::fs::write(&path, "partitions = 4\nlisten = \"127.0.0.1:9000\"\n").unwrap();
         let args = RunArgs {
             listen: None,
-            data_dir: Some("/tmp/x".into()),
-            partitions: None,
+            data: DataArgs {
+                data_dir: Some("/tmp/x".into()),
+                partitions: None,
+            },
         };
         let c = run_config(Some(&path), &args).unwrap();
         assert_eq!(
@@ -537,8 +644,10 @@ mod tests {
         );
         let args = RunArgs {
             listen: None,
-            data_dir: None,
-            partitions: Some(0),
+            data: DataArgs {
+                data_dir: None,
+                partitions: Some(0),
+            },
         };
         assert!(matches!(
             run_config(Some(&path), &args),
@@ -564,18 +673,24 @@ mod tests {
             "http://h:1",
         ])
         .unwrap();
-        assert_eq!(cli.client.server.as_deref(), Some("http://h:1"));
-        assert!(matches!(
-            cli.command,
-            Some(Command::Stock {
-                command: StockCommand::Get { .. }
-            })
-        ));
+        let Some(Command::Stock {
+            command: StockCommand::Get { .. },
+            client,
+        }) = cli.command
+        else {
+            panic!("stock get parses as Stock/Get");
+        };
+        assert_eq!(client.server.as_deref(), Some("http://h:1"));
         let bare = Cli::try_parse_from(["orderflow"]).unwrap();
         assert!(bare.command.is_none(), "no subcommand means `run`");
+        // Before the command, as earlier versions had it.
         let cli =
             Cli::try_parse_from(["orderflow", "--server", "http://h:2", "status", "o-1"]).unwrap();
-        assert_eq!(cli.client.server.as_deref(), Some("http://h:2"));
+        let Some(Command::Status { client, .. }) = cli.command else {
+            panic!("status parses as Status");
+        };
+        let resolved = client.or_before(&cli.server_before_command);
+        assert_eq!(resolved.server.as_deref(), Some("http://h:2"));
         assert!(Cli::try_parse_from(["orderflow", "produce"]).is_err());
         Cli::try_parse_from([
             "orderflow",
@@ -674,13 +789,59 @@ mod tests {
         let cli = Cli::try_parse_from(["orderflow", "migrate", "--data-dir", "d"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Migrate(_))));
         let cli = Cli::try_parse_from(["orderflow", "token", "ord-1", "--data-dir", "d"]).unwrap();
-        let Some(Command::Token { id, run }) = cli.command else {
+        let Some(Command::Token { id, data }) = cli.command else {
             panic!("token parses as Token");
         };
         assert_eq!(
-            (id.as_str(), run.data_dir),
+            (id.as_str(), data.data_dir),
             ("ord-1", Some(PathBuf::from("d")))
         );
         assert!(Cli::try_parse_from(["orderflow", "token"]).is_err());
+    }
+
+    /// The help of `name …`, as `orderflow name … --help` prints it.
+    fn help(name: &[&str]) -> String {
+        let args = ["orderflow"].iter().chain(name).chain(&["--help"]);
+        match Cli::try_parse_from(args) {
+            Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelp => e.to_string(),
+            other => panic!("{name:?} --help: {other:?}"),
+        }
+    }
+
+    /// Each command's help lists only its own options and shows examples.
+    #[test]
+    fn each_help_is_its_own_with_examples() {
+        use clap::CommandFactory;
+        for sub in Cli::command().get_subcommands() {
+            let name = sub.get_name();
+            if name == "help" {
+                continue;
+            }
+            let text = help(&[name]);
+            assert!(text.contains("Examples:"), "{name} --help has no examples");
+            let client = ["produce", "stock", "parked", "status"].contains(&name);
+            assert_eq!(text.contains("--server"), client, "{name} --help:\n{text}");
+            let listens = ["run", "migrate", "gateway-sim"].contains(&name);
+            assert_eq!(text.contains("--listen"), listens, "{name} --help:\n{text}");
+        }
+        assert!(help(&["parked", "list"]).contains("--server"));
+    }
+
+    /// Completions are generated for each shell clap supports.
+    #[test]
+    fn completions_for_every_shell() {
+        use clap::CommandFactory;
+        use clap::ValueEnum;
+        for shell in clap_complete::Shell::value_variants() {
+            let mut out = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "orderflow", &mut out);
+            let text = String::from_utf8(out).unwrap();
+            assert!(
+                text.contains("orderflow") && text.contains("replay"),
+                "{shell}"
+            );
+        }
+        let cli = Cli::try_parse_from(["orderflow", "completions", "bash"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Completions { .. })));
     }
 }
