@@ -34,6 +34,7 @@
 //! bench/      `orderflow bench`: seeded workloads offered open-loop to an
 //!             in-process instance, HdrHistogram latency, reports and plots.
 //! config      TOML/env/flag configuration with validation.
+//! wall_clock  the one wall clock, for what is not a state transition.
 //! ```
 //!
 //! How an order flows: HTTP (or `orderflow produce`) → intake validates and
@@ -57,3 +58,4 @@ pub mod pipeline;
 pub mod sim;
 pub mod sinks;
 pub mod stages;
+pub mod wall_clock;

@@ -153,12 +153,6 @@ pub enum Step {
     Outage { down: bool },
 }
 
-impl Step {
-    pub fn is_crash(&self) -> bool {
-        matches!(self, Step::Crash { .. } | Step::CrashAll { .. })
-    }
-}
-
 impl fmt::Display for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -567,9 +567,7 @@ impl Metrics {
 
     /// The text exposition format served at `/metrics`.
     pub fn render(&self) -> String {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now_ms = crate::wall_clock::now_ms();
         self.refresh_saga_health(now_ms);
         let mut buf = Vec::new();
         TextEncoder::new()

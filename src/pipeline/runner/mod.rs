@@ -479,9 +479,7 @@ fn publish_parked(deps: &RunnerDeps, processor: &Processor, partition: u32) {
         .parked_records
         .with_label_values(&[&label])
         .set(parked.len() as i64);
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now_ms = crate::wall_clock::now_ms();
     let oldest_ms = parked.values().map(|r| r.timestamp_ms).min();
     deps.metrics
         .parked_oldest_age

@@ -23,7 +23,7 @@
 //! then refuse a `t` more than the tolerance away from now (replay
 //! protection: a captured request cannot be sent again later).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use serde::Serialize;
@@ -206,10 +206,7 @@ impl Webhook {
     /// status (3xx, 4xx) is a refusal that a retry cannot change.
     pub async fn attempt(&self, event: &StatusEvent) -> Result<(), AttemptError> {
         let body = payload(event);
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        let now = crate::wall_clock::now_s();
         let signature = sign(self.secret.expose().as_bytes(), now, &body);
         let response = self
             .client

@@ -279,7 +279,8 @@ impl PartitionShared {
     }
 }
 
-fn io_error(path: &Path, source: std::io::Error) -> LogError {
+/// A failed file operation on `path`.
+pub(crate) fn io_error(path: &Path, source: std::io::Error) -> LogError {
     LogError::Io {
         path: path.display().to_string(),
         source,

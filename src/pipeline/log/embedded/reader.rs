@@ -17,8 +17,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::PartitionShared;
 use super::segment::{FRAME_HEADER_BYTES, decode_frame, parse_header, payload_len_valid};
+use super::{PartitionShared, io_error};
 use crate::pipeline::log::{LogError, LogRecord};
 
 /// Read-ahead buffer of a cursor.
@@ -217,12 +217,5 @@ impl ReadCursor {
         self.position += FRAME_HEADER_BYTES as u64 + u64::from(len);
         self.next_offset += 1;
         Ok(record)
-    }
-}
-
-fn io_error(path: &Path, source: io::Error) -> LogError {
-    LogError::Io {
-        path: path.display().to_string(),
-        source,
     }
 }

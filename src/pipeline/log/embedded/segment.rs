@@ -18,6 +18,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
+use super::io_error;
 use crate::pipeline::log::{LogError, RecordKind};
 
 /// `len` + `crc32c`.
@@ -198,13 +199,6 @@ pub(super) struct ScannedSegment {
     /// Always starts with `(base_offset, 0)`.
     pub index: Vec<IndexEntry>,
     pub last_timestamp_ms: Option<u64>,
-}
-
-fn io_error(path: &Path, source: std::io::Error) -> LogError {
-    LogError::Io {
-        path: path.display().to_string(),
-        source,
-    }
 }
 
 /// Reads a whole segment, checking every frame, and builds its sparse index.

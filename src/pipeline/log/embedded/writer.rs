@@ -14,7 +14,7 @@ use std::fs::{File, OpenOptions};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use prometheus::{Histogram, IntGauge};
 use tokio::sync::{mpsc, oneshot};
@@ -300,7 +300,7 @@ impl Writer {
     fn write_batch(&mut self, batch: &[PendingAppend]) -> Result<Vec<u64>, Failure> {
         // One clock read per batch: every record of a group commit carries
         // the same timestamp.
-        let timestamp_ms = wall_clock_ms().max(self.last_timestamp_ms);
+        let timestamp_ms = crate::wall_clock::now_ms().max(self.last_timestamp_ms);
         self.last_timestamp_ms = timestamp_ms;
         let mut first_offsets = Vec::with_capacity(batch.len());
         for append in batch {
@@ -484,11 +484,4 @@ impl Writer {
             }
         }
     }
-}
-
-/// Milliseconds since the Unix epoch (0 if the clock is before it).
-fn wall_clock_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
