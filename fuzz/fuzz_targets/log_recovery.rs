@@ -98,7 +98,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     runtime().block_on(async {
-        let (low, high) = log.offsets(Topic::Orders, 0).expect("offsets of an open log");
+        let (low, high) = log.offsets(Topic::Orders, 0).await.expect("offsets of an open log");
         let mut next = low;
         while next < high {
             let records = log

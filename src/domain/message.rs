@@ -7,6 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::DecodeError;
+
 /// How a record's value is encoded. On Kafka this is a header; in the
 /// embedded log a flag byte of the record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -62,15 +64,10 @@ impl Envelope {
         rmp_serde::to_vec_named(self).expect("an envelope always serializes")
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let env: Envelope =
-            rmp_serde::from_slice(bytes).map_err(|e| format!("undecodable message: {e}"))?;
-        if env.v != WIRE_VERSION {
-            return Err(format!(
-                "unsupported message version {} (this build reads {WIRE_VERSION})",
-                env.v
-            ));
-        }
+            rmp_serde::from_slice(bytes).map_err(DecodeError::undecodable("message"))?;
+        DecodeError::check_version("message", env.v, WIRE_VERSION)?;
         env.body.check()?;
         Ok(env)
     }
@@ -130,21 +127,21 @@ impl Message {
     /// orderflow writes none beyond them, but anyone with access to the
     /// log can write, and what a message leaves in the state (so in a
     /// checkpoint) must stay within the sizes `stages::snapshot` proves.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), DecodeError> {
         use crate::domain::order::{MAX_TOKEN_LEN, valid_id, valid_sku};
         let id = |id: &str| {
             valid_id(id).then_some(()).ok_or_else(|| {
-                "invalid message: order_id must match [A-Za-z0-9._:-]{1,64}".to_owned()
+                DecodeError::Invalid("order_id must match [A-Za-z0-9._:-]{1,64}".to_owned())
             })
         };
         let sku = |field: &str, sku: &str| {
             valid_sku(sku).then_some(()).ok_or_else(|| {
-                format!("invalid message: {field} must match [A-Za-z0-9._-]{{1,64}}")
+                DecodeError::Invalid(format!("{field} must match [A-Za-z0-9._-]{{1,64}}"))
             })
         };
         let text = |field: &str, text: &str| {
             (text.len() <= MAX_TOKEN_LEN).then_some(()).ok_or_else(|| {
-                format!("invalid message: {field} is longer than {MAX_TOKEN_LEN} bytes")
+                DecodeError::Invalid(format!("{field} is longer than {MAX_TOKEN_LEN} bytes"))
             })
         };
         match self {
@@ -278,10 +275,13 @@ mod tests {
         assert_eq!(Envelope::decode(&env.encode()).unwrap(), env);
         let mut other = env.clone();
         other.v = 99;
-        assert!(
-            Envelope::decode(&other.encode())
-                .unwrap_err()
-                .contains("version 99")
+        assert_eq!(
+            Envelope::decode(&other.encode()).unwrap_err(),
+            DecodeError::Version {
+                what: "message",
+                found: 99,
+                reads: WIRE_VERSION
+            }
         );
         assert!(Envelope::decode(b"\xff\x00garbage").is_err());
     }
@@ -312,7 +312,8 @@ mod tests {
         ];
         for body in bad {
             let e = Envelope::decode(&Envelope::new(None, body).encode()).unwrap_err();
-            assert!(e.starts_with("invalid message:"), "{e}");
+            assert!(matches!(e, DecodeError::Invalid(_)), "{e}");
+            assert!(e.to_string().starts_with("invalid message:"), "{e}");
         }
     }
 }

@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::DecodeError;
 use crate::domain::message::RecordKind;
 
 /// Wire version of [`ParkEvent`].
@@ -101,12 +102,10 @@ impl ParkEvent {
         .expect("a park event always serializes")
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<ParkEvent, String> {
+    pub fn decode(bytes: &[u8]) -> Result<ParkEvent, DecodeError> {
         let w: Wire =
-            rmp_serde::from_slice(bytes).map_err(|e| format!("undecodable park event: {e}"))?;
-        if w.v != PARK_WIRE_VERSION {
-            return Err(format!("unsupported park event version {}", w.v));
-        }
+            rmp_serde::from_slice(bytes).map_err(DecodeError::undecodable("park event"))?;
+        DecodeError::check_version("park event", w.v, PARK_WIRE_VERSION)?;
         Ok(w.event)
     }
 

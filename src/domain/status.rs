@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::DecodeError;
 use super::message::MsgId;
 
 /// Every status an order can have. The last four are terminal failures.
@@ -188,15 +189,10 @@ impl StatusEvent {
         .expect("a status event always serializes")
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<StatusEvent, String> {
+    pub fn decode(bytes: &[u8]) -> Result<StatusEvent, DecodeError> {
         let wire: WireIn =
-            rmp_serde::from_slice(bytes).map_err(|e| format!("undecodable status record: {e}"))?;
-        if wire.v != STATUS_WIRE_VERSION {
-            return Err(format!(
-                "unsupported status record version {} (this build reads {STATUS_WIRE_VERSION})",
-                wire.v
-            ));
-        }
+            rmp_serde::from_slice(bytes).map_err(DecodeError::undecodable("status record"))?;
+        DecodeError::check_version("status record", wire.v, STATUS_WIRE_VERSION)?;
         Ok(StatusEvent {
             order_id: wire.order_id,
             seq: wire.seq,
@@ -267,6 +263,7 @@ mod tests {
         assert!(
             StatusEvent::decode(&other)
                 .unwrap_err()
+                .to_string()
                 .contains("version 9")
         );
         assert!(StatusEvent::decode(b"\xc1").is_err());

@@ -554,7 +554,7 @@ impl World {
                     Breach::new("log-readable", format!("order-status {q}:{offset}: {e}"))
                 })?;
                 let event = StatusEvent::decode(record.value)
-                    .map_err(|e| Breach::new("log-readable", e))?;
+                    .map_err(|e| Breach::new("log-readable", e.to_string()))?;
                 self.view.apply(event)?;
                 self.status_next[q] += 1;
             }

@@ -394,7 +394,7 @@ impl Processor {
                 validation::order_placed(&mut self.ctx(&input, status_offset, out), input.value)
             }
             Some(Ok(env)) => apply_message(&mut self.ctx(&input, status_offset, out), env, retried),
-            Some(Err(e)) => self.park(&input, status_offset, None, e, out),
+            Some(Err(e)) => self.park(&input, status_offset, None, e.to_string(), out),
         }
     }
 
