@@ -125,6 +125,15 @@ impl SignalOnce {
     }
 }
 
+/// A task that ends before it recovered (its partition moved on, the
+/// instance stops, or it was given up on, which `/readyz` reports on its
+/// own) no longer holds readiness back.
+impl Drop for SignalOnce {
+    fn drop(&mut self) {
+        self.send();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,5 +226,22 @@ mod tests {
         s.send();
         s.send();
         assert_eq!(permits.available_permits(), 1);
+    }
+
+    /// A signal counts once, sent or dropped unsent.
+    #[test]
+    fn a_signal_counts_once() {
+        let permits = Arc::new(Semaphore::new(0));
+        let sent = SignalOnce::new(permits.clone());
+        sent.send();
+        sent.send();
+        drop(sent);
+        assert_eq!(permits.available_permits(), 1);
+        drop(SignalOnce::new(permits.clone()));
+        assert_eq!(
+            permits.available_permits(),
+            2,
+            "a task that ended unrecovered"
+        );
     }
 }

@@ -45,7 +45,7 @@ const REVOKE_TIMEOUT_MS: u64 = 60_000;
 const GROUPED: [Topic; 2] = [Topic::Orders, Topic::OrderStatus];
 
 /// The consumer group that shares `topic`'s partitions.
-pub fn group_id(config: &KafkaConfig, topic: Topic) -> String {
+fn group_id(config: &KafkaConfig, topic: Topic) -> String {
     match topic {
         Topic::OrderStatus => format!("{}.status", config.group_id),
         _ => config.group_id.clone(),
@@ -67,6 +67,47 @@ impl KafkaGroup {
             stop: Arc::new(AtomicBool::new(false)),
             threads: Vec::new(),
         }
+    }
+
+    /// A member of `topic`'s group, subscribed and ready to be polled.
+    fn consumer(
+        &self,
+        topic: Topic,
+        changes: mpsc::Sender<Change>,
+    ) -> anyhow::Result<BaseConsumer<GroupContext>> {
+        let session_ms = self.config.session_timeout_ms;
+        let group = group_id(&self.config, topic);
+        let consumer: BaseConsumer<GroupContext> = client_config(&self.config)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "latest")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("session.timeout.ms", session_ms.to_string())
+            .set(
+                "heartbeat.interval.ms",
+                (session_ms / 3).max(100).to_string(),
+            )
+            // The poll thread blocks in a revocation for up to REVOKE_TIMEOUT_MS.
+            .set(
+                "max.poll.interval.ms",
+                (REVOKE_TIMEOUT_MS * 2).max(session_ms).to_string(),
+            )
+            .create_with_context(GroupContext {
+                changes,
+                topic,
+                metrics: self.metrics.clone(),
+                first: AtomicBool::new(true),
+            })
+            .map_err(|e| {
+                anyhow::anyhow!("cannot create the Kafka group consumer of {group}: {e}")
+            })?;
+        let name = topic_name(&self.config.topic_prefix, topic);
+        consumer
+            .subscribe(&[&name])
+            .map_err(|e| anyhow::anyhow!("cannot subscribe to {name} in group {group}: {e}"))?;
+        tracing::info!(%group, topic = %name, "joining the Kafka consumer group");
+        Ok(consumer)
     }
 }
 
@@ -172,49 +213,6 @@ impl Membership for KafkaGroup {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-    }
-}
-
-impl KafkaGroup {
-    /// A member of `topic`'s group, subscribed and ready to be polled.
-    fn consumer(
-        &self,
-        topic: Topic,
-        changes: mpsc::Sender<Change>,
-    ) -> anyhow::Result<BaseConsumer<GroupContext>> {
-        let session_ms = self.config.session_timeout_ms;
-        let group = group_id(&self.config, topic);
-        let consumer: BaseConsumer<GroupContext> = client_config(&self.config)
-            .set("group.id", &group)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "latest")
-            .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("session.timeout.ms", session_ms.to_string())
-            .set(
-                "heartbeat.interval.ms",
-                (session_ms / 3).max(100).to_string(),
-            )
-            // The poll thread blocks in a revocation for up to REVOKE_TIMEOUT_MS.
-            .set(
-                "max.poll.interval.ms",
-                (REVOKE_TIMEOUT_MS * 2).max(session_ms).to_string(),
-            )
-            .create_with_context(GroupContext {
-                changes,
-                topic,
-                metrics: self.metrics.clone(),
-                first: AtomicBool::new(true),
-            })
-            .map_err(|e| {
-                anyhow::anyhow!("cannot create the Kafka group consumer of {group}: {e}")
-            })?;
-        let name = topic_name(&self.config.topic_prefix, topic);
-        consumer
-            .subscribe(&[&name])
-            .map_err(|e| anyhow::anyhow!("cannot subscribe to {name} in group {group}: {e}"))?;
-        tracing::info!(%group, topic = %name, "joining the Kafka consumer group");
-        Ok(consumer)
     }
 }
 
