@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod backends;
+pub use backends::*;
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -39,90 +42,6 @@ pub struct Config {
     /// `[scylla]`: ScyllaDB (or Cassandra) is the state store (distributed
     /// deployment); absent = the embedded store in `data_dir`.
     pub scylla: Option<ScyllaConfig>,
-}
-
-/// Environment variable naming Kafka's bootstrap servers (adds `[kafka]`
-/// with its defaults when the file has none).
-pub const KAFKA_BOOTSTRAP_ENV: &str = "ORDERFLOW_KAFKA_BOOTSTRAP";
-/// Environment variable naming ScyllaDB contact points, comma-separated
-/// (adds `[scylla]` with its defaults when the file has none).
-pub const SCYLLA_NODES_ENV: &str = "ORDERFLOW_SCYLLA_NODES";
-
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct KafkaConfig {
-    /// `host:port[,host:port...]` of the brokers.
-    pub bootstrap_servers: String,
-    /// Consumer group of the instances: they share the partitions of
-    /// `orders` (runners) and `order-status` (sinks).
-    pub group_id: String,
-    /// Prefix of the topic names (`{prefix}orders`, `{prefix}order-status`),
-    /// so several deployments (or tests) can share one cluster.
-    pub topic_prefix: String,
-    /// A member not heard from in this time loses its partitions.
-    pub session_timeout_ms: u64,
-    /// Timeout of one produce (retries included) and of admin calls.
-    pub request_timeout_ms: u64,
-    /// Replication factor of topics orderflow creates (1 on one broker).
-    pub replication_factor: u16,
-    /// How long the producer waits to fill a batch (librdkafka `linger.ms`).
-    pub linger_ms: u64,
-    /// `retention.ms` of `orders-parked` when orderflow creates it: the
-    /// topic is an audit trail of what was parked, retried and dropped;
-    /// the lane itself lives in the checkpoints.
-    pub parked_retention_ms: u64,
-}
-
-impl Default for KafkaConfig {
-    fn default() -> Self {
-        KafkaConfig {
-            bootstrap_servers: "127.0.0.1:9092".into(),
-            group_id: "orderflow".into(),
-            topic_prefix: String::new(),
-            session_timeout_ms: 10_000,
-            request_timeout_ms: 30_000,
-            replication_factor: 1,
-            linger_ms: 1,
-            parked_retention_ms: 7 * 24 * 3_600_000,
-        }
-    }
-}
-
-/// Consistency level of CQL statements (`scylla.consistency`).
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum CqlConsistency {
-    One,
-    #[default]
-    LocalQuorum,
-    Quorum,
-}
-
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ScyllaConfig {
-    /// Contact points, `host:port`.
-    pub nodes: Vec<String>,
-    pub keyspace: String,
-    /// Replication factor `orderflow migrate` creates the keyspace with.
-    pub replication_factor: u16,
-    /// Timeout of one CQL request.
-    pub request_timeout_ms: u64,
-    /// Consistency of reads and writes; lightweight transactions use the
-    /// matching serial consistency (`LOCAL_SERIAL` or `SERIAL`).
-    pub consistency: CqlConsistency,
-}
-
-impl Default for ScyllaConfig {
-    fn default() -> Self {
-        ScyllaConfig {
-            nodes: vec!["127.0.0.1:9042".into()],
-            keyspace: "orderflow".into(),
-            replication_factor: 1,
-            request_timeout_ms: 5_000,
-            consistency: CqlConsistency::LocalQuorum,
-        }
-    }
 }
 
 pub use crate::sinks::notifications::config::NotificationsConfig;
@@ -922,95 +841,8 @@ impl HttpConfig {
     }
 }
 
-impl KafkaConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        if self.bootstrap_servers.trim().is_empty() || self.group_id.trim().is_empty() {
-            return Err(ConfigError::Invalid(
-                "`kafka.bootstrap_servers` and `kafka.group_id` must not be empty".into(),
-            ));
-        }
-        // Kafka's legal topic characters; the longest name must fit 249.
-        let prefix_ok = self.topic_prefix.len() <= 200
-            && self
-                .topic_prefix
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if !prefix_ok {
-            return Err(ConfigError::Invalid(format!(
-                "`kafka.topic_prefix` = {:?}: at most 200 of letters, digits, `.`, `_`, `-`",
-                self.topic_prefix
-            )));
-        }
-        let ranges: [(&str, u64, u64, u64); 5] = [
-            (
-                "kafka.session_timeout_ms",
-                self.session_timeout_ms,
-                1_000,
-                300_000,
-            ),
-            (
-                "kafka.request_timeout_ms",
-                self.request_timeout_ms,
-                100,
-                600_000,
-            ),
-            (
-                "kafka.replication_factor",
-                self.replication_factor.into(),
-                1,
-                16,
-            ),
-            ("kafka.linger_ms", self.linger_ms, 0, 1_000),
-            (
-                "kafka.parked_retention_ms",
-                self.parked_retention_ms,
-                60_000,
-                365 * 24 * 3_600_000,
-            ),
-        ];
-        check_ranges(&ranges)
-    }
-}
-
-impl ScyllaConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        if self.nodes.is_empty() || self.nodes.iter().any(|n| n.trim().is_empty()) {
-            return Err(ConfigError::Invalid(
-                "`scylla.nodes` needs at least one `host:port`".into(),
-            ));
-        }
-        let valid_name = |k: &str| {
-            !k.is_empty()
-                && k.len() <= 48
-                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-                && k.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
-        };
-        if !valid_name(&self.keyspace) {
-            return Err(ConfigError::Invalid(format!(
-                "`scylla.keyspace` = {:?}: a letter, then letters, digits or `_`, at most 48",
-                self.keyspace
-            )));
-        }
-        let ranges: [(&str, u64, u64, u64); 2] = [
-            (
-                "scylla.replication_factor",
-                self.replication_factor.into(),
-                1,
-                16,
-            ),
-            (
-                "scylla.request_timeout_ms",
-                self.request_timeout_ms,
-                10,
-                600_000,
-            ),
-        ];
-        check_ranges(&ranges)
-    }
-}
-
 /// `(key, value, lo, hi)`: each value must lie in `[lo, hi]`.
-fn check_ranges(ranges: &[(&str, u64, u64, u64)]) -> Result<(), ConfigError> {
+pub(crate) fn check_ranges(ranges: &[(&str, u64, u64, u64)]) -> Result<(), ConfigError> {
     for &(key, v, lo, hi) in ranges {
         if v < lo || v > hi {
             return Err(ConfigError::Invalid(format!(
@@ -1104,26 +936,17 @@ impl GatewayConfig {
     /// trimmed content of `secret_key_file`. Errors name where it was
     /// looked for, never its value.
     pub fn stripe_secret_key(&self) -> Result<Secret, ConfigError> {
-        if let Some(key) = Secret::from_env(STRIPE_SECRET_KEY_ENV) {
-            return Ok(key);
-        }
-        let Some(path) = &self.secret_key_file else {
-            return Err(ConfigError::Invalid(format!(
-                "`gateway.kind` = \"stripe\" needs a secret key: set {STRIPE_SECRET_KEY_ENV} or `gateway.secret_key_file`"
-            )));
-        };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let key = text.trim();
-        if key.is_empty() {
-            return Err(ConfigError::Invalid(format!(
-                "`gateway.secret_key_file` {} is empty",
-                path.display()
-            )));
-        }
-        Ok(Secret::new(key))
+        Secret::from_env_or_file(
+            STRIPE_SECRET_KEY_ENV,
+            self.secret_key_file.as_deref(),
+            "gateway.secret_key_file",
+        )
+        .map_err(|e| match e {
+            ConfigError::Invalid(m) => ConfigError::Invalid(format!(
+                "`gateway.kind` = \"stripe\" needs a secret key: {m}"
+            )),
+            other => other,
+        })
     }
 }
 
@@ -1459,6 +1282,34 @@ impl Secret {
 
     pub fn new(value: impl Into<String>) -> Secret {
         Secret(value.into())
+    }
+
+    /// The variable `env`, else the trimmed content of `file` (the config
+    /// key `key` names it). Errors say where it was looked for, never what
+    /// was found.
+    pub fn from_env_or_file(
+        env: &str,
+        file: Option<&Path>,
+        key: &str,
+    ) -> Result<Secret, ConfigError> {
+        if let Some(secret) = Secret::from_env(env) {
+            return Ok(secret);
+        }
+        let Some(path) = file else {
+            return Err(ConfigError::Invalid(format!("set {env} or `{key}`")));
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let value = text.trim();
+        if value.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "`{key}` {} is empty",
+                path.display()
+            )));
+        }
+        Ok(Secret::new(value))
     }
 
     /// Constant-time comparison with a presented value.

@@ -7,6 +7,8 @@
 #   DIR              its state directory: pid, port, log, out, lock
 #   STOP_TIMEOUT_S   seconds from SIGTERM to SIGKILL (default 20)
 #   STATE_FILES      files in DIR that `stop` forgets (default pid, port)
+#   FRESH_START      yes: `start` replaces a running instance instead of
+#                    reusing it (default no)
 #
 # The Java engines (kafka, cassandra) use the rest of this file too; they set
 #
@@ -23,6 +25,7 @@
 
 STOP_TIMEOUT_S=20
 STATE_FILES=(pid port)
+FRESH_START=no
 READY_WHAT=serving
 # shellcheck disable=SC2034 # for the Java engines' `launch`
 JAVA="${JAVA_HOME:+$JAVA_HOME/bin/}java"
@@ -120,11 +123,13 @@ install_jars() {
 }
 
 # Whether PID is an instance this script started: java running our main
-# class on this checkout's DIR (never some other instance on the machine).
+# class with a `-D...=DIR/...` property of this checkout's DIR (never some
+# other instance on the machine, nor the other instance of an engine whose
+# class path names this DIR's jars).
 ours() {
     local cmd
     cmd="$(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null)" || return 1
-    [[ "$cmd" == *" $MAIN "* && "$cmd" == *"$DIR/"* ]]
+    [[ "$cmd" == *" $MAIN "* && "$cmd" == *"=$DIR/"* ]]
 }
 
 # The address of the running instance, if it has finished starting and
@@ -180,7 +185,7 @@ await_ready() {
 }
 
 start() {
-    if answering_addr; then
+    if [[ "$FRESH_START" != yes ]] && answering_addr; then
         return 0
     fi
     stop_quietly

@@ -77,7 +77,7 @@ impl KafkaGroup {
     ) -> anyhow::Result<BaseConsumer<GroupContext>> {
         let session_ms = self.config.session_timeout_ms;
         let group = group_id(&self.config, topic);
-        let consumer: BaseConsumer<GroupContext> = client_config(&self.config)
+        let consumer: BaseConsumer<GroupContext> = client_config(&self.config)?
             .set("group.id", &group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")

@@ -56,10 +56,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
+mod client;
+pub use client::client_config;
+use client::{Refusal, RefusalContext};
+
 use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
 use prometheus::Histogram;
-use rdkafka::ClientConfig;
 use rdkafka::Message;
 use rdkafka::Offset;
 use rdkafka::TopicPartitionList;
@@ -113,22 +116,6 @@ pub fn topic_name(prefix: &str, topic: Topic) -> String {
     format!("{prefix}{}", topic.name())
 }
 
-/// Settings every orderflow Kafka client shares (the log's producer and
-/// consumers, the admin client, the group-membership consumer).
-pub fn client_config(config: &KafkaConfig) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &config.bootstrap_servers)
-        .set("client.id", "orderflow")
-        // Explicit, so that TLS or SASL, when added, is added here for
-        // every client at once.
-        .set("security.protocol", "plaintext")
-        // A metadata request must never create a topic with the broker's
-        // default partition count: that would fix the wrong count forever.
-        .set("allow.auto.create.topics", "false")
-        .set("socket.keepalive.enable", "true");
-    c
-}
-
 /// The Kafka log. See the module documentation.
 pub struct KafkaLog {
     inner: Arc<Inner>,
@@ -138,7 +125,7 @@ struct Inner {
     config: KafkaConfig,
     max_record_bytes: usize,
     request_timeout: Duration,
-    producer: FutureProducer,
+    producer: FutureProducer<RefusalContext>,
     topics: Vec<TopicState>,
     closed: AtomicBool,
 }
@@ -261,7 +248,9 @@ impl KafkaLog {
             wanted.push((topic, topic_name(&config.topic_prefix, topic), count));
         }
 
-        let producer: FutureProducer = client_config(config)
+        let refusals = RefusalContext::default();
+        let producer: FutureProducer<RefusalContext> = client_config(config)
+            .map_err(|e| unavailable(e.to_string()))?
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("max.in.flight.requests.per.connection", "5")
@@ -274,9 +263,10 @@ impl KafkaLog {
                 "queue.buffering.max.messages",
                 PRODUCER_QUEUE_RECORDS.to_string(),
             )
-            .create()
+            .create_with_context(refusals.clone())
             .map_err(|e| unavailable(format!("cannot create the Kafka producer: {e}")))?;
         let admin: AdminClient<DefaultClientContext> = client_config(config)
+            .map_err(|e| unavailable(e.to_string()))?
             .create()
             .map_err(|e| unavailable(format!("cannot create the Kafka admin client: {e}")))?;
 
@@ -291,6 +281,7 @@ impl KafkaLog {
             .collect();
         ensure_topics(
             &producer,
+            &refusals,
             &admin,
             config,
             &names,
@@ -333,7 +324,8 @@ impl KafkaLog {
 /// Creates the missing topics, checks the partition counts and waits until
 /// every partition of every topic has a leader.
 async fn ensure_topics(
-    producer: &FutureProducer,
+    producer: &FutureProducer<RefusalContext>,
+    refusals: &RefusalContext,
     admin: &AdminClient<DefaultClientContext>,
     config: &KafkaConfig,
     topics: &[(String, u32, Option<u64>)],
@@ -344,7 +336,7 @@ async fn ensure_topics(
     let mut missing = Vec::new();
     let mut existing = Vec::new();
     for (name, count, retention_ms) in topics {
-        match describe_topic(producer, name, deadline).await? {
+        match describe_topic(producer, refusals, name, deadline).await? {
             TopicView::Missing => {
                 missing.push((name.as_str(), *count, retention_ms.map(|ms| ms.to_string())))
             }
@@ -398,7 +390,7 @@ async fn ensure_topics(
     warn_on_topic_configs(admin, &existing, max_message_bytes, &options).await;
     for (name, count, _) in topics {
         loop {
-            match describe_topic(producer, name, deadline).await? {
+            match describe_topic(producer, refusals, name, deadline).await? {
                 TopicView::Present {
                     partitions,
                     all_led,
@@ -430,7 +422,8 @@ enum TopicView {
 /// The topic as the cluster's metadata shows it, retrying until `deadline`
 /// while no broker answers.
 async fn describe_topic(
-    producer: &FutureProducer,
+    producer: &FutureProducer<RefusalContext>,
+    refusals: &RefusalContext,
     name: &str,
     deadline: Instant,
 ) -> Result<TopicView, LogError> {
@@ -471,9 +464,21 @@ async fn describe_topic(
             }
             Err(e) => e.to_string(),
         };
-        if Instant::now() >= deadline {
+        let refusal = refusals.last();
+        if let Some(Refusal::Authentication(reason)) = &refusal {
             return Err(unavailable(format!(
-                "cannot read Kafka metadata of topic `{name}`: {error}"
+                "Kafka refused orderflow's credentials (check `[kafka.sasl]`): {reason}"
+            )));
+        }
+        if Instant::now() >= deadline {
+            let cause = match refusal {
+                Some(Refusal::Tls(reason)) => {
+                    format!(" (TLS failed: {reason}; check `[kafka.tls]`)")
+                }
+                _ => String::new(),
+            };
+            return Err(unavailable(format!(
+                "cannot read Kafka metadata of topic `{name}`: {error}{cause}"
             )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -642,6 +647,7 @@ impl Inner {
         }
         debug_assert_eq!(index, consumers.len(), "cursors are created in order");
         let consumer: StreamConsumer = client_config(&self.config)
+            .map_err(|e| unavailable(e.to_string()))?
             .set(
                 "client.id",
                 format!("orderflow-log-{}-{index}", ts.topic.name()),

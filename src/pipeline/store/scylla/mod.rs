@@ -44,13 +44,11 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
-use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
-use scylla::client::session_builder::SessionBuilder;
 use scylla::errors::{
     DbError, DeserializationError, ExecutionError, IntoRowsResultError, MaybeFirstRowError,
     NextPageError, NextRowError, PagerExecutionError, RequestAttemptError, RequestError, RowsError,
@@ -58,12 +56,14 @@ use scylla::errors::{
 };
 use scylla::response::query_result::QueryResult;
 use scylla::statement::prepared::PreparedStatement;
-use scylla::statement::{Consistency, SerialConsistency};
 use scylla::value::{CqlValue, Row};
 
+mod session;
+
+use self::session::open_session;
 use super::embedded::not_owner;
 use super::{BlobRef, Scope, Snapshot, SnapshotWrite, StateStore, StoreError};
-use crate::config::{CqlConsistency, ScyllaConfig};
+use crate::config::ScyllaConfig;
 use crate::sinks::metrics::Metrics;
 
 /// Blob requests one call runs concurrently.
@@ -396,34 +396,6 @@ decode_failure!(
     TypeCheckError,
     DeserializationError
 );
-
-/// The driver session with the configured contact points, request timeout
-/// and consistency; token-aware routing and retries are the driver's defaults.
-async fn open_session(config: &ScyllaConfig, keyspace: &str) -> Result<Session, StoreError> {
-    let (consistency, serial) = match config.consistency {
-        CqlConsistency::LocalQuorum => (Consistency::LocalQuorum, SerialConsistency::LocalSerial),
-        CqlConsistency::Quorum => (Consistency::Quorum, SerialConsistency::Serial),
-        CqlConsistency::One => (Consistency::One, SerialConsistency::LocalSerial),
-    };
-    let profile = ExecutionProfile::builder()
-        .consistency(consistency)
-        .serial_consistency(Some(serial))
-        .request_timeout(Some(Duration::from_millis(config.request_timeout_ms)))
-        .build();
-    SessionBuilder::new()
-        .known_nodes(&config.nodes)
-        .default_execution_profile_handle(profile.into_handle())
-        // Token-aware routing needs only this keyspace's replication.
-        .keyspaces_to_fetch([keyspace])
-        .build()
-        .await
-        .map_err(|e| {
-            StoreError::Unavailable(format!(
-                "cannot connect to ScyllaDB nodes {:?}: {e}",
-                config.nodes
-            ))
-        })
-}
 
 /// The keyspace name as CQL stores it. It is spliced into statements, so
 /// it is checked here too (not only by `Config::validate`).
