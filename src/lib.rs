@@ -34,7 +34,6 @@
 //! bench/      `orderflow bench`: seeded workloads offered open-loop to an
 //!             in-process instance, HdrHistogram latency, reports and plots.
 //! config      TOML/env/flag configuration with validation.
-//! pem         PEM certificate and key files for rustls (HTTPS, ScyllaDB TLS).
 //! wall_clock  the one wall clock, for what is not a state transition.
 //! ```
 //!
@@ -55,7 +54,6 @@ pub mod config;
 pub mod domain;
 pub mod gateway;
 pub mod http;
-pub mod pem;
 pub mod pipeline;
 pub mod sim;
 pub mod sinks;

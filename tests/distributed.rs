@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use orderflow::config::KafkaConfig;
 use orderflow::domain::StatusEvent;
+use orderflow::domain::partition::partition_for_key;
 use orderflow::pipeline::log::kafka::KafkaLog;
 use orderflow::pipeline::log::{Log, Topic};
 use orderflow::sinks::metrics::Metrics;
@@ -127,6 +128,31 @@ fn metric(base: &str, name: &str, labels: &str) -> f64 {
 
 fn owned_orders_partitions(base: &str) -> f64 {
     metric(base, "orderflow_partitions_owned", "topic=\"orders\"")
+}
+
+/// The `orders` partitions `base` runs (its runners' lag series).
+fn runner_partitions(base: &str) -> Vec<u32> {
+    let text = client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    text.lines()
+        .filter(|l| {
+            l.starts_with("orderflow_partition_lag_records{")
+                && l.contains("consumer=\"runner\"")
+                && l.contains("topic=\"orders\"")
+        })
+        .filter_map(|l| {
+            l.split("partition=\"")
+                .nth(1)?
+                .split('"')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
 }
 
 /// Polls `cond` until it holds (true) or `limit` passes (false).
@@ -343,26 +369,48 @@ fn failover_after_sigkill_keeps_every_invariant() {
             >= 100
     });
     let moved = owned_orders_partitions(&cluster.base(2));
+    // A SKU of a partition that moves, stocked, so an order for it placed
+    // right after the kill shows when the new owner processes again.
+    let probe_partition = runner_partitions(&cluster.base(2))[0];
+    let probe_sku = (0..)
+        .map(|i| format!("FO-PROBE-{i}"))
+        .find(|sku| partition_for_key(sku.as_bytes(), PARTITIONS) == probe_partition)
+        .unwrap();
+    set_stock(&cluster.base(0), &probe_sku, 10);
     let recovered_before: usize = (0..2)
         .map(|i| count(&cluster.nodes[i].output_text(), "partition recovered"))
         .sum();
     let killed_at = Instant::now();
     cluster.nodes[2].kill();
+    let probe = format!("fo-probe-{}", std::process::id());
+    let r = client()
+        .post(format!("{}/v1/orders", cluster.base(0)))
+        .json(&order_body(&probe, &probe_sku, 1))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().unwrap_or_default());
+    wait_until(
+        Duration::from_secs(60),
+        "a status on a moved partition",
+        || order_view(&cluster.base(0), &probe).is_some(),
+    );
+    let first_status = killed_at.elapsed();
     wait_until(Duration::from_secs(60), "partitions moved", || {
         let now: usize = (0..2)
             .map(|i| count(&cluster.nodes[i].output_text(), "partition recovered"))
             .sum();
         now >= recovered_before + moved as usize
     });
-    let failover = killed_at.elapsed();
     eprintln!(
-        "failover: {moved} partitions moved and replayed {:.1} s after SIGKILL",
-        failover.as_secs_f64()
+        "failover: first new status on a moved partition {:.2} s after SIGKILL ({moved} partitions moved, all replayed after {:.2} s)",
+        first_status.as_secs_f64(),
+        killed_at.elapsed().as_secs_f64()
     );
     let (acked, unsure) = loader.join().unwrap();
     assert!(!acked.is_empty());
     let mut ids = with_existing(&cluster, acked, unsure);
     ids.extend(produced);
+    ids.push(probe);
     settle_and_check(&cluster, &[0, 1], &ids);
     stop.store(true, Ordering::SeqCst);
 }

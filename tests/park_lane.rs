@@ -13,23 +13,8 @@ use support::*;
 
 const POISON: &str = "cus-poison";
 
-fn parked(base: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_orderflow"))
-        .arg("parked")
-        .args(args)
-        .args(["--server", base])
-        .env("ORDERFLOW_ADMIN_TOKEN", ADMIN_TOKEN)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
-}
-
 fn listed(base: &str) -> Vec<Value> {
-    let (ok, text) = parked(base, &["list"]);
-    assert!(ok, "parked list failed");
+    let text = parked_cli(base, &["list"]).expect("parked list");
     text.lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
@@ -118,8 +103,8 @@ fn poison_is_parked_and_retry_keeps_key_order() {
     }
     assert_eq!(metric(&base, "orderflow_parked_records"), 3.0);
     let position = format!("{}:{}", lane[0]["partition"], lane[0]["offset"]);
-    let (ok, shown) = parked(&base, &["show", &position]);
-    assert!(ok && shown.contains("pk-1"), "{shown}");
+    let shown = parked_cli(&base, &["show", &position]).unwrap();
+    assert!(shown.contains("pk-1"), "{shown}");
     assert_eq!(stock(&base, "PK-A")["available"], 2);
 
     // The fault is fixed (restart without it); the lane survived.
@@ -127,7 +112,7 @@ fn poison_is_parked_and_retry_keeps_key_order() {
     let server = start_server(dir.path(), &[]);
     let base = server.base.clone();
     assert_eq!(listed(&base).len(), 3);
-    let (ok, _) = parked(&base, &["retry"]);
+    let ok = parked_cli(&base, &["retry"]).is_ok();
     assert!(ok, "parked retry failed");
     wait_until(Duration::from_secs(60), "parked orders processed", || {
         ["pk-1", "pk-2", "pk-3"].iter().all(|id| {
@@ -168,7 +153,7 @@ fn drop_removes_a_parked_record() {
     });
     let r = &listed(&base)[0];
     let position = format!("{}:{}", r["partition"], r["offset"]);
-    let (ok, _) = parked(&base, &["drop", &position]);
+    let ok = parked_cli(&base, &["drop", &position]).is_ok();
     assert!(ok);
     wait_until(Duration::from_secs(30), "dropped", || {
         listed(&base).is_empty()
@@ -182,7 +167,7 @@ fn drop_removes_a_parked_record() {
         tracked(&base, "pd-1", &poison_token)["history"],
         Value::Array(vec![])
     );
-    let (ok, _) = parked(&base, &["show", "999:0"]);
+    let ok = parked_cli(&base, &["show", "999:0"]).is_ok();
     assert!(!ok, "an unknown partition is an error");
 }
 
@@ -273,7 +258,7 @@ fn orders_parked_is_trimmed_by_retention() {
     });
     // Each retry parks the record again: two events (retried, parked).
     for _ in 0..RETRIES {
-        let (ok, _) = parked(&base, &["retry"]);
+        let ok = parked_cli(&base, &["retry"]).is_ok();
         assert!(ok, "parked retry failed");
     }
     assert!(server.terminate().success(), "drained");

@@ -1013,27 +1013,10 @@ fn refuse_captures(sim: &GatewaySim, refuse: bool) {
     assert!(r.status().is_success(), "captures switch: {}", r.status());
 }
 
-/// `orderflow parked ARGS` against `base`; its stdout (it must succeed).
-fn parked_cli(base: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_orderflow"))
-        .arg("parked")
-        .args(args)
-        .args(["--server", base])
-        .env("ORDERFLOW_ADMIN_TOKEN", ADMIN_TOKEN)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "orderflow parked {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
-
 /// The failed captures and voids `orderflow parked list` shows, as (order, kind, reason).
 fn failed_effects(base: &str) -> Vec<(String, String, String)> {
     parked_cli(base, &["list"])
+        .unwrap()
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter_map(|l| {
@@ -1116,6 +1099,7 @@ fn failed_captures_wait_for_an_operator() {
     let partition_of = |id: &str| {
         let v: Value = serde_json::from_str(
             parked_cli(&base, &["list"])
+                .unwrap()
                 .lines()
                 .find(|l| l.contains(id))
                 .unwrap(),
@@ -1127,8 +1111,8 @@ fn failed_captures_wait_for_an_operator() {
             .to_string()
     };
     let p2 = partition_of(&ids[1]);
-    parked_cli(&base, &["drop-effect", &p2, &ids[1], "capture"]);
-    parked_cli(&base, &["retry"]);
+    parked_cli(&base, &["drop-effect", &p2, &ids[1], "capture"]).unwrap();
+    parked_cli(&base, &["retry"]).unwrap();
     wait_until(Duration::from_secs(30), "the first captured", || {
         captures_of(&sim, &ids[0]) == 1
     });

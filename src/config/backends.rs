@@ -294,6 +294,11 @@ pub const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
     "bootstrap.servers",
     "client.id",
     "group.id",
+    // The classic protocol with cooperative-sticky assignment, and one
+    // member identity per process (a shared config file would give every
+    // instance the same static id).
+    "group.protocol",
+    "group.instance.id",
     "security.protocol",
     "sasl.mechanism",
     "sasl.mechanisms",
@@ -356,7 +361,7 @@ impl std::fmt::Display for PropertyValue {
 #[serde(deny_unknown_fields, default)]
 pub struct BackendTlsConfig {
     /// PEM file of the CA certificates to trust; absent = the system's
-    /// trust store (Kafka) or the Mozilla roots (ScyllaDB).
+    /// trust store.
     pub ca_path: Option<PathBuf>,
     /// PEM certificate chain presented to servers that require client
     /// certificates; together with `key_path`.

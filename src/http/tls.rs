@@ -5,20 +5,39 @@
 
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsConfig;
-use crate::pem;
 
 /// The acceptor for `config`'s certificate chain and key; errors name the
 /// key and file at fault.
 pub fn acceptor(config: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
     let cert_path = &config.cert_path;
     let key_path = &config.key_path;
-    let certs = pem::certificates("http.tls.cert_path", cert_path)?;
-    let key = pem::private_key("http.tls.key_path", key_path)?;
+    let certs = CertificateDer::pem_file_iter(cert_path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| {
+            format!(
+                "cannot read `http.tls.cert_path` {} as PEM certificates",
+                cert_path.display()
+            )
+        })?;
+    if certs.is_empty() {
+        bail!(
+            "`http.tls.cert_path` {} holds no PEM certificate",
+            cert_path.display()
+        );
+    }
+    let key = PrivateKeyDer::from_pem_file(key_path).with_context(|| {
+        format!(
+            "cannot read `http.tls.key_path` {} as a PEM private key",
+            key_path.display()
+        )
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut server = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -79,7 +79,8 @@ pub struct Metrics {
     pub email_batch_size: Histogram,
     /// Partitions this instance owns, by topic (consumer-group assignment).
     pub partitions_owned: IntGaugeVec,
-    /// Consumer-group rebalances seen, by event (`assigned`, `revoked`).
+    /// Consumer-group rebalances seen, by event (`assigned`, `revoked`)
+    /// and the topic whose group rebalanced.
     pub rebalances: IntCounterVec,
     /// Time from taking a partition to having replayed its tail.
     pub partition_restore_latency: Histogram,
@@ -293,8 +294,8 @@ impl Metrics {
             ),
             rebalances: counter(
                 "orderflow_rebalances_total",
-                "Consumer-group rebalances seen, by event (assigned, revoked).",
-                &["event"],
+                "Consumer-group rebalances seen, by event (assigned, revoked) and topic of the group.",
+                &["event", "topic"],
             ),
             partition_restore_latency: registered(
                 &registry,

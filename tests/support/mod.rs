@@ -75,6 +75,23 @@ fn spawn_and_read_address(
     }
 }
 
+/// `orderflow parked ARGS --server BASE` with the admin token: its stdout,
+/// or its stderr when it failed.
+pub fn parked_cli(base: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_orderflow"))
+        .arg("parked")
+        .args(args)
+        .args(["--server", base])
+        .env("ORDERFLOW_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
 /// Starts the binary on a free port with `data_dir` and waits until
 /// `/readyz` answers 200 (readiness, never a fixed sleep).
 pub fn start_server(data_dir: &Path, extra_env: &[(&str, &str)]) -> Server {
@@ -454,6 +471,17 @@ pub fn ledger_settled(
     Ok(())
 }
 
+/// `kafka.session_timeout_ms` of the distributed tests: 6000 (the broker's
+/// default minimum, long enough for a CPU-starved CI machine), or
+/// `ORDERFLOW_TEST_SESSION_TIMEOUT_MS` to measure failover with shorter
+/// sessions (BENCHMARKS.md).
+pub fn session_timeout_ms() -> u64 {
+    std::env::var("ORDERFLOW_TEST_SESSION_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6_000)
+}
+
 /// Writes `dir/orderflow.toml` for the distributed deployment on the test
 /// Kafka and Cassandra: `top` (top-level keys) and `sections` (other
 /// tables) of the caller, then `[kafka]` and `[scylla]` on topics, a
@@ -466,9 +494,10 @@ pub fn distributed_config(dir: &Path, top: &str, sections: &str) -> std::path::P
     std::fs::write(
         &path,
         format!(
-            "{top}\n{sections}\n[kafka]\nbootstrap_servers = \"{kafka}\"\ngroup_id = \"{name}\"\ntopic_prefix = \"{name}.\"\nsession_timeout_ms = 6000\n[scylla]\nnodes = [\"{cassandra}\"]\nkeyspace = \"{name}\"\n",
+            "{top}\n{sections}\n[kafka]\nbootstrap_servers = \"{kafka}\"\ngroup_id = \"{name}\"\ntopic_prefix = \"{name}.\"\nsession_timeout_ms = {session_ms}\n[scylla]\nnodes = [\"{cassandra}\"]\nkeyspace = \"{name}\"\n",
             kafka = kafka_bootstrap(),
             cassandra = cassandra_contact(),
+            session_ms = session_timeout_ms(),
         ),
     )
     .unwrap();

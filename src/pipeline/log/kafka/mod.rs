@@ -682,7 +682,7 @@ impl Inner {
     /// A cursor of `partition`, held for one read, whose queue yields the
     /// record at `from` next.
     async fn acquire(
-        &self,
+        self: &Arc<Self>,
         ts: &TopicState,
         partition: u32,
         from: u64,
@@ -762,12 +762,42 @@ impl Inner {
                 }
             }
         };
-        let mut guard = match guard {
+        let guard = match guard {
             Some(g) => g,
             None => cursor.queue.clone().lock_owned().await,
         };
-        self.position(ts, &cursor, &mut guard, from)?;
+        let guard = self
+            .reposition(ts.topic, cursor.clone(), guard, from)
+            .await?;
         Ok((cursor, guard))
+    }
+
+    /// [`Self::position`], off the async workers when it has to seek or
+    /// assign: both wait on librdkafka's threads (a seek up to
+    /// [`SEEK_TIMEOUT`]). A cursor already there costs no thread hop.
+    async fn reposition(
+        self: &Arc<Self>,
+        topic: Topic,
+        cursor: Arc<Cursor>,
+        mut queue: OwnedMutexGuard<Option<PartitionQueue>>,
+        from: u64,
+    ) -> Result<OwnedMutexGuard<Option<PartitionQueue>>, LogError> {
+        {
+            let mut pos = lock(&cursor.pos);
+            if queue.is_some() && pos.state == PosState::At(from) {
+                pos.last_used = Instant::now();
+                return Ok(queue);
+            }
+        }
+        let inner = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let ts = inner.topic(topic).expect("a topic of this log");
+            inner
+                .position(ts, &cursor, &mut queue, from)
+                .map(|()| queue)
+        })
+        .await
+        .map_err(|e| unavailable(format!("Kafka seek task failed: {e}")))?
     }
 
     /// Makes the cursor's queue yield `from` next: nothing if it is there,
@@ -1156,7 +1186,7 @@ impl Log for KafkaLog {
                     }
                     // Retention or a leader change raced the fetch; once more.
                     repositioned = true;
-                    inner.position(ts, &cursor, &mut queue, from)?;
+                    queue = inner.reposition(topic, cursor.clone(), queue, from).await?;
                     continue;
                 }
                 Err(e) => {

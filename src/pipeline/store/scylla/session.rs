@@ -1,20 +1,20 @@
 //! The CQL driver session: contact points, request timeout and
-//! consistency, and when configured TLS (`[scylla.tls]`, rustls with the
-//! *ring* provider the crate already links) and a username and password
-//! (`[scylla.auth]`).
+//! consistency, and when configured TLS (`[scylla.tls]`, OpenSSL, which
+//! librdkafka links already) and a username and password (`[scylla.auth]`).
 
-use std::sync::Arc;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use rustls::RootCertStore;
+use openssl::ssl::{SslConnector, SslConnectorBuilder, SslFiletype, SslMethod};
+use openssl::x509::X509;
+use openssl::x509::store::X509StoreBuilder;
 use scylla::client::execution_profile::ExecutionProfile;
-use scylla::client::session::Session;
+use scylla::client::session::{OpenSsl010Config, Session};
 use scylla::client::session_builder::SessionBuilder;
 use scylla::statement::{Consistency, SerialConsistency};
 
 use crate::config::{BackendTlsConfig, CqlConsistency, ScyllaConfig};
-use crate::pem;
 use crate::pipeline::store::StoreError;
 
 /// The driver session with the configured contact points, request timeout,
@@ -40,9 +40,9 @@ pub(super) async fn open_session(
         // Token-aware routing needs only this keyspace's replication.
         .keyspaces_to_fetch([keyspace]);
     if let Some(tls) = &config.tls {
-        let context = tls_context(tls)
-            .map_err(|e| StoreError::Unavailable(format!("ScyllaDB TLS: {e:#}")))?;
-        builder = builder.tls_context(Some(context));
+        let connector =
+            connector(tls).map_err(|e| StoreError::Unavailable(format!("ScyllaDB TLS: {e:#}")))?;
+        builder = builder.tls_context(Some(OpenSsl010Config::new(connector)));
     }
     let password = config
         .password()
@@ -58,39 +58,78 @@ pub(super) async fn open_session(
     })
 }
 
-/// The rustls client configuration of `[scylla.tls]`. The driver checks
-/// the node's certificate against the node's IP address.
-fn tls_context(tls: &BackendTlsConfig) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let mut roots = RootCertStore::empty();
-    match &tls.ca_path {
-        Some(path) => {
-            for cert in pem::certificates("scylla.tls.ca_path", path)? {
-                roots
-                    .add(cert)
-                    .with_context(|| format!("`scylla.tls.ca_path` {}", path.display()))?;
-            }
+/// The OpenSSL connector of `[scylla.tls]`: it verifies the node's
+/// certificate (the driver checks it names the node's IP address) against
+/// `ca_path` only, or the system's trust store without it.
+fn connector(tls: &BackendTlsConfig) -> anyhow::Result<SslConnectorBuilder> {
+    let mut builder = SslConnector::builder(SslMethod::tls_client())?;
+    if let Some(path) = &tls.ca_path {
+        let certs = read_pem("scylla.tls.ca_path", path, X509::stack_from_pem)?;
+        anyhow::ensure!(
+            !certs.is_empty(),
+            "`scylla.tls.ca_path` {} holds no PEM certificate",
+            path.display()
+        );
+        let mut store = X509StoreBuilder::new()?;
+        for cert in certs {
+            store.add_cert(cert)?;
         }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        builder.set_cert_store(store.build());
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("rustls has no safe protocol version")?
-        .with_root_certificates(roots);
-    let config = match (&tls.cert_path, &tls.key_path) {
-        (Some(cert), Some(key)) => builder
-            .with_client_auth_cert(
-                pem::certificates("scylla.tls.cert_path", cert)?,
-                pem::private_key("scylla.tls.key_path", key)?,
+    if let (Some(cert), Some(key)) = (&tls.cert_path, &tls.key_path) {
+        builder.set_certificate_chain_file(cert).with_context(|| {
+            format!(
+                "`scylla.tls.cert_path` {}: not a PEM certificate chain",
+                cert.display()
             )
+        })?;
+        builder
+            .set_private_key_file(key, SslFiletype::PEM)
             .with_context(|| {
                 format!(
-                    "`scylla.tls.key_path` {} does not fit the certificate of `scylla.tls.cert_path` {}",
-                    key.display(),
-                    cert.display()
+                    "`scylla.tls.key_path` {}: not an unencrypted PEM private key",
+                    key.display()
                 )
-            })?,
-        _ => builder.with_no_client_auth(),
-    };
-    Ok(Arc::new(config))
+            })?;
+        builder.check_private_key().with_context(|| {
+            format!(
+                "`scylla.tls.key_path` {} does not fit the certificate of `scylla.tls.cert_path` {}",
+                key.display(),
+                cert.display()
+            )
+        })?;
+    }
+    Ok(builder)
+}
+
+/// `parse` of the file `key` names; errors name both.
+fn read_pem<T>(
+    key: &str,
+    path: &Path,
+    parse: fn(&[u8]) -> Result<T, openssl::error::ErrorStack>,
+) -> anyhow::Result<T> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read `{key}` {}", path.display()))?;
+    parse(&bytes).with_context(|| format!("`{key}` {}: not PEM certificates", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CA file that is missing or not PEM is named with its key.
+    #[test]
+    fn bad_ca_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let garbage = dir.path().join("ca.pem");
+        std::fs::write(&garbage, "not a certificate").unwrap();
+        for path in [dir.path().join("absent.pem"), garbage] {
+            let tls = BackendTlsConfig {
+                ca_path: Some(path),
+                ..BackendTlsConfig::default()
+            };
+            let e = format!("{:#}", connector(&tls).err().unwrap());
+            assert!(e.contains("scylla.tls.ca_path"), "{e}");
+        }
+    }
 }
