@@ -14,8 +14,10 @@ use support::*;
 
 /// The secure engines, started once for this test binary.
 struct Secure {
-    /// Certificates and the Kafka password (the engines copied theirs).
-    certs: tempfile::TempDir,
+    /// Certificates and the Kafka password (the engines copied theirs),
+    /// made anew by each run in the ignored `.cache/` folder (a static is
+    /// never dropped, so a temporary folder would outlive the run).
+    certs: PathBuf,
     kafka: String,
     cassandra: String,
 }
@@ -23,12 +25,14 @@ struct Secure {
 fn secure() -> &'static Secure {
     static SECURE: OnceLock<Secure> = OnceLock::new();
     SECURE.get_or_init(|| {
-        let certs = tempfile::tempdir().unwrap();
-        make_certificates(certs.path());
+        let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/secure-backends-certs");
+        let _ = std::fs::remove_dir_all(&certs);
+        std::fs::create_dir_all(&certs).unwrap();
+        make_certificates(&certs);
         // Both at once: Cassandra alone takes most of the time.
-        let dir = certs.path().to_owned();
+        let dir = certs.clone();
         let cassandra = std::thread::spawn(move || start_secure("cassandra", &dir));
-        let kafka = start_secure("kafka", certs.path());
+        let kafka = start_secure("kafka", &certs);
         Secure {
             kafka,
             cassandra: cassandra.join().unwrap(),
@@ -102,7 +106,7 @@ fn password(tag: &str) -> String {
 /// `[kafka.sasl]` with `mechanism`, `[scylla.tls]` and `[scylla.auth]`.
 fn secure_config(dir: &Path, name: &str, mechanism: &str, gateway: &str) -> PathBuf {
     let s = secure();
-    let certs = s.certs.path().display();
+    let certs = s.certs.display();
     let tls = format!(
         "ca_path = \"{certs}/ca.pem\"\ncert_path = \"{certs}/client.pem\"\nkey_path = \"{certs}/client.key\"\n"
     );
@@ -185,7 +189,7 @@ fn orders_flow_over_tls_and_sasl() {
     assert_eq!(stock(&server.base, "SKU-S")["available"], 4);
     server.terminate();
 
-    let kafka_password = std::fs::read_to_string(s.certs.path().join("password")).unwrap();
+    let kafka_password = std::fs::read_to_string(s.certs.join("password")).unwrap();
     let mut outputs = vec![server.output_text()];
     for mechanism in ["PLAIN", "SCRAM-SHA-256"] {
         let config = secure_config(dir.path(), &name, mechanism, &sim.url);

@@ -28,7 +28,9 @@ pub struct KafkaConfig {
     /// Prefix of the topic names (`{prefix}orders`, `{prefix}order-status`),
     /// so several deployments (or tests) can share one cluster.
     pub topic_prefix: String,
-    /// A member not heard from in this time loses its partitions.
+    /// A member not heard from in this time loses its partitions (it
+    /// heartbeats every fifth of it); failover after a crash takes about
+    /// this long (docs/operations.md, "Failover time").
     pub session_timeout_ms: u64,
     /// Timeout of one produce (retries included) and of admin calls.
     pub request_timeout_ms: u64,

@@ -50,15 +50,14 @@
 //! that it answers from memory: the highest of what that query, this
 //! process's own acknowledged appends, its reads, and librdkafka's cached
 //! watermarks (refreshed by every fetch response of a cursor) have shown.
+//!
+//! Connections: every client shares the settings of [`client_config`]
+//! (brokers, TLS, SASL, `[kafka.client]`).
 
 use std::ffi::{CStr, CString};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
-
-mod client;
-pub use client::client_config;
-use client::{Refusal, RefusalContext};
 
 use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
@@ -78,6 +77,10 @@ use tokio::sync::OwnedMutexGuard;
 use crate::config::KafkaConfig;
 use crate::pipeline::log::{Log, LogError, LogRecord, Record, RecordKind, Topic};
 use crate::sinks::metrics::Metrics;
+
+mod client;
+pub use client::client_config;
+use client::{Refusal, RefusalContext};
 
 /// Header naming the kind of an orderflow record; absent on the order JSON
 /// that upstream producers write.
