@@ -132,13 +132,8 @@ fn owned_orders_partitions(base: &str) -> f64 {
 
 /// The `orders` partitions `base` runs (its runners' lag series).
 fn runner_partitions(base: &str) -> Vec<u32> {
-    let text = client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
-    text.lines()
+    metrics_text(base)
+        .lines()
         .filter(|l| {
             l.starts_with("orderflow_partition_lag_records{")
                 && l.contains("consumer=\"runner\"")

@@ -501,13 +501,8 @@ fn breaker(base: &str) -> String {
 }
 
 fn metric(base: &str, name_and_labels: &str) -> f64 {
-    let text = client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
-    text.lines()
+    metrics_text(base)
+        .lines()
         .find_map(|l| l.strip_prefix(name_and_labels))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)

@@ -62,23 +62,8 @@ fn start_secure(engine: &str, dir: &Path) -> String {
 /// A CA, the servers' certificate for 127.0.0.1 (key first, as the
 /// engines read it), a client certificate, and the Kafka password.
 fn make_certificates(dir: &Path) {
-    use rcgen::{
-        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
-        KeyUsagePurpose,
-    };
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "orderflow test CA");
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let names = vec!["127.0.0.1".to_owned(), "localhost".to_owned()];
-    let server_key = KeyPair::generate().unwrap();
-    let server = CertificateParams::new(names)
-        .unwrap()
-        .signed_by(&server_key, &ca)
-        .unwrap();
+    use rcgen::{CertificateParams, DnType, KeyPair};
+    let (ca, server, server_key) = test_ca_and_server();
     let client_key = KeyPair::generate().unwrap();
     let mut client_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     client_params
@@ -87,10 +72,7 @@ fn make_certificates(dir: &Path) {
     let client = client_params.signed_by(&client_key, &ca).unwrap();
     let write = |name: &str, text: String| std::fs::write(dir.join(name), text).unwrap();
     write("ca.pem", ca.pem());
-    write(
-        "server.pem",
-        server_key.serialize_pem() + &server.pem() + &ca.pem(),
-    );
+    write("server.pem", server_key + &server + &ca.pem());
     write("client.pem", client.pem());
     write("client.key", client_key.serialize_pem());
     write("password", password("k"));
@@ -219,37 +201,38 @@ fn wrong_credentials_are_refused_clearly() {
     let config = secure_config(dir.path(), &name, "SCRAM-SHA-256", "http://127.0.0.1:9");
     let wrong = password("wrong");
 
-    let out = Command::new(env!("CARGO_BIN_EXE_orderflow"))
-        .arg("migrate")
-        .env("ORDERFLOW_CONFIG", &config)
-        .env(SCYLLA_PASSWORD.0, &wrong)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(
-        error_line(&text).contains("Authentication failed - bad credentials"),
-        "{text}"
+    refused(
+        &config,
+        "migrate",
+        &[(SCYLLA_PASSWORD.0, &wrong)],
+        "Authentication failed - bad credentials",
+        &wrong,
     );
-    assert!(!text.contains(&wrong), "the password tried leaked:\n{text}");
-
     // Cassandra accepts the right password, Kafka gets a wrong one.
     let (code, out) = orderflow(&config, &["migrate"]);
     assert_eq!(code, Some(0), "{out}");
+    refused(
+        &config,
+        "replay",
+        &[SCYLLA_PASSWORD, ("ORDERFLOW_KAFKA_PASSWORD", &wrong)],
+        "Kafka refused orderflow's credentials",
+        &wrong,
+    );
+}
+
+/// Runs `orderflow COMMAND` with `env`, which must fail with `expected` in
+/// its `error: …` line and `wrong` nowhere in its output.
+fn refused(config: &Path, command: &str, env: &[(&str, &str)], expected: &str, wrong: &str) {
     let out = Command::new(env!("CARGO_BIN_EXE_orderflow"))
-        .arg("replay")
-        .env("ORDERFLOW_CONFIG", &config)
-        .env(SCYLLA_PASSWORD.0, SCYLLA_PASSWORD.1)
-        .env("ORDERFLOW_KAFKA_PASSWORD", &wrong)
+        .arg(command)
+        .env("ORDERFLOW_CONFIG", config)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(
-        error_line(&text).contains("Kafka refused orderflow's credentials"),
-        "{text}"
-    );
-    assert!(!text.contains(&wrong), "the password tried leaked:\n{text}");
+    assert!(error_line(&text).contains(expected), "{text}");
+    assert!(!text.contains(wrong), "the password tried leaked:\n{text}");
 }
 
 /// The `error: …` line a failed command ends with.

@@ -191,15 +191,20 @@ pub fn client() -> reqwest::blocking::Client {
         .unwrap()
 }
 
-/// One metric of an instance's `/metrics`, summed over the label sets
-/// that hold every label of `labels` (`name="value"` each); 0 when absent.
-pub fn metric_sum(base: &str, name: &str, labels: &[&str]) -> f64 {
-    let text = client()
+/// An instance's `/metrics` page; empty when it does not answer.
+pub fn metrics_text(base: &str) -> String {
+    client()
         .get(format!("{base}/metrics"))
         .send()
         .and_then(|r| r.text())
-        .unwrap_or_default();
-    text.lines()
+        .unwrap_or_default()
+}
+
+/// One metric of an instance's `/metrics`, summed over the label sets
+/// that hold every label of `labels` (`name="value"` each); 0 when absent.
+pub fn metric_sum(base: &str, name: &str, labels: &[&str]) -> f64 {
+    metrics_text(base)
+        .lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .filter(|l| labels.iter().all(|label| l.contains(label)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -512,4 +517,32 @@ pub fn distributed_config(dir: &Path, top: &str, sections: &str) -> std::path::P
         String::from_utf8_lossy(&migrate.stderr)
     );
     path
+}
+
+/// A test certificate authority, and a certificate it signed for
+/// `127.0.0.1` and `localhost`: `(ca, certificate PEM, its key PEM)`.
+pub fn test_ca_and_server() -> (
+    rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    String,
+    String,
+) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "orderflow test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params =
+        CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let cert = params.signed_by(&key, &ca).unwrap();
+    (ca, cert.pem(), key.serialize_pem())
 }
