@@ -518,8 +518,11 @@ fn embedded_soak_two_million_orders() {
     const BATCH: usize = 4_000;
     /// Resident memory bound: the finished set and the read model at their
     /// bounds (≈ 36 + 195 bytes per order), the in-process gateway
-    /// simulator's intents, log and HTTP buffers.
-    const RSS_BOUND_BYTES: u64 = 768 << 20;
+    /// simulator's intents, log and HTTP buffers, and the orders in flight,
+    /// whose number depends on scheduling: peaks of 684–777 MiB were seen
+    /// on the CI machine (BENCHMARKS.md). Growth is caught by the check
+    /// that the second million's peak is within an eighth of the first's.
+    const RSS_BOUND_BYTES: u64 = 896 << 20;
     /// Data directory bound: the `orders` log of each partition at its
     /// retention plus two segments (released behind the checkpoints); the
     /// `order-status` log at the read model's window (the records of its
