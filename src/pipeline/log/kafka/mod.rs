@@ -803,8 +803,9 @@ impl Inner {
         .map_err(|e| unavailable(format!("Kafka seek task failed: {e}")))?
     }
 
-    /// Makes the cursor's queue yield `from` next: nothing if it is there,
-    /// a seek if it is fetching elsewhere, else a new assignment.
+    /// Makes the cursor's queue yield `from` next: a seek if it is
+    /// fetching elsewhere, else a new assignment. Only through
+    /// [`Self::reposition`], which returns early for a cursor already there.
     fn position(
         &self,
         ts: &TopicState,
@@ -816,7 +817,6 @@ impl Inner {
         pos.last_used = Instant::now();
         let consumer = &cursor.consumer.consumer;
         match pos.state {
-            PosState::At(at) if at == from && queue.is_some() => return Ok(()),
             PosState::At(at) if queue.is_some() => {
                 tracing::debug!(topic = %ts.name, partition = cursor.partition, at, from, "cursor seeks");
                 match consumer.seek(

@@ -64,14 +64,8 @@ pub(super) async fn open_session(
 fn connector(tls: &BackendTlsConfig) -> anyhow::Result<SslConnectorBuilder> {
     let mut builder = SslConnector::builder(SslMethod::tls_client())?;
     if let Some(path) = &tls.ca_path {
-        let certs = read_pem("scylla.tls.ca_path", path, X509::stack_from_pem)?;
-        anyhow::ensure!(
-            !certs.is_empty(),
-            "`scylla.tls.ca_path` {} holds no PEM certificate",
-            path.display()
-        );
         let mut store = X509StoreBuilder::new()?;
-        for cert in certs {
+        for cert in ca_certificates(path)? {
             store.add_cert(cert)?;
         }
         builder.set_cert_store(store.build());
@@ -102,15 +96,19 @@ fn connector(tls: &BackendTlsConfig) -> anyhow::Result<SslConnectorBuilder> {
     Ok(builder)
 }
 
-/// `parse` of the file `key` names; errors name both.
-fn read_pem<T>(
-    key: &str,
-    path: &Path,
-    parse: fn(&[u8]) -> Result<T, openssl::error::ErrorStack>,
-) -> anyhow::Result<T> {
+/// The certificates of `scylla.tls.ca_path`; at least one.
+fn ca_certificates(path: &Path) -> anyhow::Result<Vec<X509>> {
+    let key = "scylla.tls.ca_path";
     let bytes =
         std::fs::read(path).with_context(|| format!("cannot read `{key}` {}", path.display()))?;
-    parse(&bytes).with_context(|| format!("`{key}` {}: not PEM certificates", path.display()))
+    let certs = X509::stack_from_pem(&bytes)
+        .with_context(|| format!("`{key}` {}: not PEM certificates", path.display()))?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "`{key}` {} holds no PEM certificate",
+        path.display()
+    );
+    Ok(certs)
 }
 
 #[cfg(test)]
