@@ -25,7 +25,8 @@
 //!             batched email),
 //!             Prometheus metrics and the bounded saga-health structures
 //!             behind them (orders in flight, top out-of-stock SKUs).
-//! http/       axum routes, problem+json errors, SSE, the tracking page.
+//! http/       axum routes, problem+json errors, SSE, the tracking page, the
+//!             OpenAPI document built from the routes.
 //! sim/        deterministic simulation of the embedded pipeline (`orderflow
 //!             sim`): the production processors on a simulated disk (torn
 //!             writes, crash points), gateway, clock and scheduler, with

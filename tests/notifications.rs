@@ -798,14 +798,7 @@ impl Drop for Smtp {
 /// Starts `tests/support/smtp_sink.py` with the Python of
 /// `ORDERFLOW_TEST_PYTHON` and waits until it accepts connections.
 fn start_smtp() -> Smtp {
-    let python = std::env::var("ORDERFLOW_TEST_PYTHON").unwrap_or_else(|_| {
-        panic!(
-            "ORDERFLOW_TEST_PYTHON is not set: it must name a Python with aiosmtpd 1.4.6. \
-             Run ./scripts/test, or: python3 -m venv .cache/venv && \
-             .cache/venv/bin/pip install aiosmtpd==1.4.6 && \
-             export ORDERFLOW_TEST_PYTHON=$PWD/.cache/venv/bin/python"
-        )
-    });
+    let python = support::test_python();
     let dir = tempfile::tempdir().unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/smtp_sink.py");
     let mut child = Command::new(&python)

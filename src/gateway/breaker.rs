@@ -214,11 +214,6 @@ impl Breaker {
         }
     }
 
-    /// `{"kind": NAME, "breaker": "closed"}` for `/readyz`.
-    pub fn detail(&self) -> serde_json::Value {
-        serde_json::json!({"kind": self.name, "breaker": self.state().as_str()})
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }

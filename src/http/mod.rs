@@ -14,6 +14,7 @@
 //! | `POST /v1/admin/parked/{p}/retry`, `POST /v1/admin/parked/{p}/{offset}/drop`, `POST /v1/admin/parked/{p}/effects/{order_id}/{kind}/drop` | admin | 202 (the command is in the log), 404 `no_such_partition`, 400 `invalid_effect_kind` |
 //! | `POST /v1/admin/produce` | admin or producer | 200 NDJSON (per-line results), 401, 403, 413, 503 `shutting_down` |
 //! | `GET /metrics`, `/healthz`, `/readyz` | none | 200; `/readyz` 503 `not_ready`/`gateway_auth_failed` |
+//! | `GET /openapi.json` | none | 200: this API in OpenAPI 3.1 ([`openapi`]) |
 //! | anything else | | 404 `not_found`, 405 `method_not_allowed` |
 //!
 //! A route that needs an API token ([`auth`]: roles and scopes) answers 401
@@ -29,6 +30,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod openapi;
 pub mod parked;
 pub mod problem;
 pub mod ratelimit;
@@ -43,8 +45,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
-use axum::routing::{get, post};
 use tokio::sync::Semaphore;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::config::HttpConfig;
 use crate::pipeline::intake::Intake;
@@ -133,6 +136,28 @@ pub(crate) struct Ctx {
     pub rate_limit: Option<Arc<ratelimit::RateLimit>>,
 }
 
+/// Every route with its handler; the OpenAPI document is built from the
+/// same list ([`openapi::document`]).
+fn api_routes() -> OpenApiRouter<Ctx> {
+    OpenApiRouter::new()
+        .routes(routes!(routes::post_order))
+        .routes(routes!(routes::get_order))
+        .routes(routes!(sse::order_events))
+        .routes(routes!(routes::tracking_token))
+        .routes(routes!(track::track_page))
+        .routes(routes!(routes::get_stock, routes::put_stock))
+        .routes(routes!(routes::admin_produce))
+        .routes(routes!(parked::list))
+        .routes(routes!(parked::show))
+        .routes(routes!(parked::retry))
+        .routes(routes!(parked::drop_record))
+        .routes(routes!(parked::drop_effect))
+        .routes(routes!(routes::metrics))
+        .routes(routes!(routes::healthz))
+        .routes(routes!(routes::readyz))
+        .routes(routes!(openapi::openapi_json))
+}
+
 /// The API router of the contract.
 pub fn router(state: AppState) -> Router {
     let ctx = Ctx {
@@ -145,34 +170,8 @@ pub fn router(state: AppState) -> Router {
         .map(Arc::new),
         app: state,
     };
-    Router::new()
-        .route("/v1/orders", post(routes::post_order))
-        .route("/v1/orders/{id}", get(routes::get_order))
-        .route("/v1/orders/{id}/events", get(sse::order_events))
-        .route(
-            "/v1/orders/{id}/tracking-token",
-            get(routes::tracking_token),
-        )
-        .route("/track/{id}", get(track::track_page))
-        .route(
-            "/v1/inventory/{sku}",
-            get(routes::get_stock).put(routes::put_stock),
-        )
-        .route("/v1/admin/produce", post(routes::admin_produce))
-        .route("/v1/admin/parked", get(parked::list))
-        .route("/v1/admin/parked/{partition}/{offset}", get(parked::show))
-        .route("/v1/admin/parked/{partition}/retry", post(parked::retry))
-        .route(
-            "/v1/admin/parked/{partition}/{offset}/drop",
-            post(parked::drop_record),
-        )
-        .route(
-            "/v1/admin/parked/{partition}/effects/{order_id}/{kind}/drop",
-            post(parked::drop_effect),
-        )
-        .route("/metrics", get(routes::metrics))
-        .route("/healthz", get(routes::healthz))
-        .route("/readyz", get(routes::readyz))
+    let (router, _) = api_routes().split_for_parts();
+    router
         .method_not_allowed_fallback(routes::method_not_allowed)
         // Inside the request count, so refusals show in it by route.
         .route_layer(axum::middleware::from_fn_with_state(

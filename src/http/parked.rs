@@ -5,33 +5,24 @@
 //! `POST /v1/admin/parked/{partition}/effects/{order_id}/{kind}/drop`.
 
 use axum::Json;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use serde_json::{Value, json};
 
 use super::Ctx;
 use super::auth::{Scope, require};
-use super::problem::Problem;
+use super::problem::{Code, Problem};
+use super::views::{CommandView, FailedEffectView, ParkedDetailView, ParkedListView, ParkedView};
 use crate::domain::EffectKind;
-use crate::domain::parked::ParkedRecord;
 use crate::pipeline::log::LogError;
-use crate::pipeline::parked::{FailedEffect, ParkedError};
+use crate::pipeline::parked::ParkedError;
 
-fn summary(r: &ParkedRecord) -> Value {
-    json!({
-        "partition": r.partition,
-        "offset": r.offset,
-        "timestamp_ms": r.timestamp_ms,
-        "kind": match r.kind {
-            crate::domain::RecordKind::OrderJson => "order_json",
-            crate::domain::RecordKind::Internal => "internal",
-        },
-        "key": String::from_utf8_lossy(&r.key),
-        "order_id": r.order_id,
-        "reason": r.reason,
-        "value_bytes": r.value.len(),
-    })
+/// The numbers of the path; a path that holds none answers like an
+/// unknown route, as problem+json.
+fn position<T>(path: Result<Path<T>, PathRejection>) -> Result<T, Problem> {
+    path.map(|p| p.0).map_err(|_| Problem::not_found())
 }
 
 fn problem(ctx: &Ctx, e: ParkedError) -> Problem {
@@ -39,7 +30,7 @@ fn problem(ctx: &Ctx, e: ParkedError) -> Problem {
     match e {
         ParkedError::NoSuchPartition { .. } => Problem::new(
             StatusCode::NOT_FOUND,
-            "no_such_partition",
+            Code::NoSuchPartition,
             "No such partition",
             e.to_string(),
         ),
@@ -55,42 +46,51 @@ fn problem(ctx: &Ctx, e: ParkedError) -> Problem {
     }
 }
 
-fn failed_summary(f: &FailedEffect) -> Value {
-    json!({
-        "partition": f.partition,
-        "order_id": f.effect.order_id,
-        "kind": f.effect.kind.as_str(),
-        "reason": f.reason,
-        "amount": f.effect.amount,
-        "currency": f.effect.currency,
-        "payment_id": f.effect.payment_id,
-    })
-}
-
 /// `GET /v1/admin/parked`: what is parked now, oldest position first, and
 /// the captures and voids that failed for good (as of the checkpoints).
-pub(crate) async fn list(
-    State(ctx): State<Ctx>,
-    headers: HeaderMap,
-) -> Result<Json<Value>, Problem> {
+#[utoipa::path(
+    get,
+    path = "/v1/admin/parked",
+    tag = "admin",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The park lane and the failed captures and voids, as of each partition's last checkpoint. Role: admin.", body = ParkedListView),
+        (status = 503, description = "`unavailable`."),
+    ),
+)]
+pub(crate) async fn list(State(ctx): State<Ctx>, headers: HeaderMap) -> Result<Response, Problem> {
     require(&ctx.app, &headers, Scope::ParkLane)?;
     let lane = &ctx.app.parked;
     let parked = lane.list().await.map_err(|e| problem(&ctx, e))?;
     let failed = lane.failed_effects().await.map_err(|e| problem(&ctx, e))?;
-    Ok(Json(json!({
-        "count": parked.len(),
-        "parked": parked.iter().map(summary).collect::<Vec<_>>(),
-        "failed_effects": failed.iter().map(failed_summary).collect::<Vec<_>>(),
-    })))
+    let view = ParkedListView {
+        count: parked.len(),
+        parked: parked.iter().map(ParkedView::new).collect(),
+        failed_effects: failed.iter().map(FailedEffectView::new).collect(),
+    };
+    Ok(Json(view).into_response())
 }
 
 /// `GET /v1/admin/parked/{partition}/{offset}`: one record, with its bytes.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/parked/{partition}/{offset}",
+    tag = "admin",
+    params(("partition" = u32, Path), ("offset" = u64, Path)),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The parked record with its bytes. Role: admin.", body = ParkedDetailView),
+        (status = 404, description = "`not_parked`: nothing is parked there. `not_found`: not a partition and offset."),
+        (status = 503, description = "`unavailable`."),
+    ),
+)]
 pub(crate) async fn show(
     State(ctx): State<Ctx>,
-    Path((partition, offset)): Path<(u32, u64)>,
+    path: Result<Path<(u32, u64)>, PathRejection>,
     headers: HeaderMap,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Response, Problem> {
     require(&ctx.app, &headers, Scope::ParkLane)?;
+    let (partition, offset) = position(path)?;
     let parked = ctx.app.parked.list().await.map_err(|e| problem(&ctx, e))?;
     let Some(r) = parked
         .iter()
@@ -98,33 +98,50 @@ pub(crate) async fn show(
     else {
         return Err(Problem::new(
             StatusCode::NOT_FOUND,
-            "not_parked",
+            Code::NotParked,
             "Not parked",
             format!("nothing is parked at partition {partition}, offset {offset}"),
         ));
     };
-    let mut v = summary(r);
-    v["value_base64"] = json!(base64::engine::general_purpose::STANDARD.encode(&r.value));
-    v["value_text"] = json!(String::from_utf8_lossy(&r.value));
-    Ok(Json(v))
+    let view = ParkedDetailView {
+        record: ParkedView::new(r),
+        value_base64: base64::engine::general_purpose::STANDARD.encode(&r.value),
+        value_text: String::from_utf8_lossy(&r.value).into_owned(),
+    };
+    Ok(Json(view).into_response())
 }
 
-fn accepted(partition: u32, offset: u64) -> (StatusCode, Json<Value>) {
-    (
-        StatusCode::ACCEPTED,
-        Json(json!({ "partition": partition, "command_offset": offset })),
-    )
+fn accepted(partition: u32, command_offset: u64) -> (StatusCode, Json<CommandView>) {
+    let view = CommandView {
+        partition,
+        command_offset,
+    };
+    (StatusCode::ACCEPTED, Json(view))
 }
 
 /// `POST /v1/admin/parked/{partition}/retry`: run the partition's failed
 /// captures and voids again, and process its parked records again, in
 /// order (202: the command is in the log).
+#[utoipa::path(
+    post,
+    path = "/v1/admin/parked/{partition}/retry",
+    tag = "admin",
+    params(("partition" = u32, Path)),
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "The command is in the log. Role: admin.", body = CommandView),
+        (status = 404, description = "`no_such_partition`. `not_found`: not a partition number."),
+        (status = 429, description = "`log_full`."),
+        (status = 503, description = "`unavailable`."),
+    ),
+)]
 pub(crate) async fn retry(
     State(ctx): State<Ctx>,
-    Path(partition): Path<u32>,
+    path: Result<Path<u32>, PathRejection>,
     headers: HeaderMap,
-) -> Result<(StatusCode, Json<Value>), Problem> {
+) -> Result<(StatusCode, Json<CommandView>), Problem> {
     require(&ctx.app, &headers, Scope::ParkLane)?;
+    let partition = position(path)?;
     let offset = ctx
         .app
         .parked
@@ -136,12 +153,26 @@ pub(crate) async fn retry(
 
 /// `POST /v1/admin/parked/{partition}/{offset}/drop`: take one record out
 /// of the lane for good (202: the command is in the log).
+#[utoipa::path(
+    post,
+    path = "/v1/admin/parked/{partition}/{offset}/drop",
+    tag = "admin",
+    params(("partition" = u32, Path), ("offset" = u64, Path)),
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "The command is in the log. Role: admin.", body = CommandView),
+        (status = 404, description = "`no_such_partition`. `not_found`: not a partition and offset."),
+        (status = 429, description = "`log_full`."),
+        (status = 503, description = "`unavailable`."),
+    ),
+)]
 pub(crate) async fn drop_record(
     State(ctx): State<Ctx>,
-    Path((partition, offset)): Path<(u32, u64)>,
+    path: Result<Path<(u32, u64)>, PathRejection>,
     headers: HeaderMap,
-) -> Result<(StatusCode, Json<Value>), Problem> {
+) -> Result<(StatusCode, Json<CommandView>), Problem> {
     require(&ctx.app, &headers, Scope::ParkLane)?;
+    let (partition, offset) = position(path)?;
     let command = ctx
         .app
         .parked
@@ -154,19 +185,34 @@ pub(crate) async fn drop_record(
 /// `POST /v1/admin/parked/{partition}/effects/{order_id}/{kind}/drop`:
 /// forget a failed capture or void an operator settled by hand (202: the
 /// command is in the log).
+#[utoipa::path(
+    post,
+    path = "/v1/admin/parked/{partition}/effects/{order_id}/{kind}/drop",
+    tag = "admin",
+    params(("partition" = u32, Path), ("order_id" = String, Path), ("kind" = String, Path, description = "`capture` or `void`.")),
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "The command is in the log. Role: admin.", body = CommandView),
+        (status = 400, description = "`invalid_effect_kind`."),
+        (status = 404, description = "`no_such_partition`. `not_found`: not a partition number."),
+        (status = 429, description = "`log_full`."),
+        (status = 503, description = "`unavailable`."),
+    ),
+)]
 pub(crate) async fn drop_effect(
     State(ctx): State<Ctx>,
-    Path((partition, order_id, kind)): Path<(u32, String, String)>,
+    path: Result<Path<(u32, String, String)>, PathRejection>,
     headers: HeaderMap,
-) -> Result<(StatusCode, Json<Value>), Problem> {
+) -> Result<(StatusCode, Json<CommandView>), Problem> {
     require(&ctx.app, &headers, Scope::ParkLane)?;
+    let (partition, order_id, kind) = position(path)?;
     let kind = match kind.as_str() {
         "capture" => EffectKind::Capture,
         "void" => EffectKind::Void,
         _ => {
             return Err(Problem::new(
                 StatusCode::BAD_REQUEST,
-                "invalid_effect_kind",
+                Code::InvalidEffectKind,
                 "Invalid effect kind",
                 format!("{kind:?} is neither `capture` nor `void`"),
             ));

@@ -7,16 +7,82 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::auth::{Role, Scope};
+use crate::domain::order::RejectReason;
 use crate::pipeline::intake::{IntakeError, Shed};
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// Declares [`Code`] and its list from one table, so no code can be
+/// answered without being listed (the OpenAPI document lists them all).
+macro_rules! problem_codes {
+    ($($variant:ident = $code:literal,)*) => {
+        /// The stable `code` of a problem: a refused order's reason, or one
+        /// of the API's own.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Code {
+            /// An order broke a rule (also `invalid_order_id`, `invalid_sku`).
+            Order(RejectReason),
+            $($variant,)*
+        }
+
+        impl Code {
+            /// Every code but the refused orders' ([`RejectReason::ALL`]).
+            pub const API: &[Code] = &[$(Code::$variant,)*];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    Code::Order(r) => r.code(),
+                    $(Code::$variant => $code,)*
+                }
+            }
+        }
+    };
+}
+
+problem_codes! {
+    AdminDisabled = "admin_disabled",
+    ApplyTimeout = "apply_timeout",
+    BodyTimeout = "body_timeout",
+    Forbidden = "forbidden",
+    GatewayAuthFailed = "gateway_auth_failed",
+    InvalidBody = "invalid_body",
+    InvalidEffectKind = "invalid_effect_kind",
+    InvalidIdempotencyKey = "invalid_idempotency_key",
+    LogFull = "log_full",
+    MethodNotAllowed = "method_not_allowed",
+    NoSuchPartition = "no_such_partition",
+    NotFound = "not_found",
+    NotParked = "not_parked",
+    NotReady = "not_ready",
+    OrderNotFound = "order_not_found",
+    Overloaded = "overloaded",
+    PayloadTooLarge = "payload_too_large",
+    RateLimited = "rate_limited",
+    RecordTooLarge = "record_too_large",
+    ShuttingDown = "shutting_down",
+    StockRefused = "stock_refused",
+    TooManyStreams = "too_many_streams",
+    Unauthorized = "unauthorized",
+    Unavailable = "unavailable",
+    UnreadableBody = "unreadable_body",
+}
+
+impl Code {
+    /// Every code a problem may carry, each once.
+    pub fn all() -> impl Iterator<Item = Code> {
+        RejectReason::ALL
+            .into_iter()
+            .map(Code::Order)
+            .chain(Code::API.iter().copied())
+    }
+}
 
 /// One problem answer. Build it with the constructors below so the code
 /// and status of each kind stay the same everywhere.
 #[derive(Clone, Debug)]
 pub struct Problem {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: Code,
     pub title: &'static str,
     pub detail: String,
     /// Seconds for `Retry-After` (429 and 503).
@@ -25,20 +91,34 @@ pub struct Problem {
     pub bearer_challenge: bool,
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
+/// The body of every error answer.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Problem)]
+pub(crate) struct ProblemBody<'a> {
+    /// `urn:orderflow:problem:<code>`.
     #[serde(rename = "type")]
     kind: String,
     title: &'a str,
+    /// The HTTP status code.
     status: u16,
+    /// What happened, for a person; never a body, a token or card data.
     detail: &'a str,
+    /// What happened, for a program: switch on this.
+    #[schema(schema_with = code_schema)]
     code: &'a str,
+}
+
+fn code_schema() -> utoipa::openapi::schema::Object {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(Code::all().map(Code::as_str)))
+        .build()
 }
 
 impl Problem {
     pub fn new(
         status: StatusCode,
-        code: &'static str,
+        code: Code,
         title: &'static str,
         detail: impl Into<String>,
     ) -> Problem {
@@ -60,7 +140,7 @@ impl Problem {
     pub fn not_found() -> Problem {
         Problem::new(
             StatusCode::NOT_FOUND,
-            "not_found",
+            Code::NotFound,
             "Not found",
             "no such resource",
         )
@@ -71,7 +151,7 @@ impl Problem {
     pub fn order_not_found() -> Problem {
         Problem::new(
             StatusCode::NOT_FOUND,
-            "order_not_found",
+            Code::OrderNotFound,
             "Order not found",
             "no order with this id is visible with the given token",
         )
@@ -80,7 +160,7 @@ impl Problem {
     pub fn method_not_allowed() -> Problem {
         Problem::new(
             StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
+            Code::MethodNotAllowed,
             "Method not allowed",
             "this route does not take this method",
         )
@@ -90,7 +170,7 @@ impl Problem {
     pub fn unauthorized(roles: &[Role]) -> Problem {
         let mut p = Problem::new(
             StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            Code::Unauthorized,
             "Unauthorized",
             format!(
                 "this route needs a token of role {} as `Authorization: Bearer <token>`",
@@ -106,7 +186,7 @@ impl Problem {
     pub fn admin_disabled(roles: &[Role]) -> Problem {
         Problem::new(
             StatusCode::FORBIDDEN,
-            "admin_disabled",
+            Code::AdminDisabled,
             "Admin API disabled",
             format!(
                 "no token of role {} is configured (set {} to enable this route)",
@@ -120,7 +200,7 @@ impl Problem {
     pub fn forbidden(role: Role, scope: Scope) -> Problem {
         Problem::new(
             StatusCode::FORBIDDEN,
-            "forbidden",
+            Code::Forbidden,
             "Forbidden",
             format!(
                 "a {role} token may not {}; this route needs a token of role {}",
@@ -133,7 +213,7 @@ impl Problem {
     pub fn invalid_order_id() -> Problem {
         Problem::new(
             StatusCode::BAD_REQUEST,
-            "invalid_order_id",
+            Code::Order(RejectReason::InvalidOrderId),
             "Invalid order id",
             "an order id must match [A-Za-z0-9._:-]{1,64} and hold no card number",
         )
@@ -142,7 +222,7 @@ impl Problem {
     pub fn payload_too_large(limit: usize) -> Problem {
         Problem::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            Code::PayloadTooLarge,
             "Payload too large",
             format!("the request body exceeds the limit of {limit} bytes"),
         )
@@ -151,7 +231,7 @@ impl Problem {
     pub fn unreadable_body() -> Problem {
         Problem::new(
             StatusCode::BAD_REQUEST,
-            "unreadable_body",
+            Code::UnreadableBody,
             "Bad request",
             "the request body could not be read",
         )
@@ -160,7 +240,7 @@ impl Problem {
     pub fn invalid_body(detail: impl Into<String>) -> Problem {
         Problem::new(
             StatusCode::BAD_REQUEST,
-            "invalid_body",
+            Code::InvalidBody,
             "Invalid request body",
             detail,
         )
@@ -169,7 +249,7 @@ impl Problem {
     pub fn invalid_sku() -> Problem {
         Problem::new(
             StatusCode::BAD_REQUEST,
-            "invalid_sku",
+            Code::Order(RejectReason::InvalidSku),
             "Invalid SKU",
             "a SKU must match [A-Za-z0-9._-]{1,64}",
         )
@@ -178,7 +258,7 @@ impl Problem {
     pub fn invalid_idempotency_key() -> Problem {
         Problem::new(
             StatusCode::BAD_REQUEST,
-            "invalid_idempotency_key",
+            Code::InvalidIdempotencyKey,
             "Invalid Idempotency-Key",
             "the Idempotency-Key header must be 1 to 255 printable ASCII characters",
         )
@@ -187,7 +267,7 @@ impl Problem {
     pub fn shutting_down(retry_after_s: u32) -> Problem {
         Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
+            Code::ShuttingDown,
             "Shutting down",
             "this instance is shutting down; retry (on another instance)",
         )
@@ -197,7 +277,7 @@ impl Problem {
     pub fn not_ready() -> Problem {
         Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
+            Code::NotReady,
             "Not ready",
             "the instance is starting (recovering partitions)",
         )
@@ -207,7 +287,7 @@ impl Problem {
     pub fn tasks_down(reasons: &[String]) -> Problem {
         Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
+            Code::NotReady,
             "Not ready",
             format!("partition tasks are down: {}", reasons.join("; ")),
         )
@@ -217,7 +297,7 @@ impl Problem {
     pub fn gateway_auth_failed() -> Problem {
         Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "gateway_auth_failed",
+            Code::GatewayAuthFailed,
             "Payment gateway refuses the credentials",
             "the payment gateway answers 401/403 to orderflow's secret key: authorizations end payment_failed (gateway_auth_failed) until it accepts the key again",
         )
@@ -226,7 +306,7 @@ impl Problem {
     pub fn too_many_streams(retry_after_s: u32) -> Problem {
         Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "too_many_streams",
+            Code::TooManyStreams,
             "Too many streams",
             "too many event streams are open; retry later",
         )
@@ -236,7 +316,7 @@ impl Problem {
     pub fn unavailable(retry_after_s: u32) -> Problem {
         Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
+            Code::Unavailable,
             "Service unavailable",
             "the log or state store is unavailable; retry later",
         )
@@ -246,7 +326,7 @@ impl Problem {
     pub fn log_full(retry_after_s: u32) -> Problem {
         Problem::new(
             StatusCode::TOO_MANY_REQUESTS,
-            "log_full",
+            Code::LogFull,
             "Too many requests",
             "the log is full; retry later",
         )
@@ -265,7 +345,7 @@ impl Problem {
         };
         Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
+            Code::Overloaded,
             "Overloaded",
             format!("{limit}; retry later"),
         )
@@ -276,7 +356,7 @@ impl Problem {
     pub fn rate_limited(retry_after_s: u32) -> Problem {
         Problem::new(
             StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
+            Code::RateLimited,
             "Too many requests",
             "this client sent more requests than its rate limit allows; retry after `Retry-After` seconds",
         )
@@ -289,7 +369,7 @@ impl Problem {
     pub fn body_timeout(timeout_ms: u64) -> Problem {
         Problem::new(
             StatusCode::REQUEST_TIMEOUT,
-            "body_timeout",
+            Code::BodyTimeout,
             "Request timeout",
             format!("the request body was not received within {timeout_ms} ms"),
         )
@@ -301,7 +381,7 @@ impl Problem {
         match e {
             IntakeError::Invalid(r) => Problem::new(
                 StatusCode::BAD_REQUEST,
-                r.reason.code(),
+                Code::Order(r.reason),
                 "Invalid order",
                 r.detail.clone(),
             ),
@@ -310,7 +390,7 @@ impl Problem {
             IntakeError::Unavailable(_) => Problem::unavailable(retry_after_s),
             IntakeError::RecordTooLarge { max_bytes, .. } => Problem::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "record_too_large",
+                Code::RecordTooLarge,
                 "Payload too large",
                 format!("the order exceeds the log's record limit of {max_bytes} bytes"),
             ),
@@ -330,12 +410,12 @@ fn either(roles: &[Role], name: impl Fn(&Role) -> &'static str) -> String {
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
-        let body = Body {
-            kind: format!("urn:orderflow:problem:{}", self.code),
+        let body = ProblemBody {
+            kind: format!("urn:orderflow:problem:{}", self.code.as_str()),
             title: self.title,
             status: self.status.as_u16(),
             detail: &self.detail,
-            code: self.code,
+            code: self.code.as_str(),
         };
         let json = serde_json::to_vec(&body).expect("a problem always serializes");
         let mut res = (self.status, json).into_response();

@@ -35,10 +35,6 @@ use super::problem::Problem;
 pub const MAX_CLIENTS: usize = 65_536;
 const SHARDS: usize = 16;
 
-/// Routes never limited: probes and scrapes must see the instance as it
-/// is, not as throttled.
-const EXEMPT: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
-
 /// Who a request counts against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum ClientKey {
@@ -157,7 +153,7 @@ pub(crate) async fn limit(State(ctx): State<Ctx>, req: Request, next: Next) -> R
     let exempt = req
         .extensions()
         .get::<MatchedPath>()
-        .is_some_and(|p| EXEMPT.contains(&p.as_str()));
+        .is_some_and(|p| super::openapi::RATE_LIMIT_EXEMPT.contains(&p.as_str()));
     let peer = req
         .extensions()
         .get::<ConnectInfo<std::net::SocketAddr>>()

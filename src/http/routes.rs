@@ -6,12 +6,15 @@ use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::auth::{Scope, TokenQuery, presented_token, require};
 use super::body::{BodyError, read_limited};
-use super::problem::Problem;
-use super::views::OrderView;
+use super::openapi::order_record::OrderRecord;
+use super::problem::{Code, Problem};
+use super::views::{
+    AcceptedView, GatewayView, OrderView, ProduceLine, ReadyView, TrackingTokenView,
+};
 use super::{AppState, Ctx};
 use crate::domain::order::{valid_id, valid_sku};
 use crate::domain::pan::contains_pan;
@@ -72,15 +75,21 @@ fn intake_problem(state: &AppState, e: &IntakeError) -> Problem {
     Problem::from_intake(e, state.config.retry_after_s)
 }
 
-#[derive(Serialize)]
-struct AcceptedView<'a> {
-    order_id: &'a str,
-    status: &'static str,
-    tracking_url: String,
-    tracking_token: &'a str,
-}
-
 /// `POST /v1/orders`.
+#[utoipa::path(
+    post,
+    path = "/v1/orders",
+    tag = "orders",
+    request_body(content = OrderRecord, description = "The order; `order_id` may be left out."),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries of an order without `order_id` one order: 1 to 255 printable ASCII characters.")),
+    responses(
+        (status = 202, description = "In the log; follow it at `tracking_url` with `tracking_token`.", body = AcceptedView, headers(("Location" = String, description = "The order's URL."))),
+        (status = 400, description = "The order broke the rule its code names: {order_reasons}. `invalid_idempotency_key`: a bad `Idempotency-Key`. `unreadable_body`."),
+        (status = 413, description = "`payload_too_large`: over `http.body_limit_bytes`. `record_too_large`: over the log's record limit."),
+        (status = 429, description = "`log_full`: the log is at its bound."),
+        (status = 503, description = "`overloaded`: shed by admission control (the detail says which limit). `unavailable`: the log is unavailable. `shutting_down`."),
+    ),
+)]
 pub(crate) async fn post_order(
     State(ctx): State<Ctx>,
     headers: HeaderMap,
@@ -175,6 +184,18 @@ pub(crate) async fn authorize_order(
 }
 
 /// `GET /v1/orders/{id}`.
+#[utoipa::path(
+    get,
+    path = "/v1/orders/{id}",
+    tag = "orders",
+    params(("id" = String, Path, description = "The order id.")),
+    security(("bearer" = []), ("tracking_token" = [])),
+    responses(
+        (status = 200, description = "The order's status and history (`accepted` with no history until the read model has it).", body = OrderView),
+        (status = 403, description = "`forbidden`: a producer token, whatever the id."),
+        (status = 404, description = "`order_not_found`: an unknown id and a missing or wrong token alike."),
+    ),
+)]
 pub(crate) async fn get_order(
     State(ctx): State<Ctx>,
     path: Result<Path<String>, axum::extract::rejection::PathRejection>,
@@ -206,7 +227,7 @@ fn stock_problem(state: &AppState, e: InventoryError) -> Problem {
         )),
         InventoryError::Refused(reason) => Problem::new(
             StatusCode::CONFLICT,
-            "stock_refused",
+            Code::StockRefused,
             "Stock change refused",
             format!("the partition refused the stock change: {reason}"),
         ),
@@ -221,7 +242,7 @@ fn stock_problem(state: &AppState, e: InventoryError) -> Problem {
         }
         InventoryError::Timeout(ms) => Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "apply_timeout",
+            Code::ApplyTimeout,
             "Stock change pending",
             format!("the stock change was logged but not applied within {ms} ms; it will apply, and repeating it is safe"),
         )
@@ -230,6 +251,18 @@ fn stock_problem(state: &AppState, e: InventoryError) -> Problem {
 }
 
 /// `GET /v1/inventory/{sku}` (admin, reader).
+#[utoipa::path(
+    get,
+    path = "/v1/inventory/{sku}",
+    tag = "inventory",
+    params(("sku" = String, Path, description = "The SKU.")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The counters (zeros for an unknown SKU). Roles: admin, reader.", body = StockCounts),
+        (status = 400, description = "`invalid_sku`."),
+        (status = 503, description = "`unavailable`: the counters could not be read."),
+    ),
+)]
 pub(crate) async fn get_stock(
     State(ctx): State<Ctx>,
     path: Result<Path<String>, axum::extract::rejection::PathRejection>,
@@ -252,13 +285,32 @@ pub(crate) async fn get_stock(
     })))
 }
 
-#[derive(Deserialize)]
+/// The body of `PUT /v1/inventory/{sku}`.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct StockBody {
+pub(crate) struct StockBody {
+    /// The units on hand to sell, at most 10^12.
+    #[schema(maximum = 1_000_000_000_000_u64)]
     available: u64,
 }
 
 /// `PUT /v1/inventory/{sku}` (admin) with `{"available": N}`.
+#[utoipa::path(
+    put,
+    path = "/v1/inventory/{sku}",
+    tag = "inventory",
+    params(("sku" = String, Path, description = "The SKU.")),
+    request_body(content = StockBody),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The counters once the change is applied (it goes through the log). Role: admin.", body = StockCounts),
+        (status = 400, description = "`invalid_sku`, `invalid_body`."),
+        (status = 409, description = "`stock_refused`: the partition refused the change (the detail says why)."),
+        (status = 413, description = "`payload_too_large`."),
+        (status = 429, description = "`log_full`."),
+        (status = 503, description = "`apply_timeout`: logged, not applied yet (it will apply; repeating is safe). `unavailable`, `shutting_down`."),
+    ),
+)]
 pub(crate) async fn put_stock(
     State(ctx): State<Ctx>,
     path: Result<Path<String>, axum::extract::rejection::PathRejection>,
@@ -290,25 +342,21 @@ pub(crate) async fn put_stock(
     Ok(Json(counts))
 }
 
-#[derive(Serialize)]
-#[serde(untagged)]
-enum ProduceLine<'a> {
-    Ok {
-        line: usize,
-        partition: u32,
-        offset: u64,
-        order_id: Option<&'a str>,
-    },
-    Err {
-        line: usize,
-        error: String,
-        code: &'static str,
-    },
-}
-
 /// `POST /v1/admin/produce` (admin, producer): NDJSON in, one NDJSON result per
 /// non-blank input line out, in input order. Lines are numbered from 1;
 /// blank lines are skipped. A bad line does not stop the others.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/produce",
+    tag = "admin",
+    request_body(content = String, content_type = "application/x-ndjson", description = "One order record per line, written to the log as an upstream producer would (the processor validates each)."),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "One result per non-blank input line, in order (NDJSON). Roles: admin, producer.", content_type = "application/x-ndjson", body = ProduceLine),
+        (status = 413, description = "`payload_too_large`: over 64 × `http.body_limit_bytes`."),
+        (status = 503, description = "`shutting_down`."),
+    ),
+)]
 pub(crate) async fn admin_produce(
     State(ctx): State<Ctx>,
     headers: HeaderMap,
@@ -369,17 +417,21 @@ pub(crate) async fn admin_produce(
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], out).into_response())
 }
 
-#[derive(Serialize)]
-struct TrackingTokenView<'a> {
-    order_id: &'a str,
-    tracking_token: String,
-    tracking_url: String,
-}
-
 /// `GET /v1/orders/{id}/tracking-token` (admin, producer): the tracking
 /// token of an order an upstream system wrote to the log, so its customer
 /// can follow it like an order placed over HTTP. The token is a MAC of the
 /// id, so any valid id has one, whether or not such an order exists.
+#[utoipa::path(
+    get,
+    path = "/v1/orders/{id}/tracking-token",
+    tag = "orders",
+    params(("id" = String, Path, description = "Any valid order id.")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The token `POST /v1/orders` would answer for this id. Roles: admin, producer.", body = TrackingTokenView),
+        (status = 400, description = "`invalid_order_id`."),
+    ),
+)]
 pub(crate) async fn tracking_token(
     State(ctx): State<Ctx>,
     path: Result<Path<String>, axum::extract::rejection::PathRejection>,
@@ -404,6 +456,12 @@ pub(crate) async fn tracking_token(
 }
 
 /// `GET /metrics`: Prometheus text exposition format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition format.", content_type = "text/plain", body = String)),
+)]
 pub(crate) async fn metrics(State(ctx): State<Ctx>) -> Response {
     (
         [(
@@ -416,6 +474,12 @@ pub(crate) async fn metrics(State(ctx): State<Ctx>) -> Response {
 }
 
 /// `GET /healthz`: the process is alive.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "`ok`: the process is alive.", content_type = "text/plain", body = String)),
+)]
 pub(crate) async fn healthz() -> &'static str {
     "ok"
 }
@@ -429,6 +493,15 @@ pub(crate) async fn healthz() -> &'static str {
 /// orders (they end `payment_failed`). Refused gateway credentials are
 /// judged (503 `gateway_auth_failed`): every payment fails until someone
 /// fixes the key, which is what readiness is for.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Every partition is recovered.", body = ReadyView),
+        (status = 503, description = "`not_ready`: starting, or partition tasks were given up on (the detail names them). `gateway_auth_failed`: the payment gateway refuses orderflow's key."),
+    ),
+)]
 pub(crate) async fn readyz(State(ctx): State<Ctx>) -> Result<Response, Problem> {
     let health = &ctx.app.health;
     let down = health.down_reasons();
@@ -442,8 +515,13 @@ pub(crate) async fn readyz(State(ctx): State<Ctx>) -> Result<Response, Problem> 
     if gateway.is_some_and(|b| b.auth_failed()) {
         return Err(Problem::gateway_auth_failed());
     }
-    let gateway = gateway.map(|b| b.detail());
-    let failed_effects = ctx.app.metrics.effects_failed_now();
-    let body = serde_json::json!({"status": "ready", "gateway": gateway, "failed_effects": failed_effects});
-    Ok(axum::Json(body).into_response())
+    let view = ReadyView {
+        status: "ready",
+        gateway: gateway.map(|b| GatewayView {
+            kind: b.name(),
+            breaker: b.state().as_str(),
+        }),
+        failed_effects: ctx.app.metrics.effects_failed_now(),
+    };
+    Ok(Json(view).into_response())
 }

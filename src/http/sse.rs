@@ -43,6 +43,19 @@ const RESYNC_POLLS: u32 = 4;
 /// Longest a live event waits for the read model to fill a gap before it.
 const GAP_WAIT: Duration = Duration::from_secs(5);
 
+#[utoipa::path(
+    get,
+    path = "/v1/orders/{id}/events",
+    tag = "orders",
+    params(("id" = String, Path, description = "The order id.")),
+    security(("bearer" = []), ("tracking_token" = [])),
+    responses(
+        (status = 200, description = "Server-Sent Events: `event: status`, `id: <seq>`, data an `EventView`; the history first, then live, ending after a terminal status.", content_type = "text/event-stream", body = EventView),
+        (status = 403, description = "`forbidden`: a producer token, whatever the id."),
+        (status = 404, description = "`order_not_found`: an unknown id and a missing or wrong token alike."),
+        (status = 503, description = "`too_many_streams`: `http.max_sse_streams` are open."),
+    ),
+)]
 pub(crate) async fn order_events(
     State(ctx): State<Ctx>,
     path: Result<Path<String>, axum::extract::rejection::PathRejection>,

@@ -38,6 +38,18 @@ use crate::sinks::tracking::TrackingView;
 const PAGE: &str = include_str!("track.html");
 
 /// `GET /track/{id}`.
+#[utoipa::path(
+    get,
+    path = "/track/{id}",
+    tag = "orders",
+    params(("id" = String, Path, description = "The order id.")),
+    security(("tracking_token" = [])),
+    responses(
+        (status = 200, description = "The tracking page, which follows the order live.", content_type = "text/html", body = String),
+        (status = 404, description = "A page saying the order is unknown: an unknown id and a missing, wrong or producer token alike.", content_type = "text/html", body = String),
+        (status = 503, description = "A page asking to come back later.", content_type = "text/html", body = String),
+    ),
+)]
 pub(crate) async fn track_page(
     State(ctx): State<Ctx>,
     path: Result<Path<String>, PathRejection>,

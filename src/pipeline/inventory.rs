@@ -36,7 +36,8 @@ const MAX_REFUSALS: usize = 1_024;
 /// between reading the manifest and the page.
 const REMOTE_READ_ATTEMPTS: usize = 5;
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// A SKU's stock counters (`GET`/`PUT /v1/inventory/{sku}`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StockCounts {
     pub sku: String,
     pub available: u64,

@@ -184,6 +184,19 @@ pub fn strip_ansi(text: &str) -> String {
     out
 }
 
+/// The Python of `ORDERFLOW_TEST_PYTHON`, with the packages of
+/// `scripts/requirements-test.txt` (`./scripts/test` sets it up).
+pub fn test_python() -> String {
+    std::env::var("ORDERFLOW_TEST_PYTHON").unwrap_or_else(|_| {
+        panic!(
+            "ORDERFLOW_TEST_PYTHON is not set: it must name a Python with the packages of \
+             scripts/requirements-test.txt. Run ./scripts/test, or: python3 -m venv .cache/venv && \
+             .cache/venv/bin/pip install -r scripts/requirements-test.txt && \
+             export ORDERFLOW_TEST_PYTHON=$PWD/.cache/venv/bin/python"
+        )
+    })
+}
+
 pub fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(30))
