@@ -44,7 +44,7 @@ use orderflow::config::{Config, IntakeConfig};
 use orderflow::domain::{Envelope, Message, Status, StatusEvent};
 use orderflow::pipeline::intake::resident_bytes;
 use orderflow::pipeline::log::{Log, Record, RecordKind, Topic, partition_for_key};
-use orderflow::sinks::metrics::Metrics;
+use orderflow::telemetry::metrics::Metrics;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::{mpsc, watch};

@@ -23,8 +23,8 @@ use crate::gateway::PaymentGateway;
 use crate::gateway::breaker::{Breaker, BreakerConfig};
 use crate::gateway::simulator::Simulator;
 use crate::gateway::stripe::StripeClient;
+use crate::http::AppState;
 use crate::http::auth::Credentials;
-use crate::http::{AppState, Health};
 use crate::pipeline::backlog::Backlog;
 use crate::pipeline::effects;
 use crate::pipeline::intake::Intake;
@@ -35,14 +35,16 @@ use crate::pipeline::log::{Log, Topic};
 use crate::pipeline::membership::kafka::KafkaGroup;
 use crate::pipeline::membership::{Membership, Static};
 use crate::pipeline::runner::{PanicFault, RunnerExit};
+use crate::pipeline::sink::StatusSink;
 use crate::pipeline::store::StateStore;
 use crate::pipeline::store::embedded::EmbeddedStore;
 use crate::pipeline::store::scylla::ScyllaStore;
 use crate::pipeline::supervisor::{self, Stop};
 use crate::pipeline::tokens::TokenKeys;
-use crate::sinks::metrics::Metrics;
 use crate::sinks::notifications;
 use crate::sinks::tracking::{self, Tracking};
+use crate::telemetry::Health;
+use crate::telemetry::metrics::Metrics;
 
 /// A running instance.
 pub struct App {
@@ -167,7 +169,7 @@ async fn start_inner(
     let inventory = Arc::new(Inventory::new(log.clone(), store.clone()));
     let tracking = Arc::new(Tracking::new(
         config.status_partitions,
-        config.tracking.limits(),
+        crate::sinks::tracking::ModelLimits::from_config(&config.tracking),
         metrics.clone(),
     ));
     let keys = token_keys(&config, store.as_ref()).await?;
@@ -207,7 +209,7 @@ async fn start_inner(
     };
     let backlog = Arc::new(Backlog::new(config.partitions));
     let supervision = supervisor::Supervision {
-        policy: config.supervisor.policy(),
+        policy: crate::pipeline::restart::RestartPolicy::from_config(&config.supervisor),
         metrics: metrics.clone(),
         health: health.clone(),
         backlog: backlog.clone(),
@@ -223,11 +225,7 @@ async fn start_inner(
         backlog: backlog.clone(),
         checkpoint: config.checkpoint.clone(),
         limits: config.processor.limits(),
-        tracking: tracking.clone(),
-        tracking_log,
-        notifications: notifications
-            .as_ref()
-            .map(|(n, l)| (n.notifier.clone(), l.clone())),
+        sinks: status_sinks(&tracking, &store, tracking_log, notifications.as_ref()),
         health: health.clone(),
         fatal: fatal_tx.clone(),
         // Embedded, one process sees everything: finish it. Distributed,
@@ -599,4 +597,27 @@ async fn shutdown_signal() {
 /// `orderflow run`: start, serve until a signal, shut down cleanly.
 pub async fn run(config: Config, credentials: Credentials) -> anyhow::Result<()> {
     start(config, credentials).await?.run_until_signal().await
+}
+
+/// The consumers of `order-status` each owned status partition runs: the
+/// read model's owner (its replay points) and, when configured,
+/// notifications.
+fn status_sinks(
+    tracking: &Arc<Tracking>,
+    store: &Arc<dyn StateStore>,
+    tracking_log: Arc<dyn Log>,
+    notifications: Option<&(notifications::Running, Arc<dyn Log>)>,
+) -> Vec<Arc<dyn StatusSink>> {
+    let mut sinks: Vec<Arc<dyn StatusSink>> = vec![Arc::new(tracking::OwnerSink {
+        tracking: tracking.clone(),
+        store: store.clone(),
+        log: tracking_log,
+    })];
+    if let Some((running, log)) = notifications {
+        sinks.push(Arc::new(notifications::NotificationsSink {
+            notifier: running.notifier.clone(),
+            log: log.clone(),
+        }));
+    }
+    sinks
 }

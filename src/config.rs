@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 mod backends;
+pub mod notifications;
+pub mod sim_bounds;
 pub use backends::*;
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -44,7 +46,7 @@ pub struct Config {
     pub scylla: Option<ScyllaConfig>,
 }
 
-pub use crate::sinks::notifications::config::NotificationsConfig;
+pub use notifications::NotificationsConfig;
 
 /// `[processor]`: the bounds of each `orders` partition's state
 /// (docs/design.md, "Bounds"). All are per partition and deterministic.
@@ -115,15 +117,6 @@ impl Default for TrackingConfig {
         TrackingConfig {
             retention_ms: 7 * 86_400_000,
             max_orders: 1_000_000,
-        }
-    }
-}
-
-impl TrackingConfig {
-    pub fn limits(&self) -> crate::sinks::tracking::ModelLimits {
-        crate::sinks::tracking::ModelLimits {
-            max_orders: self.max_orders,
-            retention_ms: self.retention_ms,
         }
     }
 }
@@ -382,15 +375,6 @@ impl Default for SupervisorConfig {
 }
 
 impl SupervisorConfig {
-    pub fn policy(&self) -> crate::pipeline::restart::RestartPolicy {
-        crate::pipeline::restart::RestartPolicy {
-            initial_backoff_ms: self.restart_initial_backoff_ms,
-            max_backoff_ms: self.restart_max_backoff_ms,
-            max_deaths: self.max_deaths,
-            window_ms: self.death_window_ms,
-        }
-    }
-
     /// Checks the bounds `Deaths` asserts, with the key that breaks them.
     fn validate(&self) -> Result<(), ConfigError> {
         let initial = self.restart_initial_backoff_ms;
@@ -418,14 +402,14 @@ impl SupervisorConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// k of `orderflow_out_of_stock_top_skus`: one series per SKU, so at
-    /// most [`crate::sinks::saga_health::MAX_TOP_SKUS`]; 0 turns it off.
+    /// most [`crate::telemetry::saga_health::MAX_TOP_SKUS`]; 0 turns it off.
     pub top_out_of_stock_skus: usize,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
-            top_out_of_stock_skus: crate::sinks::metrics::DEFAULT_TOP_SKUS,
+            top_out_of_stock_skus: crate::telemetry::metrics::DEFAULT_TOP_SKUS,
         }
     }
 }
@@ -479,7 +463,7 @@ impl Default for CheckpointConfig {
 
 impl Default for GatewayConfig {
     fn default() -> Self {
-        use crate::gateway::simulator as sim;
+        use sim_bounds as sim;
         GatewayConfig {
             kind: GatewayKind::Simulator,
             url: "https://api.stripe.com".into(),
@@ -744,7 +728,7 @@ impl Config {
             "metrics.top_out_of_stock_skus",
             self.metrics.top_out_of_stock_skus,
             0,
-            crate::sinks::saga_health::MAX_TOP_SKUS,
+            crate::telemetry::saga_health::MAX_TOP_SKUS,
         )?;
         let rss = self.intake.max_rss_bytes;
         if rss != 0 && !(MIN_RSS_BOUND_BYTES..=MAX_RSS_BOUND_BYTES).contains(&rss) {
@@ -905,8 +889,15 @@ impl GatewayConfig {
             ));
         }
         // The simulator's bounds share their ranges with gateway-sim's flags.
-        let sim = crate::gateway::simulator::SimOptions::from_config(self);
-        for (name, v, lo, hi) in sim.bound_ranges() {
+        let ranges = sim_bounds::ranges(
+            self.sim_max_intents,
+            self.sim_intent_retention_ms,
+            self.sim_authorization_ttl_ms,
+            self.sim_max_keys,
+            self.sim_key_ttl_ms,
+            self.sim_max_calls,
+        );
+        for (name, v, lo, hi) in ranges {
             if !(lo..=hi).contains(&v) {
                 return invalid(format!(
                     "`gateway.sim_{name}` = {v} is out of range [{lo}, {hi}]"

@@ -155,7 +155,7 @@ fn card_numbers_in_raw_records_never_reach_the_park_lane() {
     use orderflow::domain::parked::ParkEvent;
     use orderflow::pipeline::log::embedded::EmbeddedLog;
     use orderflow::pipeline::log::{Log, Record, RecordKind, Topic, partition_for_key};
-    use orderflow::sinks::metrics::Metrics;
+    use orderflow::telemetry::metrics::Metrics;
 
     let dir = tempfile::tempdir().unwrap();
     let defaults = Config::default();

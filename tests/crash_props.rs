@@ -18,8 +18,8 @@ use orderflow::pipeline::log::Topic;
 use orderflow::pipeline::log::embedded::EmbeddedLog;
 use orderflow::pipeline::runner::{load_state, replay};
 use orderflow::pipeline::store::embedded::EmbeddedStore;
-use orderflow::sinks::metrics::Metrics;
 use orderflow::stages::processor::Limits;
+use orderflow::telemetry::metrics::Metrics;
 use proptest::prelude::*;
 use support::*;
 

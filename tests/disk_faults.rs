@@ -16,7 +16,7 @@ use orderflow::pipeline::log::embedded::EmbeddedLog;
 use orderflow::pipeline::log::{Log, LogError, Record, RecordKind, Topic};
 use orderflow::pipeline::store::embedded::EmbeddedStore;
 use orderflow::pipeline::store::{BlobRef, Scope, SnapshotWrite, StateStore, StoreError};
-use orderflow::sinks::metrics::Metrics;
+use orderflow::telemetry::metrics::Metrics;
 use support::{client, is_terminal, order_view, set_stock, start_server, wait_until};
 
 /// A size-limited tmpfs mounted for one test, unmounted when dropped.

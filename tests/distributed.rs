@@ -18,7 +18,7 @@ use orderflow::domain::StatusEvent;
 use orderflow::domain::partition::partition_for_key;
 use orderflow::pipeline::log::kafka::KafkaLog;
 use orderflow::pipeline::log::{Log, Topic};
-use orderflow::sinks::metrics::Metrics;
+use orderflow::telemetry::metrics::Metrics;
 use serde_json::{Value, json};
 use support::*;
 

@@ -15,7 +15,7 @@ use orderflow::pipeline::log::kafka::{KafkaLog, topic_name};
 use orderflow::pipeline::log::{
     Log, LogError, LogRecord, Record, RecordKind, Topic, append_keyed, partition_for_key,
 };
-use orderflow::sinks::metrics::Metrics;
+use orderflow::telemetry::metrics::Metrics;
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 

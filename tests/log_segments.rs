@@ -8,7 +8,7 @@ use std::time::Duration;
 use orderflow::config::LogConfig;
 use orderflow::pipeline::log::embedded::EmbeddedLog;
 use orderflow::pipeline::log::{Log, LogError, Record, RecordKind, Topic};
-use orderflow::sinks::metrics::Metrics;
+use orderflow::telemetry::metrics::Metrics;
 
 /// Frame of `record(i)`: header 8 + payload header 11 + key 1 + value 10.
 const FRAME_BYTES: u64 = 30;

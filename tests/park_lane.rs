@@ -227,7 +227,7 @@ fn orders_parked_is_trimmed_by_retention() {
     use orderflow::config::LogConfig;
     use orderflow::pipeline::log::embedded::EmbeddedLog;
     use orderflow::pipeline::log::{Log, Topic};
-    use orderflow::sinks::metrics::Metrics;
+    use orderflow::telemetry::metrics::Metrics;
 
     const RETRIES: usize = 40;
     let dir = tempfile::tempdir().unwrap();

@@ -28,7 +28,7 @@ use orderflow::domain::StatusEvent;
 use orderflow::domain::partition::partition_for_key;
 use orderflow::pipeline::log::kafka::KafkaLog;
 use orderflow::pipeline::log::{Log, Record, RecordKind, Topic};
-use orderflow::sinks::metrics::Metrics;
+use orderflow::telemetry::metrics::Metrics;
 use serde_json::json;
 use support::*;
 

@@ -21,10 +21,10 @@ use orderflow::pipeline::runner::core::PartitionCore;
 use orderflow::pipeline::store::embedded::EmbeddedStore;
 use orderflow::pipeline::store::scylla::{ScyllaStore, migrate};
 use orderflow::pipeline::store::{BlobRef, Scope, Snapshot, SnapshotWrite, StateStore, StoreError};
-use orderflow::sinks::metrics::Metrics;
 use orderflow::stages::processor::{Input, Limits};
 use orderflow::stages::snapshot::{self, Manifest};
 use orderflow::stages::{PartitionState, Processor};
+use orderflow::telemetry::metrics::Metrics;
 
 /// Where a test's store keeps its data. `open` gives a fresh handle on the
 /// same data (a restart of the process, or another instance).

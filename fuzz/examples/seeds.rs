@@ -19,7 +19,7 @@ use orderflow::domain::{
 };
 use orderflow::pipeline::log::embedded::EmbeddedLog;
 use orderflow::pipeline::log::{Log, Record, Topic};
-use orderflow::sinks::metrics::Metrics;
+use orderflow::telemetry::metrics::Metrics;
 use orderflow::stages::processor::Input;
 use orderflow::stages::snapshot;
 use orderflow::stages::{Output, PartitionState, Processor};

@@ -18,7 +18,7 @@ use orderflow::config::LogConfig;
 use orderflow::pipeline::log::embedded::EmbeddedLog;
 use orderflow::pipeline::log::embedded::segment::decode_frame;
 use orderflow::pipeline::log::{Log, Record, RecordKind, Topic};
-use orderflow::sinks::metrics::Metrics;
+use orderflow::telemetry::metrics::Metrics;
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();

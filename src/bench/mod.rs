@@ -29,7 +29,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::pipeline::log::{Log, Topic};
-use crate::sinks::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 use driver::{DriveOptions, Shared};
 pub use report::{Machine, MachineCpu, rusage};
 use report::{Measured, Report, Sample};

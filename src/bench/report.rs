@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::baseline::BaselineResult;
 use super::search::Search;
 use crate::pipeline::log::{Log, Topic};
-use crate::sinks::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// Cores busy outside this process above which the run is flagged: kernel
 /// I/O threads alone stay below it in every configuration measured so far.

@@ -19,9 +19,9 @@ use crate::app::{lock_data_dir, lock_if_local, open_log, open_store};
 use crate::config::Config;
 use crate::pipeline::runner::{RunnerError, load_state, replay};
 use crate::pipeline::store::StateStore;
-use crate::sinks::metrics::Metrics;
 use crate::stages::PartitionState;
 use crate::stages::processor::Limits;
+use crate::telemetry::metrics::Metrics;
 
 use super::story;
 

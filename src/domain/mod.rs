@@ -9,6 +9,7 @@ pub mod pan;
 pub mod parked;
 pub mod partition;
 pub mod status;
+pub mod time;
 
 pub use key::OrderKey;
 pub use message::{Effect, EffectKind, Envelope, Message, MsgId, PaymentOutcome, RecordKind};

@@ -39,7 +39,7 @@ use tokio::time::Instant;
 
 use super::{AuthorizeOutcome, AuthorizeRequest, GatewayError, PaymentGateway};
 use crate::config::GatewayConfig;
-use crate::sinks::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// The message of a call rejected while the breaker is open.
 pub const CIRCUIT_OPEN: &str = "circuit open";
@@ -346,6 +346,20 @@ impl PaymentGateway for Breaker {
     ) -> Result<(), GatewayError> {
         self.guarded(self.inner.void(order_id, payment_id, idempotency_key))
             .await
+    }
+}
+
+impl crate::telemetry::GatewayHealth for Breaker {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn breaker(&self) -> &'static str {
+        self.state().as_str()
+    }
+
+    fn auth_failed(&self) -> bool {
+        Breaker::auth_failed(self)
     }
 }
 

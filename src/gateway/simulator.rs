@@ -89,26 +89,10 @@ use super::stripe::{ApiError, Failure, PaymentIntent, Stripe, StripeApi};
 use super::{AuthorizeOutcome, AuthorizeRequest, GatewayError, PaymentGateway};
 use crate::config::GatewayConfig;
 
-const HOUR_MS: u64 = 3_600_000;
-const DAY_MS: u64 = 24 * HOUR_MS;
-
-/// In-process default of [`SimOptions::max_intents`].
-pub const DEFAULT_MAX_INTENTS: usize = 100_000;
-/// Default of [`SimOptions::intent_retention_ms`].
-pub const DEFAULT_INTENT_RETENTION_MS: u64 = DAY_MS;
-/// Default of [`SimOptions::authorization_ttl_ms`]: Stripe's 7 days.
-pub const DEFAULT_AUTHORIZATION_TTL_MS: u64 = 7 * DAY_MS;
-/// In-process default of [`SimOptions::max_keys`].
-pub const DEFAULT_MAX_KEYS: usize = 200_000;
-/// Default of [`SimOptions::key_ttl_ms`]: Stripe keeps keys 24 hours.
-pub const DEFAULT_KEY_TTL_MS: u64 = DAY_MS;
-/// Default of [`SimOptions::max_calls`].
-pub const DEFAULT_MAX_CALLS: usize = 100_000;
-/// Largest count bound accepted: far beyond any test, small enough that a
-/// typo cannot ask for the memory of a billion intents.
-pub const MAX_COUNT_BOUND: u64 = 100_000_000;
-/// Largest time bound accepted, in milliseconds (a year).
-pub const MAX_TTL_BOUND_MS: u64 = 365 * DAY_MS;
+pub use crate::config::sim_bounds::{
+    DEFAULT_AUTHORIZATION_TTL_MS, DEFAULT_INTENT_RETENTION_MS, DEFAULT_KEY_TTL_MS,
+    DEFAULT_MAX_CALLS, DEFAULT_MAX_INTENTS, DEFAULT_MAX_KEYS, MAX_COUNT_BOUND, MAX_TTL_BOUND_MS,
+};
 
 /// Stale queue entries tolerated beyond the live ones before a queue is
 /// compacted; keeps compaction rare for small engines.
@@ -201,25 +185,14 @@ impl SimOptions {
     /// the configuration (`gateway.sim_<name>`) and of gateway-sim's flags
     /// (`--<name>` with `-` for `_`), so both accept the same ranges.
     pub fn bound_ranges(&self) -> [(&'static str, u64, u64, u64); 6] {
-        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
-        [
-            ("max_intents", count(self.max_intents), 1, MAX_COUNT_BOUND),
-            (
-                "intent_retention_ms",
-                self.intent_retention_ms,
-                1,
-                MAX_TTL_BOUND_MS,
-            ),
-            (
-                "authorization_ttl_ms",
-                self.authorization_ttl_ms,
-                1,
-                MAX_TTL_BOUND_MS,
-            ),
-            ("max_keys", count(self.max_keys), 1, MAX_COUNT_BOUND),
-            ("key_ttl_ms", self.key_ttl_ms, 1, MAX_TTL_BOUND_MS),
-            ("max_calls", count(self.max_calls), 1, MAX_COUNT_BOUND),
-        ]
+        crate::config::sim_bounds::ranges(
+            self.max_intents,
+            self.intent_retention_ms,
+            self.authorization_ttl_ms,
+            self.max_keys,
+            self.key_ttl_ms,
+            self.max_calls,
+        )
     }
 }
 

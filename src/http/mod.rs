@@ -42,7 +42,6 @@ pub mod track;
 pub mod views;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use tokio::sync::Semaphore;
@@ -52,8 +51,9 @@ use utoipa_axum::routes;
 use crate::config::HttpConfig;
 use crate::pipeline::intake::Intake;
 use crate::pipeline::inventory::Inventory;
-use crate::sinks::metrics::Metrics;
 use crate::sinks::tracking::Tracking;
+use crate::telemetry::Health;
+use crate::telemetry::metrics::Metrics;
 
 /// Everything the handlers need. Built by `crate::app`.
 #[derive(Clone)]
@@ -67,63 +67,6 @@ pub struct AppState {
     pub credentials: Arc<auth::Credentials>,
     pub config: HttpConfig,
     pub health: Arc<Health>,
-}
-
-/// Liveness flags the app flips: `ready` once partitions are recovered
-/// (`/readyz`), `accepting` false once shutdown begins (writes answer 503
-/// `shutting_down`, open SSE streams end). `gateway` is the payment
-/// gateway's circuit breaker, shown (not judged) by `/readyz`, which judges
-/// only whether the gateway refuses orderflow's credentials. `down`
-/// names the partition tasks the supervisor gave up on (they kept dying):
-/// while any is, the instance is not ready whatever `ready` says.
-#[derive(Debug)]
-pub struct Health {
-    pub ready: AtomicBool,
-    pub accepting: AtomicBool,
-    pub gateway: Option<Arc<crate::gateway::breaker::Breaker>>,
-    pub down: std::sync::Mutex<Vec<String>>,
-}
-
-impl Health {
-    /// Not ready yet, accepting writes.
-    pub fn new() -> Health {
-        Health {
-            ready: AtomicBool::new(false),
-            accepting: AtomicBool::new(true),
-            gateway: None,
-            down: std::sync::Mutex::new(Vec::new()),
-        }
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && self.down_reasons().is_empty()
-    }
-
-    /// A task is dead for good: `/readyz` fails with `reason` from now on.
-    pub fn mark_down(&self, reason: String) {
-        self.down
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(reason);
-    }
-
-    /// Why the instance is not ready beyond starting up, if it is not.
-    pub fn down_reasons(&self) -> Vec<String> {
-        self.down
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    pub fn is_accepting(&self) -> bool {
-        self.accepting.load(Ordering::Acquire)
-    }
-}
-
-impl Default for Health {
-    fn default() -> Self {
-        Health::new()
-    }
 }
 
 /// What the handlers see: the app's state plus the router's own limits.

@@ -517,9 +517,9 @@ pub(crate) async fn readyz(State(ctx): State<Ctx>) -> Result<Response, Problem> 
     }
     let view = ReadyView {
         status: "ready",
-        gateway: gateway.map(|b| GatewayView {
-            kind: b.name(),
-            breaker: b.state().as_str(),
+        gateway: gateway.map(|g| GatewayView {
+            kind: g.name(),
+            breaker: g.breaker(),
         }),
         failed_effects: ctx.app.metrics.effects_failed_now(),
     };

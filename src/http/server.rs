@@ -51,7 +51,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use crate::config::HttpConfig;
-use crate::sinks::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// After an accept error that is not about one connection (out of file
 /// descriptors, say), wait this long before accepting again rather than

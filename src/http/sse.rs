@@ -26,13 +26,13 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::Ctx;
-use super::Health;
 use super::auth::TokenQuery;
 use super::problem::Problem;
 use super::routes::authorize_request;
 use super::views::EventView;
 use crate::domain::StatusEvent;
 use crate::sinks::tracking::{Tracking, TrackingView};
+use crate::telemetry::Health;
 
 /// How often a waiting stream checks whether the instance is shutting down.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(250);

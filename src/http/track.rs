@@ -30,8 +30,8 @@ use sha2::{Digest, Sha256};
 use super::Ctx;
 use super::auth::TokenQuery;
 use super::routes::{Access, authorize_order};
-use super::views::rfc3339_ms;
 use crate::domain::Status;
+use crate::domain::time::rfc3339_ms;
 use crate::sinks::tracking::TrackingView;
 
 /// The page template; `{{name}}` placeholders are filled by [`fill`].

@@ -37,7 +37,7 @@ use crate::domain::{RejectReason, Rejection};
 use crate::pipeline::backlog::Backlog;
 use crate::pipeline::log::{Log, LogError, Record, RecordKind, Topic, partition_for_key};
 use crate::pipeline::tokens::TokenKeys;
-use crate::sinks::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// Records per append call when producing a batch of raw lines.
 const PRODUCE_CHUNK: usize = 256;

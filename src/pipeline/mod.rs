@@ -11,6 +11,7 @@ pub mod membership;
 pub mod parked;
 pub mod restart;
 pub mod runner;
+pub mod sink;
 pub mod store;
 pub mod supervisor;
 pub mod tokens;

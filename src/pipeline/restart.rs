@@ -31,6 +31,17 @@ pub struct RestartPolicy {
     pub window_ms: u64,
 }
 
+impl RestartPolicy {
+    pub fn from_config(c: &crate::config::SupervisorConfig) -> RestartPolicy {
+        RestartPolicy {
+            initial_backoff_ms: c.restart_initial_backoff_ms,
+            max_backoff_ms: c.restart_max_backoff_ms,
+            max_deaths: c.max_deaths,
+            window_ms: c.death_window_ms,
+        }
+    }
+}
+
 /// What to do with a task that just died.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {

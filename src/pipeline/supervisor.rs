@@ -33,8 +33,8 @@ use futures::future::BoxFuture;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 
+use super::sink::StatusSink;
 use crate::config::CheckpointConfig;
-use crate::http::Health;
 use crate::pipeline::backlog::Backlog;
 use crate::pipeline::effects::EffectSender;
 use crate::pipeline::inventory::Inventory;
@@ -43,10 +43,9 @@ use crate::pipeline::membership::{Change, Part};
 use crate::pipeline::restart::{Deaths, Outage, RestartPolicy, SignalOnce, Verdict};
 use crate::pipeline::runner::{self, PanicFault, RunnerDeps, RunnerError, RunnerExit};
 use crate::pipeline::store::{Scope, StateStore, StoreError, with_retries};
-use crate::sinks::metrics::Metrics;
-use crate::sinks::notifications::{self, Notifier};
-use crate::sinks::tracking::{self, Tracking};
 use crate::stages::processor::Limits;
+use crate::telemetry::Health;
+use crate::telemetry::metrics::Metrics;
 
 /// What a partition task is told to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,12 +69,8 @@ pub struct Deps {
     pub backlog: Arc<Backlog>,
     pub checkpoint: CheckpointConfig,
     pub limits: Limits,
-    pub tracking: Arc<Tracking>,
-    /// The log the tracking read model releases (a release view when the
-    /// notifications sink reads `order-status` too).
-    pub tracking_log: Arc<dyn Log>,
-    /// The notifier and its log view, when notifications are configured.
-    pub notifications: Option<(Arc<Notifier>, Arc<dyn Log>)>,
+    /// The consumers of `order-status` run on each status partition owned.
+    pub sinks: Vec<Arc<dyn StatusSink>>,
     pub health: Arc<Health>,
     /// A task that fails for good reports here (the instance stops).
     pub fatal: mpsc::Sender<String>,
@@ -397,20 +392,18 @@ impl Supervisor {
         let Startup {
             recovered, tasks, ..
         } = self.startup.take().expect("checked above");
-        let (health, tracking, log) = (
-            self.deps.health.clone(),
-            self.deps.tracking.clone(),
-            self.deps.log.clone(),
-        );
+        let (health, sinks) = (self.deps.health.clone(), self.deps.sinks.clone());
         tokio::spawn(async move {
             let Ok(permits) = recovered.acquire_many(tasks).await else {
                 return;
             };
             permits.forget();
             // After the runners' recovery: their re-emitted statuses too.
-            while let Err(e) = tracking.wait_current(log.as_ref()).await {
-                tracing::warn!(error = %e, "cannot read the status log's end; readiness waits");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+            for sink in &sinks {
+                while let Err(e) = sink.caught_up().await {
+                    tracing::warn!(task = sink.task(), error = %e, "cannot read the status log's end; readiness waits");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
             health.ready.store(true, Ordering::SeqCst);
         });
@@ -448,73 +441,39 @@ impl Supervisor {
     }
 
     /// The sinks of `order-status` partition `partition`, and how many of
-    /// them add a permit to `started` once they know where they start (the
-    /// notifications sink: readiness waits for it, so that nothing placed
-    /// after `/readyz` turned 200 falls before its position).
+    /// them add a permit to `started` once they know where they start
+    /// ([`StatusSink::gates_readiness`]).
     fn start_sinks(
         &self,
         partition: u32,
         stop: watch::Receiver<Stop>,
         started: &Arc<Semaphore>,
     ) -> (Vec<JoinHandle<Option<RunnerExit>>>, u32) {
-        let d = &self.deps;
-        let name = |task| TaskName {
-            task,
-            topic: Topic::OrderStatus,
-            partition,
-        };
         let mut tasks = Vec::new();
-        let (s, owner) = (d.supervision.clone(), name("tracking_owner"));
-        let (t, store, log, rx) = (
-            d.tracking.clone(),
-            d.store.clone(),
-            d.tracking_log.clone(),
-            stop.clone(),
-        );
-        let start_owner = move || {
-            let (t, store, log, rx) = (t.clone(), store.clone(), log.clone(), rx.clone());
-            let stop = rx.clone();
-            let attempt = move || {
-                tracking::run_owner(t.clone(), store.clone(), log.clone(), partition, rx.clone())
-                    .boxed()
-            };
-            run_sink(s.clone(), owner, stop, attempt).boxed()
-        };
-        let supervision = d.supervision.clone();
-        tasks.push(spawn_watched(
-            supervision.clone(),
-            owner,
-            stop.clone(),
-            Stop::Run,
-            start_owner,
-        ));
         let mut signalling = 0;
-        if let Some((n, log)) = &d.notifications {
-            let (n, log, rx) = (n.clone(), log.clone(), stop.clone());
-            let started = SignalOnce::new(started.clone());
-            signalling += 1;
-            let (s, sink) = (supervision.clone(), name("notifications"));
-            let start_sink = move || {
-                let (n, log, rx, started) = (n.clone(), log.clone(), rx.clone(), started.clone());
+        for sink in &self.deps.sinks {
+            let name = TaskName {
+                task: sink.task(),
+                topic: Topic::OrderStatus,
+                partition,
+            };
+            let started = sink
+                .gates_readiness()
+                .then(|| SignalOnce::new(started.clone()));
+            signalling += u32::from(started.is_some());
+            let (s, sink, rx) = (self.deps.supervision.clone(), sink.clone(), stop.clone());
+            let start = move || {
+                let (sink, rx, started) = (sink.clone(), rx.clone(), started.clone());
                 let stop = rx.clone();
-                let attempt = move || {
-                    notifications::run_partition(
-                        n.clone(),
-                        log.clone(),
-                        partition,
-                        rx.clone(),
-                        started.clone(),
-                    )
-                    .boxed()
-                };
-                run_sink(s.clone(), sink, stop, attempt).boxed()
+                let attempt = move || sink.run(partition, rx.clone(), started.clone());
+                run_sink(s.clone(), name, stop, attempt).boxed()
             };
             tasks.push(spawn_watched(
-                supervision,
-                sink,
-                stop,
+                self.deps.supervision.clone(),
+                name,
+                stop.clone(),
                 Stop::Run,
-                start_sink,
+                start,
             ));
         }
         (tasks, signalling)

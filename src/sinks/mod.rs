@@ -1,7 +1,6 @@
 //! Consumers of the `order-status` topic: the tracking read model (with its
-//! live SSE fan-out), notifications (webhooks, email) and metrics.
+//! live SSE fan-out, which also records the status metrics) and
+//! notifications (webhooks, email).
 
-pub mod metrics;
 pub mod notifications;
-pub mod saga_health;
 pub mod tracking;

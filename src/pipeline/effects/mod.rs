@@ -80,7 +80,7 @@ use crate::config::GatewayConfig;
 use crate::domain::{Effect, EffectKind, Envelope, Message, PaymentOutcome, RecordKind};
 use crate::gateway::{AuthorizeOutcome, AuthorizeRequest, GatewayError, PaymentGateway};
 use crate::pipeline::log::{Log, LogError, Record, Topic};
-use crate::sinks::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 use policy::{Answer, Decision, RetryPolicy, Tries};
 

@@ -33,7 +33,7 @@ use super::{Change, Membership, Part};
 use crate::config::KafkaConfig;
 use crate::pipeline::log::Topic;
 use crate::pipeline::log::kafka::{client_config, topic_name};
-use crate::sinks::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// How often the poll thread looks at its stop flag.
 const POLL_INTERVAL_MS: u64 = 100;

@@ -33,10 +33,10 @@ use crate::pipeline::log::{Log, LogError, LogRecord, Record, Topic};
 use crate::pipeline::restart::SignalOnce;
 use crate::pipeline::store::{Scope, SnapshotWrite, StateStore, StoreError, with_retries};
 use crate::pipeline::supervisor::Stop;
-use crate::sinks::metrics::Metrics;
 use crate::stages::processor::{Input, Limits};
 use crate::stages::snapshot::{self, Manifest};
 use crate::stages::{Output, PartitionState, Processor};
+use crate::telemetry::metrics::Metrics;
 
 use self::core::PartitionCore;
 

@@ -46,7 +46,7 @@ use redb::{
 
 use super::{BlobRef, Scope, Snapshot, SnapshotWrite, StateStore, StoreError};
 use crate::pipeline::is_disk_full;
-use crate::sinks::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 type BytesTable = TableDefinition<'static, &'static [u8], &'static [u8]>;
 

@@ -22,11 +22,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::AttemptError;
-use super::config::{EmailConfig, SmtpTls};
 use super::webhook::{EVENT_ID_HEADER, event_id};
 use crate::config::Secret;
+use crate::config::notifications::{EmailConfig, SmtpTls};
 use crate::domain::{Status, StatusEvent};
-use crate::sinks::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// Whether `status` gets an email: `confirmed` and every terminal failure.
 pub fn wants(status: Status) -> bool {

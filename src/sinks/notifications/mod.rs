@@ -48,7 +48,6 @@
 //! starts at the log's end, recorded at once: status changes from then on
 //! are notified, not the history.
 
-pub mod config;
 pub mod email;
 
 pub mod webhook;
@@ -57,19 +56,24 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use prometheus::IntGauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
-pub use self::config::{EmailConfig, EventFilter, NotificationsConfig, SmtpTls, WebhookConfig};
 pub use self::webhook::{VerifyError, sign, verify_signature};
+pub use crate::config::notifications::{
+    EmailConfig, EventFilter, NotificationsConfig, SmtpTls, WebhookConfig,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::StatusEvent;
 use crate::pipeline::log::{Log, LogError, Topic};
+use crate::pipeline::restart::SignalOnce;
+use crate::pipeline::sink::{SinkFailure, StatusSink};
 use crate::pipeline::store::{Scope, SnapshotWrite, StateStore, StoreError, with_retries};
 use crate::pipeline::supervisor::Stop;
-use crate::sinks::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// Status records read per log read.
 const READ_BATCH: usize = 1024;
@@ -268,8 +272,8 @@ impl Notifier {
             let slots = config.max_in_flight.max(e.max_batch.saturating_mul(2));
             targets.push(target(
                 Kind::Email(mailer),
-                config::EMAIL_TARGET.to_owned(),
-                config::EMAIL_TARGET.to_owned(),
+                crate::config::notifications::EMAIL_TARGET.to_owned(),
+                crate::config::notifications::EMAIL_TARGET.to_owned(),
                 slots,
             ));
         }
@@ -470,6 +474,39 @@ struct Partition {
     shutdown: watch::Receiver<bool>,
 }
 
+/// Notifications of each status partition owned here, as the supervisor
+/// runs them.
+pub struct NotificationsSink {
+    pub notifier: Arc<Notifier>,
+    /// The `order-status` log (a release view shared with the read model).
+    pub log: Arc<dyn Log>,
+}
+
+impl StatusSink for NotificationsSink {
+    fn task(&self) -> &'static str {
+        "notifications"
+    }
+
+    fn gates_readiness(&self) -> bool {
+        true
+    }
+
+    fn run(
+        &self,
+        partition: u32,
+        stop: watch::Receiver<Stop>,
+        started: Option<Arc<SignalOnce>>,
+    ) -> BoxFuture<'static, Result<(), SinkFailure>> {
+        let (n, log) = (self.notifier.clone(), self.log.clone());
+        let started = started.expect("notifications gate readiness");
+        Box::pin(async move {
+            run_partition(n, log, partition, stop, started)
+                .await
+                .map_err(|e| Box::new(e) as SinkFailure)
+        })
+    }
+}
+
 /// Delivers the status events of one `order-status` partition until `stop`
 /// leaves `Stop::Run`; then reads no more, lets the deliveries in flight
 /// settle (or be interrupted) and records what settled. Signals `started`
@@ -479,7 +516,7 @@ pub async fn run_partition(
     log: Arc<dyn Log>,
     partition: u32,
     stop: watch::Receiver<Stop>,
-    started: Arc<crate::pipeline::restart::SignalOnce>,
+    started: Arc<SignalOnce>,
 ) -> Result<(), NotifyError> {
     let store = n.store.clone();
     let epoch = with_retries("claim notifications", || {

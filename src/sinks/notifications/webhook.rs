@@ -31,8 +31,8 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 use super::AttemptError;
-use super::config::{EventFilter, WebhookConfig};
 use crate::config::Secret;
+use crate::config::notifications::{EventFilter, WebhookConfig};
 use crate::domain::{Status, StatusEvent};
 
 /// The signature header.
@@ -70,7 +70,7 @@ pub fn payload(event: &StatusEvent) -> Vec<u8> {
         seq: event.seq,
         status: event.status,
         reason: event.reason.as_deref(),
-        at: crate::http::views::rfc3339_ms(event.at_ms),
+        at: crate::domain::time::rfc3339_ms(event.at_ms),
     })
     .expect("a payload always serializes")
 }

@@ -19,6 +19,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
+use futures::future::BoxFuture;
 use tokio::sync::{broadcast, watch};
 
 use self::model::PartitionModel;
@@ -26,9 +27,11 @@ pub use self::model::{Applied, HistoryEntry, ModelLimits, Outcome, TrackingView}
 use crate::domain::StatusEvent;
 use crate::domain::partition::partition_for_key;
 use crate::pipeline::log::{Log, LogError, Topic};
+use crate::pipeline::restart::SignalOnce;
+use crate::pipeline::sink::{SinkFailure, StatusSink};
 use crate::pipeline::store::{Scope, SnapshotWrite, StateStore, StoreError, with_retries};
 use crate::pipeline::supervisor::Stop;
-use crate::sinks::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// Events buffered per live subscription before a slow client lags.
 pub const SUBSCRIBER_BUFFER: usize = 64;
@@ -295,6 +298,40 @@ pub async fn run_consumer(
         if let Ok((_, high)) = log.offsets(Topic::OrderStatus, partition).await {
             lag.set(high.saturating_sub(next) as i64);
         }
+    }
+}
+
+/// The read model's owner of each status partition owned here, as the
+/// supervisor runs it.
+pub struct OwnerSink {
+    pub tracking: Arc<Tracking>,
+    pub store: Arc<dyn StateStore>,
+    /// The `order-status` log (a release view when notifications read it too).
+    pub log: Arc<dyn Log>,
+}
+
+impl StatusSink for OwnerSink {
+    fn task(&self) -> &'static str {
+        "tracking_owner"
+    }
+
+    fn run(
+        &self,
+        partition: u32,
+        stop: watch::Receiver<Stop>,
+        _started: Option<Arc<SignalOnce>>,
+    ) -> BoxFuture<'static, Result<(), SinkFailure>> {
+        let (t, store, log) = (self.tracking.clone(), self.store.clone(), self.log.clone());
+        Box::pin(async move {
+            run_owner(t, store, log, partition, stop)
+                .await
+                .map_err(|e| Box::new(e) as SinkFailure)
+        })
+    }
+
+    fn caught_up(&self) -> BoxFuture<'static, Result<(), LogError>> {
+        let (t, log) = (self.tracking.clone(), self.log.clone());
+        Box::pin(async move { t.wait_current(log.as_ref()).await })
     }
 }
 

@@ -66,6 +66,15 @@ pub struct ModelLimits {
     pub retention_ms: u64,
 }
 
+impl ModelLimits {
+    pub fn from_config(c: &crate::config::TrackingConfig) -> ModelLimits {
+        ModelLimits {
+            max_orders: c.max_orders,
+            retention_ms: c.retention_ms,
+        }
+    }
+}
+
 /// A view in 64 bytes: times as deltas, statuses as codes.
 #[derive(Clone, Debug)]
 struct View {

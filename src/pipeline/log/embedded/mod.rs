@@ -63,7 +63,7 @@ use self::segment::{HARD_MAX_RECORD_BYTES, IndexEntry, MAX_KEY_BYTES};
 use self::writer::{ActiveSegment, PendingAppend, Writer, WriterConfig, WriterMetrics, WriterMsg};
 use crate::config::LogConfig;
 use crate::pipeline::log::{Log, LogError, LogRecord, Record, Topic};
-use crate::sinks::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// Partitions one topic may have (one writer thread each).
 pub const MAX_PARTITIONS_PER_TOPIC: u32 = 1024;

@@ -76,7 +76,7 @@ use tokio::sync::OwnedMutexGuard;
 
 use crate::config::KafkaConfig;
 use crate::pipeline::log::{Log, LogError, LogRecord, Record, RecordKind, Topic};
-use crate::sinks::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 mod client;
 pub use client::client_config;

@@ -64,7 +64,7 @@ use self::session::open_session;
 use super::embedded::not_owner;
 use super::{BlobRef, Scope, Snapshot, SnapshotWrite, StateStore, StoreError};
 use crate::config::ScyllaConfig;
-use crate::sinks::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// Blob requests one call runs concurrently.
 const CONCURRENCY: usize = 16;

@@ -11,7 +11,7 @@ use prometheus::{
 };
 
 use crate::domain::{Status, StatusEvent};
-use crate::sinks::saga_health::{InFlight, TopK};
+use crate::telemetry::saga_health::{InFlight, TopK};
 
 /// Buckets for fast internal operations (fsync, checkpoint, appends).
 const IO_BUCKETS_S: &[f64] = &[
@@ -133,7 +133,7 @@ impl Metrics {
     }
 
     /// Metrics whose out-of-stock gauge names the `top_skus` SKUs refusing
-    /// most orders (capped at [`crate::sinks::saga_health::MAX_TOP_SKUS`]).
+    /// most orders (capped at [`crate::telemetry::saga_health::MAX_TOP_SKUS`]).
     pub fn with_top_skus(top_skus: usize) -> Metrics {
         let registry = Registry::new();
         let hist = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {

@@ -1,4 +1,4 @@
-//! The `[notifications]` section of the configuration (see `crate::config`).
+//! The `[notifications]` section of the configuration.
 //! Absent: no notifications. Every key is checked by [`NotificationsConfig::validate`]
 //! at start, with a message naming the key.
 
@@ -355,7 +355,7 @@ mod tests {
     /// The example in docs/notifications.md parses and validates.
     #[test]
     fn readme_example_is_valid() {
-        let readme = include_str!("../../../docs/notifications.md");
+        let readme = include_str!("../../docs/notifications.md");
         let section = readme
             .split_once("## Notifications")
             .expect("a Notifications section")
