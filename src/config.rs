@@ -535,6 +535,19 @@ pub enum ConfigError {
     Parse { path: String, message: String },
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    /// A command's options (`orderflow bench`, `sim`, `gateway-sim`).
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl ConfigError {
+    /// An operator's settings (or a user's options) are wrong: never retried.
+    pub fn fault(&self) -> crate::domain::fault::Fault {
+        match self {
+            ConfigError::Usage(_) => crate::domain::fault::Fault::Input,
+            _ => crate::domain::fault::Fault::Operator,
+        }
+    }
 }
 
 impl Config {
@@ -737,7 +750,7 @@ impl Config {
             )));
         }
         if let Some(n) = &self.notifications {
-            n.validate().map_err(ConfigError::Invalid)?;
+            n.validate()?;
         }
         if let Some(k) = &self.kafka {
             k.validate()?;

@@ -22,7 +22,7 @@ pub mod workload;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use clap::Args;
 use tokio::sync::watch;
@@ -174,73 +174,73 @@ impl BenchArgs {
     }
 
     /// Every limit, with the flag's name in the message.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
         self.workload().validate()?;
         let run_s = self.seconds + self.warmup_seconds;
         if !(self.seconds > 0.0 && self.warmup_seconds >= 0.0 && run_s <= MAX_RUN_S) {
-            return Err(format!(
+            return Err(crate::config::ConfigError::Usage(format!(
                 "--seconds {} and --warmup-seconds {} must be > 0 and >= 0, together at most {MAX_RUN_S}",
                 self.seconds, self.warmup_seconds
-            ));
+            )));
         }
         if self.rate > MAX_RATE {
-            return Err(format!(
+            return Err(crate::config::ConfigError::Usage(format!(
                 "--rate {} is out of range [0, {MAX_RATE}]",
                 self.rate
-            ));
+            )));
         }
         if self.max_inflight == 0 || self.max_inflight > MAX_INFLIGHT_LIMIT {
-            return Err(format!(
+            return Err(crate::config::ConfigError::Usage(format!(
                 "--max-inflight {} is out of range [1, {MAX_INFLIGHT_LIMIT}]",
                 self.max_inflight
-            ));
+            )));
         }
         if self.linger_ms == 0 || self.linger_ms > 1_000 {
-            return Err(format!(
+            return Err(crate::config::ConfigError::Usage(format!(
                 "--linger-ms {} is out of range [1, 1000]",
                 self.linger_ms
-            ));
+            )));
         }
         if !(0.0..=1.0).contains(&self.gateway_failure_rate) {
-            return Err(format!(
+            return Err(crate::config::ConfigError::Usage(format!(
                 "--gateway-failure-rate {} is out of range [0, 1]",
                 self.gateway_failure_rate
-            ));
+            )));
         }
         if !postgres::CONNECTIONS.contains(&self.connections) {
-            return Err(format!(
+            return Err(crate::config::ConfigError::Usage(format!(
                 "--connections {} is out of range [{}, {}]",
                 self.connections,
                 postgres::CONNECTIONS.start(),
                 postgres::CONNECTIONS.end()
-            ));
+            )));
         }
         if self.search {
             if !(self.slo_p99_ms > 0.0 && self.slo_p99_ms <= 3_600_000.0) {
-                return Err(format!(
+                return Err(crate::config::ConfigError::Usage(format!(
                     "--slo-p99-ms {} is out of range (0, 3600000]",
                     self.slo_p99_ms
-                ));
+                )));
             }
             if !(1..=search::MAX_TRIALS).contains(&self.search_trials) {
-                return Err(format!(
+                return Err(crate::config::ConfigError::Usage(format!(
                     "--search-trials {} is out of range [1, {}]",
                     self.search_trials,
                     search::MAX_TRIALS
-                ));
+                )));
             }
             if !(self.trial_seconds >= 1.0 && self.trial_seconds <= 600.0) {
-                return Err(format!(
+                return Err(crate::config::ConfigError::Usage(format!(
                     "--trial-seconds {} is out of range [1, 600]",
                     self.trial_seconds
-                ));
+                )));
             }
         }
         if self.drain_seconds > 3_600 {
-            return Err(format!(
+            return Err(crate::config::ConfigError::Usage(format!(
                 "--drain-seconds {} is out of range [0, 3600]",
                 self.drain_seconds
-            ));
+            )));
         }
         Ok(())
     }
@@ -279,7 +279,7 @@ impl BenchArgs {
 /// Runs one benchmark (after a rate search with `--search`) and writes its
 /// reports; `Ok(false)` if an order was lost or never finished.
 pub async fn run(mut args: BenchArgs, base: Config) -> anyhow::Result<bool> {
-    args.validate().map_err(anyhow::Error::msg)?;
+    args.validate()?;
     let machine = Machine::detect();
     let search = match args.search {
         true => {
@@ -474,10 +474,7 @@ fn bench_config(args: &BenchArgs, base: Config, dir: &Path) -> Config {
 /// `--kafka` / `--scylla`: the distributed backends, on topics and a
 /// keyspace of this run's own (the keyspace is migrated first).
 async fn distributed_config(args: &BenchArgs, config: &mut Config) -> anyhow::Result<()> {
-    let name = format!(
-        "bench_{}",
-        SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis()
-    );
+    let name = format!("bench_{}", crate::wall_clock::now_ms());
     if let Some(servers) = &args.kafka {
         config.kafka = Some(crate::config::KafkaConfig {
             bootstrap_servers: servers.clone(),

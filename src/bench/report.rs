@@ -2,7 +2,7 @@
 //! configuration, throughput, latency percentiles, CPU per order, peak
 //! RSS, where the time went inside the pipeline; as text, JSON and Markdown.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -50,22 +50,11 @@ fn proc_field(text: &str, key: &str) -> Option<String> {
         .map(|(_, v)| v.trim().to_owned())
 }
 
-/// Today's UTC date as YYYY-MM-DD (civil-from-days, H. Hinnant), to avoid a
-/// date crate for one line of output.
+/// Today's UTC date as YYYY-MM-DD.
 fn utc_date() -> String {
-    let days = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() / 86_400) as i64;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
+    let mut day = crate::domain::time::rfc3339_ms(crate::wall_clock::now_ms());
+    day.truncate("YYYY-MM-DD".len());
+    day
 }
 
 /// Process CPU time (user + system) and peak resident set size in KiB.

@@ -46,33 +46,36 @@ pub struct WorkloadSpec {
 
 impl WorkloadSpec {
     /// Refuses values that would make a meaningless or unbounded run.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
         if self.skus == 0 || self.skus > 10_000_000 {
-            return Err(format!(
+            return Err(crate::config::ConfigError::Usage(format!(
                 "--skus {} is out of range [1, 10000000]",
                 self.skus
-            ));
+            )));
         }
         if !(self.zipf_s > 0.0 && self.zipf_s <= 10.0) {
-            return Err(format!("--zipf-s {} is out of range (0, 10]", self.zipf_s));
+            return Err(crate::config::ConfigError::Usage(format!(
+                "--zipf-s {} is out of range (0, 10]",
+                self.zipf_s
+            )));
         }
         if self.max_lines == 0 || self.max_lines > MAX_LINES_LIMIT {
-            return Err(format!(
+            return Err(crate::config::ConfigError::Usage(format!(
                 "--max-lines {} is out of range [1, {MAX_LINES_LIMIT}]",
                 self.max_lines
-            ));
+            )));
         }
         if self.kind == WorkloadKind::MultiLine && self.max_lines > self.skus {
-            return Err(format!(
+            return Err(crate::config::ConfigError::Usage(format!(
                 "--max-lines {} needs at least as many --skus (lines buy distinct SKUs)",
                 self.max_lines
-            ));
+            )));
         }
         if !(0.0..=1.0).contains(&self.decline_ratio) {
-            return Err(format!(
+            return Err(crate::config::ConfigError::Usage(format!(
                 "--decline-ratio {} is out of range [0, 1]",
                 self.decline_ratio
-            ));
+            )));
         }
         Ok(())
     }
@@ -262,13 +265,23 @@ mod tests {
     fn validation() {
         let mut s = spec(WorkloadKind::MultiLine);
         s.decline_ratio = 1.5;
-        assert!(s.validate().unwrap_err().contains("--decline-ratio"));
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--decline-ratio")
+        );
         let mut s = spec(WorkloadKind::MultiLine);
         s.skus = 3;
-        assert!(s.validate().unwrap_err().contains("--max-lines"));
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--max-lines")
+        );
         let mut s = spec(WorkloadKind::Zipf);
         s.zipf_s = 0.0;
-        assert!(s.validate().unwrap_err().contains("--zipf-s"));
+        assert!(s.validate().unwrap_err().to_string().contains("--zipf-s"));
     }
 
     /// The generated JSON is an order the contract accepts.

@@ -255,18 +255,18 @@ pub struct GatewaySimArgs {
 impl GatewaySimArgs {
     /// The simulator's options, or the usage error naming the flag out of
     /// range.
-    pub fn sim_options(&self) -> Result<SimOptions, String> {
+    pub fn sim_options(&self) -> Result<SimOptions, CliError> {
         if !(0.0..=1.0).contains(&self.failure_rate) {
-            return Err(format!(
+            return Err(CliError::Usage(format!(
                 "`--failure-rate` = {} is out of range [0, 1]",
                 self.failure_rate
-            ));
+            )));
         }
         if self.latency_ms > 60_000 {
-            return Err(format!(
+            return Err(CliError::Usage(format!(
                 "`--latency-ms` = {} is out of range [0, 60000]",
                 self.latency_ms
-            ));
+            )));
         }
         let options = SimOptions {
             latency: std::time::Duration::from_millis(self.latency_ms),
@@ -283,7 +283,9 @@ impl GatewaySimArgs {
         for (name, v, lo, hi) in options.bound_ranges() {
             if !(lo..=hi).contains(&v) {
                 let flag = name.replace('_', "-");
-                return Err(format!("`--{flag}` = {v} is out of range [{lo}, {hi}]"));
+                return Err(CliError::Usage(format!(
+                    "`--{flag}` = {v} is out of range [{lo}, {hi}]"
+                )));
             }
         }
         Ok(options)
@@ -377,10 +379,13 @@ impl ClientArgs {
     }
 }
 
-/// A command's failure: `Usage` exits 2, `Failed` exits 1.
-#[derive(Debug)]
+/// A command's failure: `Usage` (the caller's input) exits 2, `Failed`
+/// exits 1.
+#[derive(thiserror::Error, Debug)]
 pub enum CliError {
+    #[error("{0}")]
     Usage(String),
+    #[error("{0:#}")]
     Failed(anyhow::Error),
 }
 
@@ -528,7 +533,7 @@ pub async fn dispatch(cli: Cli) -> Result<bool, CliError> {
             Ok(true)
         }
         Command::Bench(args) => {
-            args.validate().map_err(CliError::Usage)?;
+            args.validate()?;
             let config = base_config(file)?;
             Ok(crate::bench::run(*args, config).await?)
         }
@@ -540,7 +545,7 @@ pub async fn dispatch(cli: Cli) -> Result<bool, CliError> {
             Ok(true)
         }
         Command::GatewaySim(args) => {
-            let options = args.sim_options().map_err(CliError::Usage)?;
+            let options = args.sim_options()?;
             sim_server::run(args.listen, options).await?;
             Ok(true)
         }
@@ -773,18 +778,20 @@ mod tests {
             "--authorization-ttl-ms",
             "--key-ttl-ms",
         ] {
-            let e = sim(&[flag, "0"]).unwrap_err();
+            let e = sim(&[flag, "0"]).unwrap_err().to_string();
             assert!(
                 e.starts_with(&format!("`{flag}` = 0 is out of range [1, ")),
                 "{e}"
             );
         }
-        let e = sim(&["--key-ttl-ms", "31622400000"]).unwrap_err();
+        let e = sim(&["--key-ttl-ms", "31622400000"])
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "`--key-ttl-ms` = 31622400000 is out of range [1, 31536000000]"
         );
-        let e = sim(&["--failure-rate", "2"]).unwrap_err();
+        let e = sim(&["--failure-rate", "2"]).unwrap_err().to_string();
         assert!(e.contains("`--failure-rate` = 2"), "{e}");
         let cli = Cli::try_parse_from(["orderflow", "migrate", "--data-dir", "d"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Migrate(_))));

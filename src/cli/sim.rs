@@ -49,7 +49,7 @@ fn run_seeds(args: &SimArgs, last: u64) -> Result<bool, CliError> {
     let (mut steps, mut crash_points, mut torn_writes) = (0, 0, 0);
     for seed in args.seed..=last {
         let config = SimConfig::new(seed, args.steps, args.partitions);
-        config.validate().map_err(CliError::Usage)?;
+        config.validate()?;
         let run_started = Instant::now();
         match sim::run(&config) {
             Ok(o) => {

@@ -6,7 +6,11 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::config::Secret;
+use crate::config::{ConfigError, Secret};
+
+fn invalid(message: String) -> ConfigError {
+    ConfigError::Invalid(message)
+}
 
 /// `[notifications]`: delivery settings shared by every target, the
 /// webhook endpoints and the optional email settings.
@@ -138,9 +142,16 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-fn range<T: PartialOrd + std::fmt::Display>(key: &str, v: T, lo: T, hi: T) -> Result<(), String> {
+fn range<T: PartialOrd + std::fmt::Display>(
+    key: &str,
+    v: T,
+    lo: T,
+    hi: T,
+) -> Result<(), ConfigError> {
     if v < lo || v > hi {
-        return Err(format!("`{key}` = {v} is out of range [{lo}, {hi}]"));
+        return Err(invalid(format!(
+            "`{key}` = {v} is out of range [{lo}, {hi}]"
+        )));
     }
     Ok(())
 }
@@ -148,7 +159,7 @@ fn range<T: PartialOrd + std::fmt::Display>(key: &str, v: T, lo: T, hi: T) -> Re
 impl NotificationsConfig {
     /// Checks every key; the message names it. Secrets are not read here
     /// (see [`WebhookConfig::secret`]).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         range("notifications.max_in_flight", self.max_in_flight, 1, 10_000)?;
         range(
             "notifications.max_pending_events",
@@ -177,49 +188,60 @@ impl NotificationsConfig {
         )?;
         range("notifications.timeout_ms", self.timeout_ms, 1, 600_000)?;
         if self.webhooks.is_empty() && self.email.is_none() {
-            return Err(
+            return Err(invalid(
                 "`notifications` has neither `webhooks` nor `email`: remove the section to disable notifications"
                     .into(),
-            );
+            ));
         }
         for (i, w) in self.webhooks.iter().enumerate() {
             let key = format!("notifications.webhooks[{i}]");
             if !valid_name(&w.name) || w.name == EMAIL_TARGET {
-                return Err(format!(
+                return Err(invalid(format!(
                     "`{key}.name` = {:?} must be 1 to 64 of [A-Za-z0-9_-] and not {EMAIL_TARGET:?}",
                     w.name
-                ));
+                )));
             }
             if self.webhooks[..i].iter().any(|o| o.name == w.name) {
-                return Err(format!("`{key}.name` = {:?} is used twice", w.name));
+                return Err(invalid(format!(
+                    "`{key}.name` = {:?} is used twice",
+                    w.name
+                )));
             }
             let url = reqwest::Url::parse(&w.url)
-                .map_err(|e| format!("`{key}.url` is not a URL: {e}"))?;
+                .map_err(|e| invalid(format!("`{key}.url` is not a URL: {e}")))?;
             if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-                return Err(format!("`{key}.url` must be an http:// or https:// URL"));
+                return Err(invalid(format!(
+                    "`{key}.url` must be an http:// or https:// URL"
+                )));
             }
             if w.secret_env.is_some() == w.secret_file.is_some() {
-                return Err(format!(
+                return Err(invalid(format!(
                     "`{key}` needs exactly one of `secret_env` and `secret_file`"
-                ));
+                )));
             }
         }
         if let Some(e) = &self.email {
             if e.smtp_host.is_empty() {
-                return Err("`notifications.email.smtp_host` is required".into());
+                return Err(invalid(
+                    "`notifications.email.smtp_host` is required".into(),
+                ));
             }
             range("notifications.email.smtp_port", e.smtp_port, 1, u16::MAX)?;
-            e.from
-                .parse::<lettre::message::Mailbox>()
-                .map_err(|err| format!("`notifications.email.from` is not a mailbox: {err}"))?;
+            e.from.parse::<lettre::message::Mailbox>().map_err(|err| {
+                invalid(format!(
+                    "`notifications.email.from` is not a mailbox: {err}"
+                ))
+            })?;
             if e.username.is_some() != e.password_env.is_some() {
-                return Err("`notifications.email.username` and `password_env` go together".into());
+                return Err(invalid(
+                    "`notifications.email.username` and `password_env` go together".into(),
+                ));
             }
             if e.username.is_some() && e.tls == SmtpTls::None {
-                return Err(
+                return Err(invalid(
                     "`notifications.email.username` needs `tls` = \"starttls\" or \"tls\": a password is never sent in clear"
                         .into(),
-                );
+                ));
             }
             range(
                 "notifications.email.batch_window_ms",
@@ -236,31 +258,33 @@ impl NotificationsConfig {
 impl WebhookConfig {
     /// The signing secret, from `secret_env` or `secret_file`. An absent or
     /// empty secret is an error naming where it was looked for (never the value).
-    pub fn secret(&self) -> Result<Secret, String> {
+    pub fn secret(&self) -> Result<Secret, ConfigError> {
         let name = &self.name;
         match (&self.secret_env, &self.secret_file) {
             (Some(var), _) => Secret::from_env(var).ok_or_else(|| {
-                format!("webhook {name:?}: environment variable {var} is unset or empty")
+                invalid(format!(
+                    "webhook {name:?}: environment variable {var} is unset or empty"
+                ))
             }),
             (None, Some(path)) => {
                 let text = std::fs::read_to_string(path).map_err(|e| {
-                    format!(
+                    invalid(format!(
                         "webhook {name:?}: cannot read secret_file {}: {e}",
                         path.display()
-                    )
+                    ))
                 })?;
                 let text = text.trim_end_matches(['\r', '\n']);
                 if text.is_empty() {
-                    return Err(format!(
+                    return Err(invalid(format!(
                         "webhook {name:?}: secret_file {} is empty",
                         path.display()
-                    ));
+                    )));
                 }
                 Ok(Secret::new(text))
             }
-            (None, None) => Err(format!(
+            (None, None) => Err(invalid(format!(
                 "webhook {name:?} needs `secret_env` or `secret_file`"
-            )),
+            ))),
         }
     }
 }
@@ -276,7 +300,7 @@ mod tests {
             notifications: NotificationsConfig,
         }
         let w: Wrap = toml::from_str(toml_text).map_err(|e| e.to_string())?;
-        w.notifications.validate()?;
+        w.notifications.validate().map_err(|e| e.to_string())?;
         Ok(w.notifications)
     }
 
@@ -385,12 +409,17 @@ mod tests {
         };
         assert_eq!(w.secret().unwrap().expose(), "whsec_abc");
         std::fs::write(&path, "\n").unwrap();
-        assert!(w.secret().unwrap_err().contains("is empty"));
+        assert!(w.secret().unwrap_err().to_string().contains("is empty"));
         let env = WebhookConfig {
             secret_env: Some("ORDERFLOW_TEST_UNSET_SECRET_VAR".into()),
             secret_file: None,
             ..w
         };
-        assert!(env.secret().unwrap_err().contains("unset or empty"));
+        assert!(
+            env.secret()
+                .unwrap_err()
+                .to_string()
+                .contains("unset or empty")
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! detector. It imports nothing else of orderflow, so every other layer can
 //! depend on it and it on nothing.
 
+pub mod fault;
 pub mod key;
 pub mod message;
 pub mod order;

@@ -13,9 +13,27 @@ use rand::{Rng, SeedableRng};
 
 use crate::domain::RecordKind;
 use crate::pipeline::log::embedded::segment::{
-    Payload, decode_frame, encode_frame, recover_last_segment,
+    CorruptSegment, FrameError, Payload, decode_frame, encode_frame, recover_last_segment,
 };
 use crate::stages::processor::Input;
+
+/// The simulated disk disagreeing with the production frame code: a bug in
+/// the writer's framing or in recovery, which the simulation reports.
+#[derive(thiserror::Error, Debug)]
+pub enum DiskError {
+    #[error("record {offset}: {source}")]
+    Frame { offset: u64, source: FrameError },
+    #[error("record {offset}: frame of {used} bytes in a slot of {slot}")]
+    SlotMismatch {
+        offset: u64,
+        used: usize,
+        slot: usize,
+    },
+    #[error("recovery refused the segment: {0}")]
+    Corrupt(#[from] CorruptSegment),
+    #[error("recovery kept {kept_bytes} bytes, not the end of a frame the writer wrote")]
+    KeptPartialFrame { kept_bytes: usize },
+}
 
 /// A segment is sealed (never scanned again) once it holds this much
 /// durable data, so recovery scans only the active one, as in production.
@@ -96,20 +114,22 @@ impl SimDisk {
 
     /// The record at `offset` (durable or not), decoded by the production
     /// frame decoder.
-    pub fn read(&self, offset: u64) -> Result<Payload<'_>, String> {
+    pub fn read(&self, offset: u64) -> Result<Payload<'_>, DiskError> {
         let (start, end) = (self.start_of(offset), self.ends[offset as usize]);
-        let (payload, used) = decode_frame(&self.bytes[start..end])?;
+        let (payload, used) = decode_frame(&self.bytes[start..end])
+            .map_err(|source| DiskError::Frame { offset, source })?;
         if used != end - start {
-            return Err(format!(
-                "record {offset}: frame of {used} bytes in a slot of {}",
-                end - start
-            ));
+            return Err(DiskError::SlotMismatch {
+                offset,
+                used,
+                slot: end - start,
+            });
         }
         Ok(payload)
     }
 
     /// The record at `offset` as the processor takes it.
-    pub fn input(&self, offset: u64) -> Result<Input<'_>, String> {
+    pub fn input(&self, offset: u64) -> Result<Input<'_>, DiskError> {
         let r = self.read(offset)?;
         Ok(Input {
             offset,
@@ -125,7 +145,7 @@ impl SimDisk {
     /// the simulation's self-test: the crash also cuts into the last durable
     /// record of the active segment. The error is recovery refusing the
     /// bytes (a corrupt segment).
-    pub fn crash(&mut self, entropy: u64, tear_durable: bool) -> Result<Torn, String> {
+    pub fn crash(&mut self, entropy: u64, tear_durable: bool) -> Result<Torn, DiskError> {
         let mut rng = StdRng::seed_from_u64(entropy);
         let written = self.written();
         let durable_bytes = self.start_of(self.durable);
@@ -147,10 +167,9 @@ impl SimDisk {
         self.bytes.truncate(segment_start + recovered.valid_bytes);
         self.ends.truncate(kept as usize);
         if self.start_of(kept) != self.bytes.len() {
-            return Err(format!(
-                "recovery kept {} bytes, not the end of a frame the writer wrote",
-                self.bytes.len()
-            ));
+            return Err(DiskError::KeptPartialFrame {
+                kept_bytes: self.bytes.len(),
+            });
         }
         self.durable = kept;
         self.last_ts = match kept {

@@ -95,18 +95,18 @@ impl SimConfig {
     }
 
     /// The limits, as a usage error.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
         if self.steps > MAX_STEPS {
-            return Err(format!(
+            return Err(crate::config::ConfigError::Usage(format!(
                 "--steps {} is above the limit of {MAX_STEPS}",
                 self.steps
-            ));
+            )));
         }
         if !(1..=MAX_PARTITIONS).contains(&self.partitions) {
-            return Err(format!(
+            return Err(crate::config::ConfigError::Usage(format!(
                 "--partitions {} is out of range 1..={MAX_PARTITIONS}",
                 self.partitions
-            ));
+            )));
         }
         Ok(())
     }

@@ -739,7 +739,7 @@ impl World {
             for offset in 0..disk.durable() {
                 let input = disk
                     .input(offset)
-                    .map_err(|e| Breach::new("log-readable", e))?;
+                    .map_err(|e| Breach::new("log-readable", e.to_string()))?;
                 replay.apply(input, &mut out);
                 out.clear();
             }

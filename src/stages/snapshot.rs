@@ -719,7 +719,7 @@ pub fn restore(
         state
             .stock
             .restore_rows(*bucket, rows)
-            .map_err(|e| m.error(e))?;
+            .map_err(|e| m.error(e.to_string()))?;
     }
 
     let head = joined(m, Kind::Head, &m.head, get)?;
@@ -777,7 +777,7 @@ pub fn restore(
     }
     state.parked = parked_lane(m, blobs)?;
     state.reindex();
-    state.check_stock().map_err(|e| m.error(e))?;
+    state.check_stock().map_err(|e| m.error(e.to_string()))?;
     // Loaded as written: nothing to rewrite until something changes.
     state.stock.take_dirty();
     Ok(state)

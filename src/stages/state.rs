@@ -11,6 +11,26 @@ use crate::domain::{Effect, EffectKind, Status};
 
 use super::finished::Finished;
 
+/// A loaded snapshot's state breaks an invariant the processor keeps: the
+/// stored data is corrupt (never the input's fault; retrying cannot help).
+#[derive(thiserror::Error, Debug, PartialEq, Eq)]
+pub enum StateError {
+    #[error("SKU {sku:?} is not in stock bucket {bucket}")]
+    ForeignSku { sku: String, bucket: u16 },
+    #[error("SKU {sku:?} appears twice in stock bucket {bucket}")]
+    DuplicateSku { sku: String, bucket: u16 },
+    #[error("stock of {sku:?} breaks conservation: {counters}")]
+    NotConserved { sku: String, counters: String },
+    #[error("holds of {sku:?} exceed the stock's reserved count")]
+    HoldsExceedReserved { sku: String },
+}
+
+impl StateError {
+    pub fn fault(&self) -> crate::domain::fault::Fault {
+        crate::domain::fault::Fault::Internal
+    }
+}
+
 /// Largest `available` a stock change may set, at every edge (HTTP, CLI,
 /// log records): far above any real stock, and far enough below `u64::MAX`
 /// that no sequence of changes can wrap the counters (they are checked
@@ -143,16 +163,18 @@ impl StockTable {
 
     /// Puts the rows of a loaded stock page back (every SKU must hash to
     /// `bucket`, and appear in one page only).
-    pub fn restore_rows(&mut self, bucket: u16, rows: Vec<(String, Stock)>) -> Result<(), String> {
+    pub fn restore_rows(
+        &mut self,
+        bucket: u16,
+        rows: Vec<(String, Stock)>,
+    ) -> Result<(), StateError> {
         let slot = &mut self.buckets[usize::from(bucket)];
         for (sku, stock) in rows {
             if Self::bucket_of(&sku) != bucket {
-                return Err(format!("SKU {sku:?} is not in stock bucket {bucket}"));
+                return Err(StateError::ForeignSku { sku, bucket });
             }
             if slot.insert(sku.clone(), stock).is_some() {
-                return Err(format!(
-                    "SKU {sku:?} appears twice in stock bucket {bucket}"
-                ));
+                return Err(StateError::DuplicateSku { sku, bucket });
             }
             self.len += 1;
         }
@@ -373,10 +395,13 @@ impl PartitionState {
     /// The stock invariants the inventory stage asserts on every change. A
     /// snapshot that breaks them is corrupt: refusing it here names the
     /// SKU, where loading it would panic at the first record for the SKU.
-    pub fn check_stock(&self) -> Result<(), String> {
+    pub fn check_stock(&self) -> Result<(), StateError> {
         for (sku, stock) in self.stock.iter() {
             if !stock.is_conserved() {
-                return Err(format!("stock of {sku:?} breaks conservation: {stock:?}"));
+                return Err(StateError::NotConserved {
+                    sku: sku.clone(),
+                    counters: format!("{stock:?}"),
+                });
             }
         }
         let mut held: BTreeMap<&str, u64> = BTreeMap::new();
@@ -386,9 +411,9 @@ impl PartitionState {
         }
         for (sku, quantity) in held {
             if self.stock.get(sku).is_none_or(|s| s.reserved < quantity) {
-                return Err(format!(
-                    "holds of {sku:?} exceed the stock's reserved count"
-                ));
+                return Err(StateError::HoldsExceedReserved {
+                    sku: sku.to_owned(),
+                });
             }
         }
         Ok(())
@@ -509,7 +534,12 @@ mod tests {
                 quantity: 2,
             },
         );
-        assert!(s.check_stock().unwrap_err().contains("reserved"));
+        assert!(
+            s.check_stock()
+                .unwrap_err()
+                .to_string()
+                .contains("reserved")
+        );
         s.stock.insert(
             "A".into(),
             Stock {

@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 
 use super::AttemptError;
 use super::webhook::{EVENT_ID_HEADER, event_id};
+use crate::config::ConfigError;
 use crate::config::Secret;
 use crate::config::notifications::{EmailConfig, SmtpTls};
 use crate::domain::{Status, StatusEvent};
@@ -107,15 +108,17 @@ impl Mailer {
         config: &EmailConfig,
         timeout: Duration,
         metrics: std::sync::Arc<Metrics>,
-    ) -> Result<(Mailer, JoinHandle<()>), String> {
+    ) -> Result<(Mailer, JoinHandle<()>), ConfigError> {
         let from: Mailbox = config
             .from
             .parse()
-            .map_err(|e| format!("`notifications.email.from`: {e}"))?;
+            .map_err(|e| ConfigError::Invalid(format!("`notifications.email.from`: {e}")))?;
         let credentials = match (&config.username, &config.password_env) {
             (Some(user), Some(var)) => {
                 let password = Secret::from_env(var).ok_or_else(|| {
-                    format!("email: environment variable {var} is unset or empty")
+                    ConfigError::Invalid(format!(
+                        "email: environment variable {var} is unset or empty"
+                    ))
                 })?;
                 Some(Credentials::new(user.clone(), password.expose().to_owned()))
             }

@@ -242,7 +242,7 @@ impl Notifier {
         config: &NotificationsConfig,
         store: Arc<dyn StateStore>,
         metrics: Arc<Metrics>,
-    ) -> Result<(Notifier, Option<JoinHandle<()>>), String> {
+    ) -> Result<(Notifier, Option<JoinHandle<()>>), crate::config::ConfigError> {
         config.validate()?;
         let timeout = Duration::from_millis(config.timeout_ms);
         let mut targets = Vec::new();

@@ -31,6 +31,7 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 use super::AttemptError;
+use crate::config::ConfigError;
 use crate::config::Secret;
 use crate::config::notifications::{EventFilter, WebhookConfig};
 use crate::domain::{Status, StatusEvent};
@@ -174,10 +175,11 @@ pub(crate) struct Webhook {
 }
 
 impl Webhook {
-    pub fn new(config: &WebhookConfig, timeout: Duration) -> Result<Webhook, String> {
+    pub fn new(config: &WebhookConfig, timeout: Duration) -> Result<Webhook, ConfigError> {
         let secret = config.secret()?;
-        let url = reqwest::Url::parse(&config.url)
-            .map_err(|e| format!("webhook {:?}: bad url: {e}", config.name))?;
+        let url = reqwest::Url::parse(&config.url).map_err(|e| {
+            ConfigError::Invalid(format!("webhook {:?}: bad url: {e}", config.name))
+        })?;
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
@@ -185,7 +187,9 @@ impl Webhook {
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("orderflow/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| format!("webhook {:?}: HTTP client: {e}", config.name))?;
+            .map_err(|e| {
+                ConfigError::Invalid(format!("webhook {:?}: HTTP client: {e}", config.name))
+            })?;
         Ok(Webhook {
             url,
             secret,

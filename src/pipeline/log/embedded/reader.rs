@@ -212,7 +212,7 @@ impl ReadCursor {
                 key: p.key.to_vec(),
                 value: p.value.to_vec(),
             },
-            Err(detail) => return Err(self.corrupt(detail)),
+            Err(detail) => return Err(self.corrupt(detail.to_string())),
         };
         self.position += FRAME_HEADER_BYTES as u64 + u64::from(len);
         self.next_offset += 1;

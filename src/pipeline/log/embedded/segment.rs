@@ -130,25 +130,48 @@ pub struct Payload<'a> {
     pub value: &'a [u8],
 }
 
-/// Splits a payload into its fields; the error says what is wrong.
-pub(super) fn decode_payload(payload: &[u8]) -> Result<Payload<'_>, String> {
+/// What is wrong with a frame. Written by this process and checksummed, a
+/// frame fails only when the disk lost or changed it: whether that is a
+/// torn tail or corruption is decided by where it is (see
+/// [`recover_segment`]).
+#[derive(thiserror::Error, Clone, Debug, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("{0} bytes, less than a frame header")]
+    ShortHeader(usize),
+    #[error("invalid frame length {0}")]
+    InvalidLength(u32),
+    #[error("frame of {len} bytes runs past the end ({left} bytes left)")]
+    PastEnd { len: u32, left: usize },
+    #[error("checksum mismatch")]
+    Checksum,
+    #[error("empty payload")]
+    EmptyPayload,
+    #[error("unknown record kind flag {0}")]
+    UnknownKind(u8),
+    #[error("payload shorter than its header")]
+    ShortPayload,
+    #[error("key length {key_len} exceeds the {left} payload bytes left")]
+    KeyPastEnd { key_len: usize, left: usize },
+}
+
+/// Splits a payload into its fields.
+pub(super) fn decode_payload(payload: &[u8]) -> Result<Payload<'_>, FrameError> {
     let Some((&flag, rest)) = payload.split_first() else {
-        return Err("empty payload".into());
+        return Err(FrameError::EmptyPayload);
     };
-    let kind =
-        RecordKind::from_flag(flag).ok_or_else(|| format!("unknown record kind flag {flag}"))?;
+    let kind = RecordKind::from_flag(flag).ok_or(FrameError::UnknownKind(flag))?;
     let Some((timestamp, rest)) = rest.split_first_chunk::<8>() else {
-        return Err("payload shorter than its header".into());
+        return Err(FrameError::ShortPayload);
     };
     let Some((key_len, rest)) = rest.split_first_chunk::<2>() else {
-        return Err("payload shorter than its header".into());
+        return Err(FrameError::ShortPayload);
     };
     let key_len = u16::from_le_bytes(*key_len) as usize;
     if key_len > rest.len() {
-        return Err(format!(
-            "key length {key_len} exceeds the {} payload bytes left",
-            rest.len()
-        ));
+        return Err(FrameError::KeyPastEnd {
+            key_len,
+            left: rest.len(),
+        });
     }
     let (key, value) = rest.split_at(key_len);
     Ok(Payload {
@@ -160,24 +183,24 @@ pub(super) fn decode_payload(payload: &[u8]) -> Result<Payload<'_>, String> {
 }
 
 /// Decodes the frame at the start of `bytes` (header, length, checksum,
-/// payload) and returns it with the bytes it took; the error says what is
-/// wrong. Public so the fuzz target drives the very decoder the reader uses.
-pub fn decode_frame(bytes: &[u8]) -> Result<(Payload<'_>, usize), String> {
+/// payload) and returns it with the bytes it took. Public so the fuzz
+/// target drives the very decoder the reader uses.
+pub fn decode_frame(bytes: &[u8]) -> Result<(Payload<'_>, usize), FrameError> {
     let Some((header, rest)) = bytes.split_first_chunk::<FRAME_HEADER_BYTES>() else {
-        return Err(format!("{} bytes, less than a frame header", bytes.len()));
+        return Err(FrameError::ShortHeader(bytes.len()));
     };
     let (len, crc) = parse_header(*header);
     if !payload_len_valid(len) {
-        return Err(format!("invalid frame length {len}"));
+        return Err(FrameError::InvalidLength(len));
     }
     let Some(payload) = rest.get(..len as usize) else {
-        return Err(format!(
-            "frame of {len} bytes runs past the end ({} bytes left)",
-            rest.len()
-        ));
+        return Err(FrameError::PastEnd {
+            len,
+            left: rest.len(),
+        });
     };
     if crc32c::crc32c(payload) != crc {
-        return Err("checksum mismatch".into());
+        return Err(FrameError::Checksum);
     }
     let record = decode_payload(payload)?;
     Ok((record, FRAME_HEADER_BYTES + payload.len()))
@@ -231,15 +254,13 @@ pub(super) fn recover_segment(
     let mut last_timestamp_ms = None;
     let mut payload = Vec::new();
 
-    let damage: Option<String> = loop {
+    let damage: Option<FrameError> = loop {
         let remaining = file_len - position;
         if remaining == 0 {
             break None;
         }
         if remaining < FRAME_HEADER_BYTES as u64 {
-            break Some(format!(
-                "{remaining} bytes left at the end, less than a frame header"
-            ));
+            break Some(FrameError::ShortHeader(remaining as usize));
         }
         let mut header = [0u8; FRAME_HEADER_BYTES];
         reader
@@ -247,13 +268,14 @@ pub(super) fn recover_segment(
             .map_err(|e| io_error(path, e))?;
         let (len, crc) = parse_header(header);
         if !payload_len_valid(len) {
-            break Some(format!("invalid frame length {len}"));
+            break Some(FrameError::InvalidLength(len));
         }
         let available = remaining - FRAME_HEADER_BYTES as u64;
         if u64::from(len) > available {
-            break Some(format!(
-                "frame of {len} bytes runs past the end of the file ({available} bytes left)"
-            ));
+            break Some(FrameError::PastEnd {
+                len,
+                left: available as usize,
+            });
         }
         // `len` is now bounded by the bytes present in the file.
         payload.resize(len as usize, 0);
@@ -261,7 +283,7 @@ pub(super) fn recover_segment(
             .read_exact(&mut payload)
             .map_err(|e| io_error(path, e))?;
         if crc32c::crc32c(&payload) != crc {
-            break Some("checksum mismatch".into());
+            break Some(FrameError::Checksum);
         }
         let record = match decode_payload(&payload) {
             Ok(record) => record,
@@ -390,7 +412,37 @@ pub struct RecoveredTail {
     /// Bytes kept: the segment is truncated to this length.
     pub valid_bytes: usize,
     /// Why bytes after `valid_bytes` were dropped as a torn tail, if any.
-    pub torn: Option<String>,
+    pub torn: Option<FrameError>,
+}
+
+/// A last segment damaged other than by a torn write: its records cannot be
+/// trusted, so recovery refuses it rather than drop acknowledged records.
+#[derive(thiserror::Error, Clone, Debug, PartialEq, Eq)]
+pub enum CorruptSegment {
+    #[error(
+        "{damage}; {tail_bytes} bytes follow the damage, more than the {RESYNC_MAX_BYTES} a torn tail is searched in"
+    )]
+    TailTooLong {
+        damage: FrameError,
+        tail_bytes: usize,
+    },
+    #[error(
+        "{damage} at byte {position}; a valid record follows at byte {next}, so this is not a torn tail"
+    )]
+    RecordFollows {
+        damage: FrameError,
+        position: usize,
+        next: u64,
+    },
+    #[error("{damage}; {why}")]
+    Unsearchable { damage: FrameError, why: String },
+}
+
+impl CorruptSegment {
+    /// Data the disk lost or changed: an operator restores it, retrying cannot help.
+    pub fn fault(&self) -> crate::domain::fault::Fault {
+        crate::domain::fault::Fault::Internal
+    }
 }
 
 /// [`recover_segment`]'s decision for a partition's last segment held in
@@ -398,7 +450,7 @@ pub struct RecoveredTail {
 /// rule (damage is a torn tail only if no valid frame follows it, else the
 /// segment is corrupt). Public for the simulation (`crate::sim`), whose
 /// disk is a byte buffer.
-pub fn recover_last_segment(bytes: &[u8]) -> Result<RecoveredTail, String> {
+pub fn recover_last_segment(bytes: &[u8]) -> Result<RecoveredTail, CorruptSegment> {
     let mut position = 0;
     let mut record_count = 0;
     let damage = loop {
@@ -418,22 +470,24 @@ pub fn recover_last_segment(bytes: &[u8]) -> Result<RecoveredTail, String> {
         valid_bytes: position,
         torn,
     };
-    let Some(detail) = damage else {
+    let Some(damage) = damage else {
         return Ok(recovered(None));
     };
     let tail = &bytes[position..];
     if tail.len() as u64 > RESYNC_MAX_BYTES {
-        return Err(format!(
-            "{detail}; {} bytes follow the damage, more than the {RESYNC_MAX_BYTES} a torn tail is searched in",
-            tail.len()
-        ));
+        return Err(CorruptSegment::TailTooLong {
+            damage,
+            tail_bytes: tail.len(),
+        });
     }
     match resync(tail, position as u64) {
-        Resync::NoneFound => Ok(recovered(Some(detail))),
-        Resync::FoundAt(next) => Err(format!(
-            "{detail} at byte {position}; a valid record follows at byte {next}, so this is not a torn tail"
-        )),
-        Resync::GaveUp(why) => Err(format!("{detail}; {why}")),
+        Resync::NoneFound => Ok(recovered(Some(damage))),
+        Resync::FoundAt(next) => Err(CorruptSegment::RecordFollows {
+            damage,
+            position,
+            next,
+        }),
+        Resync::GaveUp(why) => Err(CorruptSegment::Unsearchable { damage, why }),
     }
 }
 
