@@ -17,9 +17,8 @@
 //!             new state + messages to emit + effects; the state's bounds
 //!             (the compact finished set) and its snapshot format (manifest
 //!             + blobs). Knows only `domain`.
-//! config/     TOML/env/flag configuration with validation, one section per
-//!             file where they grew (backends: [kafka]/[scylla];
-//!             notifications; the gateway simulator's bounds).
+//! config/     TOML/env/flag configuration with validation, one file per
+//!             section or group of sections, the `Secret` type.
 //! gateway/    the `PaymentGateway` trait: the simulator (in process, or as
 //!             `gateway-sim`), the Stripe client, the circuit breaker.
 //! pipeline/   log/ (the `Log` trait; embedded segment log, Kafka), store/

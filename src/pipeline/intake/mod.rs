@@ -23,12 +23,8 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Instant;
 
 use serde_json::Value;
-use sha2::{Digest, Sha256};
-use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::config::IntakeConfig;
 use crate::domain::order::{parse_order, valid_id};
@@ -39,14 +35,17 @@ use crate::pipeline::log::{Log, LogError, Record, RecordKind, Topic, partition_f
 use crate::pipeline::tokens::TokenKeys;
 use crate::telemetry::metrics::Metrics;
 
+mod admission;
+mod idempotency;
+
+use admission::{Admission, Taking};
+pub use admission::{RSS_READ_EVERY_MS, Shed, resident_bytes};
+pub use idempotency::{
+    MAX_IDEMPOTENCY_KEY_LEN, idempotency_order_id, random_order_id, valid_idempotency_key,
+};
+
 /// Records per append call when producing a batch of raw lines.
 const PRODUCE_CHUNK: usize = 256;
-/// Longest `Idempotency-Key` accepted (printable ASCII only).
-pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
-/// The memory guard reads the resident set size at most this often: often
-/// enough to stop a surge within a fraction of a second, rarely enough
-/// that reading `/proc` never shows in a profile.
-pub const RSS_READ_EVERY_MS: u64 = 100;
 
 /// The answer to an accepted order (the first answer, when repeated).
 #[derive(Clone, PartialEq, Eq)]
@@ -94,30 +93,6 @@ pub enum IntakeError {
     Overloaded(Shed),
 }
 
-/// The limit that shed an order (`orderflow_intake_shed_total{reason}`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Shed {
-    /// `intake.max_inflight` orders were being taken already.
-    Inflight,
-    /// The order's partition was more than `intake.max_backlog_records` behind.
-    Backlog,
-    /// The process was above `intake.max_rss_bytes`.
-    Memory,
-    /// The order's partition runner died and is not running again yet.
-    Down,
-}
-
-impl Shed {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Shed::Inflight => "inflight",
-            Shed::Backlog => "backlog",
-            Shed::Memory => "memory",
-            Shed::Down => "partition_down",
-        }
-    }
-}
-
 impl IntakeError {
     /// The stable problem code of this error.
     pub fn code(&self) -> &'static str {
@@ -151,145 +126,6 @@ fn rejection(reason: RejectReason, detail: impl Into<String>) -> Rejection {
     Rejection {
         reason,
         detail: detail.into(),
-    }
-}
-
-/// The id an `Idempotency-Key` stands for, for one customer:
-/// `"idem-"` + the first 128 bits of `sha256(customer_id + "\n" + key)` in letters. Deterministic,
-/// so a retry after a restart (or on another instance) finds the same order.
-pub fn idempotency_order_id(customer_id: &str, key: &str) -> String {
-    let mut h = Sha256::new();
-    h.update(customer_id.as_bytes());
-    h.update(b"\n");
-    h.update(key.as_bytes());
-    format!("idem-{}", digitless(&h.finalize()[..16]))
-}
-
-/// Letters only, 5 bits each (a–z, A–F): a server-made id must never hold a
-/// run of digits that the card-number check could take for a PAN (hex ids
-/// did, about 1 in 600).
-fn digitless(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyzABCDEF";
-    let mut out = String::with_capacity(bytes.len() * 8 / 5 + 1);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for &b in bytes {
-        acc = (acc << 8) | u32::from(b);
-        bits += 8;
-        while bits >= 5 {
-            bits -= 5;
-            out.push(char::from(ALPHABET[((acc >> bits) & 31) as usize]));
-        }
-    }
-    if bits > 0 {
-        out.push(char::from(ALPHABET[((acc << (5 - bits)) & 31) as usize]));
-    }
-    out
-}
-
-/// True for an acceptable `Idempotency-Key`: 1 to 255 printable ASCII chars.
-pub fn valid_idempotency_key(key: &str) -> bool {
-    !key.is_empty()
-        && key.len() <= MAX_IDEMPOTENCY_KEY_LEN
-        && key.bytes().all(|b| (0x21..=0x7e).contains(&b))
-}
-
-/// A fresh order id: `"ord-"` + 128 random bits in letters (26 chars).
-pub fn random_order_id() -> String {
-    format!("ord-{}", digitless(&rand::random::<[u8; 16]>()))
-}
-
-/// The resident set size of this process, from `/proc/self/statm` (Linux);
-/// `None` where it cannot be read.
-pub fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf only reads a system constant.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * u64::try_from(page).ok().filter(|p| *p > 0)?)
-}
-
-/// Sheds new orders while the process is above its memory bound. The
-/// reading is refreshed by whichever order comes once it is older than
-/// [`RSS_READ_EVERY_MS`], so an idle process reads nothing.
-struct MemoryGuard {
-    max_rss_bytes: u64,
-    started: Instant,
-    next_read_ms: AtomicU64,
-    over: AtomicBool,
-    gauge: prometheus::IntGauge,
-}
-
-impl MemoryGuard {
-    fn new(max_rss_bytes: u64, gauge: prometheus::IntGauge) -> MemoryGuard {
-        if max_rss_bytes > 0 && resident_bytes().is_none() {
-            tracing::warn!(
-                "`intake.max_rss_bytes` is set but /proc/self/statm is unreadable here: no memory bound applies"
-            );
-        }
-        MemoryGuard {
-            max_rss_bytes,
-            started: Instant::now(),
-            next_read_ms: AtomicU64::new(0),
-            over: AtomicBool::new(false),
-            gauge,
-        }
-    }
-
-    fn over(&self) -> bool {
-        if self.max_rss_bytes == 0 {
-            return false;
-        }
-        let now = self.started.elapsed().as_millis() as u64;
-        let due = self.next_read_ms.load(Ordering::Relaxed);
-        // One reader per period: the others use the last reading.
-        if now >= due
-            && self
-                .next_read_ms
-                .compare_exchange(
-                    due,
-                    now + RSS_READ_EVERY_MS,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-            && let Some(rss) = resident_bytes()
-        {
-            self.gauge.set(i64::try_from(rss).unwrap_or(i64::MAX));
-            self.over.store(rss > self.max_rss_bytes, Ordering::Relaxed);
-        }
-        self.over.load(Ordering::Relaxed)
-    }
-}
-
-/// Intake's limits; see the module documentation.
-struct Admission {
-    inflight: Semaphore,
-    max_backlog_records: u64,
-    /// `None`: nothing reports partition progress (intake alone, in tests).
-    backlog: Option<Arc<Backlog>>,
-    memory: MemoryGuard,
-}
-
-impl Admission {
-    fn new(config: &IntakeConfig, backlog: Option<Arc<Backlog>>, metrics: &Metrics) -> Admission {
-        Admission {
-            inflight: Semaphore::new(config.max_inflight),
-            max_backlog_records: config.max_backlog_records,
-            backlog,
-            memory: MemoryGuard::new(config.max_rss_bytes, metrics.process_resident_bytes.clone()),
-        }
-    }
-}
-
-/// An order being taken: holds its `intake.max_inflight` slot.
-struct Taking<'a> {
-    _permit: SemaphorePermit<'a>,
-    gauge: &'a prometheus::IntGauge,
-}
-
-impl Drop for Taking<'_> {
-    fn drop(&mut self) {
-        self.gauge.dec();
     }
 }
 
@@ -942,20 +778,5 @@ mod tests {
         assert!(matches!(r[3], Err(IntakeError::RecordTooLarge { .. })));
         assert_eq!(r[4].as_ref().unwrap().order_id.as_deref(), Some("c"));
         assert_eq!(log.total(), 3);
-    }
-
-    /// Server-made order ids never look like a card number (they hold no
-    /// digits at all), so the processor never rejects them as `pan_detected`.
-    #[test]
-    fn server_made_ids_hold_no_digits() {
-        for _ in 0..2_000 {
-            let id = random_order_id();
-            assert!(crate::domain::order::valid_id(&id), "{id}");
-            assert!(!id[4..].bytes().any(|b| b.is_ascii_digit()), "{id}");
-        }
-        let id = idempotency_order_id("cus-1", "key-1");
-        assert_eq!(id, idempotency_order_id("cus-1", "key-1"));
-        assert!(!id[5..].bytes().any(|b| b.is_ascii_digit()), "{id}");
-        assert_eq!(id.len(), "idem-".len() + 26);
     }
 }
