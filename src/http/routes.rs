@@ -192,8 +192,6 @@ pub(crate) async fn authorize_order(
     security(("bearer" = []), ("tracking_token" = [])),
     responses(
         (status = 200, description = "The order's status and history (`accepted` with no history until the read model has it).", body = OrderView),
-        (status = 403, description = "`forbidden`: a producer token, whatever the id."),
-        (status = 404, description = "`order_not_found`: an unknown id and a missing or wrong token alike."),
     ),
 )]
 pub(crate) async fn get_order(

@@ -51,8 +51,6 @@ const GAP_WAIT: Duration = Duration::from_secs(5);
     security(("bearer" = []), ("tracking_token" = [])),
     responses(
         (status = 200, description = "Server-Sent Events: `event: status`, `id: <seq>`, data an `EventView`; the history first, then live, ending after a terminal status.", content_type = "text/event-stream", body = EventView),
-        (status = 403, description = "`forbidden`: a producer token, whatever the id."),
-        (status = 404, description = "`order_not_found`: an unknown id and a missing or wrong token alike."),
         (status = 503, description = "`too_many_streams`: `http.max_sse_streams` are open."),
     ),
 )]

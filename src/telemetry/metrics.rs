@@ -5,9 +5,10 @@
 use std::sync::Mutex;
 
 use prometheus::core::Collector;
+use prometheus::core::{MetricVec, MetricVecBuilder};
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::domain::{Status, StatusEvent};
@@ -30,6 +31,404 @@ const ORDER_BUCKETS_S: &[f64] = &[
 ];
 /// Default of `metrics.top_out_of_stock_skus`.
 pub const DEFAULT_TOP_SKUS: usize = 10;
+
+const ORDERS: Desc = Desc {
+    name: "orderflow_orders_total",
+    help: "Order status transitions, by status and reason.",
+    labels: &["status", "reason"],
+    buckets: &[],
+};
+
+const STAGE_LATENCY: Desc = Desc {
+    name: "orderflow_stage_latency_seconds",
+    help: "Time from an order's previous status to this one, by status entered.",
+    labels: &["stage"],
+    buckets: STAGE_BUCKETS_S,
+};
+
+const LOG_APPEND_LATENCY: Desc = Desc {
+    name: "orderflow_log_append_seconds",
+    help: "Time from append request to durable acknowledgement.",
+    labels: &["topic"],
+    buckets: IO_BUCKETS_S,
+};
+
+const LOG_FSYNC_LATENCY: Desc = Desc {
+    name: "orderflow_log_fsync_seconds",
+    help: "Duration of one log fsync.",
+    labels: &["topic"],
+    buckets: IO_BUCKETS_S,
+};
+
+const LOG_BATCH_RECORDS: Desc = Desc {
+    name: "orderflow_log_group_commit_records",
+    help: "Records made durable by one fsync (group commit size).",
+    labels: &["topic"],
+    buckets: &[1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0],
+};
+
+const CHECKPOINT_LATENCY: Desc = Desc {
+    name: "orderflow_checkpoint_seconds",
+    help: "Duration of one partition checkpoint write.",
+    labels: &["partition"],
+    buckets: IO_BUCKETS_S,
+};
+
+const CHECKPOINT_BYTES: Desc = Desc {
+    name: "orderflow_checkpoint_bytes",
+    help: "Bytes written by one partition checkpoint (new blobs and manifest).",
+    labels: &["partition"],
+    buckets: &[
+        1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0,
+    ],
+};
+
+const STATE_ENTRIES: Desc = Desc {
+    name: "orderflow_state_entries",
+    help: "Entries of a bounded structure: finished_orders, orders_in_flight, holds, outbox, skus, parked_bytes (orders partitions), tracking_orders (read model).",
+    labels: &["structure", "partition"],
+    buckets: &[],
+};
+
+const QUEUE_DEPTH: Desc = Desc {
+    name: "orderflow_queue_depth",
+    help: "Items waiting in a bounded queue.",
+    labels: &["queue"],
+    buckets: &[],
+};
+
+const PARTITION_LAG: Desc = Desc {
+    name: "orderflow_partition_lag_records",
+    help: "Records in the log not yet read, per topic partition and consumer (runner, read_model, notifications).",
+    labels: &["topic", "partition", "consumer"],
+    buckets: &[],
+};
+
+const GATEWAY_CALLS: Desc = Desc {
+    name: "orderflow_gateway_calls_total",
+    help: "Payment gateway calls, by operation and outcome.",
+    labels: &["op", "outcome"],
+    buckets: &[],
+};
+
+const GATEWAY_LATENCY: Desc = Desc {
+    name: "orderflow_gateway_call_seconds",
+    help: "Payment gateway call latency.",
+    labels: &["op"],
+    buckets: STAGE_BUCKETS_S,
+};
+
+const GATEWAY_BREAKER_STATE: Desc = Desc {
+    name: "orderflow_gateway_breaker_state",
+    help: "Payment gateway circuit breaker state: 0 closed, 1 half-open, 2 open.",
+    labels: &["gateway"],
+    buckets: &[],
+};
+
+const GATEWAY_BREAKER_TRANSITIONS: Desc = Desc {
+    name: "orderflow_gateway_breaker_transitions_total",
+    help: "Payment gateway circuit breaker transitions, by state entered.",
+    labels: &["gateway", "to"],
+    buckets: &[],
+};
+
+const HTTP_REQUESTS: Desc = Desc {
+    name: "orderflow_http_requests_total",
+    help: "HTTP requests, by route and status code.",
+    labels: &["route", "code"],
+    buckets: &[],
+};
+
+const NOTIFICATION_DELIVERIES: Desc = Desc {
+    name: "orderflow_notification_deliveries_total",
+    help: "Notification deliveries settled, by endpoint and outcome.",
+    labels: &["endpoint", "outcome"],
+    buckets: &[],
+};
+
+const NOTIFICATION_RETRIES: Desc = Desc {
+    name: "orderflow_notification_retries_total",
+    help: "Notification attempts that failed and were retried, by endpoint.",
+    labels: &["endpoint"],
+    buckets: &[],
+};
+
+const NOTIFICATION_LATENCY: Desc = Desc {
+    name: "orderflow_notification_delivery_seconds",
+    help: "Time from a notification's start to delivered or given up, by endpoint.",
+    labels: &["endpoint"],
+    buckets: STAGE_BUCKETS_S,
+};
+
+const PARTITIONS_OWNED: Desc = Desc {
+    name: "orderflow_partitions_owned",
+    help: "Partitions this instance owns, by topic.",
+    labels: &["topic"],
+    buckets: &[],
+};
+
+const REBALANCES: Desc = Desc {
+    name: "orderflow_rebalances_total",
+    help: "Consumer-group rebalances seen, by event (assigned, revoked) and topic of the group.",
+    labels: &["event", "topic"],
+    buckets: &[],
+};
+
+const PARTITION_REPLAYED_RECORDS: Desc = Desc {
+    name: "orderflow_partition_replayed_records_total",
+    help: "Records replayed after a checkpoint was loaded, per partition.",
+    labels: &["partition"],
+    buckets: &[],
+};
+
+const CHECKPOINT_FENCED: Desc = Desc {
+    name: "orderflow_checkpoint_fenced_total",
+    help: "Checkpoint writes refused because a newer owner claimed the partition.",
+    labels: &["partition"],
+    buckets: &[],
+};
+
+const TASK_RESTARTS: Desc = Desc {
+    name: "orderflow_task_restarts_total",
+    help: "Partition tasks restarted after they died (panicked), by task and partition.",
+    labels: &["task", "partition"],
+    buckets: &[],
+};
+
+const TASK_OUTAGES: Desc = Desc {
+    name: "orderflow_task_outages_total",
+    help: "Partition tasks started again after the log or state store stayed unavailable past a call's own retries, by task and partition.",
+    labels: &["task", "partition"],
+    buckets: &[],
+};
+
+const TASK_DOWN: Desc = Desc {
+    name: "orderflow_task_down",
+    help: "1 for a partition task given up on because it kept dying, by task and partition.",
+    labels: &["task", "partition"],
+    buckets: &[],
+};
+
+const PARKED_RECORDS: Desc = Desc {
+    name: "orderflow_parked_records",
+    help: "Records in a partition's park lane.",
+    labels: &["partition"],
+    buckets: &[],
+};
+
+const EFFECTS_FAILED: Desc = Desc {
+    name: "orderflow_effects_failed",
+    help: "Captures and voids the gateway refused for good, waiting in a partition's outbox for an operator (orderflow parked).",
+    labels: &["partition"],
+    buckets: &[],
+};
+
+const STORE_LATENCY: Desc = Desc {
+    name: "orderflow_store_request_seconds",
+    help: "State store request latency, by operation.",
+    labels: &["op"],
+    buckets: IO_BUCKETS_S,
+};
+
+const STORE_ERRORS: Desc = Desc {
+    name: "orderflow_store_errors_total",
+    help: "State store requests that failed, by operation and error kind.",
+    labels: &["op", "kind"],
+    buckets: &[],
+};
+
+const INTAKE_SHED: Desc = Desc {
+    name: "orderflow_intake_shed_total",
+    help: "New orders refused by intake before the log, by the limit that refused them.",
+    labels: &["reason"],
+    buckets: &[],
+};
+
+const OUT_OF_STOCK_TOP_SKUS: Desc = Desc {
+    name: "orderflow_out_of_stock_top_skus",
+    help: "Out-of-stock orders per SKU (space-saving estimate, an upper bound), for the top-k SKUs only.",
+    labels: &["sku"],
+    buckets: &[],
+};
+
+const TRACKING_CONFLICTS: Desc = Desc {
+    name: "orderflow_tracking_conflicts_total",
+    help: "Status events the read model ignored: their order id was first seen from another home partition.",
+    labels: &[],
+    buckets: &[],
+};
+
+const EFFECTS_HELD_FULL: Desc = Desc {
+    name: "orderflow_effects_held_full_total",
+    help: "Times the effect executor held gateway.max_parked_effects captures and voids (in flight or parked) and took no new effect until one ended.",
+    labels: &[],
+    buckets: &[],
+};
+
+const EMAIL_BATCH_SIZE: Desc = Desc {
+    name: "orderflow_notification_email_batch_size",
+    help: "Emails sent per SMTP batch (one connection each).",
+    labels: &[],
+    buckets: &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 500.0],
+};
+
+const PARTITION_RESTORE_LATENCY: Desc = Desc {
+    name: "orderflow_partition_restore_seconds",
+    help: "Time from taking a partition to having loaded its checkpoint and replayed its tail.",
+    labels: &[],
+    buckets: STAGE_BUCKETS_S,
+};
+
+const PARKED_OLDEST_AGE: Desc = Desc {
+    name: "orderflow_parked_oldest_age_seconds",
+    help: "Age of the oldest record in a partition's park lane (0 when empty).",
+    labels: &["partition"],
+    buckets: &[],
+};
+
+const INTAKE_INFLIGHT: Desc = Desc {
+    name: "orderflow_intake_inflight",
+    help: "Orders intake is taking now (parse to durable answer).",
+    labels: &[],
+    buckets: &[],
+};
+
+const PROCESS_RESIDENT_BYTES: Desc = Desc {
+    name: "orderflow_process_resident_bytes",
+    help: "Resident set size of the process, as intake's memory guard last read it (0 without a bound).",
+    labels: &[],
+    buckets: &[],
+};
+
+const ORDER_DURATION: Desc = Desc {
+    name: "orderflow_order_duration_seconds",
+    help: "Time from an order's acceptance (placed) to its terminal status, by terminal status.",
+    labels: &["status"],
+    buckets: ORDER_BUCKETS_S,
+};
+
+/// The series of `orderflow_order_duration_seconds`, born at 0.
+const TERMINAL_FAILURES_AND_CONFIRMED: [&[&str]; 4] = [
+    &["confirmed"],
+    &["out_of_stock"],
+    &["payment_declined"],
+    &["payment_failed"],
+];
+
+const SAGAS_IN_FLIGHT: Desc = Desc {
+    name: "orderflow_sagas_in_flight",
+    help: "Accepted orders not yet terminal, of the order-status partitions this instance consumes.",
+    labels: &[],
+    buckets: &[],
+};
+
+const SAGA_OLDEST_AGE: Desc = Desc {
+    name: "orderflow_saga_oldest_age_seconds",
+    help: "Age of the oldest accepted order not yet terminal (0 when none).",
+    labels: &[],
+    buckets: &[],
+};
+
+const SAGA_COMPENSATIONS: Desc = Desc {
+    name: "orderflow_saga_compensations_total",
+    help: "Failed orders undoing work, by terminal status and action (release_stock, void_payment).",
+    labels: &["status", "action"],
+    buckets: &[],
+};
+
+/// Every compensation the processor makes, born at 0.
+const COMPENSATIONS: [&[&str]; 4] = [
+    &["out_of_stock", "release_stock"],
+    &["payment_declined", "release_stock"],
+    &["payment_failed", "release_stock"],
+    &["payment_failed", "void_payment"],
+];
+
+/// A metric's name, help, labels and (histograms) buckets.
+struct Desc {
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+    buckets: &'static [f64],
+}
+
+/// Makes metrics from their [`Desc`] and registers them.
+struct Registrar<'a>(&'a Registry);
+
+impl Registrar<'_> {
+    fn opts(d: &Desc) -> Opts {
+        Opts::new(d.name, d.help)
+    }
+
+    fn hist_opts(d: &Desc) -> HistogramOpts {
+        HistogramOpts::new(d.name, d.help).buckets(d.buckets.to_vec())
+    }
+
+    fn counter(&self, d: &Desc) -> IntCounterVec {
+        registered(
+            self.0,
+            IntCounterVec::new(Self::opts(d), d.labels).expect("valid counter"),
+        )
+    }
+
+    fn counter1(&self, d: &Desc) -> IntCounter {
+        registered(
+            self.0,
+            IntCounter::with_opts(Self::opts(d)).expect("valid counter"),
+        )
+    }
+
+    fn gauge(&self, d: &Desc) -> IntGaugeVec {
+        registered(
+            self.0,
+            IntGaugeVec::new(Self::opts(d), d.labels).expect("valid gauge"),
+        )
+    }
+
+    fn gauge1(&self, d: &Desc) -> IntGauge {
+        registered(
+            self.0,
+            IntGauge::with_opts(Self::opts(d)).expect("valid gauge"),
+        )
+    }
+
+    fn float_gauge(&self, d: &Desc) -> GaugeVec {
+        registered(
+            self.0,
+            GaugeVec::new(Self::opts(d), d.labels).expect("valid gauge"),
+        )
+    }
+
+    fn float_gauge1(&self, d: &Desc) -> Gauge {
+        registered(
+            self.0,
+            Gauge::with_opts(Self::opts(d)).expect("valid gauge"),
+        )
+    }
+
+    fn hist(&self, d: &Desc) -> HistogramVec {
+        registered(
+            self.0,
+            HistogramVec::new(Self::hist_opts(d), d.labels).expect("valid histogram"),
+        )
+    }
+
+    fn hist1(&self, d: &Desc) -> Histogram {
+        registered(
+            self.0,
+            Histogram::with_opts(Self::hist_opts(d)).expect("valid histogram"),
+        )
+    }
+}
+
+/// Creates `series` at 0: a series first scraped with its first events
+/// already in it would hide them from `rate`.
+fn born_at_zero<M: MetricVecBuilder>(vec: MetricVec<M>, series: &[&[&str]]) -> MetricVec<M> {
+    for labels in series {
+        vec.with_label_values(labels);
+    }
+    vec
+}
 
 /// What the saga-health gauges are computed from at each scrape.
 struct SagaHealth {
@@ -56,10 +455,10 @@ pub struct Metrics {
     pub state_entries: IntGaugeVec,
     /// Status events the read model ignored: an order id seen from two
     /// home partitions.
-    pub tracking_conflicts: prometheus::IntCounter,
+    pub tracking_conflicts: IntCounter,
     /// Times the effect executor stopped taking effects because it held
     /// `gateway.max_parked_effects` captures and voids.
-    pub effects_held_full: prometheus::IntCounter,
+    pub effects_held_full: IntCounter,
     pub queue_depth: IntGaugeVec,
     pub partition_lag: IntGaugeVec,
     pub gateway_calls: IntCounterVec,
@@ -100,7 +499,7 @@ pub struct Metrics {
     /// for an operator.
     pub effects_failed: IntGaugeVec,
     /// Age of the oldest parked record of a partition (0 when none).
-    pub parked_oldest_age: prometheus::GaugeVec,
+    pub parked_oldest_age: GaugeVec,
     /// State store request latency, by operation.
     pub store_latency: HistogramVec,
     /// State store requests that failed, by operation and error kind.
@@ -136,314 +535,50 @@ impl Metrics {
     /// most orders (capped at [`crate::telemetry::saga_health::MAX_TOP_SKUS`]).
     pub fn with_top_skus(top_skus: usize) -> Metrics {
         let registry = Registry::new();
-        let hist = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
-            registered(
-                &registry,
-                HistogramVec::new(
-                    HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-                    labels,
-                )
-                .expect("valid histogram"),
-            )
-        };
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            registered(
-                &registry,
-                IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter"),
-            )
-        };
-        let gauge = |name: &str, help: &str, labels: &[&str]| {
-            registered(
-                &registry,
-                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge"),
-            )
-        };
+        let r = Registrar(&registry);
         Metrics {
-            orders: counter(
-                "orderflow_orders_total",
-                "Order status transitions, by status and reason.",
-                &["status", "reason"],
-            ),
-            stage_latency: hist(
-                "orderflow_stage_latency_seconds",
-                "Time from an order's previous status to this one, by status entered.",
-                &["stage"],
-                STAGE_BUCKETS_S,
-            ),
-            log_append_latency: hist(
-                "orderflow_log_append_seconds",
-                "Time from append request to durable acknowledgement.",
-                &["topic"],
-                IO_BUCKETS_S,
-            ),
-            log_fsync_latency: hist(
-                "orderflow_log_fsync_seconds",
-                "Duration of one log fsync.",
-                &["topic"],
-                IO_BUCKETS_S,
-            ),
-            log_batch_records: hist(
-                "orderflow_log_group_commit_records",
-                "Records made durable by one fsync (group commit size).",
-                &["topic"],
-                &[1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0],
-            ),
-            checkpoint_latency: hist(
-                "orderflow_checkpoint_seconds",
-                "Duration of one partition checkpoint write.",
-                &["partition"],
-                IO_BUCKETS_S,
-            ),
-            checkpoint_bytes: hist(
-                "orderflow_checkpoint_bytes",
-                "Bytes written by one partition checkpoint (new blobs and manifest).",
-                &["partition"],
-                &[
-                    1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
-                    16777216.0, 67108864.0,
-                ],
-            ),
-            state_entries: gauge(
-                "orderflow_state_entries",
-                "Entries of a bounded structure: finished_orders, orders_in_flight, holds, outbox, skus, parked_bytes (orders partitions), tracking_orders (read model).",
-                &["structure", "partition"],
-            ),
-            tracking_conflicts: registered(
-                &registry,
-                prometheus::IntCounter::new(
-                    "orderflow_tracking_conflicts_total",
-                    "Status events the read model ignored: their order id was first seen from another home partition.",
-                )
-                .expect("valid counter"),
-            ),
-            effects_held_full: registered(
-                &registry,
-                prometheus::IntCounter::new(
-                    "orderflow_effects_held_full_total",
-                    "Times the effect executor held gateway.max_parked_effects captures and voids (in flight or parked) and took no new effect until one ended.",
-                )
-                .expect("valid counter"),
-            ),
-            queue_depth: gauge(
-                "orderflow_queue_depth",
-                "Items waiting in a bounded queue.",
-                &["queue"],
-            ),
-            partition_lag: gauge(
-                "orderflow_partition_lag_records",
-                "Records in the log not yet read, per topic partition and consumer (runner, read_model, notifications).",
-                &["topic", "partition", "consumer"],
-            ),
-            gateway_calls: counter(
-                "orderflow_gateway_calls_total",
-                "Payment gateway calls, by operation and outcome.",
-                &["op", "outcome"],
-            ),
-            gateway_latency: hist(
-                "orderflow_gateway_call_seconds",
-                "Payment gateway call latency.",
-                &["op"],
-                STAGE_BUCKETS_S,
-            ),
-            gateway_breaker_state: gauge(
-                "orderflow_gateway_breaker_state",
-                "Payment gateway circuit breaker state: 0 closed, 1 half-open, 2 open.",
-                &["gateway"],
-            ),
-            gateway_breaker_transitions: counter(
-                "orderflow_gateway_breaker_transitions_total",
-                "Payment gateway circuit breaker transitions, by state entered.",
-                &["gateway", "to"],
-            ),
-            http_requests: counter(
-                "orderflow_http_requests_total",
-                "HTTP requests, by route and status code.",
-                &["route", "code"],
-            ),
-            notification_deliveries: counter(
-                "orderflow_notification_deliveries_total",
-                "Notification deliveries settled, by endpoint and outcome.",
-                &["endpoint", "outcome"],
-            ),
-            notification_retries: counter(
-                "orderflow_notification_retries_total",
-                "Notification attempts that failed and were retried, by endpoint.",
-                &["endpoint"],
-            ),
-            notification_latency: hist(
-                "orderflow_notification_delivery_seconds",
-                "Time from a notification's start to delivered or given up, by endpoint.",
-                &["endpoint"],
-                STAGE_BUCKETS_S,
-            ),
-            email_batch_size: registered(
-                &registry,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        "orderflow_notification_email_batch_size",
-                        "Emails sent per SMTP batch (one connection each).",
-                    )
-                    .buckets(vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 500.0]),
-                )
-                .expect("valid histogram"),
-            ),
-            partitions_owned: gauge(
-                "orderflow_partitions_owned",
-                "Partitions this instance owns, by topic.",
-                &["topic"],
-            ),
-            rebalances: counter(
-                "orderflow_rebalances_total",
-                "Consumer-group rebalances seen, by event (assigned, revoked) and topic of the group.",
-                &["event", "topic"],
-            ),
-            partition_restore_latency: registered(
-                &registry,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        "orderflow_partition_restore_seconds",
-                        "Time from taking a partition to having loaded its checkpoint and replayed its tail.",
-                    )
-                    .buckets(STAGE_BUCKETS_S.to_vec()),
-                )
-                .expect("valid histogram"),
-            ),
-            partition_replayed_records: counter(
-                "orderflow_partition_replayed_records_total",
-                "Records replayed after a checkpoint was loaded, per partition.",
-                &["partition"],
-            ),
-            checkpoint_fenced: counter(
-                "orderflow_checkpoint_fenced_total",
-                "Checkpoint writes refused because a newer owner claimed the partition.",
-                &["partition"],
-            ),
-            task_restarts: counter(
-                "orderflow_task_restarts_total",
-                "Partition tasks restarted after they died (panicked), by task and partition.",
-                &["task", "partition"],
-            ),
-            task_outages: counter(
-                "orderflow_task_outages_total",
-                "Partition tasks started again after the log or state store stayed unavailable past a call's own retries, by task and partition.",
-                &["task", "partition"],
-            ),
-            task_down: gauge(
-                "orderflow_task_down",
-                "1 for a partition task given up on because it kept dying, by task and partition.",
-                &["task", "partition"],
-            ),
-            parked_records: gauge(
-                "orderflow_parked_records",
-                "Records in a partition's park lane.",
-                &["partition"],
-            ),
-            effects_failed: gauge(
-                "orderflow_effects_failed",
-                "Captures and voids the gateway refused for good, waiting in a partition's outbox for an operator (orderflow parked).",
-                &["partition"],
-            ),
-            parked_oldest_age: registered(
-                &registry,
-                prometheus::GaugeVec::new(
-                    Opts::new(
-                        "orderflow_parked_oldest_age_seconds",
-                        "Age of the oldest record in a partition's park lane (0 when empty).",
-                    ),
-                    &["partition"],
-                )
-                .expect("valid gauge"),
-            ),
-            store_latency: hist(
-                "orderflow_store_request_seconds",
-                "State store request latency, by operation.",
-                &["op"],
-                IO_BUCKETS_S,
-            ),
-            store_errors: counter(
-                "orderflow_store_errors_total",
-                "State store requests that failed, by operation and error kind.",
-                &["op", "kind"],
-            ),
-            intake_shed: counter(
-                "orderflow_intake_shed_total",
-                "New orders refused by intake before the log, by the limit that refused them.",
-                &["reason"],
-            ),
-            intake_inflight: registered(
-                &registry,
-                IntGauge::new(
-                    "orderflow_intake_inflight",
-                    "Orders intake is taking now (parse to durable answer).",
-                )
-                .expect("valid gauge"),
-            ),
-            process_resident_bytes: registered(
-                &registry,
-                IntGauge::new(
-                    "orderflow_process_resident_bytes",
-                    "Resident set size of the process, as intake's memory guard last read it (0 without a bound).",
-                )
-                .expect("valid gauge"),
-            ),
-            order_duration: {
-                let h = hist(
-                    "orderflow_order_duration_seconds",
-                    "Time from an order's acceptance (placed) to its terminal status, by terminal status.",
-                    &["status"],
-                    ORDER_BUCKETS_S,
-                );
-                // Series born at 0: a series first scraped with its first
-                // orders already in it would hide them from `rate`.
-                for status in [
-                    Status::Confirmed,
-                    Status::OutOfStock,
-                    Status::PaymentDeclined,
-                    Status::PaymentFailed,
-                ] {
-                    h.with_label_values(&[status.as_str()]);
-                }
-                h
-            },
-            sagas_in_flight: registered(
-                &registry,
-                IntGauge::new(
-                    "orderflow_sagas_in_flight",
-                    "Accepted orders not yet terminal, of the order-status partitions this instance consumes.",
-                )
-                .expect("valid gauge"),
-            ),
-            saga_oldest_age: registered(
-                &registry,
-                Gauge::new(
-                    "orderflow_saga_oldest_age_seconds",
-                    "Age of the oldest accepted order not yet terminal (0 when none).",
-                )
-                .expect("valid gauge"),
-            ),
-            saga_compensations: {
-                let c = counter(
-                    "orderflow_saga_compensations_total",
-                    "Failed orders undoing work, by terminal status and action (release_stock, void_payment).",
-                    &["status", "action"],
-                );
-                // Every combination the processor makes, at 0 from the
-                // start, so that `rate` sees the first failures too.
-                for (status, action) in [
-                    (Status::OutOfStock, "release_stock"),
-                    (Status::PaymentDeclined, "release_stock"),
-                    (Status::PaymentFailed, "release_stock"),
-                    (Status::PaymentFailed, "void_payment"),
-                ] {
-                    c.with_label_values(&[status.as_str(), action]);
-                }
-                c
-            },
-            out_of_stock_top_skus: gauge(
-                "orderflow_out_of_stock_top_skus",
-                "Out-of-stock orders per SKU (space-saving estimate, an upper bound), for the top-k SKUs only.",
-                &["sku"],
-            ),
+            orders: r.counter(&ORDERS),
+            stage_latency: r.hist(&STAGE_LATENCY),
+            log_append_latency: r.hist(&LOG_APPEND_LATENCY),
+            log_fsync_latency: r.hist(&LOG_FSYNC_LATENCY),
+            log_batch_records: r.hist(&LOG_BATCH_RECORDS),
+            checkpoint_latency: r.hist(&CHECKPOINT_LATENCY),
+            checkpoint_bytes: r.hist(&CHECKPOINT_BYTES),
+            state_entries: r.gauge(&STATE_ENTRIES),
+            tracking_conflicts: r.counter1(&TRACKING_CONFLICTS),
+            effects_held_full: r.counter1(&EFFECTS_HELD_FULL),
+            queue_depth: r.gauge(&QUEUE_DEPTH),
+            partition_lag: r.gauge(&PARTITION_LAG),
+            gateway_calls: r.counter(&GATEWAY_CALLS),
+            gateway_latency: r.hist(&GATEWAY_LATENCY),
+            gateway_breaker_state: r.gauge(&GATEWAY_BREAKER_STATE),
+            gateway_breaker_transitions: r.counter(&GATEWAY_BREAKER_TRANSITIONS),
+            http_requests: r.counter(&HTTP_REQUESTS),
+            notification_deliveries: r.counter(&NOTIFICATION_DELIVERIES),
+            notification_retries: r.counter(&NOTIFICATION_RETRIES),
+            notification_latency: r.hist(&NOTIFICATION_LATENCY),
+            email_batch_size: r.hist1(&EMAIL_BATCH_SIZE),
+            partitions_owned: r.gauge(&PARTITIONS_OWNED),
+            rebalances: r.counter(&REBALANCES),
+            partition_restore_latency: r.hist1(&PARTITION_RESTORE_LATENCY),
+            partition_replayed_records: r.counter(&PARTITION_REPLAYED_RECORDS),
+            checkpoint_fenced: r.counter(&CHECKPOINT_FENCED),
+            task_restarts: r.counter(&TASK_RESTARTS),
+            task_outages: r.counter(&TASK_OUTAGES),
+            task_down: r.gauge(&TASK_DOWN),
+            parked_records: r.gauge(&PARKED_RECORDS),
+            effects_failed: r.gauge(&EFFECTS_FAILED),
+            parked_oldest_age: r.float_gauge(&PARKED_OLDEST_AGE),
+            store_latency: r.hist(&STORE_LATENCY),
+            store_errors: r.counter(&STORE_ERRORS),
+            intake_shed: r.counter(&INTAKE_SHED),
+            intake_inflight: r.gauge1(&INTAKE_INFLIGHT),
+            process_resident_bytes: r.gauge1(&PROCESS_RESIDENT_BYTES),
+            order_duration: born_at_zero(r.hist(&ORDER_DURATION), &TERMINAL_FAILURES_AND_CONFIRMED),
+            sagas_in_flight: r.gauge1(&SAGAS_IN_FLIGHT),
+            saga_oldest_age: r.float_gauge1(&SAGA_OLDEST_AGE),
+            saga_compensations: born_at_zero(r.counter(&SAGA_COMPENSATIONS), &COMPENSATIONS),
+            out_of_stock_top_skus: r.gauge(&OUT_OF_STOCK_TOP_SKUS),
             saga: Mutex::new(SagaHealth {
                 in_flight: InFlight::default(),
                 top_oos: TopK::new(top_skus),

@@ -4,7 +4,8 @@
 //! cannot exist without being described.
 //!
 //! Answers every route shares are added here once, by rule, as the
-//! server gives them: `401`/`403` on routes that need an API token, `429
+//! server gives them: `401`/`403` on routes that need an API token, `403`
+//! and `404` on the order routes a tracking token opens, `429
 //! rate_limited` outside the exempt routes, `408 body_timeout` on routes
 //! with a body, and the problem+json body of every 4xx/5xx.
 
@@ -137,6 +138,19 @@ fn add_shared_answers(path: &str, op: &mut Operation) {
             op,
             "403",
             "`forbidden`: the token's role may not use this route. `admin_disabled`: no role that may use it has a token configured.",
+        );
+    }
+    let order_tracking = op.security.as_ref().is_some_and(|s| {
+        let json = serde_json::to_value(s).unwrap_or_default();
+        json.as_array()
+            .is_some_and(|alts| alts.len() == 2 && alts.iter().any(|a| a.get(BEARER).is_some()))
+    });
+    if order_tracking {
+        answer(op, "403", "`forbidden`: a producer token, whatever the id.");
+        answer(
+            op,
+            "404",
+            "`order_not_found`: an unknown id and a missing or wrong token alike.",
         );
     }
     if op.request_body.is_some() {
