@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{ConfigError, Secret, check_ranges, sim_bounds};
+use super::{ConfigError, Secret, check_ranges, range, sim_bounds};
 
 /// Which payment gateway the effect executor calls (`gateway.kind`).
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -122,6 +122,17 @@ impl GatewayConfig {
     /// Checks the gateway keys beyond their plain ranges (called by
     /// [`Config::validate`]).
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        range("gateway.latency_ms", self.latency_ms, 0, 60_000)?;
+        range("gateway.failure_rate", self.failure_rate, 0.0, 1.0)?;
+        range("gateway.max_inflight", self.max_inflight, 1, 1 << 20)?;
+        range(
+            "gateway.max_parked_effects",
+            self.max_parked_effects,
+            1,
+            1 << 20,
+        )?;
+        range("gateway.max_attempts", self.max_attempts, 1, 100)?;
+        range("gateway.retry_base_ms", self.retry_base_ms, 1, 60_000)?;
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         let ranges: [(&str, u64, u64, u64); 6] = [
             ("gateway.timeout_ms", self.timeout_ms, 1, 600_000),

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{ConfigError, check_ranges};
+use super::{ConfigError, check_ranges, range};
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -67,6 +67,14 @@ impl HttpConfig {
     /// Checks the server's deadlines, limits and TLS keys (called by
     /// [`Config::validate`]); the TLS files themselves are read at start.
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        range(
+            "http.body_limit_bytes",
+            self.body_limit_bytes,
+            256,
+            16 * 1024 * 1024,
+        )?;
+        range("http.retry_after_s", self.retry_after_s, 1, 3600)?;
+        range("http.max_sse_streams", self.max_sse_streams, 1, 1 << 20)?;
         let ranges: [(&str, u64, u64, u64); 6] = [
             (
                 "http.header_timeout_ms",

@@ -134,180 +134,17 @@ impl Config {
 
     /// Checks every limit; the message names the key and the allowed range.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn range<T: PartialOrd + Copy + std::fmt::Display>(
-            key: &str,
-            v: T,
-            lo: T,
-            hi: T,
-        ) -> Result<(), ConfigError> {
-            // Not `v < lo || v > hi`, which a TOML `nan` passes.
-            if !(lo..=hi).contains(&v) {
-                return Err(ConfigError::Invalid(format!(
-                    "`{key}` = {v} is out of range [{lo}, {hi}]"
-                )));
-            }
-            Ok(())
-        }
         range("partitions", self.partitions, 1, 1024)?;
         range("status_partitions", self.status_partitions, 1, 1024)?;
-        range(
-            "log.segment_size_bytes",
-            self.log.segment_size_bytes,
-            4096,
-            1 << 40,
-        )?;
-        range(
-            "log.retention_bytes",
-            self.log.retention_bytes,
-            self.log.segment_size_bytes,
-            u64::MAX,
-        )?;
-        range(
-            "log.max_record_bytes",
-            self.log.max_record_bytes,
-            1024,
-            64 * 1024 * 1024,
-        )?;
-        if self.log.max_record_bytes as u64 > self.log.segment_size_bytes {
-            return Err(ConfigError::Invalid(
-                "`log.max_record_bytes` must not exceed `log.segment_size_bytes`".into(),
-            ));
-        }
-        range(
-            "log.append_queue_depth",
-            self.log.append_queue_depth,
-            1,
-            1 << 20,
-        )?;
-        range(
-            "log.max_batch_records",
-            self.log.max_batch_records,
-            1,
-            1 << 20,
-        )?;
-        range(
-            "checkpoint.every_messages",
-            self.checkpoint.every_messages,
-            1,
-            1 << 32,
-        )?;
-        range(
-            "checkpoint.every_ms",
-            self.checkpoint.every_ms,
-            1,
-            3_600_000,
-        )?;
-        range(
-            "processor.order_retention_ms",
-            self.processor.order_retention_ms,
-            60_000,
-            365 * 86_400_000,
-        )?;
-        range(
-            "processor.max_remembered_orders",
-            self.processor.max_remembered_orders,
-            1_000,
-            1 << 30,
-        )?;
-        let p = &self.processor;
-        range(
-            "processor.max_inflight_orders",
-            p.max_inflight_orders,
-            100,
-            1 << 24,
-        )?;
-        range("processor.max_holds", p.max_holds, 100, 1 << 26)?;
-        range("processor.max_skus", p.max_skus, 1, 1 << 26)?;
-        range(
-            "processor.max_parked_records",
-            p.max_parked_records,
-            1,
-            1 << 20,
-        )?;
-        range(
-            "processor.max_parked_bytes",
-            p.max_parked_bytes,
-            self.log.max_record_bytes,
-            1 << 34,
-        )?;
-        // The checkpoint must fit the store whatever the traffic: its
-        // manifest (one row) grows with the pages these limits allow.
-        let bounds = crate::stages::snapshot::worst_case(&p.limits(), self.partitions);
-        let max = crate::stages::snapshot::MAX_MANIFEST_BYTES;
-        if bounds.manifest_bytes > max {
-            return Err(ConfigError::Invalid(format!(
-                "the processor limits (`processor.max_inflight_orders`, `max_holds`, `max_skus`, `max_parked_records`, `max_parked_bytes`, `max_remembered_orders`) allow a checkpoint of {} blobs whose manifest would take {} bytes, over the {max} a checkpoint may write in one row: lower them",
-                bounds.blobs, bounds.manifest_bytes
-            )));
-        }
-        range(
-            "tracking.retention_ms",
-            self.tracking.retention_ms,
-            60_000,
-            365 * 86_400_000,
-        )?;
-        range(
-            "tracking.max_orders",
-            self.tracking.max_orders,
-            1_000,
-            1 << 28,
-        )?;
-        range("gateway.latency_ms", self.gateway.latency_ms, 0, 60_000)?;
-        range("gateway.failure_rate", self.gateway.failure_rate, 0.0, 1.0)?;
-        range(
-            "gateway.max_inflight",
-            self.gateway.max_inflight,
-            1,
-            1 << 20,
-        )?;
-        range(
-            "gateway.max_parked_effects",
-            self.gateway.max_parked_effects,
-            1,
-            1 << 20,
-        )?;
-        range("gateway.max_attempts", self.gateway.max_attempts, 1, 100)?;
-        range(
-            "gateway.retry_base_ms",
-            self.gateway.retry_base_ms,
-            1,
-            60_000,
-        )?;
+        self.log.validate()?;
+        self.checkpoint.validate()?;
+        self.processor.validate(&self.log, self.partitions)?;
+        self.tracking.validate()?;
         self.gateway.validate()?;
-        range(
-            "http.body_limit_bytes",
-            self.http.body_limit_bytes,
-            256,
-            16 * 1024 * 1024,
-        )?;
-        range("http.retry_after_s", self.http.retry_after_s, 1, 3600)?;
-        range(
-            "http.max_sse_streams",
-            self.http.max_sse_streams,
-            1,
-            1 << 20,
-        )?;
         self.http.validate()?;
         self.supervisor.validate()?;
-        range("intake.max_inflight", self.intake.max_inflight, 1, 1 << 20)?;
-        range(
-            "intake.max_backlog_records",
-            self.intake.max_backlog_records,
-            1,
-            1 << 40,
-        )?;
-        range(
-            "metrics.top_out_of_stock_skus",
-            self.metrics.top_out_of_stock_skus,
-            0,
-            crate::telemetry::saga_health::MAX_TOP_SKUS,
-        )?;
-        let rss = self.intake.max_rss_bytes;
-        if rss != 0 && !(MIN_RSS_BOUND_BYTES..=MAX_RSS_BOUND_BYTES).contains(&rss) {
-            return Err(ConfigError::Invalid(format!(
-                "`intake.max_rss_bytes` = {rss} is out of range [{MIN_RSS_BOUND_BYTES}, {MAX_RSS_BOUND_BYTES}] (or 0: no bound)"
-            )));
-        }
+        self.intake.validate()?;
+        self.metrics.validate()?;
         if let Some(n) = &self.notifications {
             n.validate()?;
         }
@@ -347,6 +184,22 @@ pub const KAFKA_WITH_SIMULATOR: &str = "`[kafka]` needs a payment gateway every 
      after a failover the new owner would capture authorizations its own simulator never saw and leave those \
      orders confirmed and unpaid; set `[gateway]` `kind = \"stripe\"` with `url` pointing at \
      `orderflow gateway-sim` (one for the whole deployment) or at a real Stripe-compatible API";
+
+/// `key` = `v` must lie in `[lo, hi]`.
+pub(crate) fn range<T: PartialOrd + Copy + std::fmt::Display>(
+    key: &str,
+    v: T,
+    lo: T,
+    hi: T,
+) -> Result<(), ConfigError> {
+    // Not `v < lo || v > hi`, which a TOML `nan` passes.
+    if !(lo..=hi).contains(&v) {
+        return Err(ConfigError::Invalid(format!(
+            "`{key}` = {v} is out of range [{lo}, {hi}]"
+        )));
+    }
+    Ok(())
+}
 
 /// `(key, value, lo, hi)`: each value must lie in `[lo, hi]`.
 pub(crate) fn check_ranges(ranges: &[(&str, u64, u64, u64)]) -> Result<(), ConfigError> {

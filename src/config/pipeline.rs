@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use super::{ConfigError, check_ranges};
+use super::{ConfigError, check_ranges, range};
 
 /// `[processor]`: the bounds of each `orders` partition's state
 /// (docs/design.md, "Bounds"). All are per partition and deterministic.
@@ -206,3 +206,146 @@ impl Default for IntakeConfig {
 pub const MIN_RSS_BOUND_BYTES: u64 = 1024 * 1024;
 /// Largest `intake.max_rss_bytes` (1 PiB).
 pub const MAX_RSS_BOUND_BYTES: u64 = 1 << 50;
+
+impl LogConfig {
+    /// Checks every key of the section; the message names it.
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        range(
+            "log.segment_size_bytes",
+            self.segment_size_bytes,
+            4096,
+            1 << 40,
+        )?;
+        range(
+            "log.retention_bytes",
+            self.retention_bytes,
+            self.segment_size_bytes,
+            u64::MAX,
+        )?;
+        range(
+            "log.max_record_bytes",
+            self.max_record_bytes,
+            1024,
+            64 * 1024 * 1024,
+        )?;
+        if self.max_record_bytes as u64 > self.segment_size_bytes {
+            return Err(ConfigError::Invalid(
+                "`log.max_record_bytes` must not exceed `log.segment_size_bytes`".into(),
+            ));
+        }
+        range(
+            "log.append_queue_depth",
+            self.append_queue_depth,
+            1,
+            1 << 20,
+        )?;
+        range("log.max_batch_records", self.max_batch_records, 1, 1 << 20)?;
+        Ok(())
+    }
+}
+
+impl CheckpointConfig {
+    /// Checks every key of the section; the message names it.
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        range("checkpoint.every_messages", self.every_messages, 1, 1 << 32)?;
+        range("checkpoint.every_ms", self.every_ms, 1, 3_600_000)?;
+        Ok(())
+    }
+}
+
+impl ProcessorConfig {
+    /// Checks every key; the parked bytes must hold a record of `log`, and the checkpoint of `partitions` partitions must fit the store.
+    pub(super) fn validate(&self, log: &LogConfig, partitions: u32) -> Result<(), ConfigError> {
+        range(
+            "processor.order_retention_ms",
+            self.order_retention_ms,
+            60_000,
+            365 * 86_400_000,
+        )?;
+        range(
+            "processor.max_remembered_orders",
+            self.max_remembered_orders,
+            1_000,
+            1 << 30,
+        )?;
+        let p = self;
+        range(
+            "processor.max_inflight_orders",
+            p.max_inflight_orders,
+            100,
+            1 << 24,
+        )?;
+        range("processor.max_holds", p.max_holds, 100, 1 << 26)?;
+        range("processor.max_skus", p.max_skus, 1, 1 << 26)?;
+        range(
+            "processor.max_parked_records",
+            p.max_parked_records,
+            1,
+            1 << 20,
+        )?;
+        range(
+            "processor.max_parked_bytes",
+            p.max_parked_bytes,
+            log.max_record_bytes,
+            1 << 34,
+        )?;
+        // The checkpoint must fit the store whatever the traffic: its
+        // manifest (one row) grows with the pages these limits allow.
+        let bounds = crate::stages::snapshot::worst_case(&p.limits(), partitions);
+        let max = crate::stages::snapshot::MAX_MANIFEST_BYTES;
+        if bounds.manifest_bytes > max {
+            return Err(ConfigError::Invalid(format!(
+                "the processor limits (`processor.max_inflight_orders`, `max_holds`, `max_skus`, `max_parked_records`, `max_parked_bytes`, `max_remembered_orders`) allow a checkpoint of {} blobs whose manifest would take {} bytes, over the {max} a checkpoint may write in one row: lower them",
+                bounds.blobs, bounds.manifest_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl TrackingConfig {
+    /// Checks every key of the section; the message names it.
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        range(
+            "tracking.retention_ms",
+            self.retention_ms,
+            60_000,
+            365 * 86_400_000,
+        )?;
+        range("tracking.max_orders", self.max_orders, 1_000, 1 << 28)?;
+        Ok(())
+    }
+}
+
+impl IntakeConfig {
+    /// Checks every key of the section; the message names it.
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        range("intake.max_inflight", self.max_inflight, 1, 1 << 20)?;
+        range(
+            "intake.max_backlog_records",
+            self.max_backlog_records,
+            1,
+            1 << 40,
+        )?;
+        let rss = self.max_rss_bytes;
+        if rss != 0 && !(MIN_RSS_BOUND_BYTES..=MAX_RSS_BOUND_BYTES).contains(&rss) {
+            return Err(ConfigError::Invalid(format!(
+                "`intake.max_rss_bytes` = {rss} is out of range [{MIN_RSS_BOUND_BYTES}, {MAX_RSS_BOUND_BYTES}] (or 0: no bound)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl MetricsConfig {
+    /// Checks every key of the section; the message names it.
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        range(
+            "metrics.top_out_of_stock_skus",
+            self.top_out_of_stock_skus,
+            0,
+            crate::telemetry::saga_health::MAX_TOP_SKUS,
+        )?;
+        Ok(())
+    }
+}
