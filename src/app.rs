@@ -175,20 +175,7 @@ async fn start_inner(
     let keys = token_keys(&config, store.as_ref()).await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (fatal_tx, fatal_rx) = mpsc::channel::<String>(64);
-    // A log that refuses appends for good (a failed fsync) cannot be
-    // trusted: stop, rather than answer 503 until someone notices.
-    {
-        let (log, fatal, mut stop) = (log.clone(), fatal_tx.clone(), shutdown_rx.clone());
-        tokio::spawn(async move {
-            let failed = tokio::select! {
-                reason = log.failed() => Some(reason),
-                _ = stop.wait_for(|stopping| *stopping) => None,
-            };
-            if let Some(reason) = failed {
-                let _ = fatal.send(reason).await;
-            }
-        });
-    }
+    stop_when_log_fails(log.clone(), fatal_tx.clone(), shutdown_rx.clone());
     let health = Arc::new(Health {
         gateway: Some(breaker.clone()),
         ..Health::default()
@@ -197,16 +184,7 @@ async fn start_inner(
         publish_simulator_sizes(sim.clone(), metrics.clone(), shutdown_rx.clone());
     }
 
-    // Two consumers of `order-status` when notifications are on: retention
-    // keeps what the slower one still needs.
-    let (tracking_log, notifications) = match &config.notifications {
-        Some(n) => {
-            let views = crate::pipeline::log::release::ReleaseView::split(log.clone(), 2);
-            let running = notifications::start(n, store.clone(), metrics.clone())?;
-            (views[0].clone(), Some((running, views[1].clone())))
-        }
-        None => (log.clone(), None),
-    };
+    let (tracking_log, notifications) = status_logs(&config, &log, &store, &metrics)?;
     let backlog = Arc::new(Backlog::new(config.partitions));
     let supervision = supervisor::Supervision {
         policy: crate::pipeline::restart::RestartPolicy::from_config(&config.supervisor),
@@ -278,17 +256,7 @@ async fn start_inner(
         config: config.http.clone(),
         health: health.clone(),
     };
-    let tls = server.is_tls();
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = listener.local_addr()?;
-    let (http_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let router = crate::http::router(state);
-    let http = tokio::spawn(server.serve(listener, router, async move {
-        let _ = stop_rx.await;
-    }));
-    tracing::info!(%addr, tls, log = if config.kafka.is_some() { "kafka" } else { "embedded" }, store = if config.scylla.is_some() { "scylla" } else { "embedded" }, partitions = config.partitions, "orderflow listening");
+    let (addr, http_stop, http) = serve_http(&config, server, state).await?;
     Ok(App {
         addr,
         health,
@@ -308,6 +276,68 @@ async fn start_inner(
         store,
         metrics,
     })
+}
+
+/// A log that refuses appends for good (a failed fsync) cannot be trusted:
+/// the instance stops, rather than answer 503 until someone notices.
+fn stop_when_log_fails(
+    log: Arc<dyn Log>,
+    fatal: mpsc::Sender<String>,
+    mut stop: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        let failed = tokio::select! {
+            reason = log.failed() => Some(reason),
+            _ = stop.wait_for(|stopping| *stopping) => None,
+        };
+        if let Some(reason) = failed {
+            let _ = fatal.send(reason).await;
+        }
+    });
+}
+
+/// The running notifications sink and its view of `order-status`.
+type Notifications = (notifications::Running, Arc<dyn Log>);
+
+/// The `order-status` log of the read model and, when notifications are
+/// on, the notifier with its own view: two consumers, so retention keeps
+/// what the slower one still needs.
+fn status_logs(
+    config: &Config,
+    log: &Arc<dyn Log>,
+    store: &Arc<dyn StateStore>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<(Arc<dyn Log>, Option<Notifications>)> {
+    let Some(n) = &config.notifications else {
+        return Ok((log.clone(), None));
+    };
+    let views = crate::pipeline::log::release::ReleaseView::split(log.clone(), 2);
+    let running = notifications::start(n, store.clone(), metrics.clone())?;
+    Ok((views[0].clone(), Some((running, views[1].clone()))))
+}
+
+/// Binds `config.listen` and serves the API until the returned sender fires.
+async fn serve_http(
+    config: &Config,
+    server: crate::http::server::Server,
+    state: AppState,
+) -> anyhow::Result<(
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    JoinHandle<std::io::Result<()>>,
+)> {
+    let tls = server.is_tls();
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let (http_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let router = crate::http::router(state);
+    let http = tokio::spawn(server.serve(listener, router, async move {
+        let _ = stop_rx.await;
+    }));
+    tracing::info!(%addr, tls, log = if config.kafka.is_some() { "kafka" } else { "embedded" }, store = if config.scylla.is_some() { "scylla" } else { "embedded" }, partitions = config.partitions, "orderflow listening");
+    Ok((addr, http_stop, http))
 }
 
 /// How often the in-process simulator's sizes go to the metrics.
@@ -606,7 +636,7 @@ fn status_sinks(
     tracking: &Arc<Tracking>,
     store: &Arc<dyn StateStore>,
     tracking_log: Arc<dyn Log>,
-    notifications: Option<&(notifications::Running, Arc<dyn Log>)>,
+    notifications: Option<&Notifications>,
 ) -> Vec<Arc<dyn StatusSink>> {
     let mut sinks: Vec<Arc<dyn StatusSink>> = vec![Arc::new(tracking::OwnerSink {
         tracking: tracking.clone(),
