@@ -67,12 +67,6 @@ fn metric(metrics: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no series {series} in\n{metrics}"))
 }
 
-fn write_config(dir: &Path, toml: &str) -> PathBuf {
-    let path = dir.join("orderflow.toml");
-    std::fs::write(&path, toml).unwrap();
-    path
-}
-
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
@@ -147,15 +141,11 @@ async fn slowloris(addr: SocketAddr, attack: Arc<Attack>) -> Vec<Cut> {
 #[test]
 fn slow_headers_are_cut_off_while_others_are_served() {
     const ATTACKERS: usize = 40;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        dir.path(),
+    let deployment = support::Deployment::new(
         "[http]\nheader_timeout_ms = 500\nmax_connections = 256\n",
+        &[],
     );
-    let server = support::start_server(
-        &dir.path().join("data"),
-        &[("ORDERFLOW_CONFIG", cfg.to_str().unwrap())],
-    );
+    let server = deployment.start(&[]);
     let addr: SocketAddr = server.base.trim_start_matches("http://").parse().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -235,15 +225,11 @@ fn slow_headers_are_cut_off_while_others_are_served() {
 fn connections_over_the_limit_are_refused() {
     const LIMIT: usize = 16;
     const EXTRA: usize = 100;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        dir.path(),
+    let deployment = support::Deployment::new(
         &format!("[http]\nheader_timeout_ms = 60000\nmax_connections = {LIMIT}\n"),
+        &[],
     );
-    let server = support::start_server(
-        &dir.path().join("data"),
-        &[("ORDERFLOW_CONFIG", cfg.to_str().unwrap())],
-    );
+    let server = deployment.start(&[]);
     let pid = server.child.id();
     let addr: SocketAddr = server.base.trim_start_matches("http://").parse().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();

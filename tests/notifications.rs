@@ -7,7 +7,7 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -133,12 +133,6 @@ fn start_receiver(fail_seq2_once: bool) -> (tokio::runtime::Runtime, Arc<Receive
     (rt, r, base)
 }
 
-fn write_config(dir: &Path, text: &str) -> PathBuf {
-    let path = dir.join("orderflow.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 fn submit(base: &str, body: &serde_json::Value) -> reqwest::StatusCode {
     client()
         .post(format!("{base}/v1/orders"))
@@ -187,9 +181,7 @@ fn metric(base: &str, name_and_labels: &str) -> f64 {
 #[test]
 fn webhooks_signed_ordered_retried_and_filtered() {
     let (_rt, receiver, hooks) = start_receiver(true);
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
+    let deployment = Deployment::new(
         &format!(
             r#"
 [notifications]
@@ -207,14 +199,9 @@ secret_env = "ORDERFLOW_WEBHOOK_SECRET_ALL"
 events = "terminal"
 "#
         ),
+        &[("ORDERFLOW_WEBHOOK_SECRET_ALL", SECRET)],
     );
-    let server = start_server(
-        &dir.path().join("data"),
-        &[
-            ("ORDERFLOW_CONFIG", config.to_str().unwrap()),
-            ("ORDERFLOW_WEBHOOK_SECRET_ALL", SECRET),
-        ],
-    );
+    let server = deployment.start(&[]);
     set_stock(&server.base, "SKU-1", 100);
     let mut ids = Vec::new();
     for i in 0..30 {
@@ -347,9 +334,8 @@ events = "terminal"
 #[test]
 fn turning_notifications_on_notifies_from_then_on() {
     let (_rt, receiver, hooks) = start_receiver(false);
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let mut server = start_server(&data, &[]);
+    let deployment = Deployment::new("", &[("ORDERFLOW_WEBHOOK_SECRET_ALL", SECRET)]);
+    let mut server = deployment.start(&[]);
     set_stock(&server.base, "SKU-1", 10);
     assert_eq!(
         submit(&server.base, &order("before-1", "SKU-1", "tok_visa", None)),
@@ -360,19 +346,15 @@ fn turning_notifications_on_notifies_from_then_on() {
     });
     assert!(server.terminate().success());
 
-    let config = write_config(
-        dir.path(),
-        &format!(
+    // The same data directory, now with notifications configured.
+    std::fs::write(
+        deployment.dir.path().join("orderflow.toml"),
+        format!(
             "[notifications]\n[[notifications.webhooks]]\nname = \"all\"\nurl = \"{hooks}/hooks/all\"\nsecret_env = \"ORDERFLOW_WEBHOOK_SECRET_ALL\"\n"
         ),
-    );
-    let server = start_server(
-        &data,
-        &[
-            ("ORDERFLOW_CONFIG", config.to_str().unwrap()),
-            ("ORDERFLOW_WEBHOOK_SECRET_ALL", SECRET),
-        ],
-    );
+    )
+    .unwrap();
+    let server = deployment.start(&[]);
     assert_eq!(
         submit(&server.base, &order("after-1", "SKU-1", "tok_visa", None)),
         202
@@ -400,19 +382,13 @@ fn turning_notifications_on_notifies_from_then_on() {
 fn endpoint_down_across_shutdown_delivers_after_restart() {
     let (_rt, receiver, hooks) = start_receiver(false);
     receiver.down.store(true, Ordering::SeqCst);
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let config = write_config(
-        dir.path(),
+    let deployment = Deployment::new(
         &format!(
             "[notifications]\nretry_base_ms = 200\nretry_max_ms = 2000\nmax_attempts = 1000\n[[notifications.webhooks]]\nname = \"all\"\nurl = \"{hooks}/hooks/all\"\nsecret_env = \"ORDERFLOW_WEBHOOK_SECRET_ALL\"\n"
         ),
+        &[("ORDERFLOW_WEBHOOK_SECRET_ALL", SECRET)],
     );
-    let env = [
-        ("ORDERFLOW_CONFIG", config.to_str().unwrap()),
-        ("ORDERFLOW_WEBHOOK_SECRET_ALL", SECRET),
-    ];
-    let mut server = start_server(&data, &env);
+    let mut server = deployment.start(&[]);
     set_stock(&server.base, "SKU-1", 10);
     let ids: Vec<String> = (0..5).map(|i| format!("down-{i}")).collect();
     for id in &ids {
@@ -440,7 +416,7 @@ fn endpoint_down_across_shutdown_delivers_after_restart() {
     assert!(receiver.seen("all", |s| s.raw.is_empty()));
 
     receiver.down.store(false, Ordering::SeqCst);
-    let server = start_server(&data, &env);
+    let server = deployment.start(&[]);
     wait_until(
         Duration::from_secs(60),
         "every event after the restart",
@@ -470,10 +446,7 @@ const MAX_IN_FLIGHT: usize = 8;
 #[test]
 fn webhooks_effectively_once_across_sigkill() {
     let (_rt, receiver, hooks) = start_receiver(false);
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let config = write_config(
-        dir.path(),
+    let deployment = Deployment::new(
         &format!(
             r#"
 [notifications]
@@ -486,12 +459,9 @@ url = "{hooks}/hooks/all"
 secret_env = "ORDERFLOW_WEBHOOK_SECRET_ALL"
 "#
         ),
+        &[("ORDERFLOW_WEBHOOK_SECRET_ALL", SECRET)],
     );
-    let env = [
-        ("ORDERFLOW_CONFIG", config.to_str().unwrap()),
-        ("ORDERFLOW_WEBHOOK_SECRET_ALL", SECRET),
-    ];
-    let mut server = start_server(&data, &env);
+    let mut server = deployment.start(&[]);
     set_stock(&server.base, "SKU-1", 150);
 
     const THREADS: usize = 4;
@@ -551,7 +521,7 @@ secret_env = "ORDERFLOW_WEBHOOK_SECRET_ALL"
         "the kill came after the load"
     );
 
-    let server = start_server(&data, &env);
+    let server = deployment.start(&[]);
     // Every order that reached the log (acknowledged or not) counts.
     let attempted: Vec<String> = (0..THREADS)
         .flat_map(|t| (0..PER_THREAD).map(move |i| format!("kill-{t}-{i}")))
@@ -628,10 +598,7 @@ secret_env = "ORDERFLOW_WEBHOOK_SECRET_ALL"
 fn payments_and_webhooks_settle_once_across_sigkill() {
     let sim = start_gateway_sim(&["--latency-ms", "5"], &[]);
     let (_rt, receiver, hooks) = start_receiver(false);
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let config = write_config(
-        dir.path(),
+    let deployment = Deployment::new(
         &format!(
             r#"
 partitions = 4
@@ -651,16 +618,15 @@ events = "terminal"
 "#,
             sim.url
         ),
+        &[
+            (
+                "ORDERFLOW_STRIPE_SECRET_KEY",
+                "sk_test_orderflow_notifications",
+            ),
+            ("ORDERFLOW_WEBHOOK_SECRET_ALL", SECRET),
+        ],
     );
-    let env = [
-        ("ORDERFLOW_CONFIG", config.to_str().unwrap()),
-        (
-            "ORDERFLOW_STRIPE_SECRET_KEY",
-            "sk_test_orderflow_notifications",
-        ),
-        ("ORDERFLOW_WEBHOOK_SECRET_ALL", SECRET),
-    ];
-    let mut server = start_server(&data, &env);
+    let mut server = deployment.start(&[]);
     let skus = ["SKU-C1", "SKU-C2", "SKU-C3"];
     for sku in skus {
         set_stock(&server.base, sku, 100_000);
@@ -699,7 +665,7 @@ events = "terminal"
     let mut ids = acked.lock().unwrap().clone();
     assert!(ids.len() < TOTAL, "the kill came after the load");
 
-    let server = start_server(&data, &env);
+    let server = deployment.start(&[]);
     // The order the kill cut off may or may not be in the log: its client
     // sends it again, as the contract allows (the same id is the same
     // order, with the first answer), and so knows it exists.
@@ -869,10 +835,7 @@ fn header_of(message: &str, name: &str) -> Option<String> {
 #[test]
 fn emails_once_each_batched_through_real_smtp() {
     let smtp = start_smtp();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let config = write_config(
-        dir.path(),
+    let deployment = Deployment::new(
         &format!(
             r#"
 status_partitions = 2
@@ -888,9 +851,9 @@ max_batch = 50
 "#,
             smtp.port
         ),
+        &[],
     );
-    let env = [("ORDERFLOW_CONFIG", config.to_str().unwrap())];
-    let mut server = start_server(&data, &env);
+    let mut server = deployment.start(&[]);
     set_stock(&server.base, "SKU-1", 100);
 
     // (order id, expected subject) per emailed order.
@@ -987,7 +950,7 @@ max_batch = 50
     // emailed after everything before it in its partition, shows the sink
     // has gone over the whole log again.
     assert!(server.terminate().success());
-    let server = start_server(&data, &env);
+    let server = deployment.start(&[]);
     let mut sentinels = Vec::new();
     for i in 0.. {
         let id = format!("mail-after-{i}");
@@ -1021,9 +984,7 @@ max_batch = 50
 #[test]
 fn smtp_reply_texts_stay_out_of_info_logs() {
     let smtp = start_smtp();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
+    let deployment = Deployment::new(
         &format!(
             r#"
 [notifications]
@@ -1037,12 +998,9 @@ batch_window_ms = 10
 "#,
             smtp.port
         ),
+        &[("RUST_LOG", "info")],
     );
-    let env = [
-        ("ORDERFLOW_CONFIG", config.to_str().unwrap()),
-        ("RUST_LOG", "info"),
-    ];
-    let mut server = start_server(&dir.path().join("data"), &env);
+    let mut server = deployment.start(&[]);
     set_stock(&server.base, "SKU-1", 10);
     let address = "refuse-ada@example.com";
     assert_eq!(

@@ -26,6 +26,12 @@ use support::*;
 
 const TEST_KEY: &str = "sk_test_orderflow_payments";
 
+/// A deployment paying through `sim` with the test key (see `stripe_toml`).
+fn deployment(sim: &GatewaySim, top: &str, gateway: &str) -> Deployment {
+    let toml = stripe_toml(&sim.url, top, gateway);
+    Deployment::new(&toml, &[("ORDERFLOW_STRIPE_SECRET_KEY", TEST_KEY)])
+}
+
 fn req(order: &str, token: &str, amount: u64) -> AuthorizeRequest {
     AuthorizeRequest {
         order_id: order.into(),
@@ -566,10 +572,8 @@ fn gateway_outage_under_load() {
     const PROBES: u64 = 2;
     const COOLDOWN_MS: u64 = 1_000;
     let sim = start_gateway_sim(&["--latency-ms", "5"], &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let config = stripe_config(
-        dir.path(),
-        &sim.url,
+    let deployment = deployment(
+        &sim,
         "partitions = 4\nstatus_partitions = 4",
         &format!(
             "timeout_ms = 2000\nconnect_timeout_ms = 500\nmax_attempts = {MAX_ATTEMPTS}\n\
@@ -578,14 +582,7 @@ fn gateway_outage_under_load() {
              breaker_cooldown_ms = {COOLDOWN_MS}\nbreaker_half_open_probes = {PROBES}"
         ),
     );
-    let data = dir.path().join("data");
-    let server = start_server(
-        &data,
-        &[
-            ("ORDERFLOW_CONFIG", config.to_str().unwrap()),
-            ("ORDERFLOW_STRIPE_SECRET_KEY", TEST_KEY),
-        ],
-    );
+    let server = deployment.start(&[]);
     let base = server.base.clone();
     assert_eq!(
         readyz(&base)["gateway"],
@@ -764,22 +761,8 @@ fn calls_with_key(sim: &GatewaySim, key: &str) -> Vec<Value> {
 #[test]
 fn untrustworthy_answers_end_to_end() {
     let sim = start_gateway_sim(&[], &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let config = stripe_config(
-        dir.path(),
-        &sim.url,
-        "partitions = 2\nstatus_partitions = 2",
-        "",
-    );
-    let data = dir.path().join("data");
-    let mut server = start_server(
-        &data,
-        &[
-            ("ORDERFLOW_CONFIG", config.to_str().unwrap()),
-            ("ORDERFLOW_STRIPE_SECRET_KEY", TEST_KEY),
-            ("ORDERFLOW_LOG_FORMAT", "json"),
-        ],
-    );
+    let deployment = deployment(&sim, "partitions = 2\nstatus_partitions = 2", "");
+    let mut server = deployment.start(&[("ORDERFLOW_LOG_FORMAT", "json")]);
     let base = server.base.clone();
     const INITIAL: u64 = 100;
     set_stock(&base, "SKU-U", INITIAL);
@@ -911,22 +894,15 @@ fn refuse_credentials(sim: &GatewaySim, status: Option<u16>) {
 fn refused_credentials_fail_fast_and_unready() {
     let key = "sk_test_refusedKeyCanary81";
     let sim = start_gateway_sim(&[], &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let config = stripe_config(
-        dir.path(),
-        &sim.url,
+    let deployment = deployment(
+        &sim,
         "partitions = 2\nstatus_partitions = 2",
         "max_attempts = 4\nretry_base_ms = 10",
     );
-    let data = dir.path().join("data");
-    let mut server = start_server(
-        &data,
-        &[
-            ("ORDERFLOW_CONFIG", config.to_str().unwrap()),
-            ("ORDERFLOW_STRIPE_SECRET_KEY", key),
-            ("ORDERFLOW_LOG_FORMAT", "json"),
-        ],
-    );
+    let mut server = deployment.start(&[
+        ("ORDERFLOW_STRIPE_SECRET_KEY", key),
+        ("ORDERFLOW_LOG_FORMAT", "json"),
+    ]);
     let base = server.base.clone();
     set_stock(&base, "SKU-A", 100);
     let ready = || client().get(format!("{base}/readyz")).send().unwrap();
@@ -1037,19 +1013,12 @@ fn captures_of(sim: &GatewaySim, order: &str) -> usize {
 #[test]
 fn failed_captures_wait_for_an_operator() {
     let sim = start_gateway_sim(&[], &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let config = stripe_config(
-        dir.path(),
-        &sim.url,
+    let deployment = deployment(
+        &sim,
         "partitions = 2\nstatus_partitions = 2\n[checkpoint]\nevery_ms = 100",
         "max_attempts = 2\nretry_base_ms = 10",
     );
-    let data = dir.path().join("data");
-    let env = [
-        ("ORDERFLOW_CONFIG", config.to_str().unwrap()),
-        ("ORDERFLOW_STRIPE_SECRET_KEY", TEST_KEY),
-    ];
-    let mut server = start_server(&data, &env);
+    let mut server = deployment.start(&[]);
     set_stock(&server.base, "SKU-F", 10);
     refuse_captures(&sim, true);
     let ids = ["ord-f-1".to_owned(), "ord-f-2".to_owned()];
@@ -1080,7 +1049,7 @@ fn failed_captures_wait_for_an_operator() {
     // A restart runs the outbox again, but not what failed for good.
     assert!(server.terminate().success());
     refuse_captures(&sim, false);
-    let server = start_server(&data, &env);
+    let server = deployment.start(&[]);
     let base = server.base.clone();
     assert_eq!(
         failed_effects(&base).len(),
@@ -1132,19 +1101,8 @@ fn failed_captures_wait_for_an_operator() {
 #[test]
 fn sigkill_mid_load_no_double_capture() {
     let sim = start_gateway_sim(&["--latency-ms", "10"], &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let config = stripe_config(
-        dir.path(),
-        &sim.url,
-        "partitions = 4\nstatus_partitions = 4",
-        "",
-    );
-    let data = dir.path().join("data");
-    let env = [
-        ("ORDERFLOW_CONFIG", config.to_str().unwrap()),
-        ("ORDERFLOW_STRIPE_SECRET_KEY", TEST_KEY),
-    ];
-    let mut server = start_server(&data, &env);
+    let deployment = deployment(&sim, "partitions = 4\nstatus_partitions = 4", "");
+    let mut server = deployment.start(&[]);
     let skus = ["SKU-K1", "SKU-K2", "SKU-K3"];
     const INITIAL: u64 = 100_000;
     for sku in skus {
@@ -1181,7 +1139,7 @@ fn sigkill_mid_load_no_double_capture() {
     let (mut orders, unanswered) = loader.join().unwrap();
     let before = sim.ledger()["summary"]["captures"].as_u64().unwrap();
 
-    let server = start_server(&data, &env);
+    let server = deployment.start(&[]);
     if let Some(order) = unanswered
         && order_view(&server.base, &order.0).is_some()
     {
@@ -1232,22 +1190,9 @@ fn secret_key_and_card_numbers_never_logged() {
     let key = "sk_test_pciCanary7Q4xZ9wq1";
     let pans = ["4242424242424242", "5555555555554444"];
     let mut sim = start_gateway_sim(&[], &[("RUST_LOG", "trace")]);
-    let dir = tempfile::tempdir().unwrap();
-    let config = stripe_config(
-        dir.path(),
-        &sim.url,
-        "partitions = 2\nstatus_partitions = 2",
-        "",
-    );
-    let data = dir.path().join("data");
-    let mut server = start_server(
-        &data,
-        &[
-            ("ORDERFLOW_CONFIG", config.to_str().unwrap()),
-            ("ORDERFLOW_STRIPE_SECRET_KEY", key),
-            ("RUST_LOG", "trace"),
-        ],
-    );
+    let deployment = deployment(&sim, "partitions = 2\nstatus_partitions = 2", "");
+    let mut server =
+        deployment.start(&[("ORDERFLOW_STRIPE_SECRET_KEY", key), ("RUST_LOG", "trace")]);
     let base = server.base.clone();
     set_stock(&base, "SKU-P", 10);
     assert_eq!(place(&base, "ord-pci-ok", "SKU-P", 1, "tok_visa"), 202);
@@ -1310,7 +1255,7 @@ fn secret_key_and_card_numbers_never_logged() {
     for pan in pans {
         assert!(!out.contains(pan), "a card number reached the logs");
     }
-    for entry in walk(&data) {
+    for entry in walk(&deployment.data()) {
         let bytes = std::fs::read(&entry).unwrap();
         let hay = String::from_utf8_lossy(&bytes);
         assert!(

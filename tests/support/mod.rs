@@ -368,16 +368,49 @@ impl Drop for GatewaySim {
     }
 }
 
-/// Writes an orderflow config file for `gateway.kind = "stripe"` at `url`,
-/// with `extra` appended to the `[gateway]` table; returns its path.
-pub fn stripe_config(dir: &Path, url: &str, top: &str, extra: &str) -> std::path::PathBuf {
-    let path = dir.join("orderflow.toml");
-    std::fs::write(
-        &path,
-        format!("{top}\n[gateway]\nkind = \"stripe\"\nurl = \"{url}\"\n{extra}\n"),
-    )
-    .unwrap();
-    path
+/// The configuration of a deployment that pays through the
+/// Stripe-compatible gateway at `url`: `top` holds top-level keys and
+/// sections, `gateway` more `[gateway]` keys.
+pub fn stripe_toml(url: &str, top: &str, gateway: &str) -> String {
+    format!("{top}\n[gateway]\nkind = \"stripe\"\nurl = \"{url}\"\n{gateway}\n")
+}
+
+/// A data directory with the configuration file orderflow runs with there
+/// and the environment every start gets; `start` starts (or restarts) an
+/// instance on it.
+pub struct Deployment {
+    pub dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+}
+
+impl Deployment {
+    /// Writes `toml` as the configuration file; `env` goes to every start.
+    pub fn new(toml: &str, env: &[(&str, &str)]) -> Deployment {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("orderflow.toml");
+        std::fs::write(&path, toml).unwrap();
+        let config = path.to_str().unwrap().to_owned();
+        let mut all = vec![("ORDERFLOW_CONFIG".to_owned(), config)];
+        all.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        Deployment { dir, env: all }
+    }
+
+    /// The data directory.
+    pub fn data(&self) -> std::path::PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Starts orderflow on the data directory; `env` adds to or overrides
+    /// the deployment's environment.
+    pub fn start(&self, env: &[(&str, &str)]) -> Server {
+        let mut all: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        all.extend_from_slice(env);
+        start_server(&self.data(), &all)
+    }
 }
 
 /// Runs `scripts/<engine> start` (idempotent: it reuses a running engine,
