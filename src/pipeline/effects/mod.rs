@@ -729,6 +729,7 @@ fn authorization_outcome(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::log::memory::{MemoryLog, Refusal};
     use std::sync::atomic::{AtomicU32, Ordering};
 
     fn retrier(max_attempts: u32, deadline_ms: u64) -> (Retrier, watch::Sender<bool>) {
@@ -858,60 +859,9 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
 
-    /// A log that refuses appends while `refuse` is set (as Kafka does
-    /// past its request timeout: unavailable, and not known to recover),
-    /// noting when it refused, and keeps what it takes in memory. The
-    /// counts are watched so tests wait on them instead of on time.
-    #[derive(Default)]
-    struct FlakyLog {
-        refuse: std::sync::atomic::AtomicBool,
-        refused_at: std::sync::Mutex<Vec<Instant>>,
-        refusals: watch::Sender<usize>,
-        records: std::sync::Mutex<Vec<(u32, Record)>>,
-        appended: watch::Sender<usize>,
-    }
-
-    #[async_trait::async_trait]
-    impl Log for FlakyLog {
-        fn partition_count(&self, _: Topic) -> u32 {
-            4
-        }
-        async fn append(&self, _: Topic, p: u32, records: Vec<Record>) -> Result<u64, LogError> {
-            if self.refuse.load(Ordering::SeqCst) {
-                self.refused_at.lock().unwrap().push(Instant::now());
-                self.refusals.send_modify(|n| *n += 1);
-                return Err(LogError::Unavailable("broker down".into()));
-            }
-            let n = records.len();
-            let first = {
-                let mut kept = self.records.lock().unwrap();
-                let first = kept.len() as u64;
-                kept.extend(records.into_iter().map(|r| (p, r)));
-                first
-            };
-            self.appended.send_modify(|a| *a += n);
-            Ok(first)
-        }
-        async fn read(
-            &self,
-            _: Topic,
-            _: u32,
-            _: u64,
-            _: usize,
-            _: Duration,
-        ) -> Result<Vec<crate::pipeline::log::LogRecord>, LogError> {
-            Ok(Vec::new())
-        }
-        async fn offsets(&self, _: Topic, _: u32) -> Result<(u64, u64), LogError> {
-            Ok((0, 0))
-        }
-        fn release_before(&self, _: Topic, _: u32, _: u64) {}
-        async fn close(&self) {}
-    }
-
     /// An executor over the in-process simulator, with default settings.
     fn with_simulator(
-        log: Arc<FlakyLog>,
+        log: Arc<MemoryLog>,
         metrics: Arc<Metrics>,
     ) -> (EffectSender, tokio::task::JoinHandle<()>) {
         let config = GatewayConfig::default();
@@ -919,24 +869,12 @@ mod tests {
         spawn(log, gateway, metrics, config)
     }
 
-    impl FlakyLog {
-        /// The messages logged so far, in order.
-        fn messages(&self) -> Vec<Message> {
-            let kept = self.records.lock().unwrap();
-            kept.iter()
-                .map(|(_, r)| Envelope::decode(&r.value).unwrap().body)
-                .collect()
-        }
-
-        async fn refused(&self, n: usize) {
-            let mut rx = self.refusals.subscribe();
-            rx.wait_for(|r| *r >= n).await.unwrap();
-        }
-
-        async fn holds(&self, n: usize) {
-            let mut rx = self.appended.subscribe();
-            rx.wait_for(|a| *a >= n).await.unwrap();
-        }
+    /// The messages the log took so far, in order.
+    fn messages(log: &MemoryLog) -> Vec<Message> {
+        log.records()
+            .iter()
+            .map(|(_, r)| Envelope::decode(&r.value).unwrap().body)
+            .collect()
     }
 
     fn effect(order: &str, kind: EffectKind) -> Effect {
@@ -965,8 +903,8 @@ mod tests {
     /// up to 5 s.
     #[tokio::test(start_paused = true)]
     async fn results_reach_the_log_without_restart() {
-        let log = Arc::new(FlakyLog::default());
-        log.refuse.store(true, Ordering::SeqCst);
+        let log = Arc::new(MemoryLog::new(4));
+        log.refuse(Some(Refusal::Unavailable));
         let metrics = Arc::new(Metrics::new());
         let (tx, executor) = with_simulator(log.clone(), metrics.clone());
         let waiting = metrics
@@ -982,12 +920,12 @@ mod tests {
         let at = log.refused_at.lock().unwrap().clone();
         let waits_ms: Vec<u128> = at.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect();
         assert_eq!(waits_ms[..want_ms.len()], want_ms, "{waits_ms:?}");
-        assert!(log.messages().is_empty());
+        assert!(messages(&log).is_empty());
 
-        log.refuse.store(false, Ordering::SeqCst);
+        log.refuse(None);
         log.holds(1).await;
-        let [Message::PaymentResult { order_id, outcome }] = &log.messages()[..] else {
-            panic!("{:?}", log.messages())
+        let [Message::PaymentResult { order_id, outcome }] = &messages(&log)[..] else {
+            panic!("{:?}", messages(&log))
         };
         assert_eq!(order_id, "o1");
         assert!(
@@ -997,13 +935,13 @@ mod tests {
         drop(tx);
         executor.await.unwrap();
         assert_eq!(waiting.get(), 0, "nothing waiting once appended");
-        assert_eq!(log.messages().len(), 1, "appended once");
+        assert_eq!(messages(&log).len(), 1, "appended once");
     }
 
     /// The queue gauge falls back to zero once the executor has taken what was queued.
     #[tokio::test(start_paused = true)]
     async fn queue_gauge_is_current_when_idle() {
-        let log = Arc::new(FlakyLog::default());
+        let log = Arc::new(MemoryLog::new(4));
         let metrics = Arc::new(Metrics::new());
         let (tx, executor) = with_simulator(log.clone(), metrics.clone());
         let depth = metrics.queue_depth.with_label_values(&["effects"]);
@@ -1022,8 +960,8 @@ mod tests {
     /// a log that refuses everything.
     #[tokio::test(start_paused = true)]
     async fn closing_drops_results_the_log_refuses() {
-        let log = Arc::new(FlakyLog::default());
-        log.refuse.store(true, Ordering::SeqCst);
+        let log = Arc::new(MemoryLog::new(4));
+        log.refuse(Some(Refusal::Unavailable));
         let (tx, executor) = with_simulator(log.clone(), Arc::new(Metrics::new()));
         tx.submit(effect("o1", EffectKind::Authorize))
             .await
@@ -1033,7 +971,7 @@ mod tests {
         drop(tx);
         executor.await.unwrap();
         assert_eq!(*log.refusals.borrow(), before + 1, "one last attempt");
-        assert!(log.messages().is_empty());
+        assert!(messages(&log).is_empty());
     }
 
     /// Captures fail (unavailable) while `down`; every call is noted by
@@ -1098,7 +1036,7 @@ mod tests {
     /// back.
     #[tokio::test(start_paused = true)]
     async fn parked_captures_are_bounded_by_back_pressure() {
-        let log = Arc::new(FlakyLog::default());
+        let log = Arc::new(MemoryLog::new(4));
         let gateway = Arc::new(DownForCaptures::default());
         gateway.down.store(true, Ordering::SeqCst);
         let metrics = Arc::new(Metrics::new());
@@ -1126,12 +1064,11 @@ mod tests {
             "nor anything behind it"
         );
         assert_eq!(metrics.effects_held_full.get(), 1, "full, once");
-        assert!(log.messages().is_empty());
+        assert!(messages(&log).is_empty());
 
         gateway.down.store(false, Ordering::SeqCst);
         log.holds(4).await;
-        let mut done: Vec<String> = log
-            .messages()
+        let mut done: Vec<String> = messages(&log)
             .iter()
             .map(|m| match m {
                 Message::EffectDone { order_id, kind } => format!("{order_id}:{}", kind.as_str()),
@@ -1162,7 +1099,7 @@ mod tests {
         };
         let metrics = Arc::new(Metrics::new());
         let (tx, executor) = spawn(
-            Arc::new(FlakyLog::default()),
+            Arc::new(MemoryLog::new(4)),
             gateway.clone(),
             metrics.clone(),
             config,

@@ -460,75 +460,18 @@ fn raw_record(line: &[u8]) -> Result<(Record, Option<String>), IntakeError> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-    use std::sync::Mutex as StdMutex;
-    use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
-    use async_trait::async_trait;
-
     use super::*;
-    use crate::pipeline::log::LogRecord;
+    use crate::pipeline::log::memory::{MemoryLog, Refusal};
 
-    #[derive(Default)]
-    struct MemLog {
-        parts: StdMutex<HashMap<u32, Vec<Record>>>,
-        full: AtomicBool,
-    }
-
-    #[async_trait]
-    impl Log for MemLog {
-        fn partition_count(&self, _: Topic) -> u32 {
-            8
-        }
-        async fn append(
-            &self,
-            _: Topic,
-            partition: u32,
-            records: Vec<Record>,
-        ) -> Result<u64, LogError> {
-            if self.full.load(Ordering::SeqCst) {
-                return Err(LogError::Full { depth: 1 });
-            }
-            if records.iter().any(|r| r.value.len() > 4096) {
-                return Err(LogError::RecordTooLarge {
-                    size_bytes: 4097,
-                    max_bytes: 4096,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            let mut parts = self.parts.lock().unwrap();
-            let p = parts.entry(partition).or_default();
-            let first = p.len() as u64;
-            p.extend(records);
-            Ok(first)
-        }
-        async fn read(
-            &self,
-            _: Topic,
-            _: u32,
-            _: u64,
-            _: usize,
-            _: Duration,
-        ) -> Result<Vec<LogRecord>, LogError> {
-            Ok(vec![])
-        }
-        async fn offsets(&self, _: Topic, partition: u32) -> Result<(u64, u64), LogError> {
-            let parts = self.parts.lock().unwrap();
-            Ok((0, parts.get(&partition).map_or(0, |p| p.len() as u64)))
-        }
-        fn release_before(&self, _: Topic, _: u32, _: u64) {}
-        async fn close(&self) {}
-    }
-
-    impl MemLog {
-        fn total(&self) -> usize {
-            self.parts.lock().unwrap().values().map(Vec::len).sum()
-        }
-    }
-
-    async fn intake() -> (Arc<MemLog>, (), Intake) {
-        let log = Arc::new(MemLog::default());
+    /// Appends take 2 ms, so that concurrent submits overlap.
+    async fn intake() -> (Arc<MemoryLog>, (), Intake) {
+        let log = Arc::new(
+            MemoryLog::new(8)
+                .with_max_record_bytes(4096)
+                .with_append_delay(Duration::from_millis(2)),
+        );
         let keys = TokenKeys::new(vec![9; 32], None, "test").unwrap();
         let i = Intake::new(log.clone(), keys, Arc::new(Metrics::new()));
         (log, (), i)
@@ -553,7 +496,7 @@ mod tests {
         let b = i.submit(order(Some("o-1")).as_bytes(), None).await.unwrap();
         assert_eq!(a, b);
         assert_eq!(
-            log.total(),
+            log.records().len(),
             2,
             "no store lookup: the record is appended again"
         );
@@ -576,7 +519,7 @@ mod tests {
         let d = i.submit(order(None).as_bytes(), None).await.unwrap();
         assert_ne!(c.order_id, d.order_id);
         assert!(c.order_id.starts_with("ord-") && c.order_id.len() == 30);
-        assert_eq!(log.total(), 4);
+        assert_eq!(log.records().len(), 4);
         let bad = i
             .submit(order(None).as_bytes(), Some("has space"))
             .await
@@ -603,7 +546,7 @@ mod tests {
         let (log, _, i) = intake().await;
         let e = i.submit(b"{", None).await.unwrap_err();
         assert_eq!(e.code(), "malformed_json");
-        log.full.store(true, Ordering::SeqCst);
+        log.refuse(Some(Refusal::Full));
         assert!(matches!(
             i.submit(order(None).as_bytes(), None).await,
             Err(IntakeError::LogFull)
@@ -638,7 +581,7 @@ mod tests {
         let (log, _, i) = intake().await;
         let i = Arc::new(i.with_admission(&limits(2, 1_000, 0), Arc::new(Backlog::new(8))));
         // The test runtime has one thread: every task runs until its
-        // append (2 ms in MemLog) before the first one finishes.
+        // append (2 ms in the test log) before the first one finishes.
         let tasks: Vec<_> = (0..16)
             .map(|_| {
                 let i = i.clone();
@@ -655,7 +598,7 @@ mod tests {
         assert!(answers.iter().filter_map(|a| a.as_ref().err()).all(|e| {
             matches!(e, IntakeError::Overloaded(Shed::Inflight)) && e.code() == "overloaded"
         }));
-        assert_eq!(log.total(), 2);
+        assert_eq!(log.records().len(), 2);
         assert_eq!(shed_count(&i, Shed::Inflight), 14);
         assert_eq!(i.metrics().intake_inflight.get(), 0);
         // The slots are free again.
@@ -719,7 +662,7 @@ mod tests {
         );
         assert_eq!(shed_count(&tight, Shed::Memory), 3);
         assert!(tight.metrics().process_resident_bytes.get() > 0);
-        assert_eq!(log.total(), 0);
+        assert_eq!(log.records().len(), 0);
         let roomy = tight.with_admission(
             &limits(16, 1_000, crate::config::MAX_RSS_BOUND_BYTES),
             Arc::new(Backlog::new(8)),
@@ -749,8 +692,8 @@ mod tests {
             i.produce_raw(b"nope").await,
             Err(IntakeError::Invalid(_))
         ));
-        assert_eq!(log.total(), 2);
-        let stored = log.parts.lock().unwrap()[&p.partition][p.offset as usize].clone();
+        assert_eq!(log.records().len(), 2);
+        let stored = log.record(p.partition, p.offset);
         assert_eq!(
             stored.value,
             br#"{"order_id":"x1","lines":[{"sku":"S-1"}]}"#.to_vec()
@@ -777,6 +720,6 @@ mod tests {
         assert!(matches!(r[1], Err(IntakeError::Invalid(_))));
         assert!(matches!(r[3], Err(IntakeError::RecordTooLarge { .. })));
         assert_eq!(r[4].as_ref().unwrap().order_id.as_deref(), Some("c"));
-        assert_eq!(log.total(), 3);
+        assert_eq!(log.records().len(), 3);
     }
 }

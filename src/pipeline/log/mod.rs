@@ -4,6 +4,8 @@
 
 pub mod embedded;
 pub mod kafka;
+#[cfg(test)]
+pub(crate) mod memory;
 pub mod release;
 
 use std::time::Duration;

@@ -119,50 +119,21 @@ impl Log for ReleaseView {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[derive(Default)]
-    struct Spy(Mutex<Vec<u64>>);
-
-    #[async_trait]
-    impl Log for Spy {
-        fn partition_count(&self, _: Topic) -> u32 {
-            1
-        }
-        async fn append(&self, _: Topic, _: u32, _: Vec<Record>) -> Result<u64, LogError> {
-            Ok(0)
-        }
-        async fn read(
-            &self,
-            _: Topic,
-            _: u32,
-            _: u64,
-            _: usize,
-            _: Duration,
-        ) -> Result<Vec<LogRecord>, LogError> {
-            Ok(vec![])
-        }
-        async fn offsets(&self, _: Topic, _: u32) -> Result<(u64, u64), LogError> {
-            Ok((0, 0))
-        }
-        fn release_before(&self, _: Topic, _: u32, offset: u64) {
-            self.0.lock().unwrap().push(offset);
-        }
-        async fn close(&self) {}
-    }
+    use crate::pipeline::log::memory::MemoryLog;
 
     /// The log sees the slowest consumer's mark, never more.
     #[test]
     fn releases_the_minimum() {
-        let spy = Arc::new(Spy::default());
+        let spy = Arc::new(MemoryLog::new(1));
         let views = ReleaseView::split(spy.clone(), 2);
         views[0].release_before(Topic::OrderStatus, 0, 100);
         assert!(
-            spy.0.lock().unwrap().is_empty(),
+            spy.released.lock().unwrap().is_empty(),
             "the other consumer is at 0"
         );
         views[1].release_before(Topic::OrderStatus, 0, 40);
         views[1].release_before(Topic::OrderStatus, 0, 30);
         views[1].release_before(Topic::OrderStatus, 0, 150);
-        assert_eq!(*spy.0.lock().unwrap(), vec![40, 40, 100]);
+        assert_eq!(*spy.released.lock().unwrap(), vec![40, 40, 100]);
     }
 }
