@@ -122,12 +122,24 @@ impl Modify for Shared {
     }
 }
 
+/// The security schemes an operation accepts: one list per alternative.
+fn schemes(op: &Operation) -> Vec<Vec<String>> {
+    // `SecurityRequirement` has no accessor; its JSON is `{name: scopes}`.
+    let json = serde_json::to_value(&op.security).unwrap_or_default();
+    let alternatives = json.as_array().map(Vec::as_slice).unwrap_or_default();
+    alternatives
+        .iter()
+        .map(|a| {
+            a.as_object()
+                .map_or(Vec::new(), |o| o.keys().cloned().collect())
+        })
+        .collect()
+}
+
 fn add_shared_answers(path: &str, op: &mut Operation) {
-    let api_token_only = op.security.as_ref().is_some_and(|s| {
-        let json = serde_json::to_value(s).unwrap_or_default();
-        json.as_array()
-            .is_some_and(|alts| alts.len() == 1 && alts[0].get(BEARER).is_some())
-    });
+    let schemes = schemes(op);
+    let api_token_only = schemes == [[BEARER]];
+    let order_tracking = schemes == [[BEARER], [TRACKING_QUERY]];
     if api_token_only {
         answer(
             op,
@@ -140,11 +152,6 @@ fn add_shared_answers(path: &str, op: &mut Operation) {
             "`forbidden`: the token's role may not use this route. `admin_disabled`: no role that may use it has a token configured.",
         );
     }
-    let order_tracking = op.security.as_ref().is_some_and(|s| {
-        let json = serde_json::to_value(s).unwrap_or_default();
-        json.as_array()
-            .is_some_and(|alts| alts.len() == 2 && alts.iter().any(|a| a.get(BEARER).is_some()))
-    });
     if order_tracking {
         answer(op, "403", "`forbidden`: a producer token, whatever the id.");
         answer(
