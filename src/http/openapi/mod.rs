@@ -40,7 +40,7 @@ pub const RATE_LIMIT_EXEMPT: [&str; 4] = ["/healthz", "/readyz", "/metrics", "/o
     info(
         title = "orderflow",
         description = include_str!("description.md"),
-        license(name = "MIT OR Apache-2.0", identifier = "MIT OR Apache-2.0"),
+        license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
     components(schemas(super::problem::ProblemBody, order_record::OrderRecord)),
     tags(
