@@ -204,11 +204,7 @@ pub(crate) fn range<T: PartialOrd + Copy + std::fmt::Display>(
 /// `(key, value, lo, hi)`: each value must lie in `[lo, hi]`.
 pub(crate) fn check_ranges(ranges: &[(&str, u64, u64, u64)]) -> Result<(), ConfigError> {
     for &(key, v, lo, hi) in ranges {
-        if v < lo || v > hi {
-            return Err(ConfigError::Invalid(format!(
-                "`{key}` = {v} is out of range [{lo}, {hi}]"
-            )));
-        }
+        range(key, v, lo, hi)?;
     }
     Ok(())
 }

@@ -6,11 +6,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use super::range;
 use crate::config::{ConfigError, Secret};
-
-fn invalid(message: String) -> ConfigError {
-    ConfigError::Invalid(message)
-}
 
 /// `[notifications]`: delivery settings shared by every target, the
 /// webhook endpoints and the optional email settings.
@@ -142,20 +139,6 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-fn range<T: PartialOrd + std::fmt::Display>(
-    key: &str,
-    v: T,
-    lo: T,
-    hi: T,
-) -> Result<(), ConfigError> {
-    if v < lo || v > hi {
-        return Err(invalid(format!(
-            "`{key}` = {v} is out of range [{lo}, {hi}]"
-        )));
-    }
-    Ok(())
-}
-
 impl NotificationsConfig {
     /// Checks every key; the message names it. Secrets are not read here
     /// (see [`WebhookConfig::secret`]).
@@ -188,7 +171,7 @@ impl NotificationsConfig {
         )?;
         range("notifications.timeout_ms", self.timeout_ms, 1, 600_000)?;
         if self.webhooks.is_empty() && self.email.is_none() {
-            return Err(invalid(
+            return Err(ConfigError::Invalid(
                 "`notifications` has neither `webhooks` nor `email`: remove the section to disable notifications"
                     .into(),
             ));
@@ -196,49 +179,49 @@ impl NotificationsConfig {
         for (i, w) in self.webhooks.iter().enumerate() {
             let key = format!("notifications.webhooks[{i}]");
             if !valid_name(&w.name) || w.name == EMAIL_TARGET {
-                return Err(invalid(format!(
+                return Err(ConfigError::Invalid(format!(
                     "`{key}.name` = {:?} must be 1 to 64 of [A-Za-z0-9_-] and not {EMAIL_TARGET:?}",
                     w.name
                 )));
             }
             if self.webhooks[..i].iter().any(|o| o.name == w.name) {
-                return Err(invalid(format!(
+                return Err(ConfigError::Invalid(format!(
                     "`{key}.name` = {:?} is used twice",
                     w.name
                 )));
             }
             let url = reqwest::Url::parse(&w.url)
-                .map_err(|e| invalid(format!("`{key}.url` is not a URL: {e}")))?;
+                .map_err(|e| ConfigError::Invalid(format!("`{key}.url` is not a URL: {e}")))?;
             if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-                return Err(invalid(format!(
+                return Err(ConfigError::Invalid(format!(
                     "`{key}.url` must be an http:// or https:// URL"
                 )));
             }
             if w.secret_env.is_some() == w.secret_file.is_some() {
-                return Err(invalid(format!(
+                return Err(ConfigError::Invalid(format!(
                     "`{key}` needs exactly one of `secret_env` and `secret_file`"
                 )));
             }
         }
         if let Some(e) = &self.email {
             if e.smtp_host.is_empty() {
-                return Err(invalid(
+                return Err(ConfigError::Invalid(
                     "`notifications.email.smtp_host` is required".into(),
                 ));
             }
             range("notifications.email.smtp_port", e.smtp_port, 1, u16::MAX)?;
             e.from.parse::<lettre::message::Mailbox>().map_err(|err| {
-                invalid(format!(
+                ConfigError::Invalid(format!(
                     "`notifications.email.from` is not a mailbox: {err}"
                 ))
             })?;
             if e.username.is_some() != e.password_env.is_some() {
-                return Err(invalid(
+                return Err(ConfigError::Invalid(
                     "`notifications.email.username` and `password_env` go together".into(),
                 ));
             }
             if e.username.is_some() && e.tls == SmtpTls::None {
-                return Err(invalid(
+                return Err(ConfigError::Invalid(
                     "`notifications.email.username` needs `tls` = \"starttls\" or \"tls\": a password is never sent in clear"
                         .into(),
                 ));
@@ -262,27 +245,27 @@ impl WebhookConfig {
         let name = &self.name;
         match (&self.secret_env, &self.secret_file) {
             (Some(var), _) => Secret::from_env(var).ok_or_else(|| {
-                invalid(format!(
+                ConfigError::Invalid(format!(
                     "webhook {name:?}: environment variable {var} is unset or empty"
                 ))
             }),
             (None, Some(path)) => {
                 let text = std::fs::read_to_string(path).map_err(|e| {
-                    invalid(format!(
+                    ConfigError::Invalid(format!(
                         "webhook {name:?}: cannot read secret_file {}: {e}",
                         path.display()
                     ))
                 })?;
                 let text = text.trim_end_matches(['\r', '\n']);
                 if text.is_empty() {
-                    return Err(invalid(format!(
+                    return Err(ConfigError::Invalid(format!(
                         "webhook {name:?}: secret_file {} is empty",
                         path.display()
                     )));
                 }
                 Ok(Secret::new(text))
             }
-            (None, None) => Err(invalid(format!(
+            (None, None) => Err(ConfigError::Invalid(format!(
                 "webhook {name:?} needs `secret_env` or `secret_file`"
             ))),
         }

@@ -56,7 +56,7 @@ impl Status {
         Status::ALL.get(usize::from(code)).copied()
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             Status::Accepted => "accepted",
             Status::Reserved => "reserved",

@@ -308,11 +308,11 @@ const ORDER_DURATION: Desc = Desc {
 };
 
 /// The series of `orderflow_order_duration_seconds`, born at 0.
-const TERMINAL_FAILURES_AND_CONFIRMED: [&[&str]; 4] = [
-    &["confirmed"],
-    &["out_of_stock"],
-    &["payment_declined"],
-    &["payment_failed"],
+const ORDER_DURATION_SERIES: [&[&str]; 4] = [
+    &[Status::Confirmed.as_str()],
+    &[Status::OutOfStock.as_str()],
+    &[Status::PaymentDeclined.as_str()],
+    &[Status::PaymentFailed.as_str()],
 ];
 
 const SAGAS_IN_FLIGHT: Desc = Desc {
@@ -337,11 +337,11 @@ const SAGA_COMPENSATIONS: Desc = Desc {
 };
 
 /// Every compensation the processor makes, born at 0.
-const COMPENSATIONS: [&[&str]; 4] = [
-    &["out_of_stock", "release_stock"],
-    &["payment_declined", "release_stock"],
-    &["payment_failed", "release_stock"],
-    &["payment_failed", "void_payment"],
+const COMPENSATION_SERIES: [&[&str]; 4] = [
+    &[Status::OutOfStock.as_str(), "release_stock"],
+    &[Status::PaymentDeclined.as_str(), "release_stock"],
+    &[Status::PaymentFailed.as_str(), "release_stock"],
+    &[Status::PaymentFailed.as_str(), "void_payment"],
 ];
 
 /// A metric's name, help, labels and (histograms) buckets.
@@ -574,10 +574,10 @@ impl Metrics {
             intake_shed: r.counter(&INTAKE_SHED),
             intake_inflight: r.gauge1(&INTAKE_INFLIGHT),
             process_resident_bytes: r.gauge1(&PROCESS_RESIDENT_BYTES),
-            order_duration: born_at_zero(r.hist(&ORDER_DURATION), &TERMINAL_FAILURES_AND_CONFIRMED),
+            order_duration: born_at_zero(r.hist(&ORDER_DURATION), &ORDER_DURATION_SERIES),
             sagas_in_flight: r.gauge1(&SAGAS_IN_FLIGHT),
             saga_oldest_age: r.float_gauge1(&SAGA_OLDEST_AGE),
-            saga_compensations: born_at_zero(r.counter(&SAGA_COMPENSATIONS), &COMPENSATIONS),
+            saga_compensations: born_at_zero(r.counter(&SAGA_COMPENSATIONS), &COMPENSATION_SERIES),
             out_of_stock_top_skus: r.gauge(&OUT_OF_STOCK_TOP_SKUS),
             saga: Mutex::new(SagaHealth {
                 in_flight: InFlight::default(),

@@ -80,6 +80,12 @@ pub(super) fn invalid(code: &str, param: &str, message: String) -> Failure {
     f
 }
 
+/// Stripe's answer to a parameter the call does not take.
+pub(super) fn unknown_parameter(param: &str) -> Failure {
+    let message = format!("Received unknown parameter: {param}");
+    invalid("parameter_unknown", param, message)
+}
+
 /// `(code, decline_code)` of a declining test payment method.
 pub(super) fn decline_for(payment_method: &str) -> Option<(&'static str, &'static str)> {
     let name = payment_method
@@ -641,10 +647,7 @@ impl CreateParams {
                     Some(name) if !name.is_empty() => {
                         metadata.insert(name.to_owned(), v.clone());
                     }
-                    _ => {
-                        let message = format!("Received unknown parameter: {k}");
-                        return Err(invalid("parameter_unknown", k, message));
-                    }
+                    _ => return Err(unknown_parameter(k)),
                 },
             }
         }
@@ -762,16 +765,7 @@ pub(super) fn do_capture(
                     );
                 }
             },
-            _ => {
-                return (
-                    Err(invalid(
-                        "parameter_unknown",
-                        k,
-                        format!("Received unknown parameter: {k}"),
-                    )),
-                    None,
-                );
-            }
+            _ => return (Err(unknown_parameter(k)), None),
         }
     }
     let Some(intent) = st.intents.get_mut(id) else {
@@ -831,16 +825,7 @@ pub(super) fn do_cancel(
                     None,
                 );
             }
-            _ => {
-                return (
-                    Err(invalid(
-                        "parameter_unknown",
-                        k,
-                        format!("Received unknown parameter: {k}"),
-                    )),
-                    None,
-                );
-            }
+            _ => return (Err(unknown_parameter(k)), None),
         }
     }
     let Some(intent) = st.intents.get_mut(id) else {
