@@ -165,6 +165,7 @@ async fn start_inner(
         breaker.clone() as Arc<dyn PaymentGateway>,
         metrics.clone(),
         config.gateway.clone(),
+        config.log.max_record_bytes,
     );
     let inventory = Arc::new(Inventory::new(log.clone(), store.clone()));
     let tracking = Arc::new(Tracking::new(

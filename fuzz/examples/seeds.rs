@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use orderflow::config::LogConfig;
+use orderflow::domain::message::KeyedResult;
 use orderflow::domain::{
     EffectKind, Envelope, Message, MsgId, PaymentOutcome, RecordKind, Status, StatusEvent,
 };
@@ -179,6 +180,32 @@ fn messages() -> Vec<(&'static str, Envelope)> {
                 Message::SetStock {
                     sku: "SKU-1".into(),
                     available: 10,
+                },
+            ),
+        ),
+        (
+            "results",
+            Envelope::new(
+                None,
+                Message::Results {
+                    results: vec![
+                        KeyedResult {
+                            key: "SKU-1".into(),
+                            body: Message::PaymentResult {
+                                order_id: "ord-1001".into(),
+                                outcome: PaymentOutcome::Authorized {
+                                    payment_id: "pi_123".into(),
+                                },
+                            },
+                        },
+                        KeyedResult {
+                            key: "SKU-9".into(),
+                            body: Message::EffectDone {
+                                order_id: "ord-1002".into(),
+                                kind: EffectKind::Capture,
+                            },
+                        },
+                    ],
                 },
             ),
         ),

@@ -80,7 +80,7 @@ impl Inspect for Collector<'_> {
                 None,
             ),
             RecordKind::Internal => match Envelope::decode(&record.value) {
-                Ok(env) => (env.body.order_id() == Some(self.order_id), Some(env)),
+                Ok(env) => (env.body.concerns(self.order_id), Some(env)),
                 Err(_) => (false, None),
             },
         };
@@ -122,7 +122,7 @@ impl Inspect for Collector<'_> {
             partition: self.partition,
             offset: record.offset,
             at_ms: record.timestamp_ms,
-            record: describe(record, envelope.as_ref()),
+            record: describe(record, envelope.as_ref(), self.order_id),
             stock,
             statuses: out
                 .statuses
@@ -159,10 +159,25 @@ impl Inspect for Collector<'_> {
     }
 }
 
-/// What a record was, without its raw bytes: its message, or a summary of
-/// the order its JSON holds.
-fn describe(record: &LogRecord, envelope: Option<&Envelope>) -> String {
+/// What a record was, without its raw bytes: its message (of a results
+/// record, the order's result), or a summary of the order its JSON holds.
+fn describe(record: &LogRecord, envelope: Option<&Envelope>, order_id: &str) -> String {
     match envelope {
+        Some(Envelope {
+            body: Message::Results { results },
+            ..
+        }) => {
+            let mine: Vec<String> = results
+                .iter()
+                .filter(|r| r.body.concerns(order_id))
+                .map(|r| format!("{:?}", r.body))
+                .collect();
+            format!(
+                "{} (with {} other results)",
+                mine.join(", "),
+                results.len() - mine.len()
+            )
+        }
         Some(env) => format!("{:?}", env.body),
         None => match parse_order(&record.value) {
             Ok(parsed) => {

@@ -120,6 +120,42 @@ pub enum Message {
     },
     /// Operator: forget a failed capture or void (settled by hand).
     DropEffect { order_id: String, kind: EffectKind },
+    /// Several effect results of one partition in one record (the executor
+    /// writes what it has ready together, so an order costs its partition
+    /// about one record instead of three). Each is applied as if it had
+    /// been a record of its own with its own key: one parked result holds
+    /// back only its own key and order.
+    Results { results: Vec<KeyedResult> },
+}
+
+/// Most results one [`Message::Results`] record carries.
+pub const MAX_RESULTS_PER_RECORD: usize = 1_024;
+
+/// One result of a [`Message::Results`] record, with the key its record
+/// would have had alone (the order's home SKU).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyedResult {
+    pub key: String,
+    pub body: Message,
+}
+
+impl KeyedResult {
+    /// The record `results` make together: `(key, value)`. A lone result
+    /// is a plain message under its own key; several are one
+    /// [`Message::Results`] under the first one's key.
+    pub fn record(results: &[KeyedResult]) -> (&str, Vec<u8>) {
+        assert!(
+            (1..=MAX_RESULTS_PER_RECORD).contains(&results.len()),
+            "a results record holds 1 to {MAX_RESULTS_PER_RECORD} results"
+        );
+        let body = match results {
+            [one] => one.body.clone(),
+            many => Message::Results {
+                results: many.to_vec(),
+            },
+        };
+        (&results[0].key, Envelope::new(None, body).encode())
+    }
 }
 
 impl Message {
@@ -176,6 +212,43 @@ impl Message {
             }
             Message::SetStock { sku: s, .. } => sku("sku", s),
             Message::RetryParked | Message::DropParked { .. } => Ok(()),
+            Message::Results { results } => {
+                if results.is_empty() || results.len() > MAX_RESULTS_PER_RECORD {
+                    return Err(DecodeError::Invalid(format!(
+                        "a results record holds 1 to {MAX_RESULTS_PER_RECORD} results, not {}",
+                        results.len()
+                    )));
+                }
+                results.iter().try_for_each(|r| {
+                    if !r.body.is_result() {
+                        return Err(DecodeError::Invalid(
+                            "a results record holds only payment and effect results".to_owned(),
+                        ));
+                    }
+                    sku("key", &r.key)?;
+                    r.body.check()
+                })
+            }
+        }
+    }
+
+    /// An effect's outcome, which the executor may write in a
+    /// [`Message::Results`] record.
+    pub fn is_result(&self) -> bool {
+        matches!(
+            self,
+            Message::PaymentResult { .. }
+                | Message::EffectDone { .. }
+                | Message::EffectFailed { .. }
+        )
+    }
+
+    /// Whether the message is about `order_id` (for a results record: one
+    /// of its results is).
+    pub fn concerns(&self, order_id: &str) -> bool {
+        match self {
+            Message::Results { results } => results.iter().any(|r| r.body.concerns(order_id)),
+            other => other.order_id() == Some(order_id),
         }
     }
 
@@ -194,6 +267,8 @@ impl Message {
             | Message::RetryParked
             | Message::DropParked { .. }
             | Message::DropEffect { .. } => None,
+            // Each result names its own (see `Message::concerns`).
+            Message::Results { .. } => None,
         }
     }
 }
@@ -315,5 +390,50 @@ mod tests {
             assert!(matches!(e, DecodeError::Invalid(_)), "{e}");
             assert!(e.to_string().starts_with("invalid message:"), "{e}");
         }
+    }
+    /// A results record holds 1 to `MAX_RESULTS_PER_RECORD` results, each
+    /// a payment or effect result under a valid key; nothing else decodes.
+    #[test]
+    fn results_records_are_checked() {
+        let done = |n: usize| KeyedResult {
+            key: "SKU-1".into(),
+            body: Message::EffectDone {
+                order_id: format!("o-{n}"),
+                kind: EffectKind::Capture,
+            },
+        };
+        let decode = |results: Vec<KeyedResult>| {
+            Envelope::decode(&Envelope::new(None, Message::Results { results }).encode())
+        };
+        let full: Vec<KeyedResult> = (0..MAX_RESULTS_PER_RECORD).map(done).collect();
+        assert!(decode(full.clone()).is_ok());
+        let mut over = full;
+        over.push(done(0));
+        let mut bad_key = done(1);
+        bad_key.key = "no spaces".into();
+        let nested = KeyedResult {
+            key: "SKU-1".into(),
+            body: Message::Results {
+                results: vec![done(2)],
+            },
+        };
+        let command = KeyedResult {
+            key: "SKU-1".into(),
+            body: Message::RetryParked,
+        };
+        for results in [
+            vec![],
+            over,
+            vec![bad_key],
+            vec![nested],
+            vec![done(3), command],
+        ] {
+            let e = decode(results).unwrap_err();
+            assert!(matches!(e, DecodeError::Invalid(_)), "{e}");
+        }
+        let lone = [done(4)];
+        let (key, value) = KeyedResult::record(&lone);
+        assert_eq!(key, "SKU-1");
+        assert_eq!(Envelope::decode(&value).unwrap().body, done(4).body);
     }
 }

@@ -27,8 +27,10 @@ use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
 use crate::config::CheckpointConfig;
+use crate::domain::message::KeyedResult;
 use crate::domain::partition::partition_for_key;
 use crate::domain::{Envelope, Message, RecordKind, Status, StatusEvent};
+use crate::pipeline::effects::result_records;
 use crate::pipeline::log::{Record, Topic};
 use crate::pipeline::runner::core::PartitionCore;
 use crate::pipeline::store::{BlobRef, SnapshotWrite};
@@ -50,6 +52,8 @@ const CHECKPOINT: CheckpointConfig = CheckpointConfig {
 };
 /// Ownership epoch of every checkpoint (one process owns every partition).
 const EPOCH: u64 = 1;
+/// Small, so that busy rounds split their results over several records.
+const SIM_MAX_RECORD_BYTES: usize = 4096;
 /// Simulated wall clock at the start (ms since the Unix epoch).
 const START_MS: u64 = 1_700_000_000_000;
 /// Rounds the final drain may take before it counts as stuck.
@@ -452,9 +456,21 @@ impl World {
 
     /// Appends the results of the calls answered by now (not waited for:
     /// a lost result leaves its effect in the outbox).
+    /// Like the executor's reporter, the results of one partition go out
+    /// together, as results records.
     fn deliver(&mut self) {
+        let mut by_partition: BTreeMap<usize, Vec<KeyedResult>> = BTreeMap::new();
         for (key, body) in self.executor.deliver(self.clock_ms) {
-            self.append_internal(&key, body);
+            let p = partition_for_key(key.as_bytes(), self.n as u32) as usize;
+            by_partition
+                .entry(p)
+                .or_default()
+                .push(KeyedResult { key, body });
+        }
+        for (p, results) in by_partition {
+            for record in result_records(&results, SIM_MAX_RECORD_BYTES) {
+                self.orders[p].append(record.kind, self.clock_ms, &record.key, &record.value);
+            }
         }
     }
 

@@ -2,6 +2,7 @@
 
 use serde::Deserialize;
 
+use crate::domain::message::KeyedResult;
 use crate::domain::order::valid_id;
 use crate::domain::parked::{ParkEvent, ParkedRecord};
 use crate::domain::partition::partition_for_key;
@@ -351,6 +352,13 @@ impl Processor {
             RecordKind::OrderJson => None,
             RecordKind::Internal => Some(Envelope::decode(input.value)),
         };
+        let envelope = match envelope {
+            Some(Ok(Envelope {
+                body: Message::Results { results },
+                ..
+            })) => return self.apply_results(&input, status_offset, retried, results, out),
+            other => other,
+        };
         if let Some(Ok(env)) = &envelope {
             match env.body {
                 Message::RetryParked => {
@@ -396,6 +404,60 @@ impl Processor {
             Some(Ok(env)) => apply_message(&mut self.ctx(&input, status_offset, out), env, retried),
             Some(Err(e)) => self.park(&input, status_offset, None, e.to_string(), out),
         }
+    }
+
+    /// Applies each result of a results record as if it were a record of
+    /// its own under its own key, in order. Those the park lane holds back
+    /// (or that share a key or an order with one of this record's held
+    /// back) are parked together, as one record at this offset holding
+    /// only them, which holds back all their keys and orders.
+    fn apply_results(
+        &mut self,
+        input: &Input<'_>,
+        status_offset: u64,
+        retried: bool,
+        results: Vec<KeyedResult>,
+        out: &mut Output,
+    ) {
+        let mut held: Vec<KeyedResult> = Vec::new();
+        let mut reason = None;
+        // Ids of emitted messages run on across the results: they all
+        // derive from this one offset.
+        let mut next_index = 0;
+        for result in results {
+            let order_id = result.body.order_id();
+            let behind = match self.state.blocked_by(result.key.as_bytes(), order_id) {
+                Some(at) => Some(format!("waits behind the parked record at offset {at}")),
+                None => held
+                    .iter()
+                    .any(|h| h.key == result.key || h.body.order_id() == order_id)
+                    .then(|| "waits behind a parked result of its record".to_owned()),
+            };
+            if let Some(why) = behind {
+                reason.get_or_insert(why);
+                held.push(result);
+                continue;
+            }
+            let alone = Input {
+                key: result.key.as_bytes(),
+                ..*input
+            };
+            let mut ctx = self.ctx(&alone, status_offset, out);
+            ctx.next_index = next_index;
+            apply_message(&mut ctx, Envelope::new(None, result.body), retried);
+            next_index = ctx.next_index;
+        }
+        let Some(reason) = reason else {
+            return;
+        };
+        let order_id = held[0].body.order_id().map(str::to_owned);
+        let (key, value) = KeyedResult::record(&held);
+        let parked = Input {
+            key: key.as_bytes(),
+            value: &value,
+            ..*input
+        };
+        self.park(&parked, status_offset, order_id, reason, out);
     }
 
     fn ctx<'a>(
@@ -659,7 +721,10 @@ fn apply_message(ctx: &mut Ctx<'_>, env: Envelope, retried: bool) {
         } => ctx.fail_effect(&order_id, kind, reason),
         Message::SetStock { sku, available } => inventory::set_stock(ctx, &sku, available),
         // Handled before the lane check (`Processor::apply_record`).
-        Message::RetryParked | Message::DropParked { .. } | Message::DropEffect { .. } => {}
+        Message::RetryParked
+        | Message::DropParked { .. }
+        | Message::DropEffect { .. }
+        | Message::Results { .. } => {}
     }
 }
 

@@ -399,8 +399,12 @@ fn entries_of(bytes: &[u8]) -> Option<impl Iterator<Item = FinishedEntry> + '_> 
 fn stock_pages(bucket: u16, rows: &BTreeMap<String, Stock>) -> Vec<Vec<u8>> {
     // bucket, then a MessagePack array32 header (its count filled in last).
     const HEAD: usize = 2 + 5;
+    // Sized for the rows, not for a full page: most buckets hold a few
+    // SKUs, and a checkpoint may rewrite hundreds of them (a page-sized
+    // buffer each cost the kernel fresh zeroed pages every checkpoint).
+    let capacity = (HEAD + rows.len() * STOCK_ROW_MAX_BYTES).min(PAGE_BYTES);
     let start = |pages: &mut Vec<Vec<u8>>| {
-        let mut page = Vec::with_capacity(PAGE_BYTES);
+        let mut page = Vec::with_capacity(capacity);
         page.extend_from_slice(&bucket.to_le_bytes());
         page.extend_from_slice(&[0xdd, 0, 0, 0, 0]);
         pages.push(page);

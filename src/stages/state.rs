@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::domain::parked::ParkedRecord;
-use crate::domain::{Effect, EffectKind, Status};
+use crate::domain::{Effect, EffectKind, Envelope, Message, RecordKind, Status};
 
 use super::finished::Finished;
 
@@ -299,11 +299,33 @@ fn lane_digest(r: &ParkedRecord) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// The keys and orders a parked record holds back: its own, and for a
+/// results record (`Message::Results`) those of each of its results.
+fn held_back(r: &ParkedRecord) -> (Vec<Vec<u8>>, Vec<String>) {
+    let mut keys = vec![r.key.clone()];
+    let mut orders: Vec<String> = r.order_id.iter().cloned().collect();
+    if r.kind == RecordKind::Internal
+        && let Ok(Envelope {
+            body: Message::Results { results },
+            ..
+        }) = Envelope::decode(&r.value)
+    {
+        for result in results {
+            orders.extend(result.body.order_id().map(str::to_owned));
+            keys.push(result.key.into_bytes());
+        }
+    }
+    (keys, orders)
+}
+
 impl LaneIndex {
     fn add(&mut self, offset: u64, r: &ParkedRecord) {
-        self.by_key.entry(r.key.clone()).or_default().insert(offset);
-        if let Some(id) = &r.order_id {
-            self.by_order.entry(id.clone()).or_default().insert(offset);
+        let (keys, orders) = held_back(r);
+        for key in keys {
+            self.by_key.entry(key).or_default().insert(offset);
+        }
+        for id in orders {
+            self.by_order.entry(id).or_default().insert(offset);
         }
         self.by_digest
             .entry(lane_digest(r))
@@ -326,8 +348,11 @@ impl LaneIndex {
                 }
             }
         }
-        take(&mut self.by_key, r.key.as_slice(), offset);
-        if let Some(id) = &r.order_id {
+        let (keys, orders) = held_back(r);
+        for key in keys {
+            take(&mut self.by_key, key.as_slice(), offset);
+        }
+        for id in orders {
             take(&mut self.by_order, id.as_str(), offset);
         }
         take(&mut self.by_digest, &lane_digest(r), offset);

@@ -722,3 +722,163 @@ fn card_numbers_never_reach_the_park_lane() {
         );
     }
 }
+
+fn authorized(order_id: &str) -> Message {
+    Message::PaymentResult {
+        order_id: order_id.into(),
+        outcome: PaymentOutcome::Authorized {
+            payment_id: format!("pi_{order_id}"),
+        },
+    }
+}
+
+fn results(items: &[(&str, Message)]) -> Message {
+    Message::Results {
+        results: items
+            .iter()
+            .map(|(key, body)| crate::domain::message::KeyedResult {
+                key: (*key).to_owned(),
+                body: body.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// A results record leaves the same state, statuses and effects as its
+/// results would one record each.
+#[test]
+fn a_results_record_applies_like_its_results_alone() {
+    let (a, b) = (sku_on(1, 0), sku_on(1, 1));
+    let mut alone = Harness::new(1);
+    let mut together = Harness::new(1);
+    for h in [&mut alone, &mut together] {
+        h.stock(&a, 5);
+        h.stock(&b, 5);
+        h.order("o1", &[(&a, 1)], "tok_visa");
+        h.order("o2", &[(&b, 2)], "tok_visa");
+    }
+    let mut outs = Output::default();
+    for (key, body) in [(&a, authorized("o1")), (&b, authorized("o2"))] {
+        let out = alone.msg(key, None, body);
+        outs.statuses.extend(out.statuses);
+        outs.effects.extend(out.effects);
+    }
+    let out = together.msg(
+        &a,
+        None,
+        results(&[(&a, authorized("o1")), (&b, authorized("o2"))]),
+    );
+    assert_eq!(statuses(&out), statuses(&outs));
+    assert_eq!(
+        statuses(&out),
+        [
+            Status::Paid,
+            Status::Confirmed,
+            Status::Paid,
+            Status::Confirmed
+        ]
+    );
+    assert_eq!(out.effects, outs.effects);
+    assert_eq!(out.effects[1].reply_key, b, "each result keeps its own key");
+    for h in [&mut alone, &mut together] {
+        let done = results(&[
+            (
+                &a,
+                Message::EffectDone {
+                    order_id: "o1".into(),
+                    kind: EffectKind::Capture,
+                },
+            ),
+            (
+                &b,
+                Message::EffectDone {
+                    order_id: "o2".into(),
+                    kind: EffectKind::Capture,
+                },
+            ),
+        ]);
+        h.msg(&a, None, done);
+    }
+    // The hashes differ only in the log times of the finished orders.
+    for h in [&alone, &together] {
+        assert!(h.proc.state.outbox.is_empty() && h.proc.state.orders.is_empty());
+        assert_eq!((h.counts(&a), h.counts(&b)), ((4, 0, 1), (3, 0, 2)));
+        for id in ["o1", "o2"] {
+            let done = h
+                .proc
+                .state
+                .finished
+                .get(&crate::domain::OrderKey::of(id), 0);
+            assert!(done.unwrap().confirmed(), "{id}");
+        }
+    }
+}
+
+/// Of a results record, only the results the park lane holds back are
+/// parked, as one record at its offset that holds back all their keys and
+/// orders; a retry applies them in order.
+#[test]
+fn a_results_record_parks_only_what_waits() {
+    let mut h = Harness::new(0);
+    let (a, b) = (sku_on(0, 0), sku_on(0, 1));
+    h.stock(&a, 5);
+    h.stock(&b, 5);
+    h.order("o-a", &[(&a, 1)], "tok_visa");
+    h.order("o-b", &[(&b, 1)], "tok_visa");
+    let poison_at = h.offset;
+    h.feed(RecordKind::Internal, &a, b"\xc1 not msgpack");
+    let batch_at = h.offset;
+    let out = h.msg(
+        &b,
+        None,
+        results(&[(&a, authorized("o-a")), (&b, authorized("o-b"))]),
+    );
+    assert_eq!(
+        statuses(&out),
+        [Status::Paid, Status::Confirmed],
+        "o-b goes on"
+    );
+    let parked = &h.proc.state.parked[&batch_at];
+    assert_eq!(parked.key, a.as_bytes());
+    assert_eq!(parked.order_id.as_deref(), Some("o-a"));
+    assert_eq!(
+        Envelope::decode(&parked.value).unwrap().body,
+        authorized("o-a"),
+        "a lone held result is parked as a plain record"
+    );
+    // Two held results of one record park together and hold back both
+    // their keys: `b` waits now too.
+    h.order("o-a2", &[(&a, 1)], "tok_visa");
+    let pair_at = h.offset;
+    let capture_done = |order_id: &str| Message::EffectDone {
+        order_id: order_id.into(),
+        kind: EffectKind::Capture,
+    };
+    h.msg(
+        &a,
+        None,
+        results(&[(&a, authorized("o-a2")), (&b, capture_done("o-a"))]),
+    );
+    assert_eq!(
+        h.proc.state.parked.len(),
+        4,
+        "poison, o-a's result, o-a2's order, the pair"
+    );
+    let waits = h.msg(&b, None, capture_done("o-y"));
+    assert_eq!(waits.parked.len(), 1, "held back by the pair's key `b`");
+    assert!(h.proc.state.parked.contains_key(&pair_at));
+    h.msg("ops", None, Message::DropParked { offset: poison_at });
+    let out = h.msg("ops", None, Message::RetryParked);
+    assert!(h.proc.state.parked.is_empty(), "{:?}", h.proc.state.parked);
+    assert_eq!(
+        statuses(&out),
+        [
+            Status::Paid,
+            Status::Confirmed,
+            Status::Accepted,
+            Status::Reserved,
+            Status::Paid,
+            Status::Confirmed
+        ]
+    );
+}

@@ -53,6 +53,13 @@
 //!   per partition is kept, and a result appended twice is harmless: the
 //!   processor applies a payment result only to an order awaiting it and
 //!   an `EffectDone` only removes its effect from the outbox.
+//! - **Results of one partition share records**: what is ready when an
+//!   append can start goes out as one [`Message::Results`] record (cut
+//!   at [`MAX_RESULTS_PER_RECORD`] results and at `log.max_record_bytes`;
+//!   a lone result is a plain record). While one append is in flight the
+//!   next results gather, so the busier the partition, the fewer records
+//!   per order: the `orders` log carries about one record per order plus
+//!   a share of a results record, instead of three.
 //! - At shutdown (every runner gone) calls in flight and parked effects
 //!   are abandoned, and results the log still refuses after one last
 //!   attempt are dropped: they are all still in the checkpointed outbox and
@@ -77,7 +84,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::config::GatewayConfig;
-use crate::domain::{Effect, EffectKind, Envelope, Message, PaymentOutcome, RecordKind};
+use crate::domain::message::{KeyedResult, MAX_RESULTS_PER_RECORD};
+use crate::domain::{Effect, EffectKind, Message, PaymentOutcome, RecordKind};
 use crate::gateway::{AuthorizeOutcome, AuthorizeRequest, GatewayError, PaymentGateway};
 use crate::pipeline::log::{Log, LogError, Record, Topic};
 use crate::telemetry::metrics::Metrics;
@@ -111,7 +119,7 @@ impl EffectSender {
 
 struct Executor {
     /// Results on their way to the log (see `spawn_reporter`).
-    reports: mpsc::Sender<Record>,
+    reports: mpsc::Sender<KeyedResult>,
     gateway: Arc<dyn PaymentGateway>,
     retrier: Retrier,
     inflight: Arc<Semaphore>,
@@ -123,12 +131,14 @@ struct Executor {
 type Place = Option<OwnedSemaphorePermit>;
 
 /// Starts the executor; it stops when every `EffectSender` is dropped, and
-/// then abandons what is still in flight (see the module doc).
+/// then abandons what is still in flight (see the module doc). Result
+/// records stay within `max_record_bytes` (`log.max_record_bytes`).
 pub fn spawn(
     log: Arc<dyn Log>,
     gateway: Arc<dyn PaymentGateway>,
     metrics: Arc<Metrics>,
     config: GatewayConfig,
+    max_record_bytes: usize,
 ) -> (EffectSender, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<Effect>(EFFECT_QUEUE_DEPTH);
     let (open, mut senders_gone) = watch::channel(());
@@ -142,7 +152,7 @@ pub fn spawn(
     let retrying = metrics
         .queue_depth
         .with_label_values(&["effect_results_retrying"]);
-    let (reports, reporter) = spawn_reporter(log, retrying);
+    let (reports, reporter) = spawn_reporter(log, retrying, max_record_bytes);
     let exec = Arc::new(Executor {
         reports,
         gateway,
@@ -223,31 +233,63 @@ pub const REPORT_RETRY_FIRST_MS: u64 = 10;
 pub const REPORT_RETRY_MAX_MS: u64 = 5_000;
 
 /// Appends effect results in batches: everything waiting for a partition
-/// in one append, partitions independently. One append per result made
-/// the orders log do an append (and its wake-ups) per payment call: the
-/// benchmark showed 2 appends per order this way. A failed append is
-/// retried in process with back-off (module doc); until then the order
-/// would sit `reserved`, as the outbox re-runs effects only at a restart.
+/// in one append, and in as few records as fit ([`result_records`]),
+/// partitions independently. One append per result made the orders log
+/// do an append (and its wake-ups) per payment call: the benchmark showed
+/// 2 appends per order this way. A failed append is retried in process
+/// with back-off (module doc); until then the order would sit `reserved`,
+/// as the outbox re-runs effects only at a restart.
 fn spawn_reporter(
     log: Arc<dyn Log>,
     retrying: prometheus::IntGauge,
-) -> (mpsc::Sender<Record>, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel::<Record>(REPORT_QUEUE_DEPTH);
+    max_record_bytes: usize,
+) -> (mpsc::Sender<KeyedResult>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel::<KeyedResult>(REPORT_QUEUE_DEPTH);
     let reporter = Reporter {
         partitions: log.partition_count(Topic::Orders),
         log,
         lanes: BTreeMap::new(),
         held: 0,
         retrying,
+        max_record_bytes,
     };
     (tx, tokio::spawn(reporter.run(rx)))
 }
 
+/// The records that carry `results` of one partition, in order: one
+/// [`Message::Results`] record for up to [`MAX_RESULTS_PER_RECORD`] of
+/// them, split further while a record would exceed `max_bytes` (key and
+/// value, as the log counts it); a lone result is a plain record of its
+/// own. The simulation appends its results through this too.
+pub fn result_records(results: &[KeyedResult], max_bytes: usize) -> Vec<Record> {
+    let mut records = Vec::new();
+    for chunk in results.chunks(MAX_RESULTS_PER_RECORD) {
+        push_fitting(chunk, max_bytes, &mut records);
+    }
+    records
+}
+
+fn push_fitting(results: &[KeyedResult], max_bytes: usize, records: &mut Vec<Record>) {
+    let (key, value) = KeyedResult::record(results);
+    let record = Record {
+        kind: RecordKind::Internal,
+        key: key.as_bytes().to_vec(),
+        value,
+    };
+    if results.len() > 1 && record.key.len() + record.value.len() > max_bytes {
+        let (first, second) = results.split_at(results.len() / 2);
+        push_fitting(first, max_bytes, records);
+        push_fitting(second, max_bytes, records);
+        return;
+    }
+    records.push(record);
+}
+
 /// The results of one `orders` partition on their way to the log, in order.
 struct Lane {
-    records: VecDeque<Record>,
-    /// An append of the first records is in flight (they are out of
-    /// `records` meanwhile).
+    results: VecDeque<KeyedResult>,
+    /// An append of the first results is in flight (they are out of
+    /// `results` meanwhile).
     in_flight: usize,
     /// Appends failed in a row.
     failures: u32,
@@ -260,7 +302,7 @@ struct Lane {
 impl Lane {
     fn new() -> Lane {
         Lane {
-            records: VecDeque::new(),
+            results: VecDeque::new(),
             in_flight: 0,
             failures: 0,
             retry_at: None,
@@ -272,25 +314,26 @@ impl Lane {
     /// back-off, for the last attempt).
     fn ready(&self, now: Instant, closing: bool) -> bool {
         self.in_flight == 0
-            && !self.records.is_empty()
+            && !self.results.is_empty()
             && (closing || self.retry_at.is_none_or(|at| at <= now))
     }
 }
 
-type AppendDone = (u32, Vec<Record>, Result<u64, LogError>);
+type AppendDone = (u32, Vec<KeyedResult>, Result<u64, LogError>);
 
 struct Reporter {
     log: Arc<dyn Log>,
     partitions: u32,
     lanes: BTreeMap<u32, Lane>,
-    /// Records in the lanes and in flight (at most [`MAX_HELD_RESULTS`]).
+    /// Results in the lanes and in flight (at most [`MAX_HELD_RESULTS`]).
     held: usize,
     /// `orderflow_queue_depth{queue="effect_results_retrying"}`.
     retrying: prometheus::IntGauge,
+    max_record_bytes: usize,
 }
 
 impl Reporter {
-    async fn run(mut self, mut rx: mpsc::Receiver<Record>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<KeyedResult>) {
         let mut appends = FuturesUnordered::new();
         let mut batch = Vec::with_capacity(REPORT_BATCH_MAX);
         let mut open = true;
@@ -298,12 +341,13 @@ impl Reporter {
             let now = Instant::now();
             for (&p, lane) in self.lanes.iter_mut() {
                 if lane.ready(now, !open) {
-                    let n = lane.records.len().min(REPORT_BATCH_MAX);
-                    let chunk: Vec<Record> = lane.records.drain(..n).collect();
+                    let n = lane.results.len().min(REPORT_BATCH_MAX);
+                    let chunk: Vec<KeyedResult> = lane.results.drain(..n).collect();
                     lane.in_flight = n;
+                    let records = result_records(&chunk, self.max_record_bytes);
                     let log = self.log.clone();
                     appends.push(async move {
-                        let result = log.append(Topic::Orders, p, chunk.clone()).await;
+                        let result = log.append(Topic::Orders, p, records).await;
                         (p, chunk, result)
                     });
                 }
@@ -316,7 +360,7 @@ impl Reporter {
             let next_retry = self
                 .lanes
                 .values()
-                .filter(|l| l.in_flight == 0 && !l.records.is_empty())
+                .filter(|l| l.in_flight == 0 && !l.results.is_empty())
                 .filter_map(|l| l.retry_at)
                 .min();
             let room = MAX_HELD_RESULTS.saturating_sub(self.held);
@@ -326,9 +370,9 @@ impl Reporter {
                     if n == 0 {
                         open = false;
                     }
-                    for record in batch.drain(..) {
-                        let p = crate::domain::partition::partition_for_key(&record.key, self.partitions);
-                        self.lanes.entry(p).or_insert_with(Lane::new).records.push_back(record);
+                    for result in batch.drain(..) {
+                        let p = crate::domain::partition::partition_for_key(result.key.as_bytes(), self.partitions);
+                        self.lanes.entry(p).or_insert_with(Lane::new).results.push_back(result);
                         self.held += 1;
                     }
                 }
@@ -366,7 +410,7 @@ impl Reporter {
             LogError::RecordTooLarge { .. } | LogError::NoSuchPartition { .. }
         );
         if hopeless || closing {
-            tracing::error!(partition = p, records = n, error = %error, "cannot log effect results; they are re-run after restart");
+            tracing::error!(partition = p, results = n, error = %error, "cannot log effect results; they are re-run after restart");
             self.held -= n;
             return;
         }
@@ -375,12 +419,12 @@ impl Reporter {
         lane.retry_at = Some(Instant::now() + Duration::from_millis(delay_ms));
         lane.delay_ms = (delay_ms * 2).min(REPORT_RETRY_MAX_MS);
         if lane.failures == 1 {
-            tracing::warn!(partition = p, records = n, error = %error, retry_in_ms = delay_ms, "effect results: append failed; retrying until the log takes writes again");
+            tracing::warn!(partition = p, results = n, error = %error, retry_in_ms = delay_ms, "effect results: append failed; retrying until the log takes writes again");
         } else {
-            tracing::debug!(partition = p, records = n, error = %error, failed_appends = lane.failures, retry_in_ms = delay_ms, "cannot log effect results; retrying");
+            tracing::debug!(partition = p, results = n, error = %error, failed_appends = lane.failures, retry_in_ms = delay_ms, "cannot log effect results; retrying");
         }
-        for record in chunk.into_iter().rev() {
-            lane.records.push_front(record);
+        for result in chunk.into_iter().rev() {
+            lane.results.push_front(result);
         }
     }
 
@@ -390,7 +434,7 @@ impl Reporter {
             .lanes
             .values()
             .filter(|l| l.failures > 0)
-            .map(|l| l.records.len() + l.in_flight)
+            .map(|l| l.results.len() + l.in_flight)
             .sum();
         self.retrying.set(waiting as i64);
     }
@@ -665,15 +709,14 @@ impl Executor {
     /// the executor closes while the reporter is full: the effect is still
     /// in the outbox.
     async fn report(&self, reply_key: &str, body: Message) {
-        let record = Record {
-            kind: RecordKind::Internal,
-            key: reply_key.as_bytes().to_vec(),
-            value: Envelope::new(None, body).encode(),
+        let result = KeyedResult {
+            key: reply_key.to_owned(),
+            body,
         };
         let mut closing = self.retrier.closing.clone();
         let sent = tokio::select! {
             biased;
-            sent = self.reports.send(record) => sent.is_ok(),
+            sent = self.reports.send(result) => sent.is_ok(),
             _ = closing.wait_for(|c| *c) => false,
         };
         if !sent {
@@ -729,6 +772,7 @@ fn authorization_outcome(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Envelope;
     use crate::pipeline::log::memory::{MemoryLog, Refusal};
     use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -866,15 +910,30 @@ mod tests {
     ) -> (EffectSender, tokio::task::JoinHandle<()>) {
         let config = GatewayConfig::default();
         let gateway = Arc::new(crate::gateway::simulator::Simulator::new(&config));
-        spawn(log, gateway, metrics, config)
+        spawn(log, gateway, metrics, config, TEST_MAX_RECORD_BYTES)
     }
 
-    /// The messages the log took so far, in order.
+    const TEST_MAX_RECORD_BYTES: usize = 1 << 20;
+
+    /// The results the log took so far, in order (those of a results
+    /// record one by one).
     fn messages(log: &MemoryLog) -> Vec<Message> {
-        log.records()
+        bodies(&log.records())
+    }
+
+    fn bodies(records: &[(u32, Record)]) -> Vec<Message> {
+        records
             .iter()
-            .map(|(_, r)| Envelope::decode(&r.value).unwrap().body)
+            .flat_map(|(_, r)| match Envelope::decode(&r.value).unwrap().body {
+                Message::Results { results } => results.into_iter().map(|r| r.body).collect(),
+                one => vec![one],
+            })
             .collect()
+    }
+
+    /// Waits until the log holds `n` results.
+    async fn holds_results(log: &MemoryLog, n: usize) {
+        log.until(|records| bodies(records).len() >= n).await;
     }
 
     fn effect(order: &str, kind: EffectKind) -> Effect {
@@ -895,6 +954,35 @@ mod tests {
                 String::new()
             },
         }
+    }
+
+    /// Results of a partition become one record, cut at
+    /// `MAX_RESULTS_PER_RECORD` results and at the byte limit; a lone
+    /// result is a plain record; nothing is lost or reordered.
+    #[test]
+    fn result_records_fit_the_limits() {
+        let results: Vec<KeyedResult> = (0..MAX_RESULTS_PER_RECORD + 10)
+            .map(|n| KeyedResult {
+                key: format!("SKU-{}", n % 7),
+                body: Message::EffectDone {
+                    order_id: format!("order-{n}"),
+                    kind: EffectKind::Capture,
+                },
+            })
+            .collect();
+        let bodies =
+            |records: Vec<Record>| bodies(&records.into_iter().map(|r| (0, r)).collect::<Vec<_>>());
+        let all: Vec<Message> = results.iter().map(|r| r.body.clone()).collect();
+        let roomy = result_records(&results, 1 << 20);
+        assert_eq!(roomy.len(), 2, "cut at the count");
+        assert_eq!(bodies(roomy), all);
+        let tight = result_records(&results, 1024);
+        assert!(tight.len() > 40, "{} records", tight.len());
+        assert!(tight.iter().all(|r| r.key.len() + r.value.len() <= 1024));
+        assert_eq!(bodies(tight), all);
+        let one = result_records(&results[..1], 1024);
+        assert_eq!(one[0].key, b"SKU-0");
+        assert_eq!(Envelope::decode(&one[0].value).unwrap().body, all[0]);
     }
 
     /// A payment result whose append fails is appended in process once the
@@ -923,7 +1011,7 @@ mod tests {
         assert!(messages(&log).is_empty());
 
         log.refuse(None);
-        log.holds(1).await;
+        holds_results(&log, 1).await;
         let [Message::PaymentResult { order_id, outcome }] = &messages(&log)[..] else {
             panic!("{:?}", messages(&log))
         };
@@ -949,7 +1037,7 @@ mod tests {
             tx.submit(effect(id, EffectKind::Authorize)).await.unwrap();
         }
         assert_eq!(depth.get(), 2, "both queued before the executor ran");
-        log.holds(2).await;
+        holds_results(&log, 2).await;
         assert_eq!(depth.get(), 0, "nothing queued any more");
         drop(tx);
         executor.await.unwrap();
@@ -1045,7 +1133,13 @@ mod tests {
             max_parked_effects: 2,
             ..GatewayConfig::default()
         };
-        let (tx, executor) = spawn(log.clone(), gateway.clone(), metrics.clone(), config);
+        let (tx, executor) = spawn(
+            log.clone(),
+            gateway.clone(),
+            metrics.clone(),
+            config,
+            TEST_MAX_RECORD_BYTES,
+        );
         let parked = metrics.queue_depth.with_label_values(&["effects_parked"]);
         for order in ["c1", "c2", "c3"] {
             tx.submit(effect(order, EffectKind::Capture)).await.unwrap();
@@ -1067,7 +1161,7 @@ mod tests {
         assert!(messages(&log).is_empty());
 
         gateway.down.store(false, Ordering::SeqCst);
-        log.holds(4).await;
+        holds_results(&log, 4).await;
         let mut done: Vec<String> = messages(&log)
             .iter()
             .map(|m| match m {
@@ -1103,6 +1197,7 @@ mod tests {
             gateway.clone(),
             metrics.clone(),
             config,
+            TEST_MAX_RECORD_BYTES,
         );
         tx.submit(effect("c1", EffectKind::Capture)).await.unwrap();
         tx.submit(effect("c2", EffectKind::Capture)).await.unwrap();

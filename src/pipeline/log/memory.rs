@@ -83,10 +83,12 @@ impl MemoryLog {
         rx.wait_for(|r| *r >= n).await.unwrap();
     }
 
-    /// Waits until it holds `n` records.
-    pub async fn holds(&self, n: usize) {
+    /// Waits until the records appended so far satisfy `done`.
+    pub async fn until(&self, done: impl Fn(&[(u32, Record)]) -> bool) {
         let mut rx = self.appended.subscribe();
-        rx.wait_for(|a| *a >= n).await.unwrap();
+        rx.wait_for(|_| done(&self.records.lock().unwrap()))
+            .await
+            .unwrap();
     }
 
     fn refusal(&self) -> Option<LogError> {
