@@ -70,6 +70,9 @@ pub struct Processor {
     /// Status events emitted so far for the record being applied (their
     /// ids are `(partition, offset, index)`).
     status_index: u32,
+    /// Messages sent so far for the record being applied (their ids are
+    /// `(partition, offset, index)` too).
+    send_index: u32,
 }
 
 /// The bounds of a partition's state (docs/design.md, "Bounds"). Each is a
@@ -132,12 +135,17 @@ pub(crate) struct Ctx<'a> {
     pub at_ms: u64,
     /// Key of the input record.
     pub key: &'a [u8],
-    next_index: u32,
+    /// Messages sent for this record so far (shared with the processor,
+    /// as `status_index`).
+    send_index: &'a mut u32,
     /// Status events of this record so far (shared with the processor:
     /// a retry applies several parked records within one control record).
     status_index: &'a mut u32,
     /// Offset of the record being applied from the log (for a parked
-    /// record being retried, the retry command's), the base of status ids.
+    /// record being retried, the retry command's), the base of the ids of
+    /// its status events and of the messages it sends: a receiver whose
+    /// watermark moved past the parked record's own offset (later records
+    /// of this partition sent it messages) must still take them.
     status_offset: u64,
     pub limits: &'a Limits,
     pub state: &'a mut PartitionState,
@@ -153,10 +161,10 @@ impl Ctx<'_> {
     pub fn emit(&mut self, key: &str, body: Message) {
         let id = MsgId {
             src_partition: self.partition,
-            src_offset: self.offset,
-            index: self.next_index,
+            src_offset: self.status_offset,
+            index: *self.send_index,
         };
-        self.next_index += 1;
+        *self.send_index += 1;
         let value = Envelope::new(Some(id), body).encode();
         self.out.messages.push(Outgoing {
             key: key.to_owned(),
@@ -310,6 +318,7 @@ impl Processor {
             limits: Limits::default(),
             poison_customer: None,
             status_index: 0,
+            send_index: 0,
         };
         p.state.finished.set_limits(p.limits.finished);
         p
@@ -335,6 +344,7 @@ impl Processor {
         // Expire first: a resent, forgotten id is a new order.
         self.state.finished.expire(input.timestamp_ms);
         self.status_index = 0;
+        self.send_index = 0;
         self.apply_record(input, input.offset, false, out);
     }
 
@@ -421,9 +431,6 @@ impl Processor {
     ) {
         let mut held: Vec<KeyedResult> = Vec::new();
         let mut reason = None;
-        // Ids of emitted messages run on across the results: they all
-        // derive from this one offset.
-        let mut next_index = 0;
         for result in results {
             let order_id = result.body.order_id();
             let behind = match self.state.blocked_by(result.key.as_bytes(), order_id) {
@@ -443,9 +450,7 @@ impl Processor {
                 ..*input
             };
             let mut ctx = self.ctx(&alone, status_offset, out);
-            ctx.next_index = next_index;
             apply_message(&mut ctx, Envelope::new(None, result.body), retried);
-            next_index = ctx.next_index;
         }
         let Some(reason) = reason else {
             return;
@@ -472,7 +477,7 @@ impl Processor {
             offset: input.offset,
             at_ms: input.timestamp_ms,
             key: input.key,
-            next_index: 0,
+            send_index: &mut self.send_index,
             status_index: &mut self.status_index,
             status_offset,
             limits: &self.limits,
@@ -599,12 +604,12 @@ impl Processor {
         }
     }
 
-    /// Takes every parked record out of the lane and applies it again at
-    /// its own position (its emitted ids derive from its own offset), in
-    /// the original order; one that still fails is parked again and holds
+    /// Runs the failed captures and voids again, then takes every parked
+    /// record out of the lane and applies it again at its own position (an
+    /// order id made up from it stays the same), in the original order;
+    /// the ids of the statuses and messages they give derive from the
+    /// command's offset. One that still fails is parked again and holds
     /// back those behind it again.
-    /// Runs the failed captures and voids again, then processes the
-    /// parked records again, in order.
     fn retry_parked(&mut self, command_offset: u64, now_ms: u64, out: &mut Output) {
         for key in std::mem::take(&mut self.state.failed_effects).into_keys() {
             let effect = self

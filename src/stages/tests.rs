@@ -882,3 +882,39 @@ fn a_results_record_parks_only_what_waits() {
         ]
     );
 }
+
+/// A parked multi-line order retried after later records of its partition
+/// sent messages on to the same remote partition: what it sends is still
+/// taken there, not dropped as a replay.
+#[test]
+fn retried_records_send_what_receivers_take() {
+    let (home, other_home, remote) = (sku_on(0, 0), sku_on(0, 1), sku_on(1, 0));
+    let mut h = Harness::new(0);
+    let mut r = Harness::new(1);
+    h.stock(&home, 5);
+    h.stock(&other_home, 5);
+    r.stock(&remote, 5);
+    let deliver = |r: &mut Harness, out: &Output| -> Output {
+        let [m] = &out.messages[..] else {
+            panic!("one message: {:?}", out.messages.len())
+        };
+        let env = Envelope::decode(&m.value).unwrap();
+        r.msg(&m.key, env.id, env.body)
+    };
+    let poison_at = h.offset;
+    h.feed(RecordKind::Internal, &home, b"\xc1 not msgpack");
+    let held = h.order("o-held", &[(&home, 1), (&remote, 1)], "tok_visa");
+    assert_eq!(held.parked.len(), 1);
+    let later = h.order("o-later", &[(&other_home, 1), (&remote, 1)], "tok_visa");
+    assert_eq!(
+        deliver(&mut r, &later).messages.len(),
+        1,
+        "o-later reserved"
+    );
+    h.msg("ops", None, Message::DropParked { offset: poison_at });
+    let retry = h.msg("ops", None, Message::RetryParked);
+    assert_eq!(statuses(&retry), [Status::Accepted]);
+    let answer = deliver(&mut r, &retry);
+    assert_eq!(answer.messages.len(), 1, "o-held reserved too");
+    assert_eq!(r.counts(&remote), (3, 2, 0));
+}
