@@ -123,8 +123,8 @@ pub enum Message {
     /// Several effect results of one partition in one record (the executor
     /// writes what it has ready together, so an order costs its partition
     /// about one record instead of three). Each is applied as if it had
-    /// been a record of its own with its own key: one parked result holds
-    /// back only its own key and order.
+    /// been a record of its own with its own key; those the park lane holds
+    /// back are parked together (`Processor::apply_results`).
     Results { results: Vec<KeyedResult> },
 }
 
