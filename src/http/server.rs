@@ -203,6 +203,11 @@ impl Server {
             let (shared, stop_rx) = (shared.clone(), stop_rx.clone());
             tokio::spawn(async move {
                 connection(&shared, tcp, peer, stop_rx).await;
+                // The router (and the app state it holds: the state store
+                // among it) goes before the permit: once `serve` has every
+                // permit back, no connection holds any of it, so a restart
+                // in the same process can open the store again.
+                drop(shared);
                 drop(permit);
             });
         }

@@ -270,6 +270,10 @@ struct Supervisor {
     running: BTreeMap<Part, Running>,
     /// Until the instance is ready: what readiness waits for.
     startup: Option<Startup>,
+    /// The task that turns the instance ready. It holds the sinks (and
+    /// through them the state store), so shutdown ends it too: an
+    /// instance stopped before it was ready must not keep them.
+    readiness: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// The instance turns ready once every group's first assignment has
@@ -303,6 +307,7 @@ pub async fn run(
             recovered: Arc::new(Semaphore::new(0)),
             tasks: 0,
         }),
+        readiness: None,
     };
     let mut membership_open = true;
     loop {
@@ -335,6 +340,10 @@ pub async fn run(
     let mut exits = s.stop(&runners, mode).await;
     let sinks: Vec<Part> = s.running.keys().copied().collect();
     exits.extend(s.stop(&sinks, mode).await);
+    if let Some(readiness) = s.readiness.take() {
+        readiness.abort();
+        let _ = readiness.await;
+    }
     exits.sort_by_key(|e| e.partition);
     exits
 }
@@ -393,7 +402,7 @@ impl Supervisor {
             recovered, tasks, ..
         } = self.startup.take().expect("checked above");
         let (health, sinks) = (self.deps.health.clone(), self.deps.sinks.clone());
-        tokio::spawn(async move {
+        self.readiness = Some(tokio::spawn(async move {
             let Ok(permits) = recovered.acquire_many(tasks).await else {
                 return;
             };
@@ -406,7 +415,7 @@ impl Supervisor {
                 }
             }
             health.ready.store(true, Ordering::SeqCst);
-        });
+        }));
     }
 
     fn publish_owned(&self) {
