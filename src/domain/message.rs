@@ -128,8 +128,11 @@ pub enum Message {
     Results { results: Vec<KeyedResult> },
 }
 
-/// Most results one [`Message::Results`] record carries.
-pub const MAX_RESULTS_PER_RECORD: usize = 1_024;
+/// Most results one [`Message::Results`] record carries. Small, because
+/// readers bound their batches by records, not bytes: a record stays
+/// within a few KiB (at most about 7 KiB), as a plain record of the order
+/// does, so a batch of 4,096 records stays within tens of MiB.
+pub const MAX_RESULTS_PER_RECORD: usize = 16;
 
 /// One result of a [`Message::Results`] record, with the key its record
 /// would have had alone (the order's home SKU).
