@@ -392,7 +392,7 @@ impl Processor {
             None => None,
         };
         if let Some(at) = self.state.blocked_by(input.key, order_id.as_deref()) {
-            let reason = format!("waits behind the parked record at offset {at}");
+            let reason = waits_behind(at);
             return self.park(&input, status_offset, order_id, reason, out);
         }
         match envelope {
@@ -434,7 +434,7 @@ impl Processor {
         for result in results {
             let order_id = result.body.order_id();
             let behind = match self.state.blocked_by(result.key.as_bytes(), order_id) {
-                Some(at) => Some(format!("waits behind the parked record at offset {at}")),
+                Some(at) => Some(waits_behind(at)),
                 None => held
                     .iter()
                     .any(|h| h.key == result.key || h.body.order_id() == order_id)
@@ -674,6 +674,11 @@ struct IdOnly {
 #[derive(Deserialize, Default)]
 struct CustomerOnly {
     customer_id: Option<String>,
+}
+
+/// Why a record waits in the park lane behind the one at `at`.
+fn waits_behind(at: u64) -> String {
+    format!("waits behind the parked record at offset {at}")
 }
 
 /// The `order_id` of an order's JSON, if it has one (whether or not the
