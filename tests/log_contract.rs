@@ -9,11 +9,12 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use orderflow::config::{KafkaConfig, LogConfig};
+use orderflow::config::{KafkaConfig, LogConfig, PropertyValue};
 use orderflow::pipeline::log::embedded::EmbeddedLog;
 use orderflow::pipeline::log::kafka::{KafkaLog, topic_name};
 use orderflow::pipeline::log::{
-    Log, LogError, LogRecord, Record, RecordKind, Topic, append_keyed, partition_for_key,
+    Log, LogError, LogRecord, READ_MAX_BYTES, Record, RecordKind, Topic, append_keyed,
+    partition_for_key,
 };
 use orderflow::telemetry::metrics::Metrics;
 use rdkafka::ClientConfig;
@@ -60,6 +61,14 @@ async fn connect_kafka(config: &KafkaConfig, metrics: Arc<Metrics>) -> KafkaLog 
 
 impl Fixture {
     async fn open(backend: Backend) -> Fixture {
+        Fixture::open_with(backend, |_| {}).await
+    }
+
+    /// A fixture whose Kafka client is configured by `tune` as well.
+    async fn open_with(
+        backend: Backend,
+        tune: impl FnOnce(&mut KafkaConfig) + Send + 'static,
+    ) -> Fixture {
         let metrics = Arc::new(Metrics::new());
         match backend {
             Backend::Embedded => {
@@ -78,7 +87,13 @@ impl Fixture {
                 }
             }
             Backend::Kafka => {
-                let config = tokio::task::spawn_blocking(kafka_config).await.unwrap();
+                let config = tokio::task::spawn_blocking(|| {
+                    let mut config = kafka_config();
+                    tune(&mut config);
+                    config
+                })
+                .await
+                .unwrap();
                 let log = connect_kafka(&config, metrics.clone()).await;
                 Fixture {
                     log: Arc::new(log),
@@ -226,6 +241,8 @@ contract! {
     read_past_end_is_out_of_range;
     /// Reads dropped mid-way (as `select!` drops them) lose no record.
     cancelled_reads_lose_nothing;
+    /// A read of large records stops at READ_MAX_BYTES (plus the record that crossed it), whatever count it asks.
+    reads_are_bounded_in_bytes;
 }
 
 async fn append_then_read(backend: Backend) {
@@ -479,6 +496,45 @@ async fn record_too_large(backend: Backend) {
         .unwrap();
     let read = read_n(log, Topic::Orders, 5, offset, 1, 1).await;
     assert_eq!(read[0].value, at_limit.value, "a record at the limit fits");
+}
+
+async fn reads_are_bounded_in_bytes(backend: Backend) {
+    // Kafka: fetches large enough to bring every record at once, so that
+    // only the bound cuts the read.
+    let f = Fixture::open_with(backend, |config| {
+        for key in ["max.partition.fetch.bytes", "fetch.max.bytes"] {
+            config.client.insert(
+                key.into(),
+                PropertyValue::Integer(4 * READ_MAX_BYTES as i64),
+            );
+        }
+    })
+    .await;
+    let log = f.log.as_ref();
+    let big = record(
+        RecordKind::Internal,
+        b"k",
+        &vec![b'z'; MAX_RECORD_BYTES - 1],
+    );
+    let count = READ_MAX_BYTES / MAX_RECORD_BYTES + 64;
+    for _ in 0..count / 64 {
+        log.append(Topic::Orders, 2, vec![big.clone(); 64])
+            .await
+            .unwrap();
+    }
+    let (mut next, mut reads) = (0, 0);
+    while next < count as u64 {
+        let records = log.read(Topic::Orders, 2, next, count, WAIT).await.unwrap();
+        let bytes: usize = records.iter().map(LogRecord::size_bytes).sum();
+        assert!(
+            bytes < READ_MAX_BYTES + MAX_RECORD_BYTES,
+            "a read of {} records, {bytes} bytes",
+            records.len()
+        );
+        next = records.last().expect("records are there").offset + 1;
+        reads += 1;
+    }
+    assert!(reads >= 2, "{reads} reads");
 }
 
 async fn append_keyed_follows_murmur2(backend: Backend) {

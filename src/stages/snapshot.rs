@@ -1,9 +1,9 @@
 //! How a partition's state is written to the state store: a small
 //! manifest plus immutable blobs (see docs/design.md, "Snapshots").
 //!
-//! - stock pages: the SKUs of a non-empty stock bucket (one page, or more
-//!   for a bucket too large for one), rewritten only when a SKU of the
-//!   bucket changed;
+//! - stock pages: the SKUs of a run of stock buckets (one page, or more
+//!   for a bucket too large for one), rewritten only when a SKU of the run
+//!   changed;
 //! - finished chunks: [`FINISHED_CHUNK`] entries of the finished set each,
 //!   written once when full, dropped whole when all their entries expired;
 //! - lane pages: the park lane, rewritten only when it changed;
@@ -29,7 +29,11 @@ use super::processor::Limits;
 use super::state::{Hold, OrderRec, PartitionState, STOCK_BUCKETS, Stock, StockTable};
 
 /// Snapshot format version, in the manifest and in every blob.
-pub const FORMAT: u8 = 1;
+/// Format 2 lets a stock page hold a run of buckets.
+pub const FORMAT: u8 = 2;
+/// The oldest format this build reads: format 1 wrote one run per stock
+/// bucket, which reads as runs unchanged. A checkpoint writes [`FORMAT`].
+const OLDEST_FORMAT: u8 = 1;
 const MAGIC: [u8; 4] = *b"OFSS";
 const HEADER_BYTES: usize = 4 + 1 + 1 + 4 + 8;
 const CRC_BYTES: usize = 4;
@@ -88,7 +92,8 @@ pub struct CheckpointBounds {
 /// `limits`, whatever the records that led to it.
 pub fn worst_case(limits: &Limits, partitions: u32) -> CheckpointBounds {
     let pages = |bytes: usize| bytes.div_ceil(PAGE_BYTES);
-    // A bucket's pages are full but for its last, which a row did not fit.
+    // At most one run per bucket; a run's pages are full but for its
+    // last, which a row did not fit.
     let stock_bytes = limits.max_skus.saturating_mul(STOCK_ROW_MAX_BYTES);
     let stock_pages = STOCK_BUCKETS + stock_bytes / (PAGE_BYTES - STOCK_ROW_MAX_BYTES);
     let chunks = limits.finished.max_entries / FINISHED_CHUNK as usize + 2;
@@ -168,8 +173,9 @@ pub struct Manifest {
     pub generation: u64,
     /// The next blob number to use.
     pub next_blob: u64,
-    /// Stock pages by bucket, in bucket order (a bucket's pages in SKU
-    /// order).
+    /// Stock pages by the first bucket of their run, in bucket order (a
+    /// run's pages in bucket, then SKU order). A run reaches the next run's
+    /// first bucket.
     pub stock: Vec<(u16, BlobRef)>,
     /// Head pages in order.
     pub head: Vec<BlobRef>,
@@ -212,9 +218,9 @@ impl Manifest {
             generation: m.generation,
             detail,
         };
-        if m.format != FORMAT {
+        if !(OLDEST_FORMAT..=FORMAT).contains(&m.format) {
             return Err(err(format!(
-                "format {} (this build reads {FORMAT})",
+                "format {} (this build reads {OLDEST_FORMAT} to {FORMAT})",
                 m.format
             )));
         }
@@ -366,7 +372,7 @@ fn unframe<'a>(
     if crc32c::crc32c(body) != crc {
         return Err(what("checksum mismatch"));
     }
-    if body[..4] != MAGIC || body[4] != FORMAT {
+    if body[..4] != MAGIC || !(OLDEST_FORMAT..=FORMAT).contains(&body[4]) {
         return Err(what("not a snapshot blob of this format"));
     }
     if body[5] != kind as u8 {
@@ -393,19 +399,23 @@ fn entries_of(bytes: &[u8]) -> Option<impl Iterator<Item = FinishedEntry> + '_> 
     })
 }
 
-/// The stock pages of one bucket: its rows in SKU order, as MessagePack
-/// arrays of `(sku, stock)` behind the bucket number, cut so that no page
-/// exceeds [`PAGE_BYTES`] (a row is at most [`STOCK_ROW_MAX_BYTES`]).
-fn stock_pages(bucket: u16, rows: &BTreeMap<String, Stock>) -> Vec<Vec<u8>> {
+/// The stock pages of a run of buckets starting at `first`: its rows in
+/// (bucket, SKU) order, as MessagePack arrays of `(sku, stock)` behind the
+/// first bucket's number, cut so that no page exceeds [`PAGE_BYTES`] (a
+/// row is at most [`STOCK_ROW_MAX_BYTES`]).
+fn stock_pages<'a>(
+    first: u16,
+    rows: impl Iterator<Item = (&'a String, &'a Stock)>,
+    count_hint: usize,
+) -> Vec<Vec<u8>> {
     // bucket, then a MessagePack array32 header (its count filled in last).
     const HEAD: usize = 2 + 5;
-    // Sized for the rows, not for a full page: most buckets hold a few
-    // SKUs, and a checkpoint may rewrite hundreds of them (a page-sized
-    // buffer each cost the kernel fresh zeroed pages every checkpoint).
-    let capacity = (HEAD + rows.len() * STOCK_ROW_MAX_BYTES).min(PAGE_BYTES);
+    // Sized for the rows, not for a full page (a page-sized buffer each
+    // cost the kernel fresh zeroed pages every checkpoint).
+    let capacity = (HEAD + count_hint * STOCK_ROW_MAX_BYTES).min(PAGE_BYTES);
     let start = |pages: &mut Vec<Vec<u8>>| {
         let mut page = Vec::with_capacity(capacity);
-        page.extend_from_slice(&bucket.to_le_bytes());
+        page.extend_from_slice(&first.to_le_bytes());
         page.extend_from_slice(&[0xdd, 0, 0, 0, 0]);
         pages.push(page);
     };
@@ -431,7 +441,7 @@ fn stock_pages(bucket: u16, rows: &BTreeMap<String, Stock>) -> Vec<Vec<u8>> {
     pages
 }
 
-/// The bucket and rows of a stock page.
+/// The first bucket of its run and the rows of a stock page.
 fn stock_rows(
     m: &Manifest,
     blob: BlobRef,
@@ -443,7 +453,7 @@ fn stock_rows(
         .map(|b| u16::from_le_bytes([b[0], b[1]]))
         .ok_or_else(|| m.error(format!("stock page ({}, {}) is empty", blob.epoch, blob.id)))?;
     let rows = rmp_serde::from_slice(&payload[2..])
-        .map_err(|e| m.error(format!("stock page of bucket {bucket}: {e}")))?;
+        .map_err(|e| m.error(format!("stock page of run {bucket}: {e}")))?;
     Ok((bucket, rows))
 }
 
@@ -499,6 +509,152 @@ fn joined<'a>(
     Ok(out)
 }
 
+/// Stock a run of buckets gathers (counted at [`STOCK_ROW_MAX_BYTES`] a
+/// row) before the next bucket starts a run of its own. A run of several
+/// buckets is one page; a bucket larger than this is a run alone. A
+/// partition of a few hundred SKUs is one run, so a checkpoint rewrites one
+/// stock page however many of its buckets changed (one statement, not one
+/// per bucket, on CQL stores), while a large table keeps runs small enough
+/// that a changed SKU rewrites at most this much.
+pub const STOCK_RUN_BYTES: usize = 32 * 1024;
+
+/// Consecutive stock buckets `first..end` and the pages holding their
+/// rows. A manifest lists a run's pages under its first bucket, and a run
+/// reaches the next run's first bucket (the buckets in between are empty).
+struct Run {
+    first: u16,
+    end: u16,
+    pages: Vec<BlobRef>,
+}
+
+/// The runs a manifest lists, with a run without pages for the empty
+/// buckets in front of the first one.
+fn runs(m: &Manifest) -> Result<Vec<Run>, SnapshotError> {
+    let mut runs = vec![Run {
+        first: 0,
+        end: STOCK_BUCKETS as u16,
+        pages: Vec::new(),
+    }];
+    for &(first, blob) in &m.stock {
+        let last = runs.last_mut().expect("starts with one");
+        if first == last.first {
+            last.pages.push(blob);
+            continue;
+        }
+        if first < last.first || usize::from(first) >= STOCK_BUCKETS {
+            return Err(m.error(format!("stock run {first} is out of order or range")));
+        }
+        last.end = first;
+        runs.push(Run {
+            first,
+            end: STOCK_BUCKETS as u16,
+            pages: vec![blob],
+        });
+    }
+    Ok(runs)
+}
+
+/// Stock bytes of buckets `from..to`, counted at the most a row may take.
+fn run_bytes(stock: &StockTable, from: u16, to: u16) -> usize {
+    (from..to).map(|b| stock.bucket(b).len()).sum::<usize>() * STOCK_ROW_MAX_BYTES
+}
+
+/// Rewrites the stock runs holding a `changed` bucket (in order), merged
+/// with neighbours small enough to share their pages: the pages of the
+/// other runs stay as they are. A table laid out one bucket per run (or
+/// grown since) thus packs into fewer runs as its buckets change.
+fn write_stock(
+    state: &PartitionState,
+    manifest: &mut Manifest,
+    epoch: u64,
+    changed: &[u16],
+    blobs: &mut Vec<(BlobRef, Vec<u8>)>,
+    garbage: &mut Vec<BlobRef>,
+) {
+    let touched = |run: &Run| {
+        let i = changed.partition_point(|&b| b < run.first);
+        changed.get(i).is_some_and(|&b| b < run.end)
+    };
+    let bytes = |run: &Run| run_bytes(&state.stock, run.first, run.end);
+    let mut old = runs(manifest)
+        .expect("a written or loaded manifest's runs are in order")
+        .into_iter()
+        .peekable();
+    let mut laid: Vec<Run> = Vec::new();
+    while let Some(run) = old.next() {
+        if !touched(&run) {
+            if !run.pages.is_empty() {
+                laid.push(run);
+            }
+            continue;
+        }
+        let (mut from, mut to) = (run.first, run.end);
+        let mut size = bytes(&run);
+        garbage.extend(&run.pages);
+        // Untouched runs only ever precede a touched one here: a touched
+        // run takes every touched run after it.
+        if let Some(before) = laid.pop_if(|b| bytes(b) + size <= STOCK_RUN_BYTES) {
+            debug_assert_eq!(before.end, from);
+            size += bytes(&before);
+            from = before.first;
+            garbage.extend(&before.pages);
+        }
+        while let Some(next) = old.next_if(|n| touched(n) || size + bytes(n) <= STOCK_RUN_BYTES) {
+            size += bytes(&next);
+            to = next.end;
+            garbage.extend(&next.pages);
+        }
+        lay(state, manifest, epoch, from..to, blobs, &mut laid);
+    }
+    manifest.stock = laid
+        .into_iter()
+        .flat_map(|run| run.pages.into_iter().map(move |blob| (run.first, blob)))
+        .collect();
+}
+
+/// Lays the rows of `buckets` out in new runs of at most
+/// [`STOCK_RUN_BYTES`] (a larger bucket alone) and writes their pages.
+fn lay(
+    state: &PartitionState,
+    manifest: &mut Manifest,
+    epoch: u64,
+    buckets: std::ops::Range<u16>,
+    blobs: &mut Vec<(BlobRef, Vec<u8>)>,
+    laid: &mut Vec<Run>,
+) {
+    let (partition, generation) = (manifest.partition, manifest.generation);
+    let mut write = |first: u16, end: u16, rows: usize| {
+        let skus = (first..end).flat_map(|b| state.stock.bucket(b));
+        let pages = stock_pages(first, skus, rows)
+            .into_iter()
+            .map(|payload| {
+                let blob = manifest.allocate(epoch);
+                blobs.push((blob, frame(Kind::Stock, partition, generation, &payload)));
+                blob
+            })
+            .collect();
+        laid.push(Run { first, end, pages });
+    };
+    let mut open: Option<(u16, usize)> = None;
+    for bucket in buckets.clone() {
+        let rows = state.stock.bucket(bucket).len();
+        if rows == 0 {
+            continue;
+        }
+        open = match open {
+            Some((first, held)) if (held + rows) * STOCK_ROW_MAX_BYTES > STOCK_RUN_BYTES => {
+                write(first, bucket, held);
+                Some((bucket, rows))
+            }
+            Some((first, held)) => Some((first, held + rows)),
+            None => Some((bucket, rows)),
+        };
+    }
+    if let Some((first, held)) = open {
+        write(first, buckets.end, held);
+    }
+}
+
 /// The next checkpoint of `state`: `manifest` is the last one written (the
 /// loaded one after a recovery) and becomes this one's. Blobs get numbers
 /// of `epoch`, the writer's ownership epoch.
@@ -518,36 +674,13 @@ fn write(
     lane_changed: bool,
 ) -> Checkpoint {
     let partition = manifest.partition;
+    manifest.format = FORMAT;
     manifest.generation += 1;
     let generation = manifest.generation;
     let mut blobs = Vec::new();
     let mut garbage = Vec::new();
 
-    let mut stock: BTreeMap<u16, Vec<BlobRef>> = BTreeMap::new();
-    for &(bucket, blob) in &manifest.stock {
-        stock.entry(bucket).or_default().push(blob);
-    }
-    for &bucket in changed {
-        garbage.extend(stock.remove(&bucket).unwrap_or_default());
-        let rows = state.stock.bucket(bucket);
-        if rows.is_empty() {
-            continue;
-        }
-        let refs = stock_pages(bucket, rows)
-            .into_iter()
-            .map(|payload| {
-                let blob = manifest.allocate(epoch);
-                blobs.push((blob, frame(Kind::Stock, partition, generation, &payload)));
-                blob
-            })
-            .collect();
-        stock.insert(bucket, refs);
-    }
-    manifest.stock = stock
-        .into_iter()
-        .flat_map(|(bucket, refs)| refs.into_iter().map(move |blob| (bucket, blob)))
-        .collect();
-
+    write_stock(state, manifest, epoch, changed, &mut blobs, &mut garbage);
     let finished = &state.finished;
     let (first, next) = (finished.first(), finished.next());
     // Chunks whose every entry is gone.
@@ -633,14 +766,17 @@ pub fn full(state: &PartitionState, partition: u32) -> (Manifest, BTreeMap<BlobR
     (manifest, cp.blobs.into_iter().collect())
 }
 
-/// The stock pages of `sku`'s bucket (none if the bucket is empty): one
-/// of them holds its counters, if it has any.
+/// The stock pages of the run covering `sku`'s bucket (none if no run
+/// does): one of them holds its counters, if it has any.
 pub fn stock_pages_of(manifest: &Manifest, sku: &str) -> Vec<BlobRef> {
     let bucket = StockTable::bucket_of(sku);
-    let from = manifest.stock.partition_point(|(b, _)| *b < bucket);
-    manifest.stock[from..]
+    let to = manifest.stock.partition_point(|(b, _)| *b <= bucket);
+    let Some(&(first, _)) = to.checked_sub(1).map(|last| &manifest.stock[last]) else {
+        return Vec::new();
+    };
+    let from = manifest.stock.partition_point(|(b, _)| *b < first);
+    manifest.stock[from..to]
         .iter()
-        .take_while(|(b, _)| *b == bucket)
         .map(|(_, blob)| *blob)
         .collect()
 }
@@ -712,18 +848,20 @@ pub fn restore(
     let m = manifest;
     let get = |blob: &BlobRef| present(m, blobs, blob);
     let mut state = PartitionState::default();
-    for (bucket, blob) in &m.stock {
-        let (held, rows) = stock_rows(m, *blob, get(blob)?)?;
-        if held != *bucket {
-            return Err(m.error(format!("stock page of bucket {bucket} holds bucket {held}")));
+    for run in runs(m)? {
+        for blob in &run.pages {
+            let (held, rows) = stock_rows(m, *blob, get(blob)?)?;
+            if held != run.first {
+                return Err(m.error(format!(
+                    "a stock page of run {} holds run {held}",
+                    run.first
+                )));
+            }
+            state
+                .stock
+                .restore_rows(run.first..run.end, rows)
+                .map_err(|e| m.error(e.to_string()))?;
         }
-        if usize::from(*bucket) >= STOCK_BUCKETS {
-            return Err(m.error(format!("stock bucket {bucket} out of range")));
-        }
-        state
-            .stock
-            .restore_rows(*bucket, rows)
-            .map_err(|e| m.error(e.to_string()))?;
     }
 
     let head = joined(m, Kind::Head, &m.head, get)?;
@@ -882,15 +1020,10 @@ mod tests {
         let mut store = BTreeMap::new();
         let first = checkpoint(&mut s, &mut m, 7);
         apply(&mut store, &first);
-        let mut buckets: Vec<u16> = (0..3)
-            .map(|i| StockTable::bucket_of(&format!("SKU-{i}")))
-            .collect();
-        buckets.sort_unstable();
-        buckets.dedup();
         assert_eq!(
             first.blobs.len(),
-            buckets.len() + 1,
-            "a stock page per bucket and one head page"
+            2,
+            "one stock page (one run) and one head page"
         );
 
         // Nothing changed: only the head page is rewritten.
@@ -1177,6 +1310,122 @@ mod tests {
         }
     }
 
+    /// `n` SKUs with small counters.
+    fn table(n: usize) -> PartitionState {
+        let mut s = PartitionState::default();
+        for i in 0..n {
+            let stock = Stock::default().with_available(i as u64).unwrap();
+            s.stock.insert(format!("SKU-{i}"), stock);
+        }
+        s
+    }
+
+    /// The counters `sku` has in a stored snapshot, found as a reader
+    /// looking up one SKU finds them.
+    fn stored(m: &Manifest, blobs: &BTreeMap<BlobRef, Vec<u8>>, sku: &str) -> Option<Stock> {
+        stock_pages_of(m, sku)
+            .iter()
+            .find_map(|p| stock_in_page(m, *p, &blobs[p], sku).unwrap())
+    }
+
+    /// A large table is cut into runs of at most STOCK_RUN_BYTES, each one
+    /// page; a changed SKU rewrites its run's page only.
+    #[test]
+    fn stock_runs_are_bounded_and_rewritten_alone() {
+        let mut s = table(3_000);
+        let mut m = Manifest::empty(0);
+        let mut store = BTreeMap::new();
+        apply(&mut store, &checkpoint(&mut s, &mut m, 1));
+        let least = 3_000 * STOCK_ROW_MAX_BYTES / STOCK_RUN_BYTES;
+        assert!(
+            (least..2 * least).contains(&m.stock.len()),
+            "{} runs",
+            m.stock.len()
+        );
+        let firsts: std::collections::BTreeSet<u16> = m.stock.iter().map(|(b, _)| *b).collect();
+        assert_eq!(firsts.len(), m.stock.len(), "one page per run");
+
+        s.stock.get_mut("SKU-7").unwrap().supplied += 1;
+        s.stock.get_mut("SKU-7").unwrap().available += 1;
+        let cp = checkpoint(&mut s, &mut m, 1);
+        assert_eq!(cp.blobs.len(), 2, "the run of SKU-7 and the head page");
+        assert_eq!(cp.drop.len(), 2);
+        apply(&mut store, &cp);
+        let m = Manifest::decode(0, &cp.manifest).unwrap();
+        assert_eq!(restore(&m, &store, limits()).unwrap(), s);
+        for i in (0..3_000).step_by(97).chain([7]) {
+            let sku = format!("SKU-{i}");
+            assert_eq!(
+                stored(&m, &store, &sku).as_ref(),
+                s.stock.get(&sku),
+                "{sku}"
+            );
+        }
+        assert_eq!(stored(&m, &store, "SKU-none"), None);
+    }
+
+    /// A blob as format 1 framed it (the same bytes under another number).
+    fn format_1(mut blob: Vec<u8>) -> Vec<u8> {
+        blob[4] = 1;
+        let body = blob.len() - CRC_BYTES;
+        let crc = crc32c::crc32c(&blob[..body]);
+        blob[body..].copy_from_slice(&crc.to_le_bytes());
+        blob
+    }
+
+    /// A format 1 snapshot, laid out one bucket per page, loads unchanged
+    /// and packs into one run once its SKUs change.
+    #[test]
+    fn bucket_pages_load_and_pack_into_runs() {
+        let s = table(100);
+        let mut m = Manifest::empty(0);
+        (m.format, m.generation) = (1, 1);
+        let mut store = BTreeMap::new();
+        for bucket in 0..STOCK_BUCKETS as u16 {
+            let rows = s.stock.bucket(bucket);
+            if rows.is_empty() {
+                continue;
+            }
+            for payload in stock_pages(bucket, rows.iter(), rows.len()) {
+                let blob = m.allocate(1);
+                store.insert(blob, format_1(frame(Kind::Stock, 0, 1, &payload)));
+                m.stock.push((bucket, blob));
+            }
+        }
+        let (_, head) = full(&s, 0);
+        // The last blob a full snapshot writes is its head page.
+        let (_, head_bytes) = head.into_iter().next_back().unwrap();
+        let head_blob = m.allocate(1);
+        m.head.push(head_blob);
+        store.insert(head_blob, format_1(head_bytes));
+        let mut future = m.clone();
+        future.format = FORMAT + 1;
+        let refused = Manifest::decode(0, &future.encode()).unwrap_err();
+        assert!(
+            refused
+                .detail
+                .contains("format 3 (this build reads 1 to 2)"),
+            "{refused}"
+        );
+        let pages = m.stock.len();
+        assert!(pages > 50, "{pages} one-bucket pages");
+        let mut back = restore(&m, &store, limits()).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(stored(&m, &store, "SKU-42").as_ref(), s.stock.get("SKU-42"));
+
+        // Taking a SKU's counters to change marks its bucket changed.
+        for i in 0..100 {
+            back.stock.get_mut(&format!("SKU-{i}")).unwrap();
+        }
+        let cp = checkpoint(&mut back, &mut m, 2);
+        assert_eq!(m.stock.len(), 1, "one run");
+        assert_eq!(m.format, FORMAT);
+        assert_eq!(cp.drop.len(), pages + 1, "every old page and the head");
+        apply(&mut store, &cp);
+        assert_eq!(store.len(), m.blobs().len(), "no blob leaked");
+        assert_eq!(restore(&m, &store, limits()).unwrap(), s);
+    }
+
     /// Unconserved stock in a snapshot is refused at load.
     #[test]
     fn unconserved_stock_is_refused() {
@@ -1204,6 +1453,36 @@ mod tests {
             }
             blobs.insert(target, framed);
             let _ = restore(&m, &blobs, limits());
+        }
+
+        /// Through any sequence of new and changed SKUs, each checkpoint
+        /// loads back to the state, leaks no blob, and finds every SKU.
+        #[test]
+        fn stock_runs_round_trip(steps in prop::collection::vec((0usize..600, prop::collection::vec(any::<u16>(), 0..40)), 1..8)) {
+            let mut s = PartitionState::default();
+            let mut m = Manifest::empty(0);
+            let mut store = BTreeMap::new();
+            let mut skus = 0;
+            for (new, changes) in steps {
+                for i in skus..skus + new {
+                    s.stock.insert(format!("S{i}"), Stock::default().with_available(1).unwrap());
+                }
+                skus += new;
+                for c in changes.iter().filter(|_| skus > 0) {
+                    let stock = s.stock.get_mut(&format!("S{}", usize::from(*c) % skus)).unwrap();
+                    stock.supplied += 1;
+                    stock.available += 1;
+                }
+                let cp = checkpoint(&mut s, &mut m, 1);
+                apply(&mut store, &cp);
+                let loaded = Manifest::decode(0, &cp.manifest).unwrap();
+                prop_assert_eq!(&restore(&loaded, &store, limits()).unwrap(), &s);
+                prop_assert_eq!(store.len(), m.blobs().len());
+                for i in (0..skus).step_by(53) {
+                    let sku = format!("S{i}");
+                    prop_assert_eq!(stored(&m, &store, &sku), s.stock.get(&sku).cloned());
+                }
+            }
         }
     }
 }

@@ -15,10 +15,10 @@ use super::finished::Finished;
 /// stored data is corrupt (never the input's fault; retrying cannot help).
 #[derive(thiserror::Error, Debug, PartialEq, Eq)]
 pub enum StateError {
-    #[error("SKU {sku:?} is not in stock bucket {bucket}")]
-    ForeignSku { sku: String, bucket: u16 },
-    #[error("SKU {sku:?} appears twice in stock bucket {bucket}")]
-    DuplicateSku { sku: String, bucket: u16 },
+    #[error("SKU {sku:?} is not in the stock run from bucket {first}")]
+    ForeignSku { sku: String, first: u16 },
+    #[error("SKU {sku:?} appears twice in the stock (run from bucket {first})")]
+    DuplicateSku { sku: String, first: u16 },
     #[error("stock of {sku:?} breaks conservation: {counters}")]
     NotConserved { sku: String, counters: String },
     #[error("holds of {sku:?} exceed the stock's reserved count")]
@@ -73,8 +73,8 @@ impl Stock {
     }
 }
 
-/// Buckets of the stock table: a snapshot rewrites only the buckets whose
-/// SKUs changed. A power of two, so a bucket is a bit mask of a hash.
+/// Buckets of the stock table: a snapshot rewrites only the runs of buckets
+/// whose SKUs changed. A power of two, so a bucket is a bit mask of a hash.
 pub const STOCK_BUCKETS: usize = 1024;
 
 /// The stock counters of a partition's SKUs, in [`STOCK_BUCKETS`] buckets
@@ -162,19 +162,23 @@ impl StockTable {
     }
 
     /// Puts the rows of a loaded stock page back (every SKU must hash to
-    /// `bucket`, and appear in one page only).
+    /// one of `buckets`, the page's run, and appear in one page only).
     pub fn restore_rows(
         &mut self,
-        bucket: u16,
+        buckets: std::ops::Range<u16>,
         rows: Vec<(String, Stock)>,
     ) -> Result<(), StateError> {
-        let slot = &mut self.buckets[usize::from(bucket)];
+        let first = buckets.start;
         for (sku, stock) in rows {
-            if Self::bucket_of(&sku) != bucket {
-                return Err(StateError::ForeignSku { sku, bucket });
+            let bucket = Self::bucket_of(&sku);
+            if !buckets.contains(&bucket) {
+                return Err(StateError::ForeignSku { sku, first });
             }
-            if slot.insert(sku.clone(), stock).is_some() {
-                return Err(StateError::DuplicateSku { sku, bucket });
+            if self.buckets[usize::from(bucket)]
+                .insert(sku.clone(), stock)
+                .is_some()
+            {
+                return Err(StateError::DuplicateSku { sku, first });
             }
             self.len += 1;
         }
@@ -544,8 +548,15 @@ mod tests {
         let bucket = StockTable::bucket_of("A");
         let wrong = (bucket + 1) % STOCK_BUCKETS as u16;
         let rows: Vec<_> = t.bucket(bucket).clone().into_iter().collect();
-        assert!(t.clone().restore_rows(wrong, rows.clone()).is_err());
-        assert!(t.clone().restore_rows(bucket, rows).is_err(), "twice");
+        assert!(
+            t.clone()
+                .restore_rows(wrong..wrong + 1, rows.clone())
+                .is_err()
+        );
+        assert!(
+            t.clone().restore_rows(bucket..bucket + 1, rows).is_err(),
+            "twice"
+        );
     }
 
     /// Holds beyond the reserved stock, or of a SKU without stock, are refused.

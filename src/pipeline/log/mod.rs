@@ -48,6 +48,12 @@ pub struct Record {
     pub value: Vec<u8>,
 }
 
+/// One read returns records of at most this many key + value bytes in all
+/// (but always at least one record), whatever `max_records` asks: what a
+/// batch holds in memory must not depend on how large producers make
+/// their records.
+pub const READ_MAX_BYTES: usize = 8 * 1024 * 1024;
+
 /// A record read back, with its position and the time the log stamped on it
 /// at append. That timestamp is the only time the processor ever sees.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,6 +63,13 @@ pub struct LogRecord {
     pub kind: RecordKind,
     pub key: Vec<u8>,
     pub value: Vec<u8>,
+}
+
+impl LogRecord {
+    /// What [`READ_MAX_BYTES`] counts of it.
+    pub fn size_bytes(&self) -> usize {
+        self.key.len() + self.value.len()
+    }
 }
 
 /// Whose fault a failure is and whether trying again can help.
@@ -120,8 +133,9 @@ pub trait Log: Send + Sync + 'static {
         records: Vec<Record>,
     ) -> Result<u64, LogError>;
 
-    /// Reads up to `max_records` durable records from offset `from`. If none
-    /// is there yet, waits up to `wait` for one; an empty result is no error.
+    /// Reads up to `max_records` durable records from offset `from`, and
+    /// stops early once they hold [`READ_MAX_BYTES`]. If none is there yet,
+    /// waits up to `wait` for one; an empty result is no error.
     async fn read(
         &self,
         topic: Topic,

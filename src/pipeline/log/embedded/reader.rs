@@ -19,13 +19,10 @@ use std::sync::atomic::Ordering;
 
 use super::segment::{FRAME_HEADER_BYTES, decode_frame, parse_header, payload_len_valid};
 use super::{PartitionShared, io_error};
-use crate::pipeline::log::{LogError, LogRecord};
+use crate::pipeline::log::{LogError, LogRecord, READ_MAX_BYTES};
 
 /// Read-ahead buffer of a cursor.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
-/// One read returns at most this many key + value bytes (but always at
-/// least one record), whatever `max_records` asks, bounding its memory.
-const READ_MAX_BYTES: usize = 8 * 1024 * 1024;
 
 /// An open position in one segment file.
 pub(super) struct ReadCursor {
@@ -123,7 +120,7 @@ fn read_into(
         }
         while next < stop && (records.is_empty() || bytes < READ_MAX_BYTES) {
             let record = c.read_record(&mut frame)?;
-            bytes += record.key.len() + record.value.len();
+            bytes += record.size_bytes();
             records.push(record);
             next += 1;
         }

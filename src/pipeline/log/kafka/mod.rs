@@ -75,7 +75,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio::sync::OwnedMutexGuard;
 
 use crate::config::KafkaConfig;
-use crate::pipeline::log::{Log, LogError, LogRecord, Record, RecordKind, Topic};
+use crate::pipeline::log::{Log, LogError, LogRecord, READ_MAX_BYTES, Record, RecordKind, Topic};
 use crate::telemetry::metrics::Metrics;
 
 mod client;
@@ -1198,12 +1198,15 @@ impl Log for KafkaLog {
                 }
             }
             // Whatever else is fetched already, without waiting.
-            while records.len() < max_records {
+            let mut bytes = records.iter().map(LogRecord::size_bytes).sum::<usize>();
+            while records.len() < max_records && bytes < READ_MAX_BYTES {
                 match stream.next().now_or_never() {
                     Some(Some(Ok(m))) => {
                         let last = records.last().map_or(from, |r: &LogRecord| r.offset);
                         if m.offset() >= 0 && m.offset() as u64 > last {
-                            records.push(to_log_record(&m));
+                            let record = to_log_record(&m);
+                            bytes += record.size_bytes();
+                            records.push(record);
                         }
                     }
                     Some(Some(Err(e))) => {
