@@ -46,6 +46,8 @@ fn problem(ctx: &Ctx, e: ParkedError) -> Problem {
     }
 }
 
+/// The park lane and the failed captures and voids.
+///
 /// `GET /v1/admin/parked`: what is parked now, oldest position first, and
 /// the captures and voids that failed for good (as of the checkpoints).
 #[utoipa::path(
@@ -71,6 +73,8 @@ pub(crate) async fn list(State(ctx): State<Ctx>, headers: HeaderMap) -> Result<R
     Ok(Json(view).into_response())
 }
 
+/// One parked record.
+///
 /// `GET /v1/admin/parked/{partition}/{offset}`: one record, with its bytes.
 #[utoipa::path(
     get,
@@ -119,6 +123,8 @@ fn accepted(partition: u32, command_offset: u64) -> (StatusCode, Json<CommandVie
     (StatusCode::ACCEPTED, Json(view))
 }
 
+/// Retry a partition's parked records and failed effects.
+///
 /// `POST /v1/admin/parked/{partition}/retry`: run the partition's failed
 /// captures and voids again, and process its parked records again, in
 /// order (202: the command is in the log).
@@ -151,6 +157,8 @@ pub(crate) async fn retry(
     Ok(accepted(partition, offset))
 }
 
+/// Drop a parked record.
+///
 /// `POST /v1/admin/parked/{partition}/{offset}/drop`: take one record out
 /// of the lane for good (202: the command is in the log).
 #[utoipa::path(
@@ -182,6 +190,8 @@ pub(crate) async fn drop_record(
     Ok(accepted(partition, command))
 }
 
+/// Forget a failed capture or void.
+///
 /// `POST /v1/admin/parked/{partition}/effects/{order_id}/{kind}/drop`:
 /// forget a failed capture or void an operator settled by hand (202: the
 /// command is in the log).

@@ -75,7 +75,9 @@ fn intake_problem(state: &AppState, e: &IntakeError) -> Problem {
     Problem::from_intake(e, state.config.retry_after_s)
 }
 
-/// `POST /v1/orders`.
+/// Place an order.
+///
+/// `POST /v1/orders`: the order goes to the log; 202 once it is durable.
 #[utoipa::path(
     post,
     path = "/v1/orders",
@@ -183,7 +185,9 @@ pub(crate) async fn authorize_order(
     }
 }
 
-/// `GET /v1/orders/{id}`.
+/// An order's status and history.
+///
+/// `GET /v1/orders/{id}`, with the order's tracking token or an API token.
 #[utoipa::path(
     get,
     path = "/v1/orders/{id}",
@@ -248,6 +252,8 @@ fn stock_problem(state: &AppState, e: InventoryError) -> Problem {
     }
 }
 
+/// A SKU's stock counters.
+///
 /// `GET /v1/inventory/{sku}` (admin, reader).
 #[utoipa::path(
     get,
@@ -292,6 +298,8 @@ pub(crate) struct StockBody {
     available: u64,
 }
 
+/// Set a SKU's available stock.
+///
 /// `PUT /v1/inventory/{sku}` (admin) with `{"available": N}`.
 #[utoipa::path(
     put,
@@ -340,6 +348,8 @@ pub(crate) async fn put_stock(
     Ok(Json(counts))
 }
 
+/// Produce orders in bulk.
+///
 /// `POST /v1/admin/produce` (admin, producer): NDJSON in, one NDJSON result per
 /// non-blank input line out, in input order. Lines are numbered from 1;
 /// blank lines are skipped. A bad line does not stop the others.
@@ -415,6 +425,8 @@ pub(crate) async fn admin_produce(
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], out).into_response())
 }
 
+/// The tracking token of an order.
+///
 /// `GET /v1/orders/{id}/tracking-token` (admin, producer): the tracking
 /// token of an order an upstream system wrote to the log, so its customer
 /// can follow it like an order placed over HTTP. The token is a MAC of the
@@ -453,6 +465,8 @@ pub(crate) async fn tracking_token(
     Ok(res)
 }
 
+/// Prometheus metrics.
+///
 /// `GET /metrics`: Prometheus text exposition format.
 #[utoipa::path(
     get,
@@ -471,6 +485,8 @@ pub(crate) async fn metrics(State(ctx): State<Ctx>) -> Response {
         .into_response()
 }
 
+/// Liveness.
+///
 /// `GET /healthz`: the process is alive.
 #[utoipa::path(
     get,
@@ -482,6 +498,8 @@ pub(crate) async fn healthz() -> &'static str {
     "ok"
 }
 
+/// Readiness.
+///
 /// `GET /readyz`: 200 `{"status": "ready", "gateway": {"gateway": NAME,
 /// "breaker": "closed" | "half_open" | "open"}, "failed_effects": N}` (N:
 /// captures and voids that failed for good on the partitions owned here,

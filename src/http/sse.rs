@@ -43,6 +43,9 @@ const RESYNC_POLLS: u32 = 4;
 /// Longest a live event waits for the read model to fill a gap before it.
 const GAP_WAIT: Duration = Duration::from_secs(5);
 
+/// Follow an order live.
+///
+/// `GET /v1/orders/{id}/events`: Server-Sent Events, the history first.
 #[utoipa::path(
     get,
     path = "/v1/orders/{id}/events",

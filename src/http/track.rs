@@ -37,7 +37,9 @@ use crate::sinks::tracking::TrackingView;
 /// The page template; `{{name}}` placeholders are filled by [`fill`].
 const PAGE: &str = include_str!("track.html");
 
-/// `GET /track/{id}`.
+/// The tracking page of an order.
+///
+/// `GET /track/{id}?token=T`: an HTML page that follows the order live.
 #[utoipa::path(
     get,
     path = "/track/{id}",

@@ -68,7 +68,9 @@ static DOCUMENT_JSON: LazyLock<Vec<u8>> = LazyLock::new(|| {
         .into_bytes()
 });
 
-/// `GET /openapi.json`.
+/// This document.
+///
+/// `GET /openapi.json`: the HTTP API in OpenAPI 3.1, built from the handlers.
 #[utoipa::path(
     get,
     path = "/openapi.json",
@@ -229,6 +231,27 @@ mod tests {
         }
         out.extend(doc.info.description.clone());
         out
+    }
+
+    /// Every operation has a summary of its own (one short line, not the
+    /// route again) and a description that names its route.
+    #[test]
+    fn operations_have_summaries() {
+        let json = serde_json::to_value(document()).unwrap();
+        for (path, item) in json["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let summary = op["summary"].as_str().unwrap_or_default();
+                let what = format!("{method} {path}: {summary:?}");
+                assert!((8..=60).contains(&summary.len()), "{what}");
+                assert!(!summary.contains(['\n', '`', '/']), "{what}");
+                let description = op["description"].as_str().unwrap_or_default();
+                let route = format!("`{} {path}", method.to_uppercase());
+                assert!(
+                    description.starts_with(&route),
+                    "{method} {path}: {description:?}"
+                );
+            }
+        }
     }
 
     /// Each problem code the server can answer is named by some answer of the document.
