@@ -60,13 +60,16 @@ impl From<LogError> for ReadError {
 }
 
 /// Reads up to `max_records` records from `from`, never at or beyond `high`
-/// (the durable high-watermark loaded by the caller). Blocking file I/O.
+/// (the durable high-watermark loaded by the caller), and stops once they
+/// hold `max_bytes` (one record at least). Blocking file I/O.
 pub(super) fn read_records(
     shared: &PartitionShared,
     from: u64,
     max_records: usize,
+    max_bytes: usize,
     high: u64,
 ) -> Result<Vec<LogRecord>, LogError> {
+    debug_assert!(max_bytes <= READ_MAX_BYTES);
     let end = high.min(from.saturating_add(max_records as u64));
     let mut records = Vec::with_capacity(
         usize::try_from(end.saturating_sub(from))
@@ -74,7 +77,7 @@ pub(super) fn read_records(
             .min(1024),
     );
     let mut cursor = shared.take_cursor(from);
-    match read_into(shared, &mut cursor, &mut records, from, end) {
+    match read_into(shared, &mut cursor, &mut records, from, end, max_bytes) {
         Ok(()) => {
             if let Some(cursor) = cursor {
                 shared.put_cursor(cursor);
@@ -92,11 +95,12 @@ fn read_into(
     records: &mut Vec<LogRecord>,
     from: u64,
     end: u64,
+    max_bytes: usize,
 ) -> Result<(), ReadError> {
     let mut next = from;
     let mut bytes = 0usize;
     let mut frame = Vec::new();
-    while next < end && (records.is_empty() || bytes < READ_MAX_BYTES) {
+    while next < end && (records.is_empty() || bytes < max_bytes) {
         let Some(located) = shared.locate(next) else {
             return Err(ReadError::SegmentGone);
         };
@@ -118,7 +122,7 @@ fn read_into(
             // for it: only possible if the files changed under us.
             return Err(ReadError::SegmentGone);
         }
-        while next < stop && (records.is_empty() || bytes < READ_MAX_BYTES) {
+        while next < stop && (records.is_empty() || bytes < max_bytes) {
             let record = c.read_record(&mut frame)?;
             bytes += record.size_bytes();
             records.push(record);
