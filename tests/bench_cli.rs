@@ -4,9 +4,15 @@
 //! show up as declines, nothing is lost) and the files must be what they
 //! claim to be.
 
+mod support;
+
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::Value;
 
 /// Runs `orderflow bench` with `args` plus short durations and every
@@ -267,4 +273,55 @@ fn postgres_baseline_runs_the_same_workload() {
     assert!((ratio - expected).abs() < 1e-6, "{ratio} vs {expected}");
     let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
     assert!(md.contains("orderflow / PostgreSQL"), "{md}");
+}
+
+/// Names starting `bench_` among the Kafka topics and the Cassandra
+/// keyspaces: what bench runs create.
+fn bench_leftovers(kafka: &str, cassandra: &str) -> BTreeSet<String> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(None, Duration::from_secs(30))
+        .unwrap();
+    let mut names: BTreeSet<String> = metadata
+        .topics()
+        .iter()
+        .map(|t| t.name().to_owned())
+        .collect();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    names.extend(runtime.block_on(async {
+        let session = ::scylla::client::session_builder::SessionBuilder::new()
+            .known_node(cassandra)
+            .build()
+            .await
+            .unwrap();
+        let rows = session
+            .query_unpaged("SELECT keyspace_name FROM system_schema.keyspaces", ())
+            .await
+            .unwrap()
+            .into_rows_result()
+            .unwrap();
+        rows.rows::<(String,)>()
+            .unwrap()
+            .map(|r| r.unwrap().0)
+            .collect::<Vec<_>>()
+    }));
+    names.retain(|n| n.starts_with("bench_"));
+    names
+}
+
+/// A run on Kafka and Cassandra settles its orders and deletes its topics
+/// and keyspace when it ends.
+#[test]
+fn a_distributed_run_cleans_up_after_itself() {
+    let (kafka, cassandra) = (support::kafka_bootstrap(), support::cassandra_contact());
+    let before = bench_leftovers(&kafka, &cassandra);
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--rate", "200", "--kafka", &kafka, "--scylla", &cassandra];
+    let report = bench(dir.path(), &args);
+    assert_eq!(report["lost"], 0);
+    assert!(status(&report, "confirmed") > 0, "{report}");
+    assert_eq!(bench_leftovers(&kafka, &cassandra), before);
 }

@@ -312,15 +312,48 @@ pub async fn run(mut args: BenchArgs, base: Config) -> anyhow::Result<bool> {
     Ok(report.lost == 0 && report.incomplete == 0)
 }
 
-/// One measured run on a fresh instance and data directory.
+/// One measured run on a fresh instance and data directory, and on topics
+/// and a keyspace of its own, deleted when it ends (however it ends), so
+/// that runs on the same backends do not pile up.
 async fn measure(args: BenchArgs, base: Config, machine: Machine) -> anyhow::Result<Report> {
     let parent = args.data_parent.clone().unwrap_or_else(std::env::temp_dir);
     let data = tempfile::Builder::new()
         .prefix("orderflow-bench-")
         .tempdir_in(&parent)?;
     let mut config = bench_config(&args, base, data.path());
-    distributed_config(&args, &mut config).await?;
-    let _gateway_sim = gateway_sim(&args, &mut config, data.path())?;
+    let created = distributed_config(&args, &mut config).await;
+    let report = match created {
+        Ok(()) => measure_on(&args, config.clone(), machine, data.path()).await,
+        Err(e) => Err(e),
+    };
+    forget_distributed(&config).await;
+    report
+}
+
+/// Deletes a run's topics and keyspace; a failure is only reported, the
+/// run's figures stand.
+async fn forget_distributed(config: &Config) {
+    const TIMEOUT: Duration = Duration::from_secs(30);
+    if let Some(kafka) = &config.kafka
+        && let Err(e) = crate::pipeline::log::kafka::delete_topics(kafka, TIMEOUT).await
+    {
+        tracing::warn!(prefix = %kafka.topic_prefix, error = %e, "bench topics left behind");
+    }
+    if let Some(scylla) = &config.scylla
+        && let Err(e) = crate::pipeline::store::scylla::drop_keyspace(scylla).await
+    {
+        tracing::warn!(keyspace = %scylla.keyspace, error = %e, "bench keyspace left behind");
+    }
+}
+
+/// The run itself, on backends `config` names.
+async fn measure_on(
+    args: &BenchArgs,
+    mut config: Config,
+    machine: Machine,
+    data: &std::path::Path,
+) -> anyhow::Result<Report> {
+    let _gateway_sim = gateway_sim(args, &mut config, data)?;
     config.validate()?;
     let app = crate::app::start(config.clone(), None).await?;
     let log = app.log();

@@ -324,6 +324,36 @@ impl KafkaLog {
     }
 }
 
+/// Deletes every topic of `config`'s prefix (the bench's own topics when
+/// a run ends; no command of an operator's does this).
+pub async fn delete_topics(config: &KafkaConfig, timeout: Duration) -> Result<(), LogError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(config)
+        .map_err(|e| unavailable(e.to_string()))?
+        .create()
+        .map_err(|e| unavailable(format!("cannot create the Kafka admin client: {e}")))?;
+    let names: Vec<String> = Topic::ALL
+        .iter()
+        .map(|t| topic_name(&config.topic_prefix, *t))
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let options = AdminOptions::new()
+        .request_timeout(Some(timeout))
+        .operation_timeout(Some(timeout));
+    let results = admin
+        .delete_topics(&names, &options)
+        .await
+        .map_err(|e| unavailable(format!("cannot delete Kafka topics: {e}")))?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((name, code)) => {
+                return Err(unavailable(format!("cannot delete topic {name}: {code}")));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Creates the missing topics, checks the partition counts and waits until
 /// every partition of every topic has a leader.
 async fn ensure_topics(

@@ -57,8 +57,8 @@ mod session;
 mod statements;
 
 use self::failure::*;
-pub use self::schema::migrate;
 use self::schema::*;
+pub use self::schema::{drop_keyspace, migrate};
 use self::statements::Statements;
 
 use self::session::open_session;

@@ -218,6 +218,16 @@ pub(super) async fn check_schema(session: &Session, ks: &str) -> Result<(), Stor
     Ok(())
 }
 
+/// Drops the keyspace with every table in it (the bench's own keyspace
+/// when a run ends; no command of an operator's does this).
+pub async fn drop_keyspace(config: &ScyllaConfig) -> Result<(), StoreError> {
+    let ks = keyspace_of(config)?;
+    let session = open_session(config, &ks).await?;
+    let what = format!("dropping keyspace {ks}");
+    schema_query(&session, &what, format!("DROP KEYSPACE IF EXISTS {ks}")).await?;
+    Ok(())
+}
+
 /// Creates the keyspace (`NetworkTopologyStrategy`, `scylla.replication_factor`
 /// in every datacenter) and every table unless they exist, sets every
 /// table's options again (an older keyspace gets the current ones), waits
