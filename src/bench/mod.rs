@@ -321,8 +321,7 @@ async fn measure(args: BenchArgs, base: Config, machine: Machine) -> anyhow::Res
         .prefix("orderflow-bench-")
         .tempdir_in(&parent)?;
     let mut config = bench_config(&args, base, data.path());
-    let created = distributed_config(&args, &mut config).await;
-    let report = match created {
+    let report = match distributed_config(&args, &mut config).await {
         Ok(()) => measure_on(&args, config.clone(), machine, data.path()).await,
         Err(e) => Err(e),
     };

@@ -268,10 +268,7 @@ impl KafkaLog {
             )
             .create_with_context(refusals.clone())
             .map_err(|e| unavailable(format!("cannot create the Kafka producer: {e}")))?;
-        let admin: AdminClient<DefaultClientContext> = client_config(config)
-            .map_err(|e| unavailable(e.to_string()))?
-            .create()
-            .map_err(|e| unavailable(format!("cannot create the Kafka admin client: {e}")))?;
+        let admin = admin_client(config)?;
 
         // Nothing reads `orders-parked` back (the lane is listed from the
         // checkpoints): it is an audit trail, kept for a bounded time.
@@ -324,13 +321,17 @@ impl KafkaLog {
     }
 }
 
+fn admin_client(config: &KafkaConfig) -> Result<AdminClient<DefaultClientContext>, LogError> {
+    client_config(config)
+        .map_err(|e| unavailable(e.to_string()))?
+        .create()
+        .map_err(|e| unavailable(format!("cannot create the Kafka admin client: {e}")))
+}
+
 /// Deletes every topic of `config`'s prefix (the bench's own topics when
 /// a run ends; no command of an operator's does this).
 pub async fn delete_topics(config: &KafkaConfig, timeout: Duration) -> Result<(), LogError> {
-    let admin: AdminClient<DefaultClientContext> = client_config(config)
-        .map_err(|e| unavailable(e.to_string()))?
-        .create()
-        .map_err(|e| unavailable(format!("cannot create the Kafka admin client: {e}")))?;
+    let admin = admin_client(config)?;
     let names: Vec<String> = Topic::ALL
         .iter()
         .map(|t| topic_name(&config.topic_prefix, *t))
